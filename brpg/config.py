@@ -1,0 +1,293 @@
+"""Typed experiment configuration loaded from YAML.
+
+Every experiment is one :class:`Config` made of small dataclasses. YAML files in
+``brpg/configs/`` are presets; ``load_config`` reads a preset name or a path, and
+``--set key.path=value`` overrides single fields. Unknown keys are errors that name the key
+and the closest valid one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says what and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Dataset and augmentation (spec §3)."""
+
+    name: str = "digits"  # digits | pascal | cityscapes | coco
+    root: str = "data/digits"
+    labeled_split: str = "splits/1_16/labeled.txt"  # split list, relative to root
+    unlabeled_split: str = "splits/1_16/unlabeled.txt"
+    val_split: str = "splits/val.txt"
+    num_classes: int = 11
+    crop_size: int = 64
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = False  # wrong for digits (a flipped 2 is not a 2); True for VOC/Cityscapes/COCO
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    ignore_index: int = 255
+    pad_label: int = 255  # the official code pads labels with 0 (spec §12 Q6); 255 is correct
+    num_workers: int = 0
+    # DigitScenes generation (only used when name == "digits")
+    digits_seed: int = 0
+    digits_size: int = 64
+    digits_train: int = 2000
+    digits_val: int = 500
+
+
+@dataclass
+class ModelConfig:
+    """DeepLabV3+ encoder/decoder (spec §2)."""
+
+    backbone: str = "small"  # small | resnet50 | resnet101 | xception65
+    output_stride: int = 8
+    deep_stem: bool = True
+    multi_grid: bool = True
+    zero_init_residual: bool = True
+    aspp_rates: tuple[int, ...] = (12, 24, 36)
+    decoder_channels: int = 256
+    rep_dim: int = 256
+    rep_head: bool = True
+    dropout: float = 0.1
+    width: int = 32  # base width of the small CPU backbone
+    pretrained: str | None = None  # path to an ImageNet state dict; nothing is downloaded
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and poly schedule (spec §9)."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class LossConfig:
+    """Supervised loss: ce_weight * CE + ohem_weight * OHEM-CE (spec §4.3)."""
+
+    ce_weight: float = 0.5
+    ohem_weight: float = 0.5
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, precision, logging and checkpoint cadence."""
+
+    method: str = "suponly"
+    steps: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
+    eval_every: int = 0  # 0: only at the end
+    ckpt_every: int = 200
+    log_every: int = 20
+    threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (spec §10): center_crop | full | sliding."""
+
+    protocol: str = "full"
+    crop_size: int = 513
+    stride: int = 513
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """A short stable hash of the resolved config (for run provenance)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from a nested dict; unknown keys raise :class:`ConfigError`."""
+    return _build(Config, data, "")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        preset = PRESET_DIR / f"{name_or_path}.yaml"
+        if preset.exists():
+            path = preset
+        elif not path.exists():
+            presets = list_presets()
+            raise ConfigError(
+                f"no preset or file named '{name_or_path}'.{_closest(str(name_or_path), presets)}"
+                f" Presets: {', '.join(presets)}"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data, str(path)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_dict(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    data, path = _read_yaml(name_or_path)
+    if path in seen:
+        raise ConfigError(f"circular 'base:' chain through {path}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_load_dict(base, (*seen, path)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is read as YAML (``0.1``, ``true``, ``[1, 2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a preset name (``digits_suponly_1_16``) or a YAML path, apply ``key=value`` overrides.
+
+    A YAML file may start with ``base: other_preset`` to inherit from another preset.
+    """
+    data = _load_dict(name_or_path)
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
