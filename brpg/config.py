@@ -215,7 +215,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Preset names; files starting with ``_`` are shared bases, not presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:

@@ -1,0 +1,79 @@
+"""Build the datasets and loaders a run needs from its :class:`~brpg.config.DataConfig`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from brpg.config import Config, ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_root(root: str) -> Path:
+    """Absolute data root: relative paths are taken from ``$BRPG_HOME``, else the checkout.
+
+    A checkout (``pyproject.toml`` beside the package) keeps data under its own ``data/``
+    whether a command runs from the repository root or a notebook runs from ``book/``;
+    an installed package falls back to the current directory.
+    """
+    path = Path(os.path.expanduser(root))
+    if path.is_absolute():
+        return path
+    home = os.environ.get("BRPG_HOME")
+    if home:
+        return Path(home) / path
+    if (PROJECT_ROOT / "pyproject.toml").exists():
+        return PROJECT_ROOT / path
+    return Path.cwd() / path
+
+
+def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
+    """``(labeled_train, val)`` for the supervised trainer.
+
+    Under DDP rank 0 generates/checks the data first while the others wait, so that two
+    processes never write the same cache.
+    """
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if not first:
+        dist.barrier()
+    try:
+        labeled, val = _build(cfg)
+    finally:
+        if first and dist.is_initialized():
+            dist.barrier()
+    return labeled, val
+
+
+def _build(cfg: Config) -> tuple[Dataset, Dataset]:
+    d = cfg.data
+    if d.name == "digits":
+        from dataclasses import replace
+
+        from brpg.data import build_digit_datasets
+
+        local = replace(d, root=str(resolve_data_root(d.root)))
+        labeled, _unlabeled, val = build_digit_datasets(local)
+        return labeled, val
+    raise ConfigError(
+        f"data.name={d.name!r}: datasets available in this version: digits"
+        " (PASCAL VOC, Cityscapes and COCO loaders are prepared by data_scripts/)"
+    )
+
+
+def build_eval_loader(cfg: Config, val: Dataset, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Val loader; under DDP each rank takes every ``world_size``-th image (no duplicates).
+
+    The per-rank confusion matrices are summed by :func:`brpg.engine.inference.evaluate`.
+    """
+    if world_size > 1:
+        val = Subset(val, list(range(rank, len(val), world_size)))  # type: ignore[arg-type]
+    return DataLoader(
+        val,
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+    )

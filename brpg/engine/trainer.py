@@ -1,0 +1,267 @@
+"""The supervised trainer (SupOnly baseline) with exact resume and DDP.
+
+One :class:`Trainer` owns a run directory::
+
+    run_dir/
+      config.yaml      the resolved config
+      log.jsonl        one JSON object per logged step / evaluation
+      last.pt          the latest checkpoint (atomic: temp file + rename)
+      summary.json     written at the end: val_miou, per_class_iou, steps, wall_s, config, commit
+
+Training is counted in steps. Every random draw of step ``s`` (dropout, augmentation of its
+samples) is seeded from ``(seed, s, rank)``, and the batches come from a step-indexed stream
+(:mod:`brpg.engine.batches`), so ``k`` steps + kill + resume to ``N`` gives the same weights
+as ``N`` steps straight (tested with a real SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from brpg.config import Config, save_config
+from brpg.engine import runtime
+from brpg.engine.batches import _mix, step_loader
+from brpg.engine.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from brpg.engine.datasets import build_datasets, build_eval_loader
+from brpg.engine.inference import evaluate
+from brpg.engine.optim import build_optimizer, build_scheduler
+from brpg.losses import supervised_loss
+from brpg.models import build_model
+
+CKPT_NAME = "last.pt"
+
+
+class RunDirError(RuntimeError):
+    """The run directory is not usable as asked (exists without --resume, or nothing to resume)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def upsample_to(logits_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=True``, as the official code does (spec §4.3)."""
+    if logits_bchw.shape[-2:] == size:
+        return logits_bchw
+    return F.interpolate(logits_bchw, size=size, mode="bilinear", align_corners=True)
+
+
+def suponly_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10)."""
+    image_b3hw, mask_bhw = batch["image"], batch["mask"]
+    logits_bchw = upsample_to(model(image_b3hw)["logits"], tuple(mask_bhw.shape[-2:]))
+    loss = supervised_loss(logits_bchw.float(), mask_bhw, cfg.loss, cfg.data.ignore_index)
+    return loss, {"loss_sup": loss.detach()}
+
+
+class Trainer:
+    """Trains one config into one run directory; ``fit()`` returns the summary dict."""
+
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = runtime.resolve_device(t.device)
+        self.dist = runtime.init_distributed(self.device)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        runtime.seed_everything(t.seed)
+        self.amp_dtype = runtime.amp_dtype(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
+
+        ckpt_path = self.run_dir / CKPT_NAME
+        if resume and latest_checkpoint(self.run_dir) is None:
+            raise RunDirError(
+                f"--resume: no checkpoint in {self.run_dir}; start without --resume to train anew"
+            )
+        if not resume and ckpt_path.exists():
+            raise RunDirError(
+                f"{self.run_dir} already holds a run ({ckpt_path.name}); pass --resume to continue"
+                " it, or --out to choose another directory"
+            )
+        if self.dist.is_main and not resume:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.labeled, self.val = build_datasets(cfg)
+        model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.step = 0
+        self.best_miou = -1.0
+        self.wall_before = 0.0  # training seconds spent before the last resume
+        if resume:
+            self._load(latest_checkpoint(self.run_dir))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_miou": self.best_miou,
+            "wall_s": self.wall_before + (time.perf_counter() - self._t0),
+            "rng": capture_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _load(self, path: Path | None) -> None:
+        assert path is not None
+        state = load_checkpoint(path, map_location=self.device)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_miou = float(state["best_miou"])
+        self.wall_before = float(state["wall_s"])
+        restore_rng_state(state["rng"])
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / CKPT_NAME, self.state_dict())
+
+    # -- logging -------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        loader = build_eval_loader(self.cfg, self.val, self.dist.rank, self.dist.world_size)
+        return evaluate(
+            unwrap(self.model),
+            loader,
+            num_classes=self.cfg.data.num_classes,
+            protocol=self.cfg.eval.protocol,
+            crop_size=self.cfg.eval.crop_size,
+            stride=self.cfg.eval.stride,
+            device=self.device,
+            ignore_index=self.cfg.data.ignore_index,
+            amp_dtype=self.amp_dtype,
+            progress=self.progress and self.dist.is_main,
+        )
+
+    # -- training ------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout etc.
+        self.model.train()
+        with self._autocast():
+            loss, logs = suponly_step(self.model, batch, self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return logs
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        self._t0 = time.perf_counter()
+        batches = step_loader(
+            self.labeled,
+            t.batch_size,
+            t.seed,
+            start_step=self.step,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            desc=cfg.name,
+            disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+        while self.step < t.steps:
+            batch = {
+                k: v.to(self.device, non_blocking=True)
+                for k, v in next(batches).items()
+                if torch.is_tensor(v)
+            }
+            logs = self.train_step(batch)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                record = {k: float(v) for k, v in logs.items()}  # one host sync per log line
+                record.update(step=self.step, lr=self.optimizer.param_groups[0]["lr"])
+                record["wall_s"] = round(self.wall_before + time.perf_counter() - self._t0, 3)
+                if not math.isfinite(record.get("loss_sup", 0.0)):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {record}")
+                bar.set_postfix(loss=f"{record.get('loss_sup', 0.0):.3f}")
+                self.log(record)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                res = self.evaluate()
+                self.best_miou = max(self.best_miou, res["miou"])
+                self.log({"step": self.step, "val_miou": res["miou"]})
+            if t.ckpt_every and self.step % t.ckpt_every == 0:
+                self.save()
+        bar.close()
+        wall_s = self.wall_before + time.perf_counter() - self._t0
+        res = self.evaluate()
+        self.best_miou = max(self.best_miou, res["miou"])
+        self.save()
+        summary = {
+            "name": cfg.name,
+            "val_miou": res["miou"],
+            "per_class_iou": res["per_class_iou"],
+            "pixel_acc": res.get("pixel_acc"),
+            "best_val_miou": self.best_miou,
+            "steps": self.step,
+            "wall_s": round(wall_s, 2),
+            "world_size": self.dist.world_size,
+            "eval_protocol": cfg.eval.protocol,
+            "config_hash": cfg.hash(),
+            "commit": runtime.git_commit(),
+            "machine": runtime.machine_info(self.device),
+            "config": cfg.to_dict(),
+        }
+        self.log({"step": self.step, "val_miou": res["miou"], "final": True})
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.enabled:
+            dist.barrier()
+        return summary

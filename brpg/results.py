@@ -1,0 +1,142 @@
+"""Committed results with provenance: run a config over seeds, store, load, summarise.
+
+The book's chapters do not re-train everything at build time (that would take hours on a
+CPU); they load results committed under ``results/``, each produced by a command recorded
+next to it, and re-run one short run live. Layout::
+
+    results/digits/<config>/seed<k>/summary.json   (the run's summary, config and commit)
+    results/digits/<config>/seed<k>/log.jsonl      (its training log)
+    results/digits/<config>/seed<k>/provenance.json (command, commit, machine, date)
+
+Usage::
+
+    python -m brpg.results run --configs digits_suponly_1_16 digits_suponly_full \
+        --seeds 0 1 2 --dest results/digits
+    python -m brpg.results table results/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from brpg.engine import runtime
+
+
+def load_runs(dest: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """``{config_name: [summary, ...]}`` for every ``<config>/seed*/summary.json`` under dest."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(Path(dest).glob("*/seed*/summary.json")):
+        summary = json.loads(path.read_text())
+        prov = path.with_name("provenance.json")
+        if prov.exists():
+            summary["provenance"] = json.loads(prov.read_text())
+        out.setdefault(path.parent.parent.name, []).append(summary)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        raise ValueError("no values")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(dest: str | Path) -> list[dict[str, Any]]:
+    """One row per config: mean ± std of val mIoU over seeds, steps and wall time."""
+    rows = []
+    for name, runs in load_runs(dest).items():
+        m, s = mean_std([r["val_miou"] for r in runs])
+        rows.append(
+            {
+                "config": name,
+                "seeds": len(runs),
+                "miou_mean": m,
+                "miou_std": s,
+                "mious": [r["val_miou"] for r in runs],
+                "steps": runs[0]["steps"],
+                "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| config | seeds | val mIoU (%) | per seed | steps | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = ", ".join(f"{v:.1f}" for v in r["mious"])
+        lines.append(
+            f"| {r['config']} | {r['seeds']} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {per}"
+            f" | {r['steps']} | {r['wall_s_mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_and_store(
+    config: str, seed: int, dest: Path, overrides: list[str], progress: bool = False
+) -> dict[str, Any]:
+    """Train ``config`` with ``train.seed=seed`` in a temp dir; keep summary, log, provenance."""
+    from brpg.config import load_config
+    from brpg.engine.trainer import Trainer
+
+    sets = [*overrides, f"train.seed={seed}"]
+    cfg = load_config(config, sets)
+    target = dest / cfg.name / f"seed{seed}"
+    if (target / "summary.json").exists():
+        print(f"skip {target} (done)")
+        return json.loads((target / "summary.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=progress)
+        summary = trainer.fit()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("summary.json", "log.jsonl", "config.yaml"):
+            shutil.copy(Path(tmp) / "run" / name, target / name)
+    cmd = f"brpg train --config {config} " + " ".join(f"--set {s}" for s in sets)
+    provenance = {
+        "command": cmd,
+        "commit": runtime.git_commit(),
+        "machine": summary["machine"],
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    (target / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    print(f"{cfg.name} seed {seed}: {summary['val_miou']:.2f} % ({summary['wall_s']:.0f} s)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m brpg.results", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train configs over seeds and store their results")
+    r.add_argument("--configs", nargs="+", required=True)
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--dest", type=Path, default=Path("results/digits"))
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t = sub.add_parser("table", help="print the mean ± std table of stored results")
+    t.add_argument("dest", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        for config in args.configs:
+            for seed in args.seeds:
+                run_and_store(config, seed, args.dest, args.set)
+        print(format_table(summarise(args.dest)))
+    else:
+        rows = summarise(args.dest)
+        if not rows:
+            print(f"no results under {args.dest}", file=sys.stderr)
+            return 1
+        print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

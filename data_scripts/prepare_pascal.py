@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Prepare the PASCAL VOC 2012 + SBD data for brpg; run with --help for the options (see data_scripts/README.md)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from brpg.prepare.pascal import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,289 @@
+"""Tests of brpg.prepare.common: downloads, checksums, extraction, atomic writes, markers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brpg.prepare import common
+from brpg.prepare.common import Archive, PrepareError
+
+try:
+    from tests.fixtures_prepare import (
+        FullDisk,
+        serve_files,
+        temp_files,
+        truncate,
+        write_tar,
+        write_zip,
+    )
+except ImportError:  # tests/ not a package
+    from fixtures_prepare import FullDisk, serve_files, temp_files, truncate, write_tar, write_zip
+
+REPO = Path(__file__).resolve().parents[1]
+PAYLOAD = bytes(range(256)) * 400  # 100 kB
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_download_fresh_verifies_and_renames(tmp_path: Path) -> None:
+    with serve_files({"a.bin": PAYLOAD}) as (url, log):
+        out = common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert not temp_files(tmp_path)
+    assert log == [{"path": "a.bin", "range": None}]
+
+
+def test_download_resumes_partial_part_file(tmp_path: Path) -> None:
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:30000])
+    with serve_files({"a.bin": PAYLOAD}) as (url, log):
+        common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    assert log[0]["range"] == "bytes=30000-"
+    assert not (tmp_path / "a.bin.part").exists()
+
+
+def test_download_interrupted_then_resumed(tmp_path: Path) -> None:
+    with serve_files({"a.bin": PAYLOAD}, cut_first_at=40000) as (url, log):
+        with pytest.raises(PrepareError, match="re-run to resume"):
+            common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+        assert (tmp_path / "a.bin.part").stat().st_size == 40000
+        common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    assert log[1]["range"] == "bytes=40000-"
+
+
+def test_download_restarts_when_server_ignores_range(tmp_path: Path) -> None:
+    (tmp_path / "a.bin.part").write_bytes(b"garbage" * 100)
+    with serve_files({"a.bin": PAYLOAD}, honor_range=False) as (url, _):
+        common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+
+
+def test_download_complete_part_gets_416_and_is_verified(tmp_path: Path) -> None:
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD)
+    with serve_files({"a.bin": PAYLOAD}) as (url, _):
+        common.download(f"{url}/a.bin", tmp_path / "a.bin", md5=_md5(PAYLOAD), progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    with serve_files({"a.bin": PAYLOAD}) as (url, _):
+        with pytest.raises(PrepareError, match=r"checksum mismatch .*a\.bin\.part.*download it"):
+            common.download(f"{url}/a.bin", tmp_path / "a.bin", md5="0" * 32, progress=False)
+    assert not (tmp_path / "a.bin").exists()
+    assert not temp_files(tmp_path)
+
+
+def test_download_http_error_names_url(tmp_path: Path) -> None:
+    with serve_files({}) as (url, _):
+        with pytest.raises(PrepareError, match=r"HTTP 404.*put it at"):
+            common.download(f"{url}/nope.tar", tmp_path / "nope.tar", progress=False)
+
+
+def test_download_unreachable_host(tmp_path: Path) -> None:
+    with pytest.raises(PrepareError, match="cannot download"):
+        common.download("http://127.0.0.1:9/x.tar", tmp_path / "x.tar", progress=False, timeout=2)
+
+
+# --------------------------------------------------------------------------- checksums, archives
+
+
+def test_verify_checksum_caches_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "a.bin"
+    f.write_bytes(PAYLOAD)
+    cache = tmp_path / "cache"
+    assert common.verify_checksum(f, md5=_md5(PAYLOAD), cache_dir=cache)
+    monkeypatch.setattr(common, "file_digest", lambda *a, **k: pytest.fail("re-hashed"))
+    assert common.verify_checksum(f, md5=_md5(PAYLOAD), cache_dir=cache)
+    assert not common.verify_checksum(f)  # nothing to check against
+
+
+def test_verify_checksum_mismatch(tmp_path: Path) -> None:
+    f = tmp_path / "a.bin"
+    f.write_bytes(PAYLOAD)
+    with pytest.raises(PrepareError, match="a.bin.*sha256.*delete it and download it again"):
+        common.verify_checksum(f, sha256="f" * 64)
+
+
+def test_require_archive_missing_names_path_and_fix(tmp_path: Path) -> None:
+    (tmp_path / "gtCoarse.zip").write_bytes(b"x")
+    with pytest.raises(PrepareError) as info:
+        common.require_archive(tmp_path, Archive("gtFine_trainvaltest.zip"), "Get it from X.")
+    msg = str(info.value)
+    assert str(tmp_path / "gtFine_trainvaltest.zip") in msg
+    assert "Get it from X." in msg and "gtCoarse.zip" in msg
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _files(n: int = 6, size: int = 1000) -> dict[str, bytes]:
+    return {f"top/sub/f{i}.bin": bytes([i]) * size for i in range(n)}
+
+
+def _select_all(name: str) -> str | None:
+    return name.removeprefix("top/")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tgz"])
+def test_extract_selected_members(tmp_path: Path, kind: str) -> None:
+    files = _files() | {"top/skip.txt": b"no"}
+    if kind == "zip":
+        archive = write_zip(tmp_path / "a.zip", files)
+    else:
+        archive = write_tar(tmp_path / f"a.{kind}", files, gz=kind == "tgz")
+
+    def select(name: str) -> str | None:
+        return name.removeprefix("top/") if name.endswith(".bin") else None
+
+    n = common.extract(archive, tmp_path / "out", select, workers=2, progress=False)
+    assert n == 6
+    for name, data in _files().items():
+        assert (tmp_path / "out" / name.removeprefix("top/")).read_bytes() == data
+    assert not (tmp_path / "out" / "skip.txt").exists()
+    assert not temp_files(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind,name", [("tar", "../evil.txt"), ("zip", "/abs/evil.txt")])
+def test_extract_rejects_unsafe_member(tmp_path: Path, kind: str, name: str) -> None:
+    files = {"ok.txt": b"ok", name: b"evil"}
+    archive = (
+        write_tar(tmp_path / "evil.tar", files)
+        if kind == "tar"
+        else write_zip(tmp_path / "evil.zip", files)
+    )
+    with pytest.raises(PrepareError, match="unsafe member name"):
+        common.extract(archive, tmp_path / "out", lambda n: n, progress=False)
+    assert not (tmp_path / "evil.txt").exists() and not Path("/abs/evil.txt").exists()
+
+
+def test_extract_ignores_symlinks(tmp_path: Path) -> None:
+    archive = tmp_path / "link.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    assert common.extract(archive, tmp_path / "out", lambda n: n, progress=False) == 0
+    assert not (tmp_path / "out" / "link").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tgz"])
+def test_extract_truncated_archive(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    files = {f"d/f{i}.bin": rng.bytes(5000) for i in range(4)}
+    if kind == "zip":
+        archive = write_zip(tmp_path / "a.zip", files)
+    else:
+        archive = write_tar(tmp_path / f"a.{kind}", files, gz=kind == "tgz")
+    truncate(archive, 0.6)
+    with pytest.raises(PrepareError, match=r"truncated or corrupt.*download it again"):
+        common.extract(archive, tmp_path / "out", lambda n: n, progress=False)
+    assert not temp_files(tmp_path / "out") if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_extract_disk_full_cleans_up_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    files = _files()
+    archive = (
+        write_zip(tmp_path / "a.zip", files)
+        if kind == "zip"
+        else write_tar(tmp_path / "a.tar", files)
+    )
+    full = FullDisk(budget=2500)
+    monkeypatch.setattr(common, "_open_for_write", full)
+    with pytest.raises(PrepareError, match="disk full while writing"):
+        common.extract(archive, tmp_path / "out", _select_all, workers=1, progress=False)
+    assert full.failures >= 1
+    assert not temp_files(tmp_path / "out")
+    for p in (tmp_path / "out").rglob("*.bin"):  # whatever exists is complete
+        assert p.stat().st_size == 1000
+    monkeypatch.undo()
+    assert common.extract(archive, tmp_path / "out", _select_all, progress=False) == 6
+    for name, data in files.items():
+        assert (tmp_path / "out" / name.removeprefix("top/")).read_bytes() == data
+
+
+def test_extract_skips_finished_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = write_zip(tmp_path / "a.zip", _files())
+    common.extract(archive, tmp_path / "out", _select_all, progress=False)
+    target = tmp_path / "out" / "sub" / "f1.bin"
+    target.write_bytes(b"x" * 1000)  # same size, wrong content: only overwrite=True repairs it
+    with monkeypatch.context() as m:
+        m.setattr(common, "_open_for_write", lambda p: pytest.fail(f"rewrote {p}"))
+        assert common.extract(archive, tmp_path / "out", _select_all, progress=False) == 6
+    common.extract(archive, tmp_path / "out", _select_all, progress=False, overwrite=True)
+    assert target.read_bytes() == bytes([1]) * 1000
+
+
+# --------------------------------------------------------------------------- writes, PNGs, markers
+
+
+def test_atomic_writer_failure_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    with pytest.raises(ValueError):
+        with common.atomic_writer(target) as fh:
+            fh.write(b"half")
+            raise ValueError("boom")
+    assert not target.exists() and not temp_files(tmp_path)
+
+
+def test_label_png_roundtrip_is_palette(tmp_path: Path) -> None:
+    label = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    common.save_label_png(tmp_path / "l.png", label)
+    from PIL import Image
+
+    with Image.open(tmp_path / "l.png") as im:
+        assert im.mode == "P"
+    np.testing.assert_array_equal(common.read_label_png(tmp_path / "l.png"), label)
+    pal = common.voc_palette()
+    assert pal[:6] == [0, 0, 0, 128, 0, 0] and pal[15 * 3 : 16 * 3] == [192, 128, 128]
+
+
+def test_markers_roundtrip(tmp_path: Path) -> None:
+    m = common.Markers(tmp_path, "demo")
+    assert not m.done("step") and m.info("step") == {}
+    m.mark("step", files=3)
+    assert m.done("step") and m.info("step")["files"] == 3
+    m.clear()
+    assert not m.done("step")
+
+
+def test_parallel_map_in_processes_keeps_order() -> None:
+    out = list(common.parallel_map(abs, range(-20, 0), workers=2, progress=False))
+    assert out == list(range(20, 0, -1))
+
+
+def test_finish_report_writes_then_raises(tmp_path: Path) -> None:
+    with pytest.raises(PrepareError, match=r"bad one.*Full list in"):
+        common.finish_report({"errors": ["bad one"]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
+
+
+@pytest.mark.parametrize(
+    "script", ["prepare_pascal.py", "prepare_cityscapes.py", "prepare_coco.py", "fetch_splits.py"]
+)
+def test_cli_help(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "data_scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--data-root" in result.stdout
