@@ -50,6 +50,7 @@ class DataConfig:
     digits_size: int = 64
     digits_train: int = 2000
     digits_val: int = 500
+    digits_knobs: dict[str, Any] = field(default_factory=dict)  # DigitKnobs fields (brpg.data)
 
 
 @dataclass
@@ -170,6 +171,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

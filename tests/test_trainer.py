@@ -58,8 +58,15 @@ def data_root(tmp_path_factory) -> Path:
 
 def test_train_writes_summary_and_eval_agrees(tmp_path, data_root):
     out = tmp_path / "run"
-    r = brpg("train", "--config", "digits_suponly_1_8", "--out", str(out), "--no-progress",
-             *tiny_overrides(data_root, steps=6, ckpt_every=3))
+    r = brpg(
+        "train",
+        "--config",
+        "digits_suponly_1_8",
+        "--out",
+        str(out),
+        "--no-progress",
+        *tiny_overrides(data_root, steps=6, ckpt_every=3),
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     for key in ("val_miou", "per_class_iou", "steps", "wall_s", "config", "commit"):
@@ -76,8 +83,15 @@ def test_train_writes_summary_and_eval_agrees(tmp_path, data_root):
     assert res["miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
 
     # the run directory is not silently overwritten
-    r = brpg("train", "--config", "digits_suponly_1_8", "--out", str(out), "--no-progress",
-             *tiny_overrides(data_root, steps=6, ckpt_every=3))
+    r = brpg(
+        "train",
+        "--config",
+        "digits_suponly_1_8",
+        "--out",
+        str(out),
+        "--no-progress",
+        *tiny_overrides(data_root, steps=6, ckpt_every=3),
+    )
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
@@ -94,16 +108,30 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path, data_root):
     steps, every = 30, 10
     args = tiny_overrides(data_root, steps=steps, ckpt_every=every)
     straight = tmp_path / "straight"
-    r = brpg("train", "--config", "digits_suponly_1_8", "--out", str(straight), "--no-progress",
-             *args)
+    r = brpg(
+        "train", "--config", "digits_suponly_1_8", "--out", str(straight), "--no-progress", *args
+    )
     assert r.returncode == 0, r.stderr
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "brpg", "train", "--config", "digits_suponly_1_8",
-         "--out", str(killed), "--no-progress", *args],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "brpg",
+            "train",
+            "--config",
+            "digits_suponly_1_8",
+            "--out",
+            str(killed),
+            "--no-progress",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -115,8 +143,16 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path, data_root):
     step_at_kill = torch.load(killed / "last.pt", weights_only=True)["step"]
     assert 0 < step_at_kill < steps
 
-    r = brpg("train", "--config", "digits_suponly_1_8", "--out", str(killed), "--resume",
-             "--no-progress", *args)
+    r = brpg(
+        "train",
+        "--config",
+        "digits_suponly_1_8",
+        "--out",
+        str(killed),
+        "--resume",
+        "--no-progress",
+        *args,
+    )
     assert r.returncode == 0, r.stderr
     a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys()
@@ -137,12 +173,30 @@ def test_two_process_gloo_ddp(tmp_path, data_root):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-         "-m", "brpg", "train", "--config", "digits_suponly_1_8", "--out", str(out),
-         "--no-progress", "--set", "train.device=cpu",
-         *tiny_overrides(data_root, steps=4, ckpt_every=2)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1",
+            "-m",
+            "brpg",
+            "train",
+            "--config",
+            "digits_suponly_1_8",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "train.device=cpu",
+            *tiny_overrides(data_root, steps=4, ckpt_every=2),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -75,7 +75,7 @@ from brpg.config import DataConfig
 from brpg.data.splitlist import DatasetError, SplitListDataset
 from brpg.data.transforms import build_eval_transform, build_train_transform
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_CLASSES = 11
 IGNORE_LABEL = 255
 DIGIT_CLASSES: tuple[str, ...] = ("background", *(str(k) for k in range(10)))
@@ -115,17 +115,17 @@ class DigitKnobs:
     """Difficulty knobs of DigitScenes (all part of the cache key)."""
 
     digits_per_scene: tuple[int, int] = (2, 4)  # inclusive range
-    glyph_size: tuple[int, int] = (18, 30)  # height in px of the 8x8 glyph area, inclusive
+    glyph_size: tuple[int, int] = (20, 32)  # height in px of the 8x8 glyph area, inclusive
     aspect_jitter: float = 0.15  # width = height * U(1 - j, 1 + j)
-    occlusion: float = 0.3  # max fraction of an earlier digit a later one may hide (0: none)
-    texture_strength: float = 0.5  # how far a paint's 2nd colour moves from its base (0: flat)
+    occlusion: float = 0.2  # max fraction of an earlier digit a later one may hide (0: none)
+    texture_strength: float = 0.3  # how far a paint's 2nd colour moves from its base (0: flat)
     noise_std: float = 0.03  # Gaussian pixel noise, in [0, 1] intensity units
     stroke_threshold: float = 0.35  # glyph intensity (0..1) above which a pixel is ink
     ignore_band: int = 1  # radius of the 255 band around label edges (1: 3x3 test, 0: none)
     min_contrast: float = 0.3  # min RGB distance / sqrt(3) between a digit and what is under it
     mode_digits: tuple[int, ...] = MULTIMODAL_DIGITS  # digits drawn in several modes
     n_modes: int = 2  # the first n of APPEARANCE_MODES are used for mode_digits (1: all solid)
-    distractors: tuple[int, int] = (0, 3)  # scribbles / blobs / rings per scene, inclusive
+    distractors: tuple[int, int] = (0, 2)  # scribbles / blobs / rings per scene, inclusive
     train_fraction: float = 0.75  # share of the 1,797 source digits in the train pool
 
     def __post_init__(self) -> None:

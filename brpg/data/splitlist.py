@@ -172,7 +172,8 @@ class SplitListDataset(Dataset):
         return np.array(img.convert("RGB"), dtype=np.uint8)
 
     def load_mask(self, index: int) -> np.ndarray:
-        """The raw class-index mask ``index`` as int64 ``[H,W]`` (validated against num_classes)."""
+        """The raw class-index mask ``index`` as ``[H,W]`` (uint8 for P/L PNGs, int32 for 16/32-bit
+        ones), validated against ``num_classes``."""
         rel = self.items[index][2]
         if rel is None:
             raise DatasetError(f"'{self.split_file}' lists no mask for item {self.items[index][0]}")
@@ -183,7 +184,9 @@ class SplitListDataset(Dataset):
                 f"mask '{path}' has PIL mode {img.mode}; masks must store class indices as a "
                 f"palette (P) or greyscale (L) PNG, not colours. Convert it to class indices."
             )
-        mask_hw = np.array(img, dtype=np.int64)
+        mask_hw = np.array(img)  # uint8 keeps resize/crop cheap (nearest needs no float cast)
+        if mask_hw.dtype != np.uint8:
+            mask_hw = mask_hw.astype(np.int32)
         if self.num_classes is not None and mask_hw.size and mask_hw.max() >= self.num_classes:
             values = np.unique(mask_hw)
             bad = values[(values >= self.num_classes) & (values != IGNORE_LABEL)]

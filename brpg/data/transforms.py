@@ -127,7 +127,8 @@ class SegTransform:
     """``to_float -> geometric -> photometric -> normalize`` on an image (and mask).
 
     Call as ``image, mask = t(image, mask)`` or ``image = t(image)``; inputs are a
-    ``tv_tensors.Image`` uint8 ``[3,H,W]`` and a ``tv_tensors.Mask`` int64 ``[H,W]``.
+    ``tv_tensors.Image`` uint8 ``[3,H,W]`` and a ``tv_tensors.Mask`` ``[H,W]`` of integers
+    (its dtype is kept; uint8 is fastest, :class:`SplitListDataset` returns int64 at the end).
     The stages are public so a two-view (weak/strong) pipeline can share the geometry.
     """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,6 +32,18 @@ def resolve_data_root(root: str) -> Path:
     return Path.cwd() / path
 
 
+def digit_datasets(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
+    """``(labeled, unlabeled, val)`` DigitScenes datasets for ``cfg`` (generated if needed)."""
+    from brpg.data import build_digit_datasets
+
+    d = cfg.data
+    local = replace(d, root=str(resolve_data_root(d.root)))
+    try:
+        return build_digit_datasets(local, **d.digits_knobs)
+    except TypeError as e:  # an unknown knob name
+        raise ConfigError(f"data.digits_knobs: {e}") from e
+
+
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """``(labeled_train, val)`` for the supervised trainer.
 
@@ -51,12 +64,7 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
 def _build(cfg: Config) -> tuple[Dataset, Dataset]:
     d = cfg.data
     if d.name == "digits":
-        from dataclasses import replace
-
-        from brpg.data import build_digit_datasets
-
-        local = replace(d, root=str(resolve_data_root(d.root)))
-        labeled, _unlabeled, val = build_digit_datasets(local)
+        labeled, _unlabeled, val = digit_datasets(cfg)
         return labeled, val
     raise ConfigError(
         f"data.name={d.name!r}: datasets available in this version: digits"

@@ -45,7 +45,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+        raise RuntimeError(
+            f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device

@@ -8,11 +8,14 @@ the DeepLabV3+ decoder (spec §2.3) and every prototype module run unchanged.
 Layout for base width ``w`` (64×64 input → sizes in brackets):
 
     stem    3×3 conv s2 (3→w), 3×3 conv (w→w)                 stride 2  [32×32]
-    stage1  BasicBlock(w→w, s2)                                stride 4  [16×16]  → low (w ch)
+    stage1  BasicBlock(w→w, s2), BasicBlock(w)                 stride 4  [16×16]  → low (w ch)
     stage2  BasicBlock(w→2w, s2), BasicBlock(2w)               stride 8  [8×8]
     stage3  BasicBlock(2w→4w, dilation 2), BasicBlock(4w, d 2) stride 8  [8×8]    → high (4w ch)
 
-At output stride 16 stage3 is strided instead of dilated.
+At output stride 16 stage3 is strided instead of dilated. Design notes (measured on
+DigitScenes, 800 AdamW steps, batch 16): a second stride-4 block raised val mIoU from about
+0.2 to 0.35 for +7 % step time; ``zero_init_residual`` tends to slow early training here
+(−0.05 to −0.1 val mIoU at 800-1500 steps), so the digits presets may prefer it off.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class SmallEncoder(nn.Module):
         self.low_channels = w
         self.high_channels = 4 * w
         self.stem = nn.Sequential(conv_bn_relu(3, w, stride=2), conv_bn_relu(w, w))
-        self.stage1 = BasicBlock(w, w, stride=2)
+        self.stage1 = nn.Sequential(BasicBlock(w, w, stride=2), BasicBlock(w, w))
         self.stage2 = nn.Sequential(BasicBlock(w, 2 * w, stride=2), BasicBlock(2 * w, 2 * w))
         if output_stride == 8:
             first, dilation = BasicBlock(2 * w, 4 * w, dilation=2), 2
