@@ -52,7 +52,8 @@ import torch
 from IPython.display import Markdown, display
 
 from brpg.config import load_config
-from brpg.data import DIGIT_CLASSES
+from brpg.data import APPEARANCE_MODES, DIGIT_CLASSES, MULTIMODAL_DIGITS
+from brpg.data.digits import glyph_alpha, source_pools
 from brpg.engine.datasets import PROJECT_ROOT, digit_datasets
 from brpg.engine.trainer import Trainer, suponly_step
 from brpg.models import build_model
@@ -106,6 +107,26 @@ class_legend(ax)
 plt.show()
 
 # %% [markdown]
+# Digits 1, 4 and 7 come in two appearance modes. A solid digit and a hollow (outlined)
+# digit of the same class share a shape but hardly any pixel statistics, so one prototype
+# per class cannot describe them both well. Chapter 5 checks that the adaptive prototype
+# optimisation picks exactly these classes.
+
+# %%
+pool = source_pools(cfg_low.data.digits_seed)["val"]
+fig, axes = plt.subplots(len(MULTIMODAL_DIGITS), 6, figsize=(6, 1.1 * len(MULTIMODAL_DIGITS)))
+for row, digit in enumerate(MULTIMODAL_DIGITS):
+    for col in range(6):
+        glyph = pool.glyphs[pool.by_digit[digit][col // 2]]
+        mode = APPEARANCE_MODES[col % 2]
+        alpha, _region = glyph_alpha(glyph, 28, 24, mode=mode)
+        axes[row, col].imshow(alpha, cmap="gray_r", vmin=0, vmax=1)
+        axes[row, col].set_title(f"{digit} {mode}", fontsize=7)
+        axes[row, col].axis("off")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
 # How much of each scene is what? Background dominates, as it does in PASCAL VOC (about
 # 70 % of VOC pixels are background). The boundary band is ignored by the loss and by the
 # metric.
@@ -134,9 +155,14 @@ assert share[0] > 0.5 and all(share[1:11] > 0.005), "every digit class must be p
 # (`model.backbone: small`); everything else in the book runs unchanged on the paper's
 # ResNet-101 with a different preset.
 #
-# The supervised step computes $\mathcal{L}_s$, the cross-entropy on the labeled pixels
-# (the paper adds an online hard-example term, OHEM, weighted 0.5/0.5; the DigitScenes
-# presets use plain CE). This is the code that runs:
+# The supervised step computes $\mathcal{L}_s = 0.5\,\mathrm{CE} + 0.5\,\mathrm{OHEM}$ on the
+# labeled pixels, as the paper does (spec §4.3): OHEM is the cross-entropy over the pixels
+# whose ground-truth probability is at most $\max(0.7, p_{(k)})$, $p_{(k)}$ being the $k$-th
+# smallest, so that at least $k$ hard pixels count. The official $k = 100{,}000$ is about
+# 10 % of a 4 × 513² batch; the DigitScenes presets keep that share ($k = 6{,}000$ of
+# 16 × 64²). On DigitScenes, where background covers most pixels, the hard pixels are
+# mostly digit pixels, so OHEM spends the short CPU budget where the classes are decided.
+# This is the code that runs:
 
 # %%
 display(Markdown(f"```python\n{inspect.getsource(suponly_step)}```"))

@@ -1,0 +1,116 @@
+"""APO: dispersion scores, extra-prototype selection, clustering into the bank layout (spec §6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from brpg.prototypes import (
+    PrototypeBank,
+    apo_counts,
+    cluster_memories,
+    dispersion,
+    dispersion_cos,
+    n_add_classes,
+    select_classes,
+)
+
+R2 = 1 / math.sqrt(2)
+
+
+def test_dispersion_hand_computed():
+    x = torch.tensor(
+        [
+            [
+                [1.0, 0.0],
+                [0.0, 1.0],
+                [9.0, -9.0],
+            ],  # mean (.5,.5): each row at cos 1/√2 (3rd masked)
+            [[2.0, 0.0], [1.0, 0.0], [0.0, 0.0]],  # all along the mean: 1
+            [[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]],
+            [[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]],
+        ]
+    )
+    valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]]).bool()
+    cos = dispersion_cos(x, valid)
+    torch.testing.assert_close(cos[:2], torch.tensor([R2, 1.0]))
+    torch.testing.assert_close(dispersion(x, valid, "cos_sim"), cos, equal_nan=True)
+    # l2: rows (0,0),(2,0) → mean (1,0) → distances 1, 1
+    assert dispersion(x, valid, "l2")[2].item() == pytest.approx(1.0)
+    # l2_norm: (3,0),(0,4) → (1,0),(0,1), mean (.5,.5) → distances 1/√2
+    assert dispersion(x, valid, "l2_norm")[3].item() == pytest.approx(R2)
+    with pytest.raises(ValueError):
+        dispersion(x, valid, "bogus")
+
+
+def test_empty_memory_has_nan_score_and_is_never_selected():
+    x = torch.randn(3, 4, 2)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[0] = False
+    assert math.isnan(dispersion_cos(x, valid)[0].item())
+    scores = torch.tensor([float("nan"), 0.3, 0.9])
+    assert apo_counts(scores, base=2).tolist() == [2, 3, 2]
+    assert apo_counts(torch.tensor([float("nan"), 5.0, 1.0]), 2, metric="l2").tolist() == [2, 3, 2]
+
+
+@pytest.mark.parametrize(("c", "n_add"), [(21, 1), (19, 1), (81, 4), (10, 1), (2, 1), (200, 10)])
+def test_n_add_rounding(c, n_add):
+    # round(1.05) = 1 (VOC), round(0.95) = 1 (Cityscapes), round(4.05) = 4 (COCO), min 1
+    assert n_add_classes(c, 0.05) == n_add
+    scores = torch.linspace(0.1, 0.9, c)[
+        torch.randperm(c, generator=torch.Generator().manual_seed(c))
+    ]
+    extra = select_classes(scores, 0.05, add_num=1)
+    assert extra.sum().item() == n_add
+    assert set(torch.nonzero(extra).flatten().tolist()) == set(scores.argsort()[:n_add].tolist())
+
+
+def test_ties_select_more_and_direction_of_l2():
+    scores = torch.tensor([0.5, 0.2, 0.2, 0.9])
+    assert apo_counts(scores, base=2).tolist() == [2, 3, 3, 2]
+    assert apo_counts(scores, base=2, add_num=2, metric="l2").tolist() == [2, 2, 2, 4]
+    assert select_classes(scores, higher_is_dispersed=True).tolist() == [0, 0, 0, 1]
+
+
+def _memories(g, c, n, d, bimodal: int):
+    """c class memories near a class direction; class ``bimodal`` is two opposite-ish modes."""
+    dirs = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=1) * 5
+    x = dirs[:, None, :] + 0.3 * torch.randn(c, n, d, generator=g)
+    other = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * 5
+    x[bimodal, n // 2 :] = other + 0.3 * torch.randn(n - n // 2, d, generator=g)
+    return x
+
+
+def test_bimodal_class_gets_extra_prototype():
+    g = torch.Generator().manual_seed(0)
+    x = _memories(g, c=5, n=60, d=8, bimodal=2)
+    scores = dispersion_cos(x, torch.ones(5, 60, dtype=torch.bool))
+    assert scores.argmin().item() == 2
+    assert apo_counts(scores, base=2).tolist() == [2, 2, 3, 2, 2]
+
+
+def test_cluster_memories_high_low_independent():
+    g = torch.Generator().manual_seed(1)
+    c, n, d = 4, 60, 8
+    hi = _memories(g, c, n, d, bimodal=1)
+    lo = _memories(g, c, n, d, bimodal=3)
+    hi_valid = torch.ones(c, n, dtype=torch.bool)
+    lo_valid = torch.ones(c, n, dtype=torch.bool)
+    lo_valid[0, 1:] = False  # class 0's low memory holds a single row
+    protos, valid = cluster_memories(hi, hi_valid, lo, lo_valid, seed=0)
+    assert protos.shape == (c, 6, d)
+    assert valid[:, :3].sum(1).tolist() == [2, 3, 2, 2]  # extra high prototype: class 1
+    assert valid[:, 3:].sum(1).tolist() == [1, 2, 2, 3]  # extra low prototype: class 3
+    torch.testing.assert_close(protos[0, 3], lo[0, 0])
+    bank = PrototypeBank(c, d, 6)
+    bank.set_prototypes(protos, valid)
+    assert bank.num_valid().tolist() == [3, 5, 4, 5]
+    # the bimodal class's two high prototypes sit on its two modes
+    modes = torch.stack([hi[1, : n // 2].mean(0), hi[1, n // 2 :].mean(0)])
+    dist_to_modes = torch.cdist(modes, protos[1, :3][valid[1, :3]])
+    assert (dist_to_modes.min(1).values < 0.5).all()
+    # without APO: base counts, K = 4
+    p2, v2 = cluster_memories(hi, hi_valid, lo, lo_valid, apo=False)
+    assert p2.shape == (c, 4, d) and v2.sum(1).tolist() == [3, 4, 4, 4]

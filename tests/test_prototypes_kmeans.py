@@ -1,0 +1,138 @@
+"""Batched k-means for the one-shot clustering (spec §5.4, §13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from brpg.prototypes import batched_kmeans, batched_kmeans_full
+from brpg.prototypes.kmeans import _lloyd
+
+
+def _blobs(g, centres, n_each, std=0.05):
+    pts = [c + std * torch.randn(n_each, c.shape[0], generator=g) for c in centres]
+    labels = torch.arange(len(centres)).repeat_interleave(n_each)
+    return torch.cat(pts), labels
+
+
+def _batch_of_blobs():
+    """3 rows, N = 40 (padded), D = 3, k = 2, 3, 4 true blobs per row."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 3
+    ks = [2, 3, 4]
+    x = torch.zeros(len(ks), n, d)
+    valid = torch.zeros(len(ks), n, dtype=torch.bool)
+    truth, labels = [], []
+    for b, k in enumerate(ks):
+        centres = torch.randn(k, d, generator=g) * 10
+        pts, lab = _blobs(g, centres, 30 // k, std=0.05)
+        x[b, : len(pts)] = pts
+        x[b, len(pts) :] = 1e3  # padding far away: would ruin the centres if not masked
+        valid[b, : len(pts)] = True
+        truth.append(centres)
+        labels.append(lab)
+    return x, valid, torch.tensor(ks), truth, labels
+
+
+def test_blobs_recovered_with_per_row_k_and_padding():
+    x, valid, ks, truth, labels = _batch_of_blobs()
+    res = batched_kmeans_full(x, ks, valid=valid, seed=0)
+    assert res.centers.shape == (3, 4, 3) and res.assign.shape == (3, 40)
+    assert res.center_valid.tolist() == [
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, True, True, True],
+    ]
+    for b, k in enumerate(ks.tolist()):
+        n = len(labels[b])
+        a = res.assign[b, :n]
+        assert (res.assign[b, n:] == -1).all()
+        # perfect assignment up to permutation: blob i ↦ exactly one cluster, all distinct
+        perm = [int(a[labels[b] == i][0]) for i in range(k)]
+        assert sorted(perm) == list(range(k))
+        for i in range(k):
+            assert (a[labels[b] == i] == perm[i]).all()
+            assert torch.dist(res.centers[b, perm[i]], truth[b][i]) < 0.1
+        # centres beyond the row's k repeat its first centre
+        for j in range(k, 4):
+            assert torch.equal(res.centers[b, j], res.centers[b, 0])
+    c2, a2 = batched_kmeans(x, ks, valid=valid, seed=0)
+    assert torch.equal(c2, res.centers) and torch.equal(a2, res.assign)
+
+
+def test_deterministic_given_seed():
+    x, valid, ks, _, _ = _batch_of_blobs()
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # overlapping
+    r1 = batched_kmeans_full(x, ks, valid=valid, seed=7)
+    r2 = batched_kmeans_full(x, ks, valid=valid, seed=7)
+    assert torch.equal(r1.centers, r2.centers) and torch.equal(r1.assign, r2.assign)
+
+
+def test_rows_with_fewer_points_than_k_and_empty_rows():
+    x = torch.tensor(
+        [
+            [[0.0, 0.0], [5.0, 5.0], [9.0, 9.0], [9.0, 9.0]],
+            [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]],
+        ]
+    )
+    valid = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    res = batched_kmeans_full(x, 3, valid=valid, seed=0)
+    assert res.center_valid.tolist() == [[True, True, False], [False, False, False]]
+    got = {tuple(c.tolist()) for c in res.centers[0, :2]}
+    assert got == {(0.0, 0.0), (5.0, 5.0)}
+    assert torch.equal(res.centers[0, 2], res.centers[0, 0])
+    assert res.inertia[0].item() == 0.0
+    assert res.assign[0, :2].unique().numel() == 2
+    assert (res.assign[0, 2:] == -1).all() and (res.assign[1] == -1).all()
+    assert (res.centers[1] == 0).all() and res.inertia[1].item() == 0.0
+
+
+def test_empty_cluster_is_reseeded_with_farthest_point():
+    g = torch.Generator().manual_seed(0)
+    a, _ = _blobs(g, [torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0])], 10, std=0.1)
+    x = a.unsqueeze(0)
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    init = torch.tensor([[[5.0, 0.0], [100.0, 0.0]]])  # the second centre attracts nothing
+    centres, assign, _ = _lloyd(x, valid, init, torch.ones(1, 2, dtype=torch.bool), iters=20)
+    assert assign[0, :10].unique().numel() == 1 and assign[0, 10:].unique().numel() == 1
+    assert assign[0, 0] != assign[0, 10]
+    got = sorted(round(v) for v in centres[0, :, 0].tolist())
+    assert got == [0, 10]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inertia_close_to_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, inertia_sk = [], []
+    for _ in range(3):
+        centres = torch.rand(5, 4, generator=g) * 8
+        pts, _ = _blobs(g, centres, 40, std=1.0)
+        rows.append(pts)
+        km = KMeans(n_clusters=5, n_init=1, random_state=seed).fit(pts.double().numpy())
+        inertia_sk.append(km.inertia_)
+    res = batched_kmeans_full(torch.stack(rows), 5, seed=seed)
+    for ours, ref in zip(res.inertia.tolist(), inertia_sk, strict=True):
+        assert ours <= 1.1 * ref
+    # inertia is the sum of squared distances to the assigned centres
+    x = torch.stack(rows)
+    own = res.centers.gather(1, res.assign[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(res.inertia, ((x - own) ** 2).sum((1, 2)), rtol=1e-4, atol=1e-3)
+
+
+def test_n_init_keeps_best_run_per_row():
+    g = torch.Generator().manual_seed(3)
+    rows, ref = [], []
+    for _ in range(4):
+        centres = torch.rand(5, 4, generator=g) * 8
+        pts, _ = _blobs(g, centres, 40, std=1.0)
+        rows.append(pts)
+        ref.append(
+            KMeans(n_clusters=5, n_init=3, random_state=0).fit(pts.double().numpy()).inertia_
+        )
+    x = torch.stack(rows)
+    one = batched_kmeans_full(x, 5, seed=0, n_init=1)
+    three = batched_kmeans_full(x, 5, seed=0, n_init=3)
+    assert (three.inertia <= one.inertia + 1e-4).all()  # the first run is one of the three
+    for ours, r in zip(three.inertia.tolist(), ref, strict=True):
+        assert ours <= 1.1 * r

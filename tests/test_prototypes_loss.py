@@ -1,0 +1,184 @@
+"""L_pro and its sampling: grid indices, labeled/unlabeled samples, CE, threshold ramp (spec §8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brpg.prototypes import (
+    PrototypeBank,
+    grid_indices,
+    grid_positions,
+    prototype_loss,
+    pseudo_threshold,
+    sample_labeled_grid,
+    sample_unlabeled,
+)
+
+R2 = 1 / math.sqrt(2)
+
+
+def _bank() -> PrototypeBank:
+    bank = PrototypeBank(2, 2, 2)
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[2.0, 2.0], [-1.0, 0.0]]])
+    bank.set_prototypes(protos, torch.tensor([[True, True], [True, False]]))
+    return bank
+
+
+def test_grid_indices_land_exactly_on_stride4_pixels():
+    assert grid_positions(513) == [16 * i for i in range(32)] + [512]
+    assert grid_indices(129, 129, 513).tolist() == list(range(0, 129, 4))
+    assert grid_indices(193, 193, 769).tolist() == list(range(0, 193, 6))
+    assert len(grid_indices(129, 129, 513)) == 33
+    with pytest.raises(ValueError):
+        grid_indices(16, 16, 64)  # (64-1)/(16-1) is not an integer
+    with pytest.raises(ValueError):
+        grid_indices(129, 97, 513)
+
+
+def test_labeled_grid_reads_rep_at_grid_and_labels_at_full_res():
+    g = torch.Generator().manual_seed(0)
+    rep = torch.randn(2, 3, 129, 129, generator=g)
+    labels = torch.randint(0, 21, (2, 513, 513), generator=g)
+    labels[0, 16, 32] = 255
+    feats, targets = sample_labeled_grid(rep, labels)
+    assert feats.shape == (2 * 33 * 33, 3) and targets.shape == (2 * 33 * 33,)
+    assert torch.equal(feats, rep[:, :, ::4, ::4].permute(0, 2, 3, 1).reshape(-1, 3))
+    assert torch.equal(targets, labels[:, ::16, ::16].reshape(-1))
+    assert (targets == 255).sum() == 1
+    # the official route: upsample (bilinear, align_corners=True), then index the grid
+    up = F.interpolate(rep, size=(513, 513), mode="bilinear", align_corners=True)
+    official = up[:, :, ::16, ::16].permute(0, 2, 3, 1).reshape(-1, 3)
+    torch.testing.assert_close(feats, official, rtol=0, atol=1e-5)
+
+
+def test_labeled_grid_inexact_sizes_match_upsampling():
+    g = torch.Generator().manual_seed(1)
+    rep = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)  # 64 crop: 63/15 not integer
+    labels = torch.randint(0, 5, (2, 64, 64), generator=g)
+    feats, targets = sample_labeled_grid(rep, labels)
+    pos = torch.tensor(grid_positions(64))
+    up = F.interpolate(rep, size=(64, 64), mode="bilinear", align_corners=True)
+    expected = up[:, :, pos][:, :, :, pos].permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5)
+    assert torch.equal(targets, labels[:, pos][:, :, pos].reshape(-1))
+    feats.sum().backward()
+    assert rep.grad is not None
+
+
+def _unlabeled_case(n_candidates: int, size: int = 8, b: int = 2):
+    g = torch.Generator().manual_seed(n_candidates)
+    conf = torch.rand(b, size, size, generator=g) * 0.5
+    flat = conf.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:n_candidates]] = 0.9
+    pseudo = torch.arange(b * size * size).view(b, size, size)  # target = flat pixel index
+    return conf, pseudo
+
+
+def test_unlabeled_sampling_respects_threshold_and_count():
+    conf, pseudo = _unlabeled_case(30)
+    rep = torch.randn(2, 3, 8, 8)
+    feats, targets = sample_unlabeled(rep, conf, pseudo, thr=0.8, num_per_image=5)
+    assert feats.shape == (10, 3) and targets.shape == (10,)
+    assert (targets != 255).all() and targets.unique().numel() == 10
+    assert (conf.view(-1)[targets] >= 0.8).all()
+    torch.testing.assert_close(feats, rep.permute(0, 2, 3, 1).reshape(-1, 3)[targets])
+
+
+def test_unlabeled_sampling_takes_all_when_few_candidates():
+    conf, pseudo = _unlabeled_case(4)
+    feats, targets = sample_unlabeled(torch.randn(2, 3, 8, 8), conf, pseudo, 0.8, num_per_image=5)
+    kept = targets[targets != 255]
+    assert feats.shape == (10, 3) and kept.numel() == 4
+    assert set(kept.tolist()) == set(torch.nonzero(conf.view(-1) >= 0.8).flatten().tolist())
+
+
+def test_unlabeled_sampling_is_uniform():
+    conf, pseudo = _unlabeled_case(8, size=4, b=1)  # 8 candidates among 16 pixels
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(16)
+    rep = torch.zeros(1, 1, 4, 4)
+    for _ in range(400):
+        _, t = sample_unlabeled(rep, conf, pseudo, 0.8, num_per_image=4, generator=gen)
+        assert (t != 255).sum() == 4
+        counts += torch.bincount(t, minlength=16)
+    cand = conf.view(-1) >= 0.8
+    assert (counts[~cand] == 0).all()
+    assert ((counts[cand] / 400) - 0.5).abs().max() < 0.1  # each candidate kept w.p. 4/8
+
+
+def test_unlabeled_full_res_conf_reads_upsampled_features():
+    g = torch.Generator().manual_seed(2)
+    rep = torch.randn(1, 3, 7, 7, generator=g, requires_grad=True)
+    conf = torch.rand(1, 20, 20, generator=g)
+    pseudo = torch.arange(400).view(1, 20, 20)
+    feats, targets = sample_unlabeled(rep, conf, pseudo, 0.5, num_per_image=50)
+    up = F.interpolate(rep, size=(20, 20), mode="bilinear", align_corners=True)
+    ok = targets != 255
+    expected = up.permute(0, 2, 3, 1).reshape(-1, 3)[targets[ok]]
+    torch.testing.assert_close(feats[ok], expected, rtol=0, atol=1e-5)
+    feats.sum().backward()
+    assert rep.grad.abs().sum() > 0
+
+
+def test_loss_hand_computed():
+    bank = _bank()
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    targets = torch.tensor([0, 1, 255])
+    loss = prototype_loss(bank, feats, targets, tau=0.1)
+    # logits: f0 = (10, 7.071) target 0; f1 = (0, −7.071) target 1; f2 ignored
+    ce0 = math.log(1 + math.exp(10 * R2 - 10))
+    ce1 = math.log(1 + math.exp(0 + 10 * R2))
+    assert loss.item() == pytest.approx((ce0 + ce1) / 2, rel=1e-5)
+    loss.backward()
+    assert feats.grad[2].abs().sum() == 0 and feats.grad[:2].abs().sum() > 0
+
+
+def test_empty_selection_gives_zero_not_nan():
+    bank = _bank()
+    feats = torch.randn(4, 2, requires_grad=True)
+    loss = prototype_loss(bank, feats, torch.full((4,), 255))
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(feats.grad, torch.zeros(4, 2))
+    empty = prototype_loss(bank, torch.zeros(0, 2, requires_grad=True), torch.zeros(0).long())
+    assert empty.item() == 0.0
+    # a target whose class has no valid prototype is ignored as well
+    bank.valid[1] = False
+    assert prototype_loss(bank, feats, torch.tensor([1, 1, 255, 9])).item() == 0.0
+
+
+def test_pseudo_threshold_ramp():
+    steps, epochs = 638, 80  # VOC, 4 GPUs
+    assert pseudo_threshold(2 * steps, steps, epochs) == pytest.approx(0.794)
+    assert pseudo_threshold(5 * steps, steps, epochs) == pytest.approx(0.8)
+    assert pseudo_threshold(epochs * steps, steps, epochs) == pytest.approx(0.95)
+    assert pseudo_threshold(epochs * steps - 1, steps, epochs) < 0.95
+    assert pseudo_threshold(2 * steps, steps, epochs, clamp_low=True) == 0.8
+
+
+def test_per_step_path_never_syncs_with_host(monkeypatch):
+    """Semantic check: the per-step functions never call the Tensor → Python conversions."""
+    bank = _bank()
+    rep = torch.randn(2, 2, 9, 9, requires_grad=True)
+    labels = torch.randint(0, 2, (2, 33, 33))
+    conf, pseudo = torch.rand(2, 33, 33), torch.randint(0, 2, (2, 33, 33))
+    gen = torch.Generator().manual_seed(0)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync in the per-step path")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    with pytest.raises(AssertionError):
+        bool(torch.ones(1))  # the patch is active
+    feats_l, t_l = sample_labeled_grid(rep, labels, grid_num=8)
+    feats_u, t_u = sample_unlabeled(rep, conf, pseudo, 0.7, num_per_image=10, generator=gen)
+    loss = prototype_loss(bank, feats_l, t_l) + prototype_loss(bank, feats_u, t_u)
+    bank.ema_update(torch.cat([feats_l, feats_u]).detach(), torch.cat([t_l, t_u]))
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and rep.grad is not None
