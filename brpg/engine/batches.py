@@ -6,8 +6,10 @@ concatenation of one permutation per epoch, each drawn from ``(seed, epoch)``; r
 pure function of ``(seed, s, rank)``: resuming at step ``k`` needs no saved loader state, and
 a tiny labeled set (fewer items than a batch) simply spans an epoch boundary.
 
-Each item also carries its own augmentation seed, so random crops and scales do not depend on
-the number of loader workers or on where a run was resumed (:class:`SeededSamples`).
+Each item also carries its own augmentation seed, so the random crops and scales do not depend
+on where a run was resumed or on the number of loader workers (:class:`SeededSamples`). Pixel
+values can still differ in the last float bit between worker counts, because a worker runs
+torch with one thread; exact resume therefore assumes the same ``data.num_workers``.
 """
 
 from __future__ import annotations
