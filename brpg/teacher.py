@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMATeacher", "ema_decay", "unwrap_model"]
+from brpg.engine.runtime import unwrap_model
+
+__all__ = ["EMATeacher", "ema_decay", "unwrap_model"]  # unwrap_model re-exported from runtime
 
 
 def ema_decay(step_since_start: int, max_decay: float = 0.99) -> float:
@@ -38,17 +40,6 @@ def ema_decay(step_since_start: int, max_decay: float = 0.99) -> float:
     if step_since_start < 0:
         raise ValueError(f"step_since_start must be ≥ 0, got {step_since_start}")
     return min(1.0 - 1.0 / (step_since_start + 1), max_decay)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _float_buffers(module: nn.Module) -> list[Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from brpg.config import ConfigError, OptimConfig
+from brpg.engine.runtime import unwrap_model
 
 __all__ = [
     "OPTIMIZERS",
@@ -39,10 +40,9 @@ def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
     The backbone group holds ``model.backbone``'s parameters (``lr_mult = 1``), the head group
     every other parameter of the model (``model.decoder`` and anything outside both,
     ``lr_mult = head_lr_mult``). Parameters with ``requires_grad=False`` are left out.
-    A ``DistributedDataParallel`` wrapper is unwrapped.
+    DDP / ``torch.compile`` wrappers are unwrapped.
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = unwrap_model(model)
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise ValueError(f"{type(model).__name__} has no 'backbone' submodule")

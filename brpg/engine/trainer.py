@@ -52,10 +52,6 @@ class RunDirError(RuntimeError):
     """The run directory is not usable as asked (exists without --resume, or nothing to resume)."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def upsample_to(logits_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling with ``align_corners=True``, as the official code does (spec §4.3)."""
     if logits_bchw.shape[-2:] == size:
@@ -128,7 +124,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": unwrap(self.model).state_dict(),
+            "model": runtime.unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -142,7 +138,7 @@ class Trainer:
     def _load(self, path: Path | None) -> None:
         assert path is not None
         state = load_checkpoint(path, map_location=self.device)
-        unwrap(self.model).load_state_dict(state["model"])
+        runtime.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -170,7 +166,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         loader = build_eval_loader(self.cfg, self.val, self.dist.rank, self.dist.world_size)
         return evaluate(
-            unwrap(self.model),
+            runtime.unwrap_model(self.model),
             loader,
             num_classes=self.cfg.data.num_classes,
             protocol=self.cfg.eval.protocol,
