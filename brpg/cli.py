@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_presets()))
         return 0
     # Heavy imports only once a command needs them (keeps `brpg --help` instant).
+    from brpg.data.splitlist import DatasetError
     from brpg.engine.trainer import RunDirError, Trainer
 
     try:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate_run(Path(args.run), args.set, progress=not args.no_progress)
             print(json.dumps({k: res[k] for k in ("miou", "per_class_iou")}, indent=2))
             return 0
-    except (ConfigError, RunDirError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
         print(f"brpg: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -66,9 +66,16 @@ def _build(cfg: Config) -> tuple[Dataset, Dataset]:
     if d.name == "digits":
         labeled, _unlabeled, val = digit_datasets(cfg)
         return labeled, val
+    from brpg.data.benchmarks import BENCHMARKS, build_benchmark_datasets
+
+    if d.name in BENCHMARKS:
+        val_crop = cfg.eval.crop_size if cfg.eval.protocol == "center_crop" else None
+        labeled, _unlabeled, val = build_benchmark_datasets(
+            d, resolve_data_root(d.root), val_crop=val_crop
+        )
+        return labeled, val
     raise ConfigError(
-        f"data.name={d.name!r}: datasets available in this version: digits"
-        " (PASCAL VOC, Cityscapes and COCO loaders are prepared by data_scripts/)"
+        f"data.name={d.name!r} is not a dataset; use one of: digits, {', '.join(BENCHMARKS)}"
     )
 
 
