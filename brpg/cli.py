@@ -19,7 +19,7 @@ from brpg.config import ConfigError, list_presets, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="brpg", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="brpg", description="Train and evaluate BRPG models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     tr = sub.add_parser("train", help="train one config into a run directory")
