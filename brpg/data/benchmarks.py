@@ -26,10 +26,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from brpg.config import Config, ConfigError
+from brpg.data.digits import PALETTE as VOC_PALETTE
 from brpg.data.splitlist import DatasetError, PathTemplate, SplitListDataset
 from brpg.data.transforms import SegTransform, build_eval_transform, build_train_transform
 from brpg.prepare.cityscapes import image_to_label
@@ -47,6 +50,8 @@ __all__ = [
     "DataNotPreparedError",
     "EvalProtocol",
     "build_benchmark_datasets",
+    "cityscapes_label_path",
+    "coco_mask_of",
     "eval_transform",
     "get_benchmark",
     "labeled_dataset",
@@ -62,18 +67,9 @@ class DataNotPreparedError(DatasetError, FileNotFoundError):
 
 
 def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
-    """The PASCAL VOC colour map: bits 0, 1, 2 of class ``k`` go to the top bit of R, G, B, bits
-    3, 4, 5 to the next bit down, and so on (class 1 is (128, 0, 0), 15 "person" (192, 128, 128))."""
-    colours = []
-    for k in range(n):
-        rgb = [0, 0, 0]
-        bits = k
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((bits >> channel) & 1) << shift
-            bits >>= 3
-        colours.append((rgb[0], rgb[1], rgb[2]))
-    return tuple(colours)
+    """The first ``n`` colours of the PASCAL VOC colour map (class 1 is (128, 0, 0), 15
+    "person" (192, 128, 128), 255 the (224, 224, 192) of the object borders)."""
+    return tuple((int(r), int(g), int(b)) for r, g, b in VOC_PALETTE[:n].tolist())
 
 
 def sliding_stride(crop_size: int) -> int:
@@ -113,6 +109,7 @@ class Benchmark:
     in_training_eval: EvalProtocol  # the official validation during training (spec §3.5)
     offline_eval: EvalProtocol  # the official eval.py (spec §10)
     paper_eval: str  # "in_training" | "offline": which one the published numbers come from
+    ignore_colour: tuple[int, int, int] = (224, 224, 192)  # of label 255 (and unknown values)
 
     @property
     def prepare_script(self) -> str:
@@ -140,6 +137,14 @@ class Benchmark:
     @property
     def val_split(self) -> str:
         return f"splits/{self.name}/val.txt"
+
+    def colorize(self, mask: Any) -> np.ndarray:
+        """Class-index mask ``[..., H, W]`` (numpy or torch) -> uint8 RGB ``[..., H, W, 3]``."""
+        if hasattr(mask, "detach"):
+            mask = mask.detach().cpu().numpy()
+        lut = np.tile(np.array(self.ignore_colour, np.uint8), (256, 1))
+        lut[: self.num_classes] = self.palette
+        return lut[np.asarray(mask).astype(np.intp).clip(0, 255)]
 
     @property
     def default_eval(self) -> EvalProtocol:
@@ -181,6 +186,17 @@ COCO_CLASSES = (
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+
+
+def cityscapes_label_path(image_rel: str) -> str:
+    """``leftImg8bit/<split>/<city>/<x>_leftImg8bit.png`` -> its ``gtFine/..._labelTrainIds.png``."""
+    parts = image_rel.split("/")
+    if len(parts) != 4 or parts[0] != "leftImg8bit" or not parts[3].endswith("_leftImg8bit.png"):
+        raise DatasetError(
+            f"{image_rel!r} is not a Cityscapes split line (leftImg8bit/<split>/<city>/"
+            "<name>_leftImg8bit.png): use the published lists (data_scripts/fetch_splits.py)"
+        )
+    return image_to_label(image_rel)
 
 
 def coco_mask_of(image_rel: str) -> str:
@@ -229,14 +245,18 @@ CITYSCAPES = Benchmark(
     image_size="2048×1024",
     splits={"fine": _sizes("cityscapes", ("186", "372", "744", "1488"))},
     image_tpl="{id}",
-    mask_tpl=image_to_label,
+    mask_tpl=cityscapes_label_path,
     train_crop=769,
     unlabeled_crop=769,
     in_training_eval=EvalProtocol("center_crop", 769, 0, "validate() during training"),
     offline_eval=EvalProtocol(
-        "sliding", 769, sliding_stride(769), "eval.py: full 2048×1024 images, window logits averaged"
+        "sliding",
+        769,
+        sliding_stride(769),
+        "eval.py: full 2048×1024 images, window logits averaged",
     ),
     paper_eval="offline",
+    ignore_colour=(0, 0, 0),  # cityscapesScripts colours unlabeled pixels black
 )
 
 COCO = Benchmark(
@@ -357,7 +377,11 @@ def val_dataset(cfg: Config, transform: SegTransform | None = None) -> SplitList
     (VOC, COCO) need ``eval.batch_size: 1``; this is checked here, not after hours of training.
     """
     _checked(cfg)
-    if cfg.eval.protocol != "center_crop" and cfg.eval.batch_size > 1 and cfg.data.name != "cityscapes":
+    if (
+        cfg.eval.protocol != "center_crop"
+        and cfg.eval.batch_size > 1
+        and cfg.data.name != "cityscapes"
+    ):
         raise ConfigError(
             f"eval.protocol={cfg.eval.protocol} keeps {cfg.data.name} images at their own sizes, "
             f"which differ, so they cannot be batched: set eval.batch_size=1 (it is "

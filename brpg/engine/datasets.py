@@ -66,17 +66,27 @@ def _build(cfg: Config) -> tuple[Dataset, Dataset]:
     if d.name == "digits":
         labeled, _unlabeled, val = digit_datasets(cfg)
         return labeled, val
-    from brpg.data.benchmarks import BENCHMARKS, build_benchmark_datasets
+    from brpg.data.benchmarks import BENCHMARKS
 
     if d.name in BENCHMARKS:
-        val_crop = cfg.eval.crop_size if cfg.eval.protocol == "center_crop" else None
-        labeled, _unlabeled, val = build_benchmark_datasets(
-            d, resolve_data_root(d.root), val_crop=val_crop
-        )
-        return labeled, val
+        return benchmark_datasets(cfg)
     raise ConfigError(
         f"data.name={d.name!r} is not a dataset; use one of: digits, {', '.join(BENCHMARKS)}"
     )
+
+
+def benchmark_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
+    """``(labeled, val)`` of a real benchmark (PASCAL VOC, Cityscapes, COCO) for ``cfg``.
+
+    ``data.root`` (the ``DATA_ROOT`` of ``data_scripts/``) is resolved with
+    :func:`resolve_data_root`; a missing prepared folder raises
+    :class:`~brpg.data.benchmarks.DataNotPreparedError` naming ``data_scripts/prepare_<name>.py``.
+    The val set follows ``cfg.eval``'s protocol (centre-cropped for ``center_crop``).
+    """
+    from brpg.data import benchmarks
+
+    local = replace(cfg, data=replace(cfg.data, root=str(resolve_data_root(cfg.data.root))))
+    return benchmarks.labeled_dataset(local), benchmarks.val_dataset(local)
 
 
 def build_eval_loader(cfg: Config, val: Dataset, rank: int = 0, world_size: int = 1) -> DataLoader:
