@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 book: venv
-	rm -rf _build/html
+	rm -rf _build  # a fresh build re-executes every chapter
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "book: open _build/html/index.html"
 
