@@ -109,8 +109,8 @@ plt.show()
 # %% [markdown]
 # Digits 1, 4 and 7 come in two appearance modes. A solid digit and a hollow (outlined)
 # digit of the same class share a shape but hardly any pixel statistics, so one prototype
-# per class cannot describe them both well. Chapter 5 checks that the adaptive prototype
-# optimisation picks exactly these classes.
+# per class cannot describe them both well. The chapter on adaptive prototype optimisation
+# (APO, still to be written) is meant to check that APO picks exactly these classes.
 
 # %%
 pool = source_pools(cfg_low.data.digits_seed)["val"]
