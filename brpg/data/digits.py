@@ -72,6 +72,7 @@ from PIL import Image
 from scipy import ndimage
 
 from brpg.config import DataConfig
+from brpg.data.palette import voc_colour_map
 from brpg.data.splitlist import DatasetError, SplitListDataset
 from brpg.data.transforms import build_eval_transform, build_train_transform
 
@@ -87,17 +88,7 @@ IMAGE_TPL = "JPEGImages/{id}.png"
 MASK_TPL = "SegmentationClass/{id}.png"
 
 
-def _voc_palette() -> np.ndarray:
-    """The PASCAL VOC colour map ``[256, 3]`` uint8 (bit-interleaved; 255 -> (224, 224, 192))."""
-    idx = np.arange(256)
-    pal = np.zeros((256, 3), dtype=np.int64)
-    for bit in range(8):
-        for ch in range(3):
-            pal[:, ch] |= ((idx >> (3 * bit + ch)) & 1) << (7 - bit)
-    return pal.astype(np.uint8)
-
-
-PALETTE: np.ndarray = _voc_palette()  # [256, 3] uint8; class c -> PALETTE[c]
+PALETTE: np.ndarray = voc_colour_map()  # [256, 3] uint8; class c -> PALETTE[c]
 
 
 def colorize(mask: Any) -> np.ndarray:

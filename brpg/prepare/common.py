@@ -52,6 +52,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from brpg.data.palette import voc_colour_map
+
 log = logging.getLogger("brpg.prepare")
 
 #: Label value that every dataset uses for "ignore".
@@ -151,21 +153,8 @@ def is_temp_file(path: Path) -> bool:
 
 
 def voc_palette() -> list[int]:
-    """The 256-entry PASCAL VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list.
-
-    Colour ``i`` spreads the bits of ``i`` over the three channels, most significant bit first, so
-    0 is black, 1 dark red, ... and 255 (ignore) a light grey-beige.
-    """
-    palette: list[int] = []
-    for index in range(256):
-        rgb = [0, 0, 0]
-        code = index
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
-            code >>= 3
-        palette.extend(rgb)
-    return palette
+    """The 256-entry PASCAL VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list."""
+    return voc_colour_map().reshape(-1).tolist()
 
 
 _PALETTE = voc_palette()
