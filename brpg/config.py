@@ -99,7 +99,7 @@ class LossConfig:
 class TrainConfig:
     """Loop length, batch, precision, logging and checkpoint cadence."""
 
-    method: str = "suponly"
+    method: str = "suponly"  # suponly | meanteacher | brpg
     steps: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -110,6 +110,70 @@ class TrainConfig:
     log_every: int = 20
     threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
     deterministic: bool = False
+
+
+@dataclass
+class SemiConfig:
+    """Mean-teacher framework (spec §1, §4); used when ``train.method`` is meanteacher or brpg.
+
+    Step counts replace the official epochs: ``sup_only_steps`` is S·L (one epoch officially).
+    """
+
+    sup_only_steps: int = 0  # supervised warm-up; then teacher := student (spec §1)
+    unlabeled_batch_size: int = 0  # 0: the same as train.batch_size
+    ema_decay: float = 0.99  # cap of the teacher EMA decay min(1 - 1/(t+1), cap) (spec §4.8)
+    ema_buffers: bool = False  # official: the teacher's BN statistics come from its own forwards
+    copy_buffers: bool = False  # also copy BN statistics at teacher := student (official: no)
+    teacher_bn_warmup: bool = True  # official: teacher train-mode forward on x_l in the warm-up
+    strong_aug: bool = True  # colour jitter, grayscale, blur (spec §3.4)
+    cutmix_p: float = 0.5  # one coin per batch (spec §4.2)
+    unsup_weight: float = 1.0  # lambda_u (spec §4.4)
+    drop_percent: float = 80.0  # entropy percentile at step 0, rising to 100 (spec §4.4)
+    faithful_unsup_scale: bool = True  # U2PL's extra B*H*W/#kept factor (spec §12 Q4)
+    entropy_teacher: str = "train"  # train: official 2nd teacher forward | eval: weak-view logits
+    eval_model: str = "teacher"  # model evaluated after the warm-up: teacher | student
+
+
+@dataclass
+class ProtoConfig:
+    """BRPG prototypes: CPG memories, clustering + APO, EMA bank, L_pro (spec §5-§8).
+
+    Used when ``train.method`` is brpg. Step counts replace epochs: the sampling window is
+    ``[sample_start_step, sample_start_step + sample_steps)`` (Ds·L and Dl·L officially), the
+    one-shot clustering runs at its end, and L_pro + prototype EMA from then on (spec §1).
+    """
+
+    sample_start_step: int = 0  # Ds·L; must be >= semi.sup_only_steps
+    sample_steps: int = 1  # Dl·L
+    memory: str = "cpg"  # cpg: high + low memories | random: one memory, no split (ablation)
+    high_threshold: float = 0.8  # tau_h for labeled pixels (spec §5.1)
+    low_threshold: float = 0.0
+    unlabeled_threshold: float = 0.8  # teacher confidence for unlabeled high rows
+    threshold_type: str = "fix"  # fix | csp (class-specific adaptive, spec §5.3)
+    csp_momentum: float = 0.999
+    csp_min: float = 0.0
+    csp_max: float = 1.0
+    sample_pixel_num: int = 5000  # per-image row budget per step (spec §5.1)
+    queue_len: int = 30000  # rows kept per class and memory
+    num_high: int = 2  # base prototypes per class from the high memory
+    num_low: int = 2
+    apo: bool = True  # adaptive prototype optimisation (spec §6)
+    add_num: int = 1
+    add_proportion: float = 0.05
+    dispersion: str = "cos_sim"  # cos_sim | l2 | l2_norm
+    kmeans_iters: int = 100
+    kmeans_n_init: int = 3
+    recluster_every: int = 0  # 0: one-shot clustering (official); N: keep sampling, re-cluster
+    ema_momentum: float = 0.99  # alpha of the prototype EMA (spec §7)
+    tau: float = 0.1  # temperature of the prototype logits (spec §8)
+    loss_weight: float = 1.0  # lambda_pro
+    faithful_loss_scale: bool = False  # official effective weight 1/world_size (spec §12 Q3)
+    grid_num: int = 32  # labeled grid (grid_num + 1)^2 per image (spec §8)
+    unsup_sample_num: int = 1000  # unlabeled L_pro samples per image
+    thr_start: float = 0.8  # unlabeled L_pro threshold ramp (spec §1, §12 Q5)
+    thr_end: float = 0.95
+    thr_delay_steps: int = 0  # official: 5 epochs, hard-coded
+    thr_clamp_low: bool = False  # official: below thr_start before the delay
 
 
 @dataclass
@@ -131,6 +195,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    proto: ProtoConfig = field(default_factory=ProtoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -216,7 +282,42 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a :class:`Config` from a nested dict; unknown keys raise :class:`ConfigError`."""
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "train.method": ("suponly", "meanteacher", "brpg"),
+    "semi.entropy_teacher": ("train", "eval"),
+    "semi.eval_model": ("teacher", "student"),
+    "proto.memory": ("cpg", "random"),
+    "proto.threshold_type": ("fix", "csp"),
+    "proto.dispersion": ("cos_sim", "l2", "l2_norm"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: enumerated values and the order of the training phases (spec §1)."""
+    for path, choices in _CHOICES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{path}={value!r} is not one of: {', '.join(choices)}")
+    s, p = cfg.semi, cfg.proto
+    if cfg.train.method != "suponly" and s.sup_only_steps < 0:
+        raise ConfigError("semi.sup_only_steps must be >= 0")
+    if cfg.train.method == "brpg":
+        if p.sample_start_step < s.sup_only_steps:
+            raise ConfigError(
+                f"proto.sample_start_step={p.sample_start_step} comes before the end of the "
+                f"warm-up (semi.sup_only_steps={s.sup_only_steps}): the unlabeled memory rows need "
+                "the teacher; set proto.sample_start_step >= semi.sup_only_steps"
+            )
+        if p.sample_steps < 1:
+            raise ConfigError("proto.sample_steps must be >= 1 (the memories must not be empty)")
+        if p.num_high < 1 or p.num_low < 0 or p.add_num < 0:
+            raise ConfigError("proto.num_high >= 1, proto.num_low >= 0, proto.add_num >= 0")
 
 
 def list_presets() -> list[str]:

@@ -45,31 +45,51 @@ def digit_datasets(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
 
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
-    """``(labeled_train, val)`` for the supervised trainer.
+    """``(labeled_train, val)`` for the supervised trainer (see :func:`build_train_datasets`)."""
+    labeled, _unlabeled, val = build_train_datasets(cfg, unlabeled=False)
+    return labeled, val
+
+
+def build_train_datasets(
+    cfg: Config, unlabeled: bool = True
+) -> tuple[Dataset, Dataset | None, Dataset]:
+    """``(labeled_train, unlabeled_train or None, val)`` for a run.
 
     Under DDP rank 0 generates/checks the data first while the others wait, so that two
-    processes never write the same cache.
+    processes never write the same cache. An empty unlabeled set (the ``full`` split) with
+    ``unlabeled=True`` is an error that says so.
     """
     first = not dist.is_initialized() or dist.get_rank() == 0
     if not first:
         dist.barrier()
     try:
-        labeled, val = _build(cfg)
+        labeled, unl, val = _build(cfg, unlabeled)
     finally:
         if first and dist.is_initialized():
             dist.barrier()
-    return labeled, val
+    if unlabeled and (unl is None or len(unl) == 0):  # type: ignore[arg-type]
+        raise ConfigError(
+            f"{cfg.name}: the unlabeled split {cfg.data.unlabeled_split!r} is empty; a "
+            "semi-supervised method needs unlabeled images (use a split such as 1_16)"
+        )
+    return labeled, unl, val
 
 
-def _build(cfg: Config) -> tuple[Dataset, Dataset]:
+def _build(cfg: Config, unlabeled: bool) -> tuple[Dataset, Dataset | None, Dataset]:
     d = cfg.data
     if d.name == "digits":
-        labeled, _unlabeled, val = digit_datasets(cfg)
-        return labeled, val
+        return digit_datasets(cfg)
     from brpg.data.benchmarks import BENCHMARKS
 
     if d.name in BENCHMARKS:
-        return benchmark_datasets(cfg)
+        labeled, val = benchmark_datasets(cfg)
+        unl = None
+        if unlabeled:
+            from brpg.data import benchmarks
+
+            local = replace(cfg, data=replace(d, root=str(resolve_data_root(d.root))))
+            unl = benchmarks.unlabeled_dataset(local)
+        return labeled, unl, val
     raise ConfigError(
         f"data.name={d.name!r} is not a dataset; use one of: digits, {', '.join(BENCHMARKS)}"
     )

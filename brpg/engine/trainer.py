@@ -1,4 +1,4 @@
-"""The supervised trainer (SupOnly baseline) with exact resume and DDP.
+"""The trainer (SupOnly, mean teacher, BRPG) with exact resume and DDP.
 
 One :class:`Trainer` owns a run directory::
 
@@ -7,6 +7,11 @@ One :class:`Trainer` owns a run directory::
       log.jsonl        one JSON object per logged step / evaluation
       last.pt          the latest checkpoint (atomic: temp file + rename)
       summary.json     written at the end: val_miou, per_class_iou, steps, wall_s, config, commit
+
+``train.method`` picks the step: ``suponly`` (:func:`suponly_step`), ``meanteacher`` or ``brpg``
+(:func:`brpg.engine.semi.semi_step` after the supervised warm-up; the phases are in
+:mod:`brpg.engine.semi`). The checkpoint holds the teacher, the CPG memories (during the
+sampling window) and the prototype bank, so a resume is exact in every phase.
 
 Training is counted in steps. Every random draw of step ``s`` (dropout, augmentation of its
 samples) is seeded from ``(seed, s, rank)``, and the batches come from a step-indexed stream
@@ -25,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -39,9 +43,10 @@ from brpg.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from brpg.engine.datasets import build_datasets, build_eval_loader
+from brpg.engine.datasets import build_eval_loader, build_train_datasets
 from brpg.engine.inference import evaluate
 from brpg.engine.optim import build_optimizer, build_scheduler
+from brpg.engine.semi import SemiMethod, phase_of, semi_step, upsample_to
 from brpg.losses import supervised_loss
 from brpg.models import build_model
 
@@ -52,21 +57,18 @@ class RunDirError(RuntimeError):
     """The run directory is not usable as asked (exists without --resume, or nothing to resume)."""
 
 
-def upsample_to(logits_bchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling with ``align_corners=True``, as the official code does (spec §4.3)."""
-    if logits_bchw.shape[-2:] == size:
-        return logits_bchw
-    return F.interpolate(logits_bchw, size=size, mode="bilinear", align_corners=True)
-
-
 def suponly_step(
     model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10)."""
     image_b3hw, mask_bhw = batch["image"], batch["mask"]
-    logits_bchw = upsample_to(model(image_b3hw)["logits"], tuple(mask_bhw.shape[-2:]))
+    out = model(image_b3hw)
+    logits_bchw = upsample_to(out["logits"], tuple(mask_bhw.shape[-2:]))
     loss = supervised_loss(logits_bchw.float(), mask_bhw, cfg.loss, cfg.data.ignore_index)
-    return loss, {"loss_sup": loss.detach()}
+    logs = {"loss_sup": loss.detach()}
+    if out.get("rep") is not None:  # an idle representation head: keep DDP's contract
+        loss = loss + 0.0 * out["rep"].sum()
+    return loss, logs
 
 
 class Trainer:
@@ -105,10 +107,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.labeled, self.val = build_datasets(cfg)
+        semi = t.method != "suponly"
+        self.labeled, self.unlabeled, self.val = build_train_datasets(cfg, unlabeled=semi)
         model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
         if self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.method = SemiMethod(cfg, model, self.device) if semi else None
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         if self.dist.enabled:
@@ -128,6 +132,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "method": None if self.method is None else self.method.state_dict(),
             "step": self.step,
             "best_miou": self.best_miou,
             "wall_s": self.wall_before + (time.perf_counter() - self._t0),
@@ -142,6 +147,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.method is not None:
+            self.method.load_state_dict(state["method"])
         self.step = int(state["step"])
         self.best_miou = float(state["best_miou"])
         self.wall_before = float(state["wall_s"])
@@ -163,10 +170,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- evaluation ----------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The model evaluated now: the teacher once it exists (``semi.eval_model``, spec §4.9)."""
+        if (
+            self.method is not None
+            and self.cfg.semi.eval_model == "teacher"
+            and self.step > self.cfg.semi.sup_only_steps
+        ):
+            return self.method.teacher.module
+        return runtime.unwrap_model(self.model)
+
     def evaluate(self) -> dict[str, Any]:
         loader = build_eval_loader(self.cfg, self.val, self.dist.rank, self.dist.world_size)
         return evaluate(
-            runtime.unwrap_model(self.model),
+            self.eval_model(),
             loader,
             num_classes=self.cfg.data.num_classes,
             protocol=self.cfg.eval.protocol,
@@ -179,18 +196,55 @@ class Trainer:
         )
 
     # -- training ------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t = self.cfg.train
-        torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout etc.
+    def train_step(
+        self, batch: dict[str, torch.Tensor], image_u: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step at ``self.step``; ``image_u`` is the weak unlabeled batch."""
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout, aug, CutMix
+        method, phase = self.method, phase_of(self.step, cfg)
+        if method is not None:
+            for key, value in method.before_step(self.step, self.model).items():
+                self.log({"step": self.step, key: value})
         self.model.train()
+        ema_rows = None
         with self._autocast():
-            loss, logs = suponly_step(self.model, batch, self.cfg)
+            if phase == "warmup":
+                loss, logs = suponly_step(self.model, batch, cfg)
+                if method is not None and cfg.semi.teacher_bn_warmup:
+                    with torch.no_grad():  # official: teacher BN statistics only (spec §4.10)
+                        method.teacher.train()
+                        method.teacher(batch["image"])
+            else:
+                assert method is not None and image_u is not None
+                loss, logs, ema_rows = semi_step(
+                    self.model, method, batch, image_u, self.step, self.dist.world_size
+                )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if method is not None and phase != "warmup":
+            method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
+            if ema_rows is not None:
+                assert method.bank is not None
+                method.bank.ema_update(*ema_rows)
         return logs
+
+    def _unlabeled_batches(self) -> Any:
+        cfg, t = self.cfg, self.cfg.train
+        assert self.unlabeled is not None
+        return step_loader(
+            self.unlabeled,
+            cfg.semi.unlabeled_batch_size or t.batch_size,
+            _mix(t.seed, 31337),
+            start_step=max(0, self.step - cfg.semi.sup_only_steps),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -212,20 +266,26 @@ class Trainer:
             disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
+        unlabeled = None
         while self.step < t.steps:
             batch = {
                 k: v.to(self.device, non_blocking=True)
                 for k, v in next(batches).items()
                 if torch.is_tensor(v)
             }
-            logs = self.train_step(batch)
+            image_u = None
+            if phase_of(self.step, cfg) != "warmup":
+                if unlabeled is None:
+                    unlabeled = self._unlabeled_batches()
+                image_u = next(unlabeled)["image"].to(self.device, non_blocking=True)
+            logs = self.train_step(batch, image_u)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 record = {k: float(v) for k, v in logs.items()}  # one host sync per log line
                 record.update(step=self.step, lr=self.optimizer.param_groups[0]["lr"])
                 record["wall_s"] = round(self.wall_before + time.perf_counter() - self._t0, 3)
-                if not math.isfinite(record.get("loss_sup", 0.0)):
+                if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss")):
                     raise FloatingPointError(f"non-finite loss at step {self.step}: {record}")
                 bar.set_postfix(loss=f"{record.get('loss_sup', 0.0):.3f}")
                 self.log(record)

@@ -1,0 +1,226 @@
+"""Mean teacher + BRPG training: phases, exact resume in every phase, DDP-identical prototypes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from brpg.config import ConfigError, load_config
+from brpg.engine import trainer as trainer_mod
+from brpg.engine.semi import cluster_due, phase_of, sampling_active
+from brpg.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11
+
+
+def tiny(data_root: Path, method: str = "brpg", extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        "data.digits_train=64",
+        "data.digits_val=16",
+        "model.width=8",
+        "model.decoder_channels=16",
+        "model.rep_dim=16",
+        "model.rep_head=true",
+        f"train.method={method}",
+        "train.batch_size=4",
+        f"train.steps={STEPS}",
+        "train.ckpt_every=1",
+        "train.log_every=1",
+        "train.threads=1",
+        "optim.warmup_steps=2",
+        "eval.batch_size=8",
+        "semi.sup_only_steps=3",
+        "proto.sample_start_step=4",
+        "proto.sample_steps=3",
+        "proto.sample_pixel_num=8",
+        "proto.queue_len=64",
+        "proto.grid_num=7",
+        "proto.unsup_sample_num=16",
+        "proto.kmeans_iters=5",
+        "proto.kmeans_n_init=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits")
+
+
+def test_phases_follow_the_timeline(data_root):
+    cfg = load_config("digits_suponly_1_16", tiny(data_root))
+    phases = [phase_of(s, cfg) for s in range(STEPS)]
+    assert phases == ["warmup"] * 3 + ["semi"] + ["sampling"] * 3 + ["proto"] * 5
+    assert [s for s in range(STEPS) if cluster_due(s, cfg)] == [7]
+    assert [s for s in range(STEPS) if sampling_active(s, cfg)] == [4, 5, 6]
+    re = load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.recluster_every=2",)))
+    assert [s for s in range(STEPS) if cluster_due(s, re)] == [7, 9, 11]
+    assert all(sampling_active(s, re) for s in range(4, STEPS))
+    mt = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher"))
+    assert {phase_of(s, mt) for s in range(3, STEPS)} == {"semi"}
+
+
+def test_config_rejects_sampling_before_the_teacher(data_root):
+    with pytest.raises(ConfigError, match="sample_start_step"):
+        load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.sample_start_step=1",)))
+    with pytest.raises(ConfigError, match="train.method"):
+        load_config("digits_suponly_1_16", tiny(data_root, "fixmatch"))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _run(cfg, run_dir: Path, crash_at: int | None = None, resume: bool = False) -> Trainer:
+    tr = Trainer(cfg, run_dir, resume=resume, progress=False)
+    if crash_at is not None:
+        original = tr.train_step
+
+        def step(*a, **k):
+            if tr.step == crash_at:
+                raise Crash(f"simulated crash before step {crash_at}")
+            return original(*a, **k)
+
+        tr.train_step = step  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            tr.fit()
+        return tr
+    tr.fit()
+    return tr
+
+
+def _state(tr: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v for k, v in tr.model.state_dict().items()}
+    m = tr.method
+    out.update({f"teacher.{k}": v for k, v in m.teacher.module.state_dict().items()})
+    if m.bank is not None:
+        out["bank.prototypes"], out["bank.valid"] = m.bank.prototypes, m.bank.valid
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(data_root, tmp_path_factory):
+    cfg = load_config("digits_suponly_1_16", tiny(data_root))
+    run = tmp_path_factory.mktemp("straight")
+    return _run(cfg, run), run
+
+
+@pytest.mark.parametrize("crash_at", [2, 5, 7, 9])  # warm-up, sampling, at clustering, proto
+def test_resume_is_exact_in_every_phase(data_root, tmp_path, straight, crash_at):
+    ref, ref_dir = straight
+    cfg = load_config("digits_suponly_1_16", tiny(data_root))
+    run = tmp_path / "crashed"
+    _run(cfg, run, crash_at=crash_at)
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["step"] == crash_at
+    in_window = 4 < crash_at <= 7  # the memories are checkpointed until they are clustered
+    assert (ckpt["method"]["memory"] is not None) == in_window
+    resumed = _run(cfg, run, resume=True)
+    a, b = _state(ref), _state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a crash before step {crash_at}"
+    sa = json.loads((ref_dir / "summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    assert sa["val_miou"] == sb["val_miou"]
+
+
+def test_brpg_run_logs_every_loss_and_clusters_once(straight):
+    tr, run = straight
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "loss_sup" in r}
+    assert "loss_unsup" not in by_step[3] and "loss_unsup" in by_step[4]
+    assert "loss_proto" not in by_step[7] and "loss_proto" in by_step[8]
+    events = [r for r in records if "prototypes_per_class" in r]
+    assert len(events) == 1 and events[0]["step"] == 7
+    assert tr.method.memory is None  # freed after the one-shot clustering
+    assert tr.method.bank.valid.any()
+
+
+def test_teacher_is_evaluated_and_starts_from_the_student(data_root, tmp_path, monkeypatch):
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher"))
+    copies = []
+    real = trainer_mod.SemiMethod.before_step
+
+    def spy(self, step, student):
+        out = real(self, step, student)
+        if step == 3:  # teacher := student at the end of the warm-up (spec §1)
+            for (name, p_t), p_s in zip(
+                self.teacher.module.named_parameters(), student.parameters(), strict=True
+            ):
+                copies.append((name, torch.equal(p_t, p_s)))
+        return out
+
+    monkeypatch.setattr(trainer_mod.SemiMethod, "before_step", spy)
+    tr = _run(cfg, tmp_path / "mt")
+    assert copies and all(eq for _, eq in copies)
+    assert tr.eval_model() is tr.method.teacher.module
+    assert tr.method.bank is None and tr.method.memory is None
+
+
+def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path):
+    cfg = load_config(
+        "digits_suponly_1_16",
+        tiny(data_root, extra=("proto.memory=random", "proto.threshold_type=csp")),
+    )
+    tr = _run(cfg, tmp_path / "random")
+    c, k, _ = tr.method.bank.shape
+    assert k == cfg.proto.num_high + cfg.proto.num_low + cfg.proto.add_num
+    assert tr.method.csp is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_keeps_identical_prototypes(data_root, tmp_path):
+    script = tmp_path / "ddp_brpg.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, torch, torch.distributed as dist
+            from brpg.config import load_config
+            from brpg.engine.trainer import Trainer
+            cfg = load_config("digits_suponly_1_16", {tiny(data_root, extra=("train.device=cpu",))!r})
+            tr = Trainer(cfg, sys.argv[1], progress=False)
+            tr.fit()
+            torch.save(tr.method.bank.state_dict(), f"{{sys.argv[1]}}/bank{{dist.get_rank()}}.pt")
+            """
+        )
+    )
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1",
+            str(script),
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    b0 = torch.load(out / "bank0.pt", weights_only=False)
+    b1 = torch.load(out / "bank1.pt", weights_only=False)
+    assert b0["valid"].any()
+    assert torch.equal(b0["prototypes"], b1["prototypes"]) and torch.equal(b0["valid"], b1["valid"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
