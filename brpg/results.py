@@ -23,7 +23,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +82,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_and_store(
-    config: str, seed: int, dest: Path, overrides: list[str], progress: bool = False
+    config: str,
+    seed: int,
+    dest: Path,
+    overrides: list[str],
+    progress: bool = False,
+    work_root: str | Path = "runs/results",
 ) -> dict[str, Any]:
-    """Train ``config`` with ``train.seed=seed`` in a temp dir; keep summary, log, provenance."""
+    """Train ``config`` with ``train.seed=seed``; keep summary, log and provenance in ``dest``.
+
+    The run itself lives in ``work_root/<dest name>/<config>/seed<k>`` (checkpoints, not
+    committed); an interrupted run resumes from there when the command is repeated.
+    """
     from brpg.config import load_config
     from brpg.engine.trainer import Trainer
 
@@ -95,12 +103,17 @@ def run_and_store(
     if (target / "summary.json").exists():
         print(f"skip {target} (done)")
         return json.loads((target / "summary.json").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp) / "run", progress=progress)
-        summary = trainer.fit()
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "log.jsonl", "config.yaml"):
-            shutil.copy(Path(tmp) / "run" / name, target / name)
+    # Train in a persistent work dir so that a crash or a kill loses at most ckpt_every steps:
+    # rerunning the same command resumes from its last checkpoint.
+    work = Path(work_root) / dest.name / cfg.name / f"seed{seed}"
+    resume = (work / "last.pt").exists()
+    if resume:
+        print(f"resume {work}")
+    trainer = Trainer(cfg, work, resume=resume, progress=progress)
+    summary = trainer.fit()
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "log.jsonl", "config.yaml"):
+        shutil.copy(work / name, target / name)
     cmd = f"brpg train --config {config} " + " ".join(f"--set {s}" for s in sets)
     provenance = {
         "command": cmd,
