@@ -132,6 +132,12 @@ def test_resume_is_exact_in_every_phase(data_root, tmp_path, straight, crash_at)
     sb = json.loads((run / "summary.json").read_text())
     assert sa["val_miou"] == sb["val_miou"]
 
+    def records(d: Path) -> list[dict]:
+        out = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in out]
+
+    assert records(run) == records(ref_dir)  # no record lost or duplicated by the resume
+
 
 def test_brpg_run_logs_every_loss_and_clusters_once(straight):
     tr, run = straight

@@ -153,6 +153,26 @@ class Trainer:
         self.best_miou = float(state["best_miou"])
         self.wall_before = float(state["wall_s"])
         restore_rng_state(state["rng"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log records written after the checkpoint (they will be written again)."""
+        path = self.run_dir / "log.jsonl"
+        if not self.dist.is_main or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = []
+        for ln in filter(str.strip, lines):
+            rec = json.loads(ln)
+            step = rec.get("step", 0)
+            # events (e.g. the clustering) are logged *before* step `step` runs: a resumed run
+            # logs them again, so only those of earlier steps are kept
+            if step < self.step or (step == self.step and "event" not in rec):
+                keep.append(ln)
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -205,7 +225,7 @@ class Trainer:
         method, phase = self.method, phase_of(self.step, cfg)
         if method is not None:
             for key, value in method.before_step(self.step, self.model).items():
-                self.log({"step": self.step, key: value})
+                self.log({"step": self.step, "event": key, key: value})
         self.model.train()
         ema_rows = None
         with self._autocast():
