@@ -9,13 +9,18 @@ when a chapter disagrees with ``_config.yml``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from IPython.display import Markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BADGE_RE = re.compile(
@@ -85,6 +90,17 @@ def stamp(root: Path = ROOT) -> None:
         text = INSTALL_RE.sub(lambda _m, i=install: i, text)
         py.write_text(text)
         subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(py)], check=True)
+
+
+def show_source(obj: object) -> Markdown:
+    """``inspect.getsource(obj)`` as a fenced Python block, an ``IPython.display.Markdown``.
+
+    Chapters show the package's own code with it instead of re-typing it (STYLE.md, d2l.ai).
+    """
+    from IPython.display import Markdown
+
+    source = inspect.getsource(obj)
+    return Markdown(f"```python\n{source.rstrip()}\n```")
 
 
 def main(argv: list[str] | None = None) -> int:

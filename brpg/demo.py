@@ -1,0 +1,382 @@
+"""Small helpers the book's method chapters share: a warm model, its features, CPG memories.
+
+The chapters on confidence (CPG routing, spec §5.1), separate clustering (spec §5.4) and APO
+(spec §6) all look at the same object: a segmentation model at the moment BRPG clusters its
+memories. This module trains that model once (cached under ``runs/book/``), gives a chapter a
+deterministic batch of its stride-4 outputs, and fills :class:`~brpg.cpg.PrototypeMemory`
+the way the sampling window does, on the CPU and without a trainer.
+
+- :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
+- :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
+- :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
+- :func:`fill_memories` → the high / low memories of spec §5.1-§5.2;
+- :func:`cluster` → :func:`brpg.prototypes.apo.cluster_memories` on such memories.
+
+Everything here is deterministic: the datasets use the evaluation transform (no random
+crop), and the train-mode (dropout) forwards of :func:`feature_batch` and
+:func:`fill_memories` draw from a seeded RNG that leaves torch's global RNG untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from brpg.config import Config, load_config
+from brpg.cpg import (
+    PrototypeMemory,
+    Rows,
+    confidence,
+    downsample_labels,
+    memory_rows,
+    route_labeled,
+    route_unlabeled,
+)
+from brpg.engine.checkpoint import load_checkpoint
+from brpg.engine.datasets import resolve_data_root
+from brpg.engine.trainer import CKPT_NAME, Trainer
+from brpg.models import build_model
+from brpg.prototypes.apo import cluster_memories
+
+__all__ = [
+    "DEMO_CAPACITY",
+    "DEMO_SAMPLE_PIXEL_NUM",
+    "DemoRun",
+    "boundary_distance",
+    "cluster",
+    "demo_datasets",
+    "feature_batch",
+    "fill_memories",
+    "run_dir_for",
+    "warm_model",
+]
+
+# The DigitScenes BRPG presets' budgets (brpg/configs/_digits_semi.yaml, scaled from spec §5.1:
+# 64 rows per image and step instead of 5000, 10,000 rows per memory instead of 30,000).
+DEMO_SAMPLE_PIXEL_NUM = 64
+DEMO_CAPACITY = 10_000
+
+SPLITS = ("labeled", "unlabeled", "val")
+
+
+@dataclass
+class DemoRun:
+    """A trained model and its data, as the method chapters use them.
+
+    ``model`` is on the CPU in eval mode. The datasets use the *evaluation* transform (no
+    random scale or crop) so that item ``i`` is always the same tensor; ``unlabeled`` carries
+    its masks too, for diagnostics only (BRPG never reads them).
+    """
+
+    cfg: Config
+    model: nn.Module
+    labeled: Dataset
+    unlabeled: Dataset
+    val: Dataset
+    summary: dict[str, Any]
+    run_dir: Path
+
+    def dataset(self, split: str) -> Dataset:
+        """``labeled``, ``unlabeled`` or ``val``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return getattr(self, split)
+
+
+def demo_datasets(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
+    """``(labeled, unlabeled, val)`` DigitScenes datasets, all with the evaluation transform.
+
+    The unlabeled set keeps its masks (to measure things, never to train).
+    """
+    from brpg.data import build_digit_datasets
+    from brpg.data.transforms import build_eval_transform
+
+    d = cfg.data
+    if d.name != "digits":
+        raise ValueError(f"brpg.demo works on DigitScenes only, not data.name={d.name!r}")
+    local = replace(d, root=str(resolve_data_root(d.root)))
+    eval_t = build_eval_transform(local)
+    return build_digit_datasets(
+        local,
+        train_transform=eval_t,
+        unlabeled_transform=eval_t,
+        eval_transform=eval_t,
+        unlabeled_with_mask=True,
+        **d.digits_knobs,
+    )
+
+
+def run_dir_for(
+    preset: str,
+    steps: int,
+    seed: int,
+    run_root: str | Path = "runs/book",
+    overrides: list[str] | None = None,
+) -> Path:
+    """``<run_root>/<preset>_s<steps>_seed<seed>[_<hash of overrides>]``.
+
+    A relative ``run_root`` is resolved like the data root
+    (:func:`brpg.engine.datasets.resolve_data_root`): ``$BRPG_HOME``, else the checkout, so a
+    notebook running in ``book/`` and a script in the repository root share the cache.
+    """
+    name = f"{preset}_s{steps}_seed{seed}"
+    if overrides:
+        name += "_" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    return resolve_data_root(str(run_root)) / name
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive inter-process lock file beside ``run_dir`` (a no-op where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def warm_model(
+    preset: str = "digits_suponly_1_16",
+    steps: int = 300,
+    seed: int = 0,
+    run_root: str | Path = "runs/book",
+    overrides: list[str] | None = None,
+) -> DemoRun:
+    """Train ``preset`` for ``steps`` supervised steps with a representation head, or reuse it.
+
+    The model is trained with ``model.rep_head=true`` by :class:`brpg.engine.trainer.Trainer`
+    into :func:`run_dir_for`. A run directory whose ``summary.json`` exists (and whose config
+    hash matches) is reused, so the chapters share one training across runs; one without
+    ``summary.json`` but with a checkpoint is resumed; one with a different config is
+    replaced.
+
+    The representation head takes no part in the supervised loss, so it stays at its random
+    initialisation (only its BatchNorm statistics follow the data). That is exactly the state
+    of the faithful algorithm when it clusters: the sampling window and the one-shot
+    clustering come before ``L_pro`` ever trains the head (spec §1, §5.4), so the prototypes
+    are k-means centres of features that a *random* head computes from a decoder trained by
+    ``L_s`` (and, in a full run, ``L_u``). ``DemoRun.model`` is the trained model, on the CPU,
+    in eval mode.
+    """
+    extra = [f"train.steps={steps}", f"train.seed={seed}", "model.rep_head=true"]
+    cfg = load_config(preset, [*extra, *(overrides or [])])
+    run_dir = run_dir_for(preset, steps, seed, run_root, overrides)
+    summary_path = run_dir / "summary.json"
+    with _run_lock(run_dir):  # two notebooks asking at once: one trains, the other waits
+        summary: dict[str, Any] | None = None
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            if summary.get("config_hash") != cfg.hash():
+                shutil.rmtree(run_dir)  # made by another version of the config: train anew
+                summary = None
+        if summary is None:
+            resume = (run_dir / CKPT_NAME).exists()
+            summary = Trainer(cfg, run_dir, resume=resume, progress=False).fit()
+    model = build_model(cfg.model, cfg.data.num_classes)
+    model.load_state_dict(load_checkpoint(run_dir / CKPT_NAME, map_location="cpu")["model"])
+    model.eval()
+    labeled, unlabeled, val = demo_datasets(cfg)
+    return DemoRun(cfg, model, labeled, unlabeled, val, summary, run_dir)
+
+
+def _stack(ds: Dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
+    items = [ds[i] for i in indices]
+    images = torch.stack([it["image"] for it in items])
+    labels = torch.stack([torch.as_tensor(it["mask"]).long() for it in items])
+    return images, labels
+
+
+@torch.no_grad()
+def _forward(
+    model: nn.Module, images_b3hw: Tensor, train_mode: bool, seed: int
+) -> dict[str, Tensor]:
+    """Eval-mode forward, or a train-mode one (dropout, batch-statistics BN) on a copy.
+
+    The copy keeps the model's BN running statistics untouched; the dropout masks come from
+    ``seed`` inside :func:`torch.random.fork_rng`, so torch's global RNG is left as it was.
+    """
+    if not train_mode:
+        model.eval()
+        return model(images_b3hw)
+    student = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return student(images_b3hw)
+
+
+def feature_batch(
+    run: DemoRun,
+    split: str = "labeled",
+    n_images: int = 16,
+    start: int = 0,
+    train_mode: bool = False,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """The model's stride-4 outputs on items ``start, start+1, …`` of ``split`` (wrapping).
+
+    Returns (``h, w`` = stride-4 size, 16 × 16 for 64 px scenes):
+
+    - ``images_b3hw`` normalised images, ``labels_bhw`` full-resolution labels (255 = ignore);
+    - ``labels_small_bhw``: the labels downsampled as the CPG routing does
+      (:func:`brpg.cpg.downsample_labels`, nearest, spec §5.1);
+    - ``logits_bchw`` and ``rep_bdhw`` (raw representation features) at stride 4;
+    - ``conf_bhw`` and ``pred_bhw``: softmax maximum and argmax (:func:`brpg.cpg.confidence`).
+
+    ``train_mode=True`` runs the model as the student of the sampling window (dropout on,
+    BatchNorm on batch statistics, spec §5.1), seeded by ``seed``; the default is eval mode
+    (as the teacher, and as at test time).
+    """
+    ds = run.dataset(split)
+    if n_images < 1:
+        raise ValueError("n_images must be positive")
+    indices = [(start + i) % len(ds) for i in range(n_images)]  # type: ignore[arg-type]
+    images, labels = _stack(ds, indices)
+    out = _forward(run.model, images, train_mode, seed)
+    if "rep" not in out:
+        raise ValueError("the model has no representation head (train it with model.rep_head=true)")
+    logits, rep = out["logits"].float(), out["rep"].float()
+    conf, pred = confidence(logits)
+    return {
+        "images_b3hw": images,
+        "labels_bhw": labels,
+        "labels_small_bhw": downsample_labels(labels, tuple(logits.shape[-2:])),
+        "logits_bchw": logits,
+        "rep_bdhw": rep,
+        "conf_bhw": conf,
+        "pred_bhw": pred,
+    }
+
+
+def boundary_distance(
+    labels_bhw: Tensor, size: int | tuple[int, int] | None = None, ignore_index: int = 255
+) -> Tensor:
+    """Euclidean distance (in full-resolution pixels) of every pixel to the nearest boundary.
+
+    The boundary is the ignore band (``ignore_index``, the 1-px band DigitScenes and PASCAL VOC
+    draw around every object) plus, where two labels touch without a band, the pixels on both
+    sides, so the result is also right for masks without a band. Boundary pixels have distance 0. Computed
+    with :func:`scipy.ndimage.distance_transform_edt` per image; an image without any boundary
+    gets NaN everywhere.
+
+    With ``size``, the map is then sampled at the stride-4 positions exactly as
+    :func:`brpg.cpg.downsample_labels` samples the labels (nearest), so entry ``[b, i, j]`` is
+    the distance of the full-resolution pixel whose label the stride-4 pixel ``(i, j)`` gets.
+    Returns float32 ``[B, H, W]`` (or ``[B, *size]``).
+    """
+    lab = labels_bhw.detach().cpu().numpy()
+    out = np.empty(lab.shape, dtype=np.float32)
+    for b, m in enumerate(lab):
+        edge = m == ignore_index
+        diff_y = (m[1:] != m[:-1]) & ~edge[1:] & ~edge[:-1]  # two labels meet, no band between
+        diff_x = (m[:, 1:] != m[:, :-1]) & ~edge[:, 1:] & ~edge[:, :-1]
+        edge[1:] |= diff_y
+        edge[:-1] |= diff_y
+        edge[:, 1:] |= diff_x
+        edge[:, :-1] |= diff_x
+        out[b] = ndimage.distance_transform_edt(~edge) if edge.any() else np.nan
+    dist = torch.from_numpy(out)
+    if size is None:
+        return dist
+    size_hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return torch.nn.functional.interpolate(dist[:, None], size=size_hw, mode="nearest")[:, 0]
+
+
+def fill_memories(
+    run: DemoRun,
+    n_batches: int,
+    batch_size: int,
+    tau_h: float = 0.8,
+    capacity: int = DEMO_CAPACITY,
+    seed: int = 0,
+    unlabeled: bool = False,
+    unlabeled_threshold: float = 0.8,
+    sample_pixel_num: int = DEMO_SAMPLE_PIXEL_NUM,
+) -> PrototypeMemory:
+    """Fill CPG memories as ``n_batches`` steps of the sampling window would (spec §5.1, §5.2).
+
+    Step ``s`` takes labeled items ``s·B … s·B + B − 1`` (wrapping around the labeled set),
+    runs the model as the student (train mode, dropout seeded by ``(seed, s)``) and routes the
+    correctly classified pixels with :func:`brpg.cpg.route_labeled` (high: ``conf ≥ tau_h``,
+    low: below). With ``unlabeled=True`` the same number of unlabeled items goes through the
+    model as the teacher (eval mode) and :func:`brpg.cpg.route_unlabeled` adds its confident
+    pixels to the high rows. :func:`brpg.cpg.memory_rows` then keeps at most
+    ``sample_pixel_num·2B`` random high rows and ``sample_pixel_num·B`` random low rows, which
+    are pushed into a :class:`~brpg.cpg.PrototypeMemory` of ``capacity`` rows per class and
+    kind. The model's weights and BN statistics are not changed.
+
+    This is the sampling window without training in between: the model is frozen, as it
+    nearly is over a window that short.
+    """
+    cfg = run.cfg
+    num_classes = cfg.data.num_classes
+    memory: PrototypeMemory | None = None
+    gen = torch.Generator().manual_seed(seed)
+    n_lab = len(run.labeled)  # type: ignore[arg-type]
+    for s in range(n_batches):
+        step_seed = seed * 1_000_003 + s
+        lab = feature_batch(run, "labeled", batch_size, s * batch_size % n_lab, True, step_seed)
+        routes = route_labeled(lab["rep_bdhw"], lab["logits_bchw"], lab["labels_small_bhw"], tau_h)
+        dim = lab["rep_bdhw"].shape[1]
+        if unlabeled:
+            unl = feature_batch(run, "unlabeled", batch_size, s * batch_size)
+            rows_u = route_unlabeled(unl["rep_bdhw"], unl["logits_bchw"], unlabeled_threshold)
+        else:
+            rows_u = Rows(torch.empty(0, dim), torch.empty(0, dtype=torch.long))
+        high, low = memory_rows(routes, rows_u, batch_size, sample_pixel_num, gen)
+        if memory is None:
+            memory = PrototypeMemory(num_classes, dim, capacity, sync=False)
+        memory.push("high", *high)
+        memory.push("low", *low)
+    if memory is None:
+        raise ValueError("n_batches must be positive")
+    return memory
+
+
+def cluster(
+    memory: PrototypeMemory, cfg: Config, apo: bool = False, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The one-shot clustering (spec §5.4, with APO of spec §6 if ``apo``) of ``memory``.
+
+    :func:`brpg.prototypes.apo.cluster_memories` with the prototype settings of ``cfg.proto``
+    (2 + 2 base prototypes per class, ``add_num`` 1, proportion 0.05, "cos_sim"). Returns the
+    bank layout ``(protos[C, K, D], valid[C, K])``: the first ``K_h`` slots of a class are its
+    high-confidence prototypes, the last ``K_l`` its low-confidence ones.
+    """
+    p = cfg.proto
+    high, high_valid = memory.get("high")
+    low, low_valid = memory.get("low")
+    return cluster_memories(
+        high,
+        high_valid,
+        low,
+        low_valid,
+        base_high=p.num_high,
+        base_low=p.num_low,
+        add_num=p.add_num,
+        proportion=p.add_proportion,
+        metric=p.dispersion,
+        apo=apo,
+        iters=p.kmeans_iters,
+        seed=seed,
+        n_init=p.kmeans_n_init,
+    )
