@@ -7,7 +7,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from brpg.prototypes import batched_kmeans, batched_kmeans_full
-from brpg.prototypes.kmeans import _lloyd
+from brpg.prototypes.kmeans import _cluster_sums, _lloyd, _sq_norm, _tolerance
 
 
 def _blobs(g, centres, n_each, std=0.05):
@@ -136,3 +136,115 @@ def test_n_init_keeps_best_run_per_row():
     assert (three.inertia <= one.inertia + 1e-4).all()  # the first run is one of the three
     for ours, r in zip(three.inertia.tolist(), ref, strict=True):
         assert ours <= 1.1 * r
+
+
+# --------------------------------------------------------------------------- speed-ups and tol
+
+
+def _plain_lloyd(x, valid, c, cvalid, iters):
+    """Reference: ``iters`` plain Lloyd updates on every row, no early stop, one-hot sums."""
+    inf = float("inf")
+    for _ in range(iters):
+        d2 = torch.where(cvalid[:, None, :], torch.cdist(x.double(), c.double()) ** 2, inf)
+        assign = d2.argmin(2)
+        onehot = ((assign[:, :, None] == torch.arange(c.shape[1])) & valid[..., None]).double()
+        counts = onehot.sum(1)
+        mean = (onehot.transpose(1, 2) @ x.double()) / counts.clamp_min(1)[..., None]
+        c = torch.where(counts[..., None] > 0, mean, c.double()).float()
+    d2 = torch.where(cvalid[:, None, :], torch.cdist(x.double(), c.double()) ** 2, inf)
+    return c, d2.argmin(2)
+
+
+def _mixed_rows(seed=0, n=60, d=3):
+    """4 rows of different difficulty: separable blobs (fast) and overlapping ones (slow)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for spread in (20.0, 3.0, 2.0, 1.0):
+        centres = torch.randn(3, d, generator=g) * spread
+        pts, _ = _blobs(g, centres, n // 3, std=1.0)
+        rows.append(pts)
+    x = torch.stack(rows)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool)
+    valid[1, -7:] = False  # a few padding points in one row
+    return x, valid
+
+
+def test_lloyd_with_tol_zero_matches_plain_lloyd_and_freezes_rows_independently():
+    """tol = 0: every row ends at the fixed point plain Lloyd reaches; batching (and dropping
+    the rows that stopped early) does not change any row's result."""
+    x, valid = _mixed_rows()
+    init = x[:, :3].clone()  # distinct points, no empty cluster at the start
+    cvalid = torch.ones(4, 3, dtype=torch.bool)
+    c, a, d2 = _lloyd(x, valid, init, cvalid, iters=100)
+    c_ref, a_ref = _plain_lloyd(x, valid, init, cvalid, iters=100)
+    torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-4)
+    assert torch.equal(a[valid], a_ref[valid])
+    own = c.gather(1, a[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(d2, ((x - own) ** 2).sum(2), rtol=1e-3, atol=1e-3)
+    for r in range(4):
+        c_r, a_r, _ = _lloyd(x[r : r + 1], valid[r : r + 1], init[r : r + 1], cvalid[:1], 100)
+        torch.testing.assert_close(c_r[0], c[r], rtol=0, atol=1e-5)
+        assert torch.equal(a_r[0], a[r])
+
+
+def test_lloyd_iteration_cap_and_huge_tol_stop_after_one_update():
+    """Hand-checkable: with ``iters=1`` (or a tolerance no shift can exceed) every row makes
+    exactly one update: the centres are the means of the seeds' clusters, the returned
+    assignment belongs to those centres."""
+    x = torch.tensor([[[0.0], [1.0], [2.0], [9.0], [12.0], [33.0]]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    init = torch.tensor([[[0.0], [12.0]]])
+    cvalid = torch.ones(1, 2, dtype=torch.bool)
+    # seeds 0, 12: {0, 1, 2}, {9, 12, 33} → centres 1, 18, and then 9 is closer to 1 than to 18
+    for kwargs in ({"iters": 1}, {"iters": 50, "tol_b": torch.tensor([1e9])}):
+        c, a, d2 = _lloyd(x, valid, init, cvalid, **kwargs)
+        assert c[0, :, 0].tolist() == [1.0, 18.0]
+        assert a[0].tolist() == [0, 0, 0, 0, 1, 1]
+        assert d2[0].tolist() == [1.0, 0.0, 1.0, 64.0, 36.0, 225.0]
+    # to convergence: centres 3, 22.5 (12 is then closer to 3), then 4.8, 33: stable
+    c, a, _ = _lloyd(x, valid, init, cvalid, iters=50)
+    assert c[0, :, 0].tolist() == pytest.approx([4.8, 33.0])
+    assert a[0].tolist() == [0, 0, 0, 0, 0, 1]
+    c2, _, _ = _lloyd(x, valid, init, cvalid, iters=2)
+    assert c2[0, :, 0].tolist() == [3.0, 22.5]
+
+
+def test_tolerance_is_tol_times_mean_variance_of_valid_points():
+    x, valid = _mixed_rows(seed=2)
+    tol = _tolerance(x, valid, _sq_norm(x), 1e-3)
+    for r in range(4):
+        ref = 1e-3 * x[r][valid[r]].double().var(0, unbiased=False).mean()
+        assert tol[r].item() == pytest.approx(ref.item(), rel=1e-4)
+    assert torch.equal(_tolerance(x, valid, _sq_norm(x), 0.0), torch.zeros(4))
+
+
+def test_cluster_sums_index_add_and_one_hot_agree():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 5, generator=g)
+    assign = torch.randint(0, 4, (3, 50), generator=g)
+    valid = torch.rand(3, 50, generator=g) > 0.2
+    s1, n1 = _cluster_sums(x, assign, valid, 4, index_add=True)
+    s2, n2 = _cluster_sums(x, assign, valid, 4, index_add=False)
+    torch.testing.assert_close(s1, s2)
+    assert torch.equal(n1, n2)
+    b, j = 1, 2
+    sel = valid[b] & (assign[b] == j)
+    assert n1[b, j].item() == sel.sum().item()
+    torch.testing.assert_close(s1[b, j], x[b][sel].sum(0))
+
+
+def test_default_tol_gives_the_tol_zero_result_on_separable_data():
+    x, valid, ks, _, _ = _batch_of_blobs()
+    exact = batched_kmeans_full(x, ks, valid=valid, seed=3, n_init=2, tol=0.0)
+    default = batched_kmeans_full(x, ks, valid=valid, seed=3, n_init=2)
+    assert torch.equal(default.assign, exact.assign)
+    torch.testing.assert_close(default.centers, exact.centers, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="tol"):
+        batched_kmeans_full(x, ks, tol=-1.0)
+
+
+def test_default_tol_costs_little_inertia_on_overlapping_data():
+    x, valid = _mixed_rows(seed=5, n=300, d=8)
+    exact = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3, tol=0.0)
+    default = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3)
+    assert (default.inertia <= exact.inertia * (1 + 1e-3)).all()
