@@ -9,6 +9,7 @@ the way the sampling window does, on the CPU and without a trainer.
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
 - :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
+- :func:`appearance_modes` → solid / hollow mode of the multi-modal digits' pixels;
 - :func:`fill_memories` → the high / low memories of spec §5.1-§5.2;
 - :func:`cluster` → :func:`brpg.prototypes.apo.cluster_memories` on such memories.
 
@@ -54,7 +55,9 @@ from brpg.prototypes.apo import cluster_memories
 __all__ = [
     "DEMO_CAPACITY",
     "DEMO_SAMPLE_PIXEL_NUM",
+    "MIXED_MODES",
     "DemoRun",
+    "appearance_modes",
     "boundary_distance",
     "cluster",
     "demo_datasets",
@@ -206,22 +209,41 @@ def _stack(ds: Dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-@torch.no_grad()
-def _forward(
-    model: nn.Module, images_b3hw: Tensor, train_mode: bool, seed: int
-) -> dict[str, Tensor]:
-    """Eval-mode forward, or a train-mode one (dropout, batch-statistics BN) on a copy.
+def _student(model: nn.Module) -> nn.Module:
+    """A train-mode copy (dropout on, BatchNorm on batch statistics); ``model`` is untouched."""
+    return copy.deepcopy(model).train()
 
-    The copy keeps the model's BN running statistics untouched; the dropout masks come from
-    ``seed`` inside :func:`torch.random.fork_rng`, so torch's global RNG is left as it was.
-    """
-    if not train_mode:
-        model.eval()
-        return model(images_b3hw)
-    student = copy.deepcopy(model).train()
+
+@torch.no_grad()
+def _outputs(
+    model: nn.Module, images_b3hw: Tensor, labels_bhw: Tensor, seed: int
+) -> dict[str, Tensor]:
+    """One forward in ``model``'s current mode and the stride-4 quantities of
+    :func:`feature_batch`. Dropout masks (train mode) come from ``seed`` inside
+    :func:`torch.random.fork_rng`, so torch's global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return student(images_b3hw)
+        out = model(images_b3hw)
+    if "rep" not in out:
+        raise ValueError("the model has no representation head (train it with model.rep_head=true)")
+    logits, rep = out["logits"].float(), out["rep"].float()
+    conf, pred = confidence(logits)
+    return {
+        "images_b3hw": images_b3hw,
+        "labels_bhw": labels_bhw,
+        "labels_small_bhw": downsample_labels(labels_bhw, tuple(logits.shape[-2:])),
+        "logits_bchw": logits,
+        "rep_bdhw": rep,
+        "conf_bhw": conf,
+        "pred_bhw": pred,
+    }
+
+
+def _items(ds: Dataset, start: int, n_images: int) -> tuple[Tensor, Tensor]:
+    if n_images < 1:
+        raise ValueError("n_images must be positive")
+    n = len(ds)  # type: ignore[arg-type]
+    return _stack(ds, [(start + i) % n for i in range(n_images)])
 
 
 def feature_batch(
@@ -243,28 +265,14 @@ def feature_batch(
     - ``conf_bhw`` and ``pred_bhw``: softmax maximum and argmax (:func:`brpg.cpg.confidence`).
 
     ``train_mode=True`` runs the model as the student of the sampling window (dropout on,
-    BatchNorm on batch statistics, spec §5.1), seeded by ``seed``; the default is eval mode
-    (as the teacher, and as at test time).
+    BatchNorm on batch statistics, spec §5.1) on a copy, so the model's BN statistics stay
+    as they are; dropout is seeded by ``seed``. The default is eval mode (as the teacher, and
+    as at test time).
     """
-    ds = run.dataset(split)
-    if n_images < 1:
-        raise ValueError("n_images must be positive")
-    indices = [(start + i) % len(ds) for i in range(n_images)]  # type: ignore[arg-type]
-    images, labels = _stack(ds, indices)
-    out = _forward(run.model, images, train_mode, seed)
-    if "rep" not in out:
-        raise ValueError("the model has no representation head (train it with model.rep_head=true)")
-    logits, rep = out["logits"].float(), out["rep"].float()
-    conf, pred = confidence(logits)
-    return {
-        "images_b3hw": images,
-        "labels_bhw": labels,
-        "labels_small_bhw": downsample_labels(labels, tuple(logits.shape[-2:])),
-        "logits_bchw": logits,
-        "rep_bdhw": rep,
-        "conf_bhw": conf,
-        "pred_bhw": pred,
-    }
+    images, labels = _items(run.dataset(split), start, n_images)
+    run.model.eval()
+    model = _student(run.model) if train_mode else run.model
+    return _outputs(model, images, labels, seed)
 
 
 def boundary_distance(
@@ -301,6 +309,49 @@ def boundary_distance(
     return torch.nn.functional.interpolate(dist[:, None], size=size_hw, mode="nearest")[:, 0]
 
 
+MIXED_MODES = -1  # appearance_modes code of a pixel inside boxes of two modes of its digit
+
+
+def appearance_modes(
+    run: DemoRun, split: str = "labeled", n_images: int = 16, start: int = 0
+) -> Tensor:
+    """Appearance mode of every pixel of a multi-modal digit, ``long [B, H, W]``, for the
+    items :func:`feature_batch` returns with the same ``split``, ``n_images`` and ``start``.
+
+    Code ``k + 1`` means ``APPEARANCE_MODES[k]`` (1 = solid, 2 = hollow, 3 = bold); 0 means
+    background, ignored, or a digit outside ``mode_digits`` (1, 4, 7 by default);
+    :data:`MIXED_MODES` a pixel inside the boxes of two instances of its digit drawn in
+    different modes. Read from DigitScenes' ``annotations.json`` (each instance's box
+    ``[top, left, h, w]`` and mode), restricted to the pixels labeled with the instance's
+    class. For analysis only: BRPG never sees modes.
+    """
+    from brpg.data.digits import APPEARANCE_MODES, DigitKnobs
+
+    mode_digits = set(DigitKnobs.make(**run.cfg.data.digits_knobs).mode_digits)
+    ds = run.dataset(split)
+    path = resolve_data_root(run.cfg.data.root) / "annotations.json"
+    scenes = json.loads(path.read_text())["scenes"]
+    n = len(ds)  # type: ignore[arg-type]
+    out = []
+    for i in range(n_images):
+        item = ds[(start + i) % n]
+        label = torch.as_tensor(item["mask"]).long()
+        modes = torch.zeros_like(label)
+        for inst in scenes[item["id"]]:
+            if inst["digit"] not in mode_digits:
+                continue
+            top, left, h, w = inst["box"]
+            inside = torch.zeros_like(label, dtype=torch.bool)
+            inside[top : top + h, left : left + w] = True
+            inside &= label == inst["digit"] + 1
+            code = APPEARANCE_MODES.index(inst["mode"]) + 1
+            clash = inside & (modes != 0) & (modes != code)
+            modes = torch.where(inside & (modes == 0), code, modes)
+            modes = torch.where(clash, MIXED_MODES, modes)
+        out.append(modes)
+    return torch.stack(out)
+
+
 def fill_memories(
     run: DemoRun,
     n_batches: int,
@@ -327,18 +378,18 @@ def fill_memories(
     This is the sampling window without training in between: the model is frozen, as it
     nearly is over a window that short.
     """
-    cfg = run.cfg
-    num_classes = cfg.data.num_classes
+    num_classes = run.cfg.data.num_classes
     memory: PrototypeMemory | None = None
     gen = torch.Generator().manual_seed(seed)
-    n_lab = len(run.labeled)  # type: ignore[arg-type]
+    run.model.eval()
+    student = _student(run.model)  # one copy for the whole window
     for s in range(n_batches):
-        step_seed = seed * 1_000_003 + s
-        lab = feature_batch(run, "labeled", batch_size, s * batch_size % n_lab, True, step_seed)
+        step_seed = seed * 1_000_003 + s  # feature_batch(..., train_mode=True, seed=step_seed)
+        lab = _outputs(student, *_items(run.labeled, s * batch_size, batch_size), step_seed)
         routes = route_labeled(lab["rep_bdhw"], lab["logits_bchw"], lab["labels_small_bhw"], tau_h)
         dim = lab["rep_bdhw"].shape[1]
         if unlabeled:
-            unl = feature_batch(run, "unlabeled", batch_size, s * batch_size)
+            unl = _outputs(run.model, *_items(run.unlabeled, s * batch_size, batch_size), 0)
             rows_u = route_unlabeled(unl["rep_bdhw"], unl["logits_bchw"], unlabeled_threshold)
         else:
             rows_u = Rows(torch.empty(0, dim), torch.empty(0, dtype=torch.long))

@@ -16,6 +16,7 @@ TINY = [
     "train.batch_size=4",
     "train.ckpt_every=0",
     "optim.warmup_steps=1",
+    "train.threads=1",  # tiny tensors: one thread is fastest, and robust on a busy machine
 ]
 
 
@@ -27,9 +28,10 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny):
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
     run_root, overrides = tiny
-    return demo.warm_model(steps=3, run_root=run_root, overrides=overrides)
+    yield demo.warm_model(steps=3, run_root=run_root, overrides=overrides)
+    torch.set_num_threads(threads)  # the trainer set train.threads for the whole process
 
 
 def test_warm_model_trains_once_then_reuses(run, tiny):
@@ -138,3 +140,15 @@ def test_show_source_renders_a_fenced_block():
     assert text.startswith("```python\ndef boundary_distance(")
     assert text.rstrip().endswith("```")
     json.dumps(text)  # plain text
+
+
+def test_appearance_modes_follow_the_annotations(run):
+    n = len(run.labeled)
+    modes = demo.appearance_modes(run, "labeled", n_images=n)
+    labels = demo.feature_batch(run, "labeled", n_images=n)["labels_bhw"]
+    assert modes.shape == labels.shape
+    multimodal = (labels == 2) | (labels == 5) | (labels == 8)  # digits 1, 4, 7
+    assert bool(multimodal.any())
+    assert not bool(modes[~multimodal].any())  # only pixels of multi-modal digits get a mode
+    assert bool((modes[multimodal] != 0).all())  # and each of them one (their boxes cover them)
+    assert set(modes.unique().tolist()) <= {0, 1, 2, demo.MIXED_MODES}

@@ -1,0 +1,248 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3. Confidence estimation
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/03_confidence.ipynb)
+#
+# BRPG builds its prototypes from pixel features, and its first idea, *confidence-based
+# prototype generation* (CPG), is about **which** features go where. A prototype that
+# averages only the easy pixels of a class describes the middle of the class well and its
+# edges badly, yet the edges are where segmentation models make their mistakes. So CPG
+# splits the features of each class by how sure the model is about them, and keeps the
+# unsure ones apart. This chapter looks at that split; the next one clusters the two parts.
+#
+# For a labeled image the model gives, at stride 4, logits $z_i \in \mathbb R^C$ and a
+# representation $f_i \in \mathbb R^D$ at every pixel $i$. With $p_i = \mathrm{softmax}(z_i)$
+# the **confidence** and the prediction are
+#
+# $$c_i = \max_k p_{i,k}, \qquad \hat y_i = \arg\max_k p_{i,k}.$$
+#
+# Only *correctly classified* pixels are kept ($\hat y_i = y_i$, with $y$ the label map
+# downsampled to stride 4 by nearest neighbour; ignored pixels never match). They are routed
+# by a fixed threshold $\tau_h = 0.8$ (spec §5.1):
+#
+# $$\mathcal H_c = \{ f_i : y_i = c,\ \hat y_i = y_i,\ c_i \ge \tau_h \}, \qquad
+#   \mathcal L_c = \{ f_i : y_i = c,\ \hat y_i = y_i,\ c_i < \tau_h \}.$$
+#
+# $\mathcal H_c$ feeds the *high-confidence* memory of class $c$, $\mathcal L_c$ the
+# *low-confidence* one; misclassified pixels go nowhere. (Unlabeled pixels whose teacher is
+# at least 0.8 sure also join $\mathcal H$, with the teacher's class; they never join
+# $\mathcal L$.) The paper's premise is that the low-confidence set is made of pixels near
+# object boundaries. This chapter measures whether that holds.
+
+# %%
+# Installs brpg when this notebook runs on Colab; does nothing anywhere else.
+import subprocess
+import sys
+
+INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
+if "google.colab" in sys.modules:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
+    )
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+
+from brpg.booktools import show_source
+from brpg.cpg import confidence, downsample_labels, route_labeled
+from brpg.data.digits import DIGIT_CLASSES, colorize
+from brpg.demo import boundary_distance, feature_batch, warm_model
+from brpg.viz import denormalize
+
+torch.set_num_threads(2)
+
+# %% [markdown]
+# ## The code
+#
+# Confidence and prediction are one softmax and one `max`. The routing returns the features
+# of *all* pixels with a class vector that is $-1$ for the pixels that go nowhere, so that no
+# shape depends on the data (spec §13); the budget and the memories come in chapter 4.
+
+# %%
+show_source(confidence)
+
+# %%
+show_source(downsample_labels)
+
+# %%
+show_source(route_labeled)
+
+# %% [markdown]
+# ## A model at the moment CPG runs
+#
+# In the paper the memories are filled during a short *sampling window* right after the
+# supervised warm-up (one epoch of 80 on PASCAL VOC). We stand in for that with a model
+# trained with the supervised loss only on the 125 labeled scenes of the 1/16 split
+# (`brpg.demo.warm_model`; the first chapter that asks for it trains it, later chapters
+# load it from `runs/book/`). Its representation head has not been trained: in BRPG nothing
+# trains it before the prototypes exist, so this is the state in which the paper's code
+# clusters its memories.
+
+# %%
+t0 = time.perf_counter()
+run = warm_model()
+print(
+    f"warm model: {run.summary['steps']} steps, val mIoU {run.summary['val_miou']:.1f} % "
+    f"(ready in {time.perf_counter() - t0:.0f} s)"
+)
+print(
+    "per-class IoU:",
+    {n: round(v, 1) for n, v in zip(DIGIT_CLASSES, run.summary["per_class_iou"], strict=True)},
+)
+
+# %% [markdown]
+# We route every labeled scene once. As in the sampling window, the features are the
+# *student's*: the model runs in training mode (dropout on, batch-norm on batch statistics),
+# with a fixed seed so the chapter gives the same numbers every time.
+
+# %%
+n_lab = len(run.labeled)
+fb = feature_batch(run, "labeled", n_images=n_lab, train_mode=True, seed=0)
+labels_s, conf, pred = fb["labels_small_bhw"], fb["conf_bhw"], fb["pred_bhw"]
+routes = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.8)
+shape = labels_s.shape
+high = (routes.high_cls >= 0).view(shape)
+low = (routes.low_cls >= 0).view(shape)
+valid = labels_s != 255
+wrong = valid & (pred != labels_s)
+n_valid = int(valid.sum())
+for name, m in (("high", high), ("low", low), ("misclassified", wrong)):
+    print(f"{name:>13}: {int(m.sum()):6d} pixels ({100 * int(m.sum()) / n_valid:4.1f} %)")
+assert torch.equal(high | low | wrong, valid) and not bool((high & low).any())
+
+# %% [markdown]
+# ## What the routing looks like
+#
+# Each row is one labeled scene. *Routing* colours the stride-4 pixels: green = high
+# confidence, orange = low confidence, red = misclassified (dropped), grey = ignored label.
+
+# %%
+route_map = np.full(shape, 3)  # 0 high, 1 low, 2 wrong, 3 ignored
+route_map[high.numpy()] = 0
+route_map[low.numpy()] = 1
+route_map[wrong.numpy()] = 2
+route_cmap = ListedColormap(["tab:green", "tab:orange", "tab:red", "0.85"])
+mean, std = run.cfg.data.mean, run.cfg.data.std
+show = [0, 1, 2, 3]
+fig, axes = plt.subplots(len(show), 4, figsize=(7.2, 2.0 * len(show)), layout="constrained")
+titles = ["image", "label (stride 4)", "confidence $c_i$", "routing"]
+for r, b in enumerate(show):
+    panels = [
+        (denormalize(fb["images_b3hw"][b], mean, std), {}),
+        (colorize(labels_s[b].numpy()), {}),
+        (conf[b].numpy(), {"cmap": "viridis", "vmin": 0, "vmax": 1}),
+        (route_map[b], {"cmap": route_cmap, "vmin": -0.5, "vmax": 3.5}),
+    ]
+    for c, (img, kw) in enumerate(panels):
+        axes[r, c].imshow(img, interpolation="nearest", **kw)
+        axes[r, c].axis("off")
+        if r == 0:
+            axes[r, c].set_title(titles[c], fontsize=9)
+fig.colorbar(axes[0, 2].images[0], ax=axes[-1, 2], location="bottom", shrink=0.9)
+handles = [plt.Rectangle((0, 0), 1, 1, color=route_cmap(i)) for i in range(4)]
+axes[-1, 3].legend(
+    handles,
+    ["high", "low", "misclassified", "ignored"],
+    loc="upper center",
+    bbox_to_anchor=(0.5, -0.05),
+    ncol=2,
+    fontsize=7,
+    frameon=False,
+)
+plt.show()
+
+# %% [markdown]
+# The confident pixels fill the open background. The low-confidence ones sit on and
+# around the digits, and in a frame along the image border, where the convolutions see
+# zero padding. The digits are thin strokes, so almost every digit pixel lies within a
+# pixel or two of a boundary, and the model, trained for only a few hundred steps, is
+# unsure of most of them.
+#
+# ## Are low-confidence pixels closer to boundaries?
+#
+# To measure it we compute, for every pixel, its distance to the nearest class boundary in
+# the full-resolution label map: the ignore band (every boundary has one) is distance 0.
+# `brpg.demo.boundary_distance` does it with a Euclidean distance transform, and reads the
+# result at the same positions from which `downsample_labels` takes the stride-4 labels.
+
+# %%
+show_source(boundary_distance)
+
+# %%
+dist = boundary_distance(fb["labels_bhw"], size=tuple(shape[-2:]))
+d_high, d_low = dist[high], dist[low]
+print(f"mean distance to the nearest boundary (full-resolution pixels, {n_lab} scenes)")
+print(f"  high confidence: {d_high.mean():.2f} px over {d_high.numel()} pixels")
+print(f"  low confidence:  {d_low.mean():.2f} px over {d_low.numel()} pixels")
+
+# %%
+bins = np.arange(0, float(dist[valid].max()) + 1.5) - 0.5
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.hist(d_high.numpy(), bins=bins, density=True, alpha=0.6, color="tab:green", label="high")
+ax.hist(d_low.numpy(), bins=bins, density=True, alpha=0.6, color="tab:orange", label="low")
+for d, col in ((d_high, "tab:green"), (d_low, "tab:orange")):
+    ax.axvline(float(d.mean()), color=col, ls="--")
+ax.set_xlabel("distance to the nearest class boundary (pixels, full resolution; 1-px bins)")
+ax.set_ylabel("share of pixels")
+ax.set_xlim(bins[0], min(bins[-1], 20))
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# Low-confidence pixels pile up within two pixels of a boundary; high-confidence ones
+# spread out into the middle of the background. The pooled means mix two effects, though:
+# the low set holds a larger share of digit pixels, and digit pixels are near a boundary
+# whatever their confidence. The fair comparison is *within* each class:
+
+# %%
+per_class = []
+for c, name in enumerate(DIGIT_CLASSES):
+    h_c, l_c = dist[high & (labels_s == c)], dist[low & (labels_s == c)]
+    if h_c.numel() >= 10 and l_c.numel() >= 10:
+        per_class.append((name, h_c.mean().item(), l_c.mean().item(), h_c.numel(), l_c.numel()))
+print(f"{'class':>10} {'high':>6} {'low':>6} {'n high':>7} {'n low':>6}   (mean distance, px)")
+for name, h_m, l_m, h_n, l_n in per_class:
+    print(f"{name:>10} {h_m:6.2f} {l_m:6.2f} {h_n:7d} {l_n:6d}")
+closer = sum(l_m < h_m for _, h_m, l_m, _, _ in per_class)
+print(f"low-confidence pixels are closer in {closer} of {len(per_class)} classes (>= 10 px each)")
+
+border = torch.zeros(shape[-2:], dtype=torch.bool)  # outermost ring of the stride-4 map
+border[[0, -1], :] = True
+border[:, [0, -1]] = True
+background = labels_s == 0
+for name, m in (("high", high & background), ("low", low & background)):
+    share = float(border.expand_as(m)[m].float().mean())
+    print(f"{name:>4}-confidence background pixels on the border ring: {100 * share:.0f} %")
+
+# %% [markdown]
+# Within the digit classes the low-confidence pixels are the closer ones. The background
+# is the exception: a good part of its low-confidence pixels lie in the frame along the
+# image border (last two lines), far from any object.
+#
+# The claim of this chapter, checked on these pixels: among correctly classified labeled
+# pixels, those below the confidence threshold lie closer to a class boundary than those
+# above it, pooled over all pixels and within most classes.
+
+# %%
+assert d_low.mean() < d_high.mean(), (d_low.mean(), d_high.mean())
+assert closer > len(per_class) / 2, per_class
