@@ -1,0 +1,127 @@
+"""Helpers of the prototype chapters (6: EMA updates, 7: L_pro) on top of :mod:`brpg.demo`.
+
+- :func:`build_bank` → a :class:`~brpg.prototypes.PrototypeBank` clustered from a warm model's
+  CPG memories, as the one-shot clustering leaves it (spec §5.4, §6, §7);
+- :func:`pixel_rows` → the stride-4 pixels of a batch as rows ``(feats[N, D], targets[N])``;
+- :func:`class_means` → the per-class mean feature of such rows;
+- :func:`accuracies` → pixel accuracy and per-class accuracy of a prediction;
+- :func:`rep_head_inputs` → what the representation head reads (to train the head alone).
+
+Everything is deterministic and runs on the CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from brpg.demo import DemoRun, cluster, feature_batch, fill_memories
+from brpg.prototypes.bank import PrototypeBank
+
+__all__ = [
+    "Accuracy",
+    "accuracies",
+    "build_bank",
+    "class_means",
+    "pixel_rows",
+    "rep_head_inputs",
+]
+
+
+def build_bank(
+    run: DemoRun,
+    n_batches: int = 8,
+    batch_size: int = 16,
+    apo: bool = True,
+    seed: int = 0,
+) -> PrototypeBank:
+    """Fill CPG memories from ``run`` (:func:`brpg.demo.fill_memories`), cluster them
+    (:func:`brpg.demo.cluster`, APO on by default) and load the result into a fresh bank with
+    the preset's EMA momentum (``cfg.proto.ema_momentum`` = 0.99)."""
+    memory = fill_memories(run, n_batches, batch_size, seed=seed)
+    protos_ckd, valid_ck = cluster(memory, run.cfg, apo=apo, seed=seed)
+    c, k, d = protos_ckd.shape
+    bank = PrototypeBank(c, d, k, momentum=run.cfg.proto.ema_momentum, sync=False)
+    bank.set_prototypes(protos_ckd, valid_ck)
+    return bank
+
+
+def pixel_rows(rep_bdhw: Tensor, labels_small_bhw: Tensor) -> tuple[Tensor, Tensor]:
+    """Every stride-4 pixel as a row: ``(feats[B·h·w, D], targets[B·h·w])`` in (b, y, x) order.
+
+    ``labels_small_bhw`` must have the map's size (e.g. ``feature_batch(...)
+    ["labels_small_bhw"]``); ignore labels (255) are kept, so the rows line up with the map.
+    """
+    if (
+        rep_bdhw.shape[0] != labels_small_bhw.shape[0]
+        or rep_bdhw.shape[2:] != labels_small_bhw.shape[1:]
+    ):
+        raise ValueError(
+            f"rep {tuple(rep_bdhw.shape)} and labels {tuple(labels_small_bhw.shape)} differ in B, h, w"
+        )
+    feats_nd = rep_bdhw.permute(0, 2, 3, 1).reshape(-1, rep_bdhw.shape[1])
+    return feats_nd, labels_small_bhw.reshape(-1).long()
+
+
+def class_means(feats: Tensor, targets: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Mean raw feature of each class, ``([C, D], counts[C])``; targets outside ``[0, C)`` are
+    skipped and a class without rows gets a zero mean (count 0)."""
+    feats_nd, targets_n = feats.detach().float(), targets.long()
+    use_n = (targets_n >= 0) & (targets_n < num_classes)
+    cls_n = torch.where(use_n, targets_n, torch.zeros_like(targets_n))
+    w_n = use_n.to(feats_nd.dtype)
+    sums_cd = torch.zeros(num_classes, feats_nd.shape[1]).index_add_(
+        0, cls_n, feats_nd * w_n[:, None]
+    )
+    counts_c = torch.zeros(num_classes).index_add_(0, cls_n, w_n)
+    return sums_cd / counts_c.clamp_min(1.0)[:, None], counts_c.long()
+
+
+class Accuracy(NamedTuple):
+    """Pixel accuracy, per-class accuracy (NaN for a class absent from the targets) and
+    their mean over the present classes (the "mean class accuracy")."""
+
+    pixel: float
+    per_class: Tensor
+    mean_class: float
+
+
+def accuracies(pred: Tensor, targets: Tensor, num_classes: int) -> Accuracy:
+    """:class:`Accuracy` of predictions ``pred[N]`` against ``targets[N]`` (outside ``[0, C)``
+    ignored)."""
+    pred_n, targets_n = pred.reshape(-1).long(), targets.reshape(-1).long()
+    use_n = (targets_n >= 0) & (targets_n < num_classes)
+    pred_n, targets_n = pred_n[use_n], targets_n[use_n]
+    hit_n = (pred_n == targets_n).float()
+    total_c = torch.bincount(targets_n, minlength=num_classes).float()
+    hits_c = torch.zeros(num_classes).index_add_(0, targets_n, hit_n)
+    per_class = torch.where(total_c > 0, hits_c / total_c.clamp_min(1.0), float("nan"))
+    return Accuracy(
+        pixel=float(hit_n.mean()),
+        per_class=per_class,
+        mean_class=float(per_class[total_c > 0].mean()),
+    )
+
+
+@torch.no_grad()
+def rep_head_inputs(
+    run: DemoRun, split: str = "labeled", n_images: int = 16, start: int = 0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The decoder features the representation head reads, ``[B, 2·D_dec, h, w]``, together
+    with :func:`brpg.demo.feature_batch` of the same images (eval mode).
+
+    With them, ``run.model.decoder.rep_head(x)`` recomputes ``rep`` without the encoder and
+    the rest of the decoder, so a chapter can train the head alone in milliseconds per step.
+    """
+    head = run.model.decoder.rep_head
+    if head is None:
+        raise ValueError("the model has no representation head")
+    seen: list[Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        batch = feature_batch(run, split, n_images, start)
+    finally:
+        hook.remove()
+    return seen[-1], batch
