@@ -13,6 +13,7 @@ import torch
 
 from brpg.config import ConfigError, load_config
 from brpg.engine import trainer as trainer_mod
+from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.semi import cluster_due, phase_of, sampling_active
 from brpg.engine.trainer import Trainer
 
@@ -230,3 +231,25 @@ def test_two_process_gloo_ddp_keeps_identical_prototypes(data_root, tmp_path):
     assert torch.equal(b0["prototypes"], b1["prototypes"]) and torch.equal(b0["valid"], b1["valid"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+def test_load_weights_starts_student_and_teacher_from_a_checkpoint(data_root, tmp_path, straight):
+    """Fine-tuning from another run: both nets start from its weights; misuse fails clearly."""
+    src_tr, src_dir = straight
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher"))
+    tr = Trainer(cfg, tmp_path / "ft", progress=False)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.load_weights(src_dir)  # a run directory: its last.pt
+    loaded = load_checkpoint(src_dir / "last.pt")["model"]
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, loaded[k]), k
+        assert torch.equal(tr.method.teacher.module.state_dict()[k], loaded[k]), k
+    assert any(not torch.equal(before[k], loaded[k]) for k in before)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        tr.load_weights(tmp_path / "nowhere")
+    other = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher", ("model.width=4",)))
+    with pytest.raises(ValueError, match="another model"):
+        Trainer(other, tmp_path / "other", progress=False).load_weights(src_dir)
+    tr.fit()
+    with pytest.raises(Exception, match="already at step"):
+        tr.load_weights(src_dir)

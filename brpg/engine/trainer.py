@@ -155,6 +155,34 @@ class Trainer:
         restore_rng_state(state["rng"])
         self._truncate_log()
 
+    def load_weights(self, source: str | Path) -> None:
+        """Start the student from the ``model`` weights of a checkpoint (file or run directory).
+
+        Fine-tuning, not resuming: the optimiser, the LR schedule, the step counter, the RNG
+        and any method state (teacher, memories, prototypes) start fresh, and the teacher takes
+        these weights at the end of the warm-up as usual. Only allowed before the first step.
+        """
+        if self.step != 0:
+            raise RunDirError(
+                f"load_weights: this trainer is already at step {self.step}; weights can only"
+                " be loaded into a fresh run (use resume=True to continue a run)"
+            )
+        path = Path(source)
+        if path.is_dir():
+            path = path / CKPT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"load_weights: no checkpoint at {path}")
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            runtime.unwrap_model(self.model).load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(
+                f"load_weights: {path} holds weights of another model than {self.cfg.name}'s"
+                f" (check model.* and data.num_classes):\n{err}"
+            ) from err
+        if self.method is not None:  # a teacher that exists before the warm-up ends: same start
+            self.method.teacher.module.load_state_dict(state["model"])
+
     def _truncate_log(self) -> None:
         """Drop log records written after the checkpoint (they will be written again)."""
         path = self.run_dir / "log.jsonl"
