@@ -10,6 +10,9 @@ C = 21) and then used by both sides.
 - ``ours``: one call of :func:`brpg.prototypes.batched_kmeans_full` on all 42 memories at
   once, with ``n_init=3, iters=100, seed=0`` as :func:`brpg.prototypes.cluster_memories` uses
   (and its default ``tol``);
+- ``ours_subsample``: the same call with ``subsample=4096`` (``proto.kmeans_subsample``, off
+  by default): every seeding and its Lloyd run on 4,096 random rows of each memory, then Lloyd
+  on all rows from the best of them;
 - ``sklearn``: a Python loop of ``MiniBatchKMeans(n_clusters=k, random_state=0, n_init=3)``
   over the 42 memories, as the official code (spec §5.4). The official environment pinned
   scikit-learn 0.20.1, whose defaults were ``n_init=3, batch_size=100, init_size=300``; since
@@ -45,10 +48,11 @@ class P3Shapes:
     dim: int = 256
     n_init: int = 3
     iters: int = 100
+    subsample: int = 4096  # ours_subsample: seed and iterate on 4096 points, refine on all
 
 
 FULL = P3Shapes()
-QUICK = P3Shapes(classes=3, rows=600, dim=16, iters=20)
+QUICK = P3Shapes(classes=3, rows=600, dim=16, iters=20, subsample=100)
 
 
 def make_memories(shapes: P3Shapes, seed: int = 0) -> Tensor:
@@ -108,10 +112,10 @@ def run(quick: bool, device: torch.device, repeats: int | None = None) -> dict[s
     threads = torch.get_num_threads()
     n_rep = repeats or 1
 
-    def ours() -> list[Tensor]:
+    def ours(subsample: int | None = None) -> list[Tensor]:
         xd = x.to(device)
         res = batched_kmeans_full(
-            xd, k.to(device), iters=shapes.iters, seed=0, n_init=shapes.n_init
+            xd, k.to(device), iters=shapes.iters, seed=0, n_init=shapes.n_init, subsample=subsample
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -132,6 +136,7 @@ def run(quick: bool, device: torch.device, repeats: int | None = None) -> dict[s
 
     variants = {
         "ours": lambda: (ours(), None),
+        "ours_subsample": lambda: (ours(shapes.subsample), None),
         "sklearn": lambda: sk({}),
         "sklearn_batch100": lambda: sk({"batch_size": 100, "init_size": 300}),
     }
@@ -166,6 +171,8 @@ def run(quick: bool, device: torch.device, repeats: int | None = None) -> dict[s
     t_ours, t_sk, t_sk100 = (meas[n]["median"] for n in ("ours", "sklearn", "sklearn_batch100"))
     speedup = t_sk / t_ours
     inertia_ratio = inertia["ours"] / inertia["sklearn"]
+    speedup_sub = t_sk / meas["ours_subsample"]["median"]
+    inertia_ratio_sub = inertia["ours_subsample"] / inertia["sklearn"]
     better = sum(o <= s for o, s in zip(per_memory["ours"], per_memory["sklearn"], strict=True))
     return {
         "status": "ok",
@@ -198,11 +205,20 @@ def run(quick: bool, device: torch.device, repeats: int | None = None) -> dict[s
             "sklearn_batch100_over_ours_time": t_sk100 / t_ours,
             "ours_over_sklearn_inertia": inertia_ratio,
             "ours_over_sklearn_batch100_inertia": inertia["ours"] / inertia["sklearn_batch100"],
+            "sklearn_over_ours_subsample_time": speedup_sub,
+            "ours_subsample_over_sklearn_inertia": inertia_ratio_sub,
+            "ours_subsample_over_ours_inertia": inertia["ours_subsample"] / inertia["ours"],
         },
         "targets": {
             "speed_vs_sklearn": target(speedup, ">=", 1.0, "t(sklearn loop) / t(ours)"),
             "inertia_vs_sklearn": target(
                 inertia_ratio, "<=", 1.0, "total inertia ours / sklearn (lower is better)"
+            ),
+            "speed_vs_sklearn_subsample": target(
+                speedup_sub, ">=", 1.0, "t(sklearn loop) / t(ours_subsample)"
+            ),
+            "inertia_vs_sklearn_subsample": target(
+                inertia_ratio_sub, "<=", 1.0, "total inertia ours_subsample / sklearn"
             ),
         },
         "notes": [

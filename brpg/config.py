@@ -163,6 +163,7 @@ class ProtoConfig:
     dispersion: str = "cos_sim"  # cos_sim | l2 | l2_norm
     kmeans_iters: int = 100
     kmeans_n_init: int = 3
+    kmeans_subsample: int = 0  # 0: full-batch k-means; N: seed and iterate on N points, refine
     recluster_every: int = 0  # 0: one-shot clustering (official); N: keep sampling, re-cluster
     ema_momentum: float = 0.99  # alpha of the prototype EMA (spec §7)
     tau: float = 0.1  # temperature of the prototype logits (spec §8)
@@ -318,6 +319,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError("proto.sample_steps must be >= 1 (the memories must not be empty)")
         if p.num_high < 1 or p.num_low < 0 or p.add_num < 0:
             raise ConfigError("proto.num_high >= 1, proto.num_low >= 0, proto.add_num >= 0")
+        if p.kmeans_subsample < 0:
+            raise ConfigError(
+                f"proto.kmeans_subsample={p.kmeans_subsample}: use 0 (full-batch k-means) or the"
+                " number of points per memory to seed and iterate on before refining on all"
+            )
 
 
 def list_presets() -> list[str]:

@@ -430,4 +430,5 @@ def cluster(
         iters=p.kmeans_iters,
         seed=seed,
         n_init=p.kmeans_n_init,
+        subsample=p.kmeans_subsample or None,
     )

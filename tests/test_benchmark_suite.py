@@ -149,7 +149,7 @@ def test_p3_schema(quick_report: dict) -> None:
     if res["status"] != "ok":  # sklearn missing: skipped with a message
         assert res["status"] == "not_available" and "scikit-learn" in res["reason"]
         return
-    assert set(res["measurements"]) == {"ours", "sklearn", "sklearn_batch100"}
+    assert set(res["measurements"]) == {"ours", "ours_subsample", "sklearn", "sklearn_batch100"}
     for m in res["measurements"].values():
         assert m["unit"] == "s"
         _check_measurement(m)
@@ -160,7 +160,12 @@ def test_p3_schema(quick_report: dict) -> None:
     assert cfg["sklearn_params"]["sklearn_batch100"]["batch_size"] == 100
     for v in res["inertia"]["total"].values():
         assert v > 0 and math.isfinite(v)
-    assert {"speed_vs_sklearn", "inertia_vs_sklearn"} == set(res["targets"])
+    assert set(res["targets"]) == {
+        "speed_vs_sklearn",
+        "inertia_vs_sklearn",
+        "speed_vs_sklearn_subsample",
+        "inertia_vs_sklearn_subsample",
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

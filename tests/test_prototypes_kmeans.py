@@ -248,3 +248,45 @@ def test_default_tol_costs_little_inertia_on_overlapping_data():
     exact = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3, tol=0.0)
     default = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3)
     assert (default.inertia <= exact.inertia * (1 + 1e-3)).all()
+
+
+def test_subsample_at_least_n_is_the_full_batch_result():
+    x, valid, ks, _, _ = _batch_of_blobs()
+    full = batched_kmeans_full(x, ks, valid=valid, seed=2, n_init=2)
+    for sub in (40, 1000):  # N = 40: nothing to subsample
+        same = batched_kmeans_full(x, ks, valid=valid, seed=2, n_init=2, subsample=sub)
+        assert torch.equal(same.centers, full.centers) and torch.equal(same.assign, full.assign)
+    with pytest.raises(ValueError, match="subsample"):
+        batched_kmeans_full(x, ks, valid=valid, subsample=0)
+
+
+def test_subsample_recovers_blobs_and_respects_padding():
+    """Coarse-to-fine on a subset smaller than the rows: same clusters, padding never used."""
+    x, valid, ks, truth, labels = _batch_of_blobs()
+    res = batched_kmeans_full(x, ks, valid=valid, seed=0, subsample=12)
+    for b, k in enumerate(ks.tolist()):
+        n = len(labels[b])
+        assert (res.assign[b, n:] == -1).all()
+        a = res.assign[b, :n]
+        perm = [int(a[labels[b] == i][0]) for i in range(k)]
+        assert sorted(perm) == list(range(k))
+        for i in range(k):
+            assert (a[labels[b] == i] == perm[i]).all()
+            assert torch.dist(res.centers[b, perm[i]], truth[b][i]) < 0.1
+    again = batched_kmeans_full(x, ks, valid=valid, seed=0, subsample=12)
+    assert torch.equal(again.centers, res.centers)
+
+
+def test_subsample_refinement_ends_at_a_full_data_fixed_point():
+    """With tol = 0 the refinement runs until no full-data assignment changes, so the result
+    is a Lloyd fixed point of all points (its inertia matches its own re-assignment) and its
+    inertia is close to the full-batch run's."""
+    x, valid = _mixed_rows(seed=5, n=300, d=8)
+    full = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3, tol=0.0)
+    sub = batched_kmeans_full(x, 3, valid=valid, seed=0, n_init=3, tol=0.0, subsample=40)
+    x2 = _sq_norm(x)
+    d2 = (x2 - 2 * x @ sub.centers.transpose(1, 2) + (sub.centers**2).sum(-1)[:, None]).clamp_min(0)
+    own = torch.where(valid, d2.min(2).values, 0.0).sum(1)
+    torch.testing.assert_close(own, sub.inertia, rtol=1e-4, atol=1e-3)
+    assert torch.equal(sub.assign[valid], d2.argmin(2)[valid])
+    assert (sub.inertia <= full.inertia * 1.05).all(), (sub.inertia, full.inertia)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from brpg.config import ConfigError, load_config
+from brpg.engine import semi as semi_mod
 from brpg.engine import trainer as trainer_mod
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.semi import cluster_due, phase_of, sampling_active
@@ -72,6 +73,8 @@ def test_phases_follow_the_timeline(data_root):
 def test_config_rejects_sampling_before_the_teacher(data_root):
     with pytest.raises(ConfigError, match="sample_start_step"):
         load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.sample_start_step=1",)))
+    with pytest.raises(ConfigError, match="kmeans_subsample"):
+        load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.kmeans_subsample=-1",)))
     with pytest.raises(ConfigError, match="train.method"):
         load_config("digits_suponly_1_16", tiny(data_root, "fixmatch"))
 
@@ -173,15 +176,22 @@ def test_teacher_is_evaluated_and_starts_from_the_student(data_root, tmp_path, m
     assert tr.method.bank is None and tr.method.memory is None
 
 
-def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path):
-    cfg = load_config(
-        "digits_suponly_1_16",
-        tiny(data_root, extra=("proto.memory=random", "proto.threshold_type=csp")),
-    )
+def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path, monkeypatch):
+    extra = ("proto.memory=random", "proto.threshold_type=csp", "proto.kmeans_subsample=16")
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, extra=extra))
+    seen = []
+    original = semi_mod.batched_kmeans_full
+
+    def spy(*a, **k):
+        seen.append(k.get("subsample"))
+        return original(*a, **k)
+
+    monkeypatch.setattr(semi_mod, "batched_kmeans_full", spy)
     tr = _run(cfg, tmp_path / "random")
     c, k, _ = tr.method.bank.shape
     assert k == cfg.proto.num_high + cfg.proto.num_low + cfg.proto.add_num
     assert tr.method.csp is not None
+    assert seen == [16]  # the one-shot clustering, with the configured subsample
 
 
 def _free_port() -> int:

@@ -138,6 +138,7 @@ def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple
             iters=p.kmeans_iters,
             seed=seed,
             n_init=p.kmeans_n_init,
+            subsample=p.kmeans_subsample or None,
         )
     feats, valid = memory.get("all")
     base = p.num_high + p.num_low
@@ -145,7 +146,13 @@ def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple
     if p.apo:
         k_c = apo_counts(dispersion(feats, valid, p.dispersion), base, p.add_proportion, p.add_num)
     res = batched_kmeans_full(
-        feats, k_c, valid=valid, iters=p.kmeans_iters, seed=seed, n_init=p.kmeans_n_init
+        feats,
+        k_c,
+        valid=valid,
+        iters=p.kmeans_iters,
+        seed=seed,
+        n_init=p.kmeans_n_init,
+        subsample=p.kmeans_subsample or None,
     )
     k_all, _ = _slots(cfg)
     empty = res.centers[:, :0]

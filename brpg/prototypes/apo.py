@@ -164,6 +164,7 @@ def cluster_memories(
     iters: int = 100,
     seed: int = 0,
     n_init: int = 3,
+    subsample: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """APO + k-means on the per-class memories → bank layout ``(protos[C,K,D], valid[C,K])``.
 
@@ -174,7 +175,8 @@ def cluster_memories(
     :func:`~brpg.prototypes.bank.pack_high_low` into ``K = K_h + K_l`` slots, where
     ``K_h = base_high + add_num`` and ``K_l = base_low + add_num`` if ``apo`` else the bases.
     A memory with fewer rows than clusters gets fewer valid prototypes (none when empty).
-    ``n_init = 3`` seedings per memory, as the official ``MiniBatchKMeans`` defaults.
+    ``n_init = 3`` seedings per memory, as the official ``MiniBatchKMeans`` defaults;
+    ``subsample`` is passed on to :func:`~brpg.prototypes.kmeans.batched_kmeans_full`.
     """
     high_cnd, high_valid_cn, low_cnd, low_valid_cn = high, high_valid, low, low_valid
     extra = add_num if apo else 0
@@ -188,10 +190,22 @@ def cluster_memories(
             dispersion(low_cnd, low_valid_cn, metric), base_low, proportion, add_num, metric
         )
     hi = batched_kmeans_full(
-        high_cnd, k_high_c, valid=high_valid_cn, iters=iters, seed=seed, n_init=n_init
+        high_cnd,
+        k_high_c,
+        valid=high_valid_cn,
+        iters=iters,
+        seed=seed,
+        n_init=n_init,
+        subsample=subsample,
     )
     lo = batched_kmeans_full(
-        low_cnd, k_low_c, valid=low_valid_cn, iters=iters, seed=seed, n_init=n_init
+        low_cnd,
+        k_low_c,
+        valid=low_valid_cn,
+        iters=iters,
+        seed=seed,
+        n_init=n_init,
+        subsample=subsample,
     )
     return pack_high_low(
         hi.centers,

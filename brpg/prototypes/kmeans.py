@@ -259,6 +259,7 @@ def batched_kmeans_full(
     seed: int = 0,
     n_init: int = 1,
     tol: float = DEFAULT_TOL,
+    subsample: int | None = None,
 ) -> KMeansResult:
     """Batched Euclidean k-means with per-row ``k`` and a point mask (spec §5.4).
 
@@ -273,6 +274,14 @@ def batched_kmeans_full(
             at most ``tol`` × the mean per-dimension variance of its valid points
             (scikit-learn's ``KMeans`` rule and default); ``0`` runs every row until its
             assignments repeat (or ``iters``).
+        subsample: coarse-to-fine (off by default). Every seeding and its Lloyd run use only
+            ``subsample`` random valid points of each row (all of them where a row has
+            fewer); the best of the ``n_init`` runs on that subset is then refined by Lloyd
+            iterations on all points, with the same stopping rules. Each full-data
+            iteration reads every point, so this replaces most full passes by passes over
+            the subset, much as sklearn's ``MiniBatchKMeans`` seeds on ``init_size`` points.
+            ``None``, or a value ≥ ``N``, clusters all points from the start (bitwise the
+            same as without it).
 
     Returns:
         :class:`KMeansResult` ``(centers[B, k_max, D], assign[B, N], center_valid[B, k_max],
@@ -299,11 +308,22 @@ def batched_kmeans_full(
     x2_bn1 = _sq_norm(x_bnd)  # once for the seeding and every Lloyd iteration of every run
     tol_b = _tolerance(x_bnd, valid_bn, x2_bn1, tol)
 
+    if subsample is not None and subsample < 1:
+        raise ValueError(f"subsample must be ≥ 1 or None, got {subsample}")
+    coarse = subsample is not None and subsample < n
+    if coarse:  # the seedings and their Lloyd runs on a random subset of each row's points
+        score_bn = torch.where(valid_bn, torch.rand(b, n, generator=gen, device=dev), -1.0)
+        idx_bm = score_bn.topk(max(subsample, k_max), dim=1).indices  # valid points first
+        xs_bnd, vs_bn = _gather_points(x_bnd, idx_bm), valid_bn.gather(1, idx_bm)
+        x2s_bn1 = x2_bn1.gather(1, idx_bm.unsqueeze(-1))
+    else:
+        xs_bnd, vs_bn, x2s_bn1 = x_bnd, valid_bn, x2_bn1
+
     best = None
     for _ in range(max(1, n_init)):
-        c_bkd = _kmeanspp(x_bnd, valid_bn, k_max, gen, n_trials, x2_bn1)
-        c_bkd, assign_bn, d2_bn = _lloyd(x_bnd, valid_bn, c_bkd, cvalid_bk, iters, x2_bn1, tol_b)
-        inertia_b = torch.where(valid_bn, d2_bn, torch.zeros_like(d2_bn)).sum(1)
+        c_bkd = _kmeanspp(xs_bnd, vs_bn, k_max, gen, n_trials, x2s_bn1)
+        c_bkd, assign_bn, d2_bn = _lloyd(xs_bnd, vs_bn, c_bkd, cvalid_bk, iters, x2s_bn1, tol_b)
+        inertia_b = torch.where(vs_bn, d2_bn, torch.zeros_like(d2_bn)).sum(1)
         if best is None:
             best = (c_bkd, assign_bn, inertia_b)
         else:
@@ -314,6 +334,9 @@ def batched_kmeans_full(
                 torch.where(better_b, inertia_b, best[2]),
             )
     c_bkd, assign_bn, inertia_b = best
+    if coarse:  # refine the best subset solution on every point
+        c_bkd, assign_bn, d2_bn = _lloyd(x_bnd, valid_bn, c_bkd, cvalid_bk, iters, x2_bn1, tol_b)
+        inertia_b = torch.where(valid_bn, d2_bn, torch.zeros_like(d2_bn)).sum(1)
     has_point_b1 = valid_bn.any(1, keepdim=True)
     c_bkd = torch.where(cvalid_bk.unsqueeze(-1), c_bkd, c_bkd[:, :1])
     c_bkd = c_bkd * has_point_b1.unsqueeze(-1)
@@ -329,7 +352,10 @@ def batched_kmeans(
     seed: int = 0,
     n_init: int = 1,
     tol: float = DEFAULT_TOL,
+    subsample: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(centers[B, k_max, D], assign[B, N])`` of :func:`batched_kmeans_full`."""
-    res = batched_kmeans_full(x, k, valid=valid, iters=iters, seed=seed, n_init=n_init, tol=tol)
+    res = batched_kmeans_full(
+        x, k, valid=valid, iters=iters, seed=seed, n_init=n_init, tol=tol, subsample=subsample
+    )
     return res.centers, res.assign
