@@ -11,7 +11,8 @@ the way the sampling window does, on the CPU and without a trainer.
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
 - :func:`appearance_modes` → solid / hollow mode of the multi-modal digits' pixels;
 - :func:`fill_memories` → the high / low memories of spec §5.1-§5.2;
-- :func:`cluster` → :func:`brpg.prototypes.apo.cluster_memories` on such memories.
+- :func:`cluster` → the trainer's one-shot clustering
+  (:func:`brpg.engine.semi.cluster_prototypes`) of such memories.
 
 Everything here is deterministic: the datasets use the evaluation transform (no random
 crop), and the train-mode (dropout) forwards of :func:`feature_batch` and
@@ -48,9 +49,9 @@ from brpg.cpg import (
 )
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.datasets import resolve_data_root
+from brpg.engine.semi import cluster_prototypes
 from brpg.engine.trainer import CKPT_NAME, Trainer
 from brpg.models import build_model
-from brpg.prototypes.apo import cluster_memories
 
 __all__ = [
     "DEMO_CAPACITY",
@@ -408,27 +409,11 @@ def cluster(
 ) -> tuple[Tensor, Tensor]:
     """The one-shot clustering (spec §5.4, with APO of spec §6 if ``apo``) of ``memory``.
 
-    :func:`brpg.prototypes.apo.cluster_memories` with the prototype settings of ``cfg.proto``
-    (2 + 2 base prototypes per class, ``add_num`` 1, proportion 0.05, "cos_sim"). Returns the
-    bank layout ``(protos[C, K, D], valid[C, K])``: the first ``K_h`` slots of a class are its
+    The trainer's :func:`brpg.engine.semi.cluster_prototypes` on the high / low memories, with
+    the prototype settings of ``cfg.proto`` (2 + 2 base prototypes per class, ``add_num`` 1,
+    proportion 0.05, "cos_sim") and ``apo`` in place of ``cfg.proto.apo``. Returns the bank
+    layout ``(protos[C, K, D], valid[C, K])``: the first ``K_h`` slots of a class are its
     high-confidence prototypes, the last ``K_l`` its low-confidence ones.
     """
-    p = cfg.proto
-    high, high_valid = memory.get("high")
-    low, low_valid = memory.get("low")
-    return cluster_memories(
-        high,
-        high_valid,
-        low,
-        low_valid,
-        base_high=p.num_high,
-        base_low=p.num_low,
-        add_num=p.add_num,
-        proportion=p.add_proportion,
-        metric=p.dispersion,
-        apo=apo,
-        iters=p.kmeans_iters,
-        seed=seed,
-        n_init=p.kmeans_n_init,
-        subsample=p.kmeans_subsample or None,
-    )
+    proto = replace(cfg.proto, apo=apo, memory="cpg")
+    return cluster_prototypes(memory, replace(cfg, proto=proto), seed)
