@@ -258,6 +258,11 @@ def test_subsample_at_least_n_is_the_full_batch_result():
         assert torch.equal(same.centers, full.centers) and torch.equal(same.assign, full.assign)
     with pytest.raises(ValueError, match="subsample"):
         batched_kmeans_full(x, ks, valid=valid, subsample=0)
+    # more clusters than points: the subset would need k_max ≥ N points, so none is taken
+    few = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    ref = batched_kmeans_full(few, 6, seed=1)
+    small = batched_kmeans_full(few, 6, seed=1, subsample=2)
+    assert torch.equal(small.centers, ref.centers) and torch.equal(small.assign, ref.assign)
 
 
 def test_subsample_recovers_blobs_and_respects_padding():

@@ -280,8 +280,8 @@ def batched_kmeans_full(
             iterations on all points, with the same stopping rules. Each full-data
             iteration reads every point, so this replaces most full passes by passes over
             the subset, much as sklearn's ``MiniBatchKMeans`` seeds on ``init_size`` points.
-            ``None``, or a value ≥ ``N``, clusters all points from the start (bitwise the
-            same as without it).
+            ``None``, or a value that (raised to ``k_max``) is ≥ ``N``, clusters all points
+            from the start (bitwise the same as without it).
 
     Returns:
         :class:`KMeansResult` ``(centers[B, k_max, D], assign[B, N], center_valid[B, k_max],
@@ -310,10 +310,11 @@ def batched_kmeans_full(
 
     if subsample is not None and subsample < 1:
         raise ValueError(f"subsample must be ≥ 1 or None, got {subsample}")
-    coarse = subsample is not None and subsample < n
+    m = None if subsample is None else max(subsample, k_max)  # room for every centre
+    coarse = m is not None and m < n
     if coarse:  # the seedings and their Lloyd runs on a random subset of each row's points
         score_bn = torch.where(valid_bn, torch.rand(b, n, generator=gen, device=dev), -1.0)
-        idx_bm = score_bn.topk(max(subsample, k_max), dim=1).indices  # valid points first
+        idx_bm = score_bn.topk(m, dim=1).indices  # valid points first
         xs_bnd, vs_bn = _gather_points(x_bnd, idx_bm), valid_bn.gather(1, idx_bm)
         x2s_bn1 = x2_bn1.gather(1, idx_bm.unsqueeze(-1))
     else:
