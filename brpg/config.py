@@ -102,6 +102,9 @@ class TrainConfig:
     method: str = "suponly"  # suponly | meanteacher | brpg
     steps: int = 1000
     batch_size: int = 16
+    # micro-batches of train.batch_size per optimiser step; the effective batch per process is
+    # batch_size * grad_accum
+    grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
@@ -305,6 +308,11 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{path}={value!r} is not one of: {', '.join(choices)}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(
+            f"train.grad_accum={cfg.train.grad_accum} must be >= 1 (the number of micro-batches of"
+            " train.batch_size per optimiser step); use 1 to step after every batch"
+        )
     s, p = cfg.semi, cfg.proto
     if cfg.train.method != "suponly" and s.sup_only_steps < 0:
         raise ConfigError("semi.sup_only_steps must be >= 0")

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from brpg.config import ConfigError, load_config
+from brpg.engine.batches import _mix, step_loader
+from brpg.engine.trainer import Trainer, suponly_step
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -201,3 +205,257 @@ def test_two_process_gloo_ddp(tmp_path, data_root):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+# -- gradient accumulation (train.grad_accum) ---------------------------------------------------
+BRPG_STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11
+
+
+def accum_sets(data_root: Path, method: str, steps: int, grad_accum: int) -> list[str]:
+    """A tiny in-process run on the CPU: ``grad_accum`` micro-batches of 2 images per step."""
+    return [
+        f"data.root={data_root}",
+        "data.digits_train=64",
+        "data.digits_val=16",
+        "model.width=8",
+        "model.decoder_channels=16",
+        "model.rep_dim=16",
+        f"model.rep_head={'true' if method == 'brpg' else 'false'}",
+        f"train.method={method}",
+        "train.device=cpu",
+        "train.batch_size=2",
+        f"train.grad_accum={grad_accum}",
+        f"train.steps={steps}",
+        "train.ckpt_every=1",
+        "train.log_every=1",
+        "train.threads=1",
+        "optim.warmup_steps=2",
+        "eval.batch_size=8",
+        "semi.sup_only_steps=3",
+        "proto.sample_start_step=4",
+        "proto.sample_steps=3",
+        "proto.sample_pixel_num=8",
+        "proto.queue_len=64",
+        "proto.grid_num=7",
+        "proto.unsup_sample_num=16",
+        "proto.kmeans_iters=5",
+        "proto.kmeans_n_init=1",
+    ]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def run_trainer(cfg, run_dir: Path, crash_at: int | None = None, resume: bool = False) -> Trainer:
+    """``fit()`` a Trainer; with ``crash_at``, raise before that optimiser step (after its ckpt)."""
+    tr = Trainer(cfg, run_dir, resume=resume, progress=False)
+    if crash_at is not None:
+        original = tr.train_step
+
+        def step(*a, **k):
+            if tr.step == crash_at:
+                raise Crash(f"simulated crash before step {crash_at}")
+            return original(*a, **k)
+
+        tr.train_step = step  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            tr.fit()
+        return tr
+    tr.fit()
+    return tr
+
+
+def trainer_state(tr: Trainer) -> dict[str, torch.Tensor]:
+    """Student (+ teacher and prototype bank when there is a method) tensors of a trainer."""
+    out = {f"student.{k}": v for k, v in tr.model.state_dict().items()}
+    if tr.method is not None:
+        out.update({f"teacher.{k}": v for k, v in tr.method.teacher.module.state_dict().items()})
+        if tr.method.bank is not None:
+            out["bank.prototypes"], out["bank.valid"] = (
+                tr.method.bank.prototypes,
+                tr.method.bank.valid,
+            )
+    return out
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in recs]
+
+
+def test_grad_accum_below_one_is_rejected(data_root):
+    with pytest.raises(ConfigError, match=r"train\.grad_accum=0 must be >= 1"):
+        load_config("digits_suponly_1_8", accum_sets(data_root, "suponly", 1, 0))
+
+
+def test_grad_accum_step_averages_the_micro_batch_gradients(data_root, tmp_path):
+    """k = 2: the trainer's gradient is the mean of two by-hand backward passes on the same
+    model, the same two batches (stream positions 0 and 1) and the same RNG stream (one seed per
+    optimiser step, the micro-batches drawing their dropout masks in order); so is the update."""
+    cfg = load_config("digits_suponly_1_8", accum_sets(data_root, "suponly", 1, 2))
+    tr = Trainer(cfg, tmp_path / "accum", progress=False)
+    init = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    summary = tr.fit()
+    assert summary["grad_accum"] == 2 and summary["effective_batch"] == 2 * 2 * 1
+    got = {n: p.grad for n, p in tr.model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in got.values())  # every parameter takes part in L_s
+
+    ref = Trainer(cfg, tmp_path / "by_hand", progress=False)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, init[k]), f"{k}: the two trainers start from different weights"
+    params = {n: p for n, p in ref.model.named_parameters() if p.requires_grad}
+    stream = step_loader(ref.labeled, 2, cfg.train.seed)  # the labeled stream from position 0
+    torch.manual_seed(_mix(cfg.train.seed, 104729, 0, 0))  # the trainer's seed of step 0
+    ref.model.train()
+    per_micro: list[dict[str, torch.Tensor]] = []  # separate backward passes, no accumulation
+    for _ in range(2):
+        batch = {k: v for k, v in next(stream).items() if torch.is_tensor(v)}
+        loss, _ = suponly_step(ref.model, batch, cfg)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        per_micro.append(dict(zip(params, grads, strict=True)))
+    g0, g1 = per_micro
+    assert max((g0[n] - g1[n]).abs().max().item() for n in params) > 1e-3  # batches differ
+    for n in params:
+        want = (g0[n] + g1[n]) / 2
+        torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-9, msg=f"gradient of {n}")
+        params[n].grad = want
+    ref.optimizer.step()  # the first step: same LR, momentum and weight decay as the trainer's
+    after, want_state = tr.model.state_dict(), ref.model.state_dict()
+    for k in after:  # parameters within float rounding; BN statistics: the same two forwards
+        torch.testing.assert_close(after[k], want_state[k], rtol=1e-6, atol=1e-9, msg=k)
+    assert any(not torch.equal(after[n], init[n]) for n in params)
+
+
+@pytest.mark.parametrize(
+    ("method", "steps", "crash_at"),
+    [
+        ("suponly", 6, 3),
+        ("brpg", BRPG_STEPS, 2),  # resumes in the warm-up: unlabeled stream opens at 3
+        ("brpg", BRPG_STEPS, 5),  # in the sampling window, crosses the clustering at 7
+        ("brpg", BRPG_STEPS, 9),  # in the proto phase: unlabeled stream resumes at 2·(9-3)
+    ],
+)
+def test_grad_accum_resume_is_exact(data_root, tmp_path, method, steps, crash_at):
+    cfg = load_config("digits_suponly_1_16", accum_sets(data_root, method, steps, 2))
+    ref = run_trainer(cfg, tmp_path / "straight")
+    run = tmp_path / "crashed"
+    run_trainer(cfg, run, crash_at=crash_at)
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == crash_at
+    resumed = run_trainer(cfg, run, resume=True)
+    a, b = trainer_state(ref), trainer_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a crash before step {crash_at}"
+    assert log_records(run) == log_records(tmp_path / "straight")
+    if method == "brpg":
+        by_step = {r["step"]: r for r in log_records(run) if "loss_sup" in r}
+        assert "loss_proto" in by_step[BRPG_STEPS]  # the run reached the proto phase
+
+
+def test_grad_accum_step_order_in_the_proto_phase(data_root, tmp_path, monkeypatch):
+    """k = 2 in BRPG: per optimiser step one seed, one ``before_step``, two backward passes, one
+    optimiser / teacher step, then the two micro-batches' prototype EMA rows in their order."""
+    from brpg.engine import trainer as trainer_mod
+
+    cfg = load_config("digits_suponly_1_16", accum_sets(data_root, "brpg", 9, 2))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    events: list[tuple] = []
+    rows_made: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def wrap(obj, name, tag):
+        original = getattr(obj, name)
+
+        def call(*a, **k):
+            out = original(*a, **k)
+            events.append((tag, tr.step))
+            return out
+
+        monkeypatch.setattr(obj, name, call)
+
+    def semi_step(*a, **k):
+        loss, logs, rows = real_semi_step(*a, **k)
+        if rows is not None:
+            rows_made.append(rows)
+        return loss, logs, rows
+
+    def ema_update(feats, targets):
+        assert feats is rows_made[len(emas)][0] and targets is rows_made[len(emas)][1]
+        emas.append(tr.step)
+        events.append(("ema", tr.step))
+        return real_ema_update(feats, targets)
+
+    real_semi_step, real_ema_update, emas = trainer_mod.semi_step, tr.method.bank.ema_update, []
+    monkeypatch.setattr(trainer_mod, "semi_step", semi_step)
+    monkeypatch.setattr(tr.method.bank, "ema_update", ema_update)
+    real_manual_seed = torch.manual_seed
+
+    def manual_seed(value):  # the step seeds only (the samples' augmentation seeds are not)
+        if value == _mix(cfg.train.seed, 104729, tr.step, 0):
+            events.append(("seed", tr.step))
+        return real_manual_seed(value)
+
+    monkeypatch.setattr(torch, "manual_seed", manual_seed)
+    wrap(tr.method, "before_step", "before")
+    wrap(tr.scaler, "scale", "backward")
+    wrap(tr.scaler, "step", "opt")
+    wrap(tr.method.teacher, "update", "teacher")
+    tr.fit()
+
+    def of_step(s: int) -> list[str]:
+        return [tag for tag, step in events if step == s]
+
+    for s in range(3):  # warm-up: no teacher EMA, no prototypes
+        assert of_step(s) == ["seed", "before", "backward", "backward", "opt"], s
+    for s in (3, 4, 5, 6):
+        want = ["seed", "before", "backward", "backward", "opt", "teacher"]
+        assert of_step(s) == want, s
+    for s in (7, 8):
+        want = ["seed", "before", "backward", "backward", "opt", "teacher", "ema", "ema"]
+        assert of_step(s) == want, s
+    assert emas == [7, 7, 8, 8] and len(rows_made) == 4
+
+
+def test_grad_accum_under_two_process_ddp_keeps_ranks_identical(data_root, tmp_path):
+    """k = 2 with gloo DDP: the first micro-batch runs under ``no_sync``, the last all-reduces,
+    so both ranks step with the same averaged gradient and end with the same parameters (the
+    BatchNorm running statistics are per rank on the CPU: no SyncBatchNorm there)."""
+    script = tmp_path / "ddp_accum.py"
+    sets = accum_sets(data_root, "suponly", 3, 2)
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from brpg.config import load_config\n"
+        "from brpg.engine.trainer import Trainer\n"
+        f"cfg = load_config('digits_suponly_1_8', {sets!r})\n"
+        "tr = Trainer(cfg, sys.argv[1], progress=False)\n"
+        "tr.fit()\n"
+        "params = {n: p.detach() for n, p in tr.model.module.named_parameters()}\n"
+        "torch.save(params, f'{sys.argv[1]}/rank{dist.get_rank()}.pt')\n"
+    )
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1",
+            str(script),
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0 = torch.load(out / "rank0.pt", weights_only=True)
+    w1 = torch.load(out / "rank1.pt", weights_only=True)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"{k} differs between the ranks"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["grad_accum"] == 2
+    assert summary["effective_batch"] == 2 * 2 * 2

@@ -17,6 +17,14 @@ Training is counted in steps. Every random draw of step ``s`` (dropout, augmenta
 samples) is seeded from ``(seed, s, rank)``, and the batches come from a step-indexed stream
 (:mod:`brpg.engine.batches`), so ``k`` steps + kill + resume to ``N`` gives the same weights
 as ``N`` steps straight (tested with a real SIGKILL).
+
+Gradient accumulation (``train.grad_accum = g``): one optimiser step consumes ``g`` micro-batches
+of ``train.batch_size`` (labeled stream positions ``g·s .. g·s + g - 1``, likewise for the
+unlabeled stream after the warm-up), backpropagates ``loss / g`` of each (under DDP only the last
+one all-reduces), then steps the optimiser, the LR schedule and the teacher EMA once and applies
+the prototype-EMA rows of the ``g`` micro-batches in order (the CPG memories take the rows of
+every micro-batch). Steps, phases, checkpoints and logs (means over the micro-batches) stay
+counted in optimiser steps; ``g = 1`` is the plain loop.
 """
 
 from __future__ import annotations
@@ -69,6 +77,13 @@ def suponly_step(
     if out.get("rep") is not None:  # an idle representation head: keep DDP's contract
         loss = loss + 0.0 * out["rep"].sum()
     return loss, logs
+
+
+def _mean_logs(logs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-key means of the micro-batches' logs (one micro-batch: its logs, untouched)."""
+    if len(logs) == 1:
+        return logs[0]
+    return {k: torch.stack([rec[k].float() for rec in logs]).mean() for k in logs[0]}
 
 
 class Trainer:
@@ -245,40 +260,63 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------
     def train_step(
-        self, batch: dict[str, torch.Tensor], image_u: torch.Tensor | None = None
+        self,
+        batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
+        images_u: torch.Tensor | list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One optimiser step at ``self.step``; ``image_u`` is the weak unlabeled batch."""
+        """One optimiser step at ``self.step`` over ``g = len(batches)`` micro-batches.
+
+        ``batches`` are the labeled micro-batches (one dict is one micro-batch) and ``images_u``
+        the weak unlabeled ones (``[B_u, 3, H, W]`` each, one per labeled micro-batch; ``None``
+        in the warm-up). Each micro-batch backpropagates ``loss / g``; the returned logs are the
+        means over the micro-batches.
+        """
         cfg, t = self.cfg, self.cfg.train
+        micro = [batches] if isinstance(batches, dict) else list(batches)
+        micro_u = [images_u] if torch.is_tensor(images_u) else images_u
+        g = len(micro)
         torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout, aug, CutMix
         method, phase = self.method, phase_of(self.step, cfg)
         if method is not None:
             for key, value in method.before_step(self.step, self.model).items():
                 self.log({"step": self.step, "event": key, key: value})
         self.model.train()
-        ema_rows = None
-        with self._autocast():
-            if phase == "warmup":
-                loss, logs = suponly_step(self.model, batch, cfg)
-                if method is not None and cfg.semi.teacher_bn_warmup:
-                    with torch.no_grad():  # official: teacher BN statistics only (spec §4.10)
-                        method.teacher.train()
-                        method.teacher(batch["image"])
-            else:
-                assert method is not None and image_u is not None
-                loss, logs, ema_rows = semi_step(
-                    self.model, method, batch, image_u, self.step, self.dist.world_size
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        all_logs: list[dict[str, torch.Tensor]] = []
+        all_ema_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, batch in enumerate(micro):
+            # DDP: accumulate locally, all-reduce only in the last micro-batch's backward
+            sync = contextlib.nullcontext()
+            if i < g - 1 and isinstance(self.model, nn.parallel.DistributedDataParallel):
+                sync = self.model.no_sync()
+            with sync:
+                ema_rows = None
+                with self._autocast():
+                    if phase == "warmup":
+                        loss, logs = suponly_step(self.model, batch, cfg)
+                        if method is not None and cfg.semi.teacher_bn_warmup:
+                            with torch.no_grad():  # official: teacher BN statistics (spec §4.10)
+                                method.teacher.train()
+                                method.teacher(batch["image"])
+                    else:
+                        assert method is not None and micro_u is not None and len(micro_u) == g
+                        loss, logs, ema_rows = semi_step(
+                            self.model, method, batch, micro_u[i], self.step, self.dist.world_size
+                        )
+                if i == 0:  # where it always was: after the first forward, before any backward
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss / g).backward()  # loss / 1 is exact: g = 1 is unchanged
+            all_logs.append(logs)
+            if ema_rows is not None:
+                all_ema_rows.append(ema_rows)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if method is not None and phase != "warmup":
             method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
-            if ema_rows is not None:
+            for rows in all_ema_rows:  # the bank moves after the step, in micro-batch order
                 assert method.bank is not None
-                method.bank.ema_update(*ema_rows)
-        return logs
+                method.bank.ema_update(*rows)
+        return _mean_logs(all_logs)
 
     def _unlabeled_batches(self) -> Any:
         cfg, t = self.cfg, self.cfg.train
@@ -287,7 +325,7 @@ class Trainer:
             self.unlabeled,
             cfg.semi.unlabeled_batch_size or t.batch_size,
             _mix(t.seed, 31337),
-            start_step=max(0, self.step - cfg.semi.sup_only_steps),
+            start_step=max(0, self.step - cfg.semi.sup_only_steps) * t.grad_accum,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             num_workers=cfg.data.num_workers,
@@ -301,7 +339,7 @@ class Trainer:
             self.labeled,
             t.batch_size,
             t.seed,
-            start_step=self.step,
+            start_step=self.step * t.grad_accum,  # batch g·s + i is micro-batch i of step s
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             num_workers=cfg.data.num_workers,
@@ -316,17 +354,23 @@ class Trainer:
         )
         unlabeled = None
         while self.step < t.steps:
-            batch = {
-                k: v.to(self.device, non_blocking=True)
-                for k, v in next(batches).items()
-                if torch.is_tensor(v)
-            }
-            image_u = None
+            micro = [
+                {
+                    k: v.to(self.device, non_blocking=True)
+                    for k, v in next(batches).items()
+                    if torch.is_tensor(v)
+                }
+                for _ in range(t.grad_accum)
+            ]
+            micro_u = None
             if phase_of(self.step, cfg) != "warmup":
                 if unlabeled is None:
                     unlabeled = self._unlabeled_batches()
-                image_u = next(unlabeled)["image"].to(self.device, non_blocking=True)
-            logs = self.train_step(batch, image_u)
+                micro_u = [
+                    next(unlabeled)["image"].to(self.device, non_blocking=True)
+                    for _ in range(t.grad_accum)
+                ]
+            logs = self.train_step(micro, micro_u)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
@@ -357,6 +401,8 @@ class Trainer:
             "steps": self.step,
             "wall_s": round(wall_s, 2),
             "world_size": self.dist.world_size,
+            "grad_accum": t.grad_accum,
+            "effective_batch": t.batch_size * t.grad_accum * self.dist.world_size,
             "eval_protocol": cfg.eval.protocol,
             "config_hash": cfg.hash(),
             "commit": runtime.git_commit(),
