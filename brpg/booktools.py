@@ -50,8 +50,31 @@ def install_line(root: Path = ROOT) -> str:
 
 
 def chapter_pairs(root: Path = ROOT) -> list[tuple[Path, Path]]:
-    """(``.py``, ``.ipynb``) pairs of every chapter under ``book/``."""
-    return [(p, p.with_suffix(".ipynb")) for p in sorted((root / "book").rglob("[0-9]*.py"))]
+    """(``.py``, ``.ipynb``) pairs of every chapter under ``book/`` (and of the experiment
+    notebooks under ``book/experiments/``)."""
+    book = root / "book"
+    sources = {*book.rglob("[0-9]*.py"), *(book / "experiments").glob("*.py")}
+    return [(p, p.with_suffix(".ipynb")) for p in sorted(sources)]
+
+
+def execute(py: Path, timeout: int = 900) -> Path:
+    """Write ``py``'s paired ``.ipynb`` from the source and execute it in place (kernel
+    ``python3``, working directory the notebook's folder); returns the ``.ipynb`` path."""
+    import jupytext
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb_path = Path(py).with_suffix(".ipynb")
+    nb = jupytext.read(py)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(nb_path.parent)}},
+    )
+    client.execute()
+    nbformat.write(nb, nb_path)
+    return nb_path
 
 
 def _source(path: Path) -> str:
@@ -108,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["stamp"]:
         stamp()
         return 0
+    if len(args) >= 2 and args[0] == "execute":
+        for py in args[1:]:
+            print(f"executed {execute(Path(py).with_suffix('.py'))}")
+        return 0
     if args == ["check"]:
         found = problems()
         print("\n".join(found) or "all chapters agree with _config.yml")
         return 1 if found else 0
-    print("usage: python -m brpg.booktools {stamp|check}", file=sys.stderr)
+    print("usage: python -m brpg.booktools {stamp|check|execute CHAPTER.py...}", file=sys.stderr)
     return 2
 
 

@@ -1,4 +1,4 @@
-"""The ``brpg`` command line: ``train``, ``eval`` and ``presets``.
+"""The ``brpg`` command line: ``train``, ``eval``, ``presets``, ``reproduce`` and ``results``.
 
 Examples::
 
@@ -6,6 +6,9 @@ Examples::
     brpg train --config digits_suponly_1_16 --set train.steps=200 --set optim.lr=0.01
     brpg train --config digits_suponly_1_16 --out runs/x --resume
     brpg eval --run runs/x
+    brpg reproduce --table voc_classic --cells 366 --gpus 4 --data-root data
+    brpg reproduce --table coco --profile smoke        # CPU pipeline check on fixture data
+    brpg results --root runs/reproduce
 """
 
 from __future__ import annotations
@@ -37,7 +40,81 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("presets", help="list the config presets")
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="run the paper's table cells through book/experiments/train.ipynb (papermill)",
+        description="Run (or submit) one papermill execution of book/experiments/train.ipynb"
+        " per table cell. Finished cells are skipped; interrupted ones resume.",
+    )
+    rp.add_argument("--table", required=True, help="voc_classic | voc_blended | cityscapes | coco")
+    rp.add_argument("--cells", nargs="+", help="split folders or labeled counts (default: all)")
+    rp.add_argument("--methods", nargs="+", help="brpg and/or suponly (default: both)")
+    rp.add_argument("--gpus", type=int, default=0, help="GPUs per cell (0: CPU)")
+    rp.add_argument("--launcher", choices=("local", "torchrun", "slurm"), default="local")
+    rp.add_argument("--profile", choices=("full", "smoke"), default="full")
+    rp.add_argument("--data-root", help="prepared DATA_ROOT (default for smoke: fixture data)")
+    rp.add_argument("--out", default="runs/reproduce", help="root of the cell folders")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rp.add_argument(
+        "--batch-policy",
+        choices=("accumulate", "batch", "linear", "none"),
+        default="accumulate",
+        help="how fewer than 4 GPUs keep the paper's batch (default: gradient accumulation)",
+    )
+    rp.add_argument("--cpu-processes", type=int, default=1, help=argparse.SUPPRESS)
+    rp.add_argument("--slurm-partition")
+    rp.add_argument("--slurm-time-min", type=int, default=24 * 60)
+    rp.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job")
+    rp.add_argument("--slurm-mem-gb", type=int)
+    rp.add_argument(
+        "--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+        help="extra sbatch parameter (e.g. account=abc, qos=high)",
+    )  # fmt: skip
+    rp.add_argument("--slurm-cluster", default="slurm", help=argparse.SUPPRESS)
+    rp.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
+
+    rs = sub.add_parser("results", help="tables and a plot of the reproduced cells vs the paper")
+    rs.add_argument("--root", default="runs/reproduce", help="folder searched for summary.json")
+    rs.add_argument("--out", help="where the tables and plots go (default: --root)")
     return p
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from brpg.reproduce.runner import SlurmOptions, reproduce
+
+    extra = {}
+    for item in args.slurm_param:
+        if "=" not in item:
+            raise ConfigError(f"--slurm-param {item!r}: use KEY=VALUE (e.g. account=abc)")
+        k, v = item.split("=", 1)
+        extra[k] = v
+    slurm = SlurmOptions(
+        partition=args.slurm_partition,
+        timeout_min=args.slurm_time_min,
+        cpus_per_task=args.slurm_cpus,
+        mem_gb=args.slurm_mem_gb,
+        additional=extra,
+        cluster=args.slurm_cluster,
+    )
+    records = reproduce(
+        args.table,
+        cells=args.cells,
+        methods=args.methods,
+        gpus=args.gpus,
+        launcher=args.launcher,
+        profile=args.profile,
+        data_root=args.data_root,
+        out=Path(args.out),
+        overrides=args.set,
+        batch_policy=args.batch_policy,
+        cpu_processes=args.cpu_processes,
+        slurm=slurm,
+        wait=args.wait,
+    )
+    for r in records:
+        print(f"{r['cell'].preset}: {r['status']} ({r['folder']})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "presets":
         print("\n".join(list_presets()))
         return 0
+    if args.cmd == "results":
+        from brpg.reproduce.report import main as results_main
+
+        return results_main(["--root", args.root, *(["--out", args.out] if args.out else [])])
     # Heavy imports only once a command needs them (keeps `brpg --help` instant).
     from brpg.data.splitlist import DatasetError
     from brpg.engine.trainer import RunDirError, Trainer
+    from brpg.reproduce.experiment import ExperimentError
 
     try:
         if args.cmd == "train":
@@ -63,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                     f" steps ({summary['wall_s']:.0f} s) -> {out / 'summary.json'}"
                 )
             return 0
+        if args.cmd == "reproduce":
+            return _reproduce(args)
         if args.cmd == "eval":
             from brpg.engine.evaluate_run import evaluate_run
 
             res = evaluate_run(Path(args.run), args.set, progress=not args.no_progress)
             print(json.dumps({k: res[k] for k in ("miou", "per_class_iou")}, indent=2))
             return 0
-    except (ConfigError, DatasetError, RunDirError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, RunDirError, FileNotFoundError, ExperimentError) as e:
         print(f"brpg: error: {e}", file=sys.stderr)
         return 2
     return 1

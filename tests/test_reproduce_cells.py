@@ -1,0 +1,149 @@
+"""The paper's tables as presets: every cell has one, derived as the official code counts."""
+
+from pathlib import Path
+
+import pytest
+
+from brpg.config import load_config
+from brpg.reproduce import cells as C
+from brpg.reproduce.paper import PAPER, paper_miou
+from brpg.reproduce.profiles import ProfileError, gpu_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SPLITS = ROOT.parent / "shared" / "splits"
+
+ISSUE_CELLS = {  # the cells the issue lists, by labeled count
+    "voc_classic": [92, 183, 366, 732, 1464],
+    "voc_blended": [662, 1323, 2646, 5291],
+    "cityscapes": [186, 372, 744, 1488],
+    "coco": [925, 1849, 3697, 7393],
+}
+
+
+def test_every_cell_has_two_presets_that_load():
+    cells = C.all_cells()
+    assert len(cells) == 2 * sum(len(v) for v in ISSUE_CELLS.values()) == 34
+    for table, counts in ISSUE_CELLS.items():
+        assert [C.TABLES[table].labeled(c) for c in C.TABLES[table].cells] == counts
+    for cell in cells:
+        cfg = load_config(cell.preset)
+        assert cfg.name == cell.preset
+        assert cfg.train.method == cell.method
+        assert cfg.train.steps == cell.steps
+        assert cfg.data.labeled_split == f"splits/{cfg.data.name}/{cell.cell}/labeled.txt"
+
+
+def test_committed_presets_are_generated():
+    assert C.stale_presets() == [], "run `python -m brpg.reproduce.cells write`"
+
+
+def test_cell_lookup_by_count_or_folder():
+    coco = C.TABLES["coco"]
+    assert coco.cell_of("3697") == coco.cell_of("1_32") == "1_32"
+    with pytest.raises(KeyError, match="925"):
+        coco.cell_of("1000")
+
+
+@pytest.mark.parametrize(
+    "preset,steps",
+    [  # the hand-derived steps of the SupOnly presets that predate the generator
+        ("voc_suponly_classic_1464", 3600),
+        ("voc_suponly_blended_662", 1600),
+        ("cityscapes_suponly_744", 9200),
+        ("coco_suponly_1_32", 9200),
+    ],
+)
+def test_suponly_steps_match_the_earlier_hand_derivation(preset, steps):
+    assert load_config(preset).train.steps == steps
+
+
+def test_brpg_phases_follow_the_official_epochs():
+    # VOC 366: n = 10582 - 366 = 10216 unlabeled; 10216 // 4 = 2554 per GPU; // 4 = 638 it/epoch
+    voc = load_config("voc_brpg_classic_366")
+    assert voc.train.steps == 80 * 638
+    assert voc.semi.sup_only_steps == 638  # warm-up: epoch 0
+    assert (voc.proto.sample_start_step, voc.proto.sample_steps) == (638, 638)  # epoch 1
+    assert voc.proto.thr_delay_steps == 5 * 638
+    # Cityscapes 744: (2975 - 744) // 4 // 2 = 278; sampling epochs 3-5, 200 epochs
+    cs = load_config("cityscapes_brpg_744")
+    assert cs.train.steps == 200 * 278
+    assert (cs.proto.sample_start_step, cs.proto.sample_steps) == (3 * 278, 3 * 278)
+    # COCO 1/32: (118287 - 3697) // 4 // 4 = 7161; 30 epochs
+    assert load_config("coco_brpg_1_32").train.steps == 30 * 7161
+
+
+def test_presets_carry_the_official_hyper_parameters():
+    """Spec §11, column by column."""
+    voc, cs, coco = (load_config(p) for p in ("voc_brpg_classic_92", "cityscapes_brpg_186",
+                                               "coco_brpg_1_128"))  # fmt: skip
+    for cfg in (voc, cs, coco):
+        assert (cfg.loss.ce_weight, cfg.loss.ohem_weight, cfg.loss.ohem_thresh) == (0.5, 0.5, 0.7)
+        assert cfg.semi.ema_decay == 0.99 and cfg.semi.drop_percent == 80.0
+        p = cfg.proto
+        assert (p.num_high, p.num_low, p.add_num, p.add_proportion) == (2, 2, 1, 0.05)
+        assert (p.queue_len, p.sample_pixel_num, p.tau, p.ema_momentum) == (30000, 5000, 0.1, 0.99)
+        assert (p.grid_num, p.unsup_sample_num, p.thr_start, p.thr_end) == (32, 1000, 0.8, 0.95)
+        assert cfg.model.rep_head and cfg.semi.entropy_teacher == "train"
+    assert (voc.optim.lr, voc.optim.head_lr_mult, voc.optim.weight_decay) == (0.001, 10.0, 1e-4)
+    assert (voc.train.batch_size, voc.data.crop_size, voc.model.backbone) == (4, 513, "resnet101")
+    assert (voc.eval.protocol, voc.eval.crop_size) == ("center_crop", 513)
+    assert (cs.optim.lr, cs.optim.head_lr_mult, cs.optim.weight_decay) == (0.005, 1.0, 5e-4)
+    assert (cs.train.batch_size, cs.data.crop_size) == (2, 769)
+    assert (cs.eval.protocol, cs.eval.crop_size, cs.eval.stride) == ("sliding", 769, 513)
+    assert (coco.model.backbone, coco.data.num_classes, coco.train.seed) == ("xception65", 81, 42)
+    assert (coco.eval.protocol, coco.eval.crop_size) == ("center_crop", 641)
+
+
+@pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason="../shared/splits is absent")
+def test_preset_split_lists_have_the_published_counts():
+    for cell in C.all_cells(method="brpg"):
+        cfg = load_config(cell.preset)
+        lines = (SHARED_SPLITS / Path(cfg.data.labeled_split).relative_to("splits")).read_text()
+        assert len(lines.split()) // (2 if cfg.data.name == "coco" else 1) == cell.n_sup
+
+
+def test_paper_numbers_cover_every_cell():
+    for cell in C.all_cells():
+        assert cell.paper is not None and 30 < cell.paper < 85
+    assert paper_miou("voc_classic", "brpg", "92") == 73.62
+    assert paper_miou("coco", "suponly", "1_16") == 45.12
+    assert PAPER["voc_blended"]["brpg"]["5291"] < PAPER["voc_blended"]["brpg"]["2646"]  # as printed
+    assert paper_miou("voc_classic", "brpg", "999") is None
+
+
+def _apply(preset: str, sets: list[str]):
+    return load_config(preset, sets)
+
+
+@pytest.mark.parametrize("gpus,accum", [(1, 4), (2, 2)])
+def test_accumulate_keeps_the_paper_batch(gpus, accum):
+    cfg = load_config("voc_brpg_classic_366")
+    sets = gpu_overrides(cfg, gpus, "accumulate")
+    assert sets == [f"train.grad_accum={accum}"]
+    scaled = _apply("voc_brpg_classic_366", sets)
+    assert scaled.train.batch_size * scaled.train.grad_accum * gpus == 16
+    assert scaled.train.steps == cfg.train.steps
+
+
+def test_four_gpus_need_nothing_and_eight_halve_the_batch():
+    cfg = load_config("voc_brpg_classic_366")
+    assert gpu_overrides(cfg, 4) == []
+    assert gpu_overrides(cfg, 8) == ["train.batch_size=2", "semi.unlabeled_batch_size=2"]
+    with pytest.raises(ProfileError, match="does not split over 3"):
+        gpu_overrides(cfg, 3)
+
+
+def test_batch_and_linear_policies():
+    cfg = load_config("cityscapes_brpg_744")
+    assert gpu_overrides(cfg, 1, "batch") == [
+        "train.batch_size=8",
+        "semi.unlabeled_batch_size=8",
+    ]
+    lin = _apply("cityscapes_brpg_744", gpu_overrides(cfg, 1, "linear"))
+    assert lin.optim.lr == pytest.approx(cfg.optim.lr / 4)
+    assert lin.train.steps == 4 * cfg.train.steps
+    assert lin.semi.sup_only_steps == 4 * cfg.semi.sup_only_steps
+    assert lin.proto.sample_start_step == 4 * cfg.proto.sample_start_step
+    assert gpu_overrides(cfg, 1, "none") == []
+    with pytest.raises(ProfileError, match="batch_policy"):
+        gpu_overrides(cfg, 1, "double")
