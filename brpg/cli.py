@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
     tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    tr.add_argument(
+        "--progress-interval",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="at most one progress update per this many seconds (e.g. 60 in a log file)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on its val split")
     ev.add_argument("--run", required=True, help="run directory holding config.yaml and last.pt")
@@ -137,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.name == "unnamed":
                 cfg.name = Path(args.config).stem
             out = Path(args.out) if args.out else Path("runs") / cfg.name
-            trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+            trainer = Trainer(
+                cfg,
+                out,
+                resume=args.resume,
+                progress=not args.no_progress,
+                progress_interval=args.progress_interval,
+            )
             summary = trainer.fit()
             if trainer.dist.is_main:
                 print(

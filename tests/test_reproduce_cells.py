@@ -147,3 +147,27 @@ def test_batch_and_linear_policies():
     assert gpu_overrides(cfg, 1, "none") == []
     with pytest.raises(ProfileError, match="batch_policy"):
         gpu_overrides(cfg, 1, "double")
+
+
+def test_notebook_parameters_match_what_the_runner_passes(tmp_path):
+    """papermill warns and drops nothing when the names agree; a renamed parameter would
+    silently keep the notebook's default, so the two lists are compared here."""
+    import papermill as pm
+
+    from brpg.reproduce.runner import NOTEBOOK, notebook_parameters
+
+    declared = list(pm.inspect_notebook(str(NOTEBOOK)))
+    passed = notebook_parameters(
+        C.Cell("coco", "brpg", "1_32"), tmp_path, data_root="fixture", gpus=0,
+        profile="smoke", overrides=[], batch_policy="accumulate", launcher="local",
+    )  # fmt: skip
+    assert sorted(declared) == sorted(passed)
+    assert set(passed) == set(prepare_signature())  # each one reaches prepare()
+
+
+def prepare_signature() -> list[str]:
+    import inspect
+
+    from brpg.reproduce.experiment import prepare
+
+    return list(inspect.signature(prepare).parameters)

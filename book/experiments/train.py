@@ -49,11 +49,11 @@ config = "voc_brpg_classic_366"  # a preset (`brpg presets`) or a YAML path
 data_root = "fixture"  # the prepared DATA_ROOT; "fixture": miniature data (smoke only)
 gpus = 0  # 0: no GPU; 1: one GPU in this kernel; N > 1: torchrun with N processes
 profile = "smoke"  # full: the preset as written | smoke: an 8-step pipeline check
-overrides = []  # extra "key.path=value" settings, applied last
+overrides = []  # extra settings applied last, written as for `brpg train --set`
 output_dir = ""  # run/, summary.json, figures; "": a temporary folder
 resume = True  # continue from output_dir/run/last.pt when it exists
 batch_policy = "accumulate"  # fewer than 4 GPUs: accumulate | batch | linear | none
-cpu_processes = 1  # with gpus=0: CPU (gloo) processes; > 1 uses torchrun
+cpu_processes = 1  # without GPUs: CPU (gloo) processes; > 1 uses torchrun
 force_torchrun = False  # train through torchrun even with one process
 
 # %% [markdown]

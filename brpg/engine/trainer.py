@@ -90,11 +90,17 @@ class Trainer:
     """Trains one config into one run directory; ``fit()`` returns the summary dict."""
 
     def __init__(
-        self, cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        progress_interval: float = 0.1,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.progress_interval = progress_interval  # seconds between progress-bar updates
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -351,6 +357,7 @@ class Trainer:
             desc=cfg.name,
             disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
+            mininterval=self.progress_interval,
         )
         unlabeled = None
         while self.step < t.steps:

@@ -44,6 +44,8 @@ from brpg.reproduce.profiles import (
 )
 
 FIXTURE = "fixture"
+#: A notebook keeps every progress update as output: at most one a minute over a long run.
+PROGRESS_INTERVAL_S = 60.0
 
 
 class ExperimentError(ValueError):
@@ -102,7 +104,9 @@ class Experiment:
         return self.output_dir / "summary.json"
 
     def describe(self) -> str:
-        where = f"{self.processes} process(es) via torchrun" if self.uses_torchrun else "this process"
+        where = (
+            f"{self.processes} process(es) via torchrun" if self.uses_torchrun else "this process"
+        )
         cell = (
             f"{self.cell.table} / {self.cell.method} / {self.cell.cell}"
             if self.cell
@@ -136,10 +140,17 @@ class Experiment:
         if not self.uses_torchrun:
             from brpg.engine.trainer import Trainer
 
-            return Trainer(self.cfg, self.run_dir, resume=resume, progress=progress).fit()
-        return self._train_torchrun(resume)
+            trainer = Trainer(
+                self.cfg,
+                self.run_dir,
+                resume=resume,
+                progress=progress,
+                progress_interval=PROGRESS_INTERVAL_S,
+            )
+            return trainer.fit()
+        return self._train_torchrun(resume, progress)
 
-    def torchrun_command(self, resume: bool) -> list[str]:
+    def torchrun_command(self, resume: bool, progress: bool = True) -> list[str]:
         cfg_path = self.output_dir / "config.yaml"
         cmd = [
             sys.executable,
@@ -154,13 +165,13 @@ class Experiment:
             str(cfg_path),
             "--out",
             str(self.run_dir),
-            "--no-progress",
         ]
+        cmd += ["--progress-interval", str(PROGRESS_INTERVAL_S)] if progress else ["--no-progress"]
         return [*cmd, "--resume"] if resume else cmd
 
-    def _train_torchrun(self, resume: bool) -> dict[str, Any]:
+    def _train_torchrun(self, resume: bool, progress: bool) -> dict[str, Any]:
         save_config(self.cfg, self.output_dir / "config.yaml")
-        cmd = self.torchrun_command(resume)
+        cmd = self.torchrun_command(resume, progress)
         print("$ " + shlex.join(cmd), flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         tail: deque[str] = deque(maxlen=40)
@@ -168,6 +179,7 @@ class Experiment:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         ) as proc:
             assert proc.stdout is not None
+            # text mode reads tqdm's carriage returns as line ends: one line per update
             for line in proc.stdout:  # stream the workers' log into the notebook
                 tail.append(line)
                 print(line, end="", flush=True)
