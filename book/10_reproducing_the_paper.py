@@ -53,10 +53,10 @@ from IPython.display import Image, Markdown, display
 from brpg.config import PRESET_DIR, load_config
 from brpg.engine.datasets import PROJECT_ROOT
 from brpg.reproduce import report
-from brpg.reproduce.cells import TABLES, all_cells, stale_presets
+from brpg.reproduce.cells import TABLES, Cell, all_cells, stale_presets
 from brpg.reproduce.paper import PAPER_HARDWARE, PAPER_SOURCE
 from brpg.reproduce.profiles import gpu_overrides
-from brpg.reproduce.runner import cell_dir, reproduce
+from brpg.reproduce.runner import cell_dir
 
 RESULTS = PROJECT_ROOT / "results" / "reproduce"
 
@@ -210,8 +210,15 @@ display(Markdown("\n".join(lines)))
 
 # %%
 work = Path(tempfile.mkdtemp(prefix="brpg-ch10-"))
-records = reproduce("cityscapes", ["744"], ["brpg"], profile="smoke", out=work)
-folder = cell_dir(work, "smoke", records[0]["cell"])
+command = ["brpg", "reproduce", "--table", "cityscapes", "--cells", "744", "--methods", "brpg",
+           "--profile", "smoke", "--out", str(work)]  # fmt: skip
+print("$ " + " ".join(command))
+done = subprocess.run(
+    [sys.executable, "-m", *command], capture_output=True, text=True, cwd=PROJECT_ROOT
+)
+assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+print("".join(done.stdout.splitlines(keepends=True)[-3:]))
+folder = cell_dir(work, "smoke", Cell("cityscapes", "brpg", "744"))
 smoke = json.loads((folder / "summary.json").read_text())
 print(f"{smoke['preset']}: {smoke['steps']} steps, protocol {smoke['protocol']['protocol']}")
 display(Image(filename=str(folder / "curves.png")))
