@@ -2,8 +2,14 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
-from benchmarks import gpu_profile
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest tests` does not put the repo root on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_profile  # noqa: E402
 
 
 def test_quick_profile_writes_its_json(tmp_path):
