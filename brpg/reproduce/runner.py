@@ -12,7 +12,8 @@ Launchers:
 - ``torchrun``: as ``local``, but always through a ``torchrun`` subprocess (also for one GPU).
 - ``slurm``: each cell is a Slurm job submitted with ``submitit``, one node with ``--gpus``
   GPUs; the job runs the same papermill call. Rerun the command after a time-out: finished
-  cells are skipped and interrupted ones resume.
+  cells are skipped and interrupted ones resume. The checkout, its ``.venv`` and the
+  ``DATA_ROOT`` must be on a file system that the compute nodes share with the login node.
 """
 
 from __future__ import annotations
