@@ -158,6 +158,10 @@ class ProtoConfig:
     csp_max: float = 1.0
     sample_pixel_num: int = 5000  # per-image row budget per step (spec §5.1)
     queue_len: int = 30000  # rows kept per class and memory
+    back_queue: bool = False  # COCO 'back' queue + clustering-time fallbacks (spec §5.5)
+    back_per_class: int = 5000  # back rows sampled per present GT class per step and process
+    back_len: int = 0  # back rows kept per class (most confident p_gt); 0: 2·queue_len
+    min_rows: int = 10  # a memory with fewer rows falls back on the back queue (spec §5.5)
     num_high: int = 2  # base prototypes per class from the high memory
     num_low: int = 2
     apo: bool = True  # adaptive prototype optimisation (spec §6)
@@ -327,6 +331,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError("proto.sample_steps must be >= 1 (the memories must not be empty)")
         if p.num_high < 1 or p.num_low < 0 or p.add_num < 0:
             raise ConfigError("proto.num_high >= 1, proto.num_low >= 0, proto.add_num >= 0")
+        if p.back_queue and p.memory != "cpg":
+            raise ConfigError("proto.back_queue needs proto.memory=cpg (it refills high/low)")
+        if p.back_per_class < 1 or p.back_len < 0 or p.min_rows < 0:
+            raise ConfigError(
+                "proto.back_per_class >= 1, proto.back_len >= 0 (0: 2·queue_len), "
+                "proto.min_rows >= 0"
+            )
         if p.kmeans_subsample < 0:
             raise ConfigError(
                 f"proto.kmeans_subsample={p.kmeans_subsample}: use 0 (full-batch k-means) or the"

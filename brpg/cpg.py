@@ -1,5 +1,5 @@
 """CPG — confidence-based prototype generation: sampling and memories (paper §"CPG"; spec
-§5.1–5.3, §13).
+§5.1–5.3, §5.5, §13).
 
 During the sampling window (spec §1) every step routes stride-4 pixel features into per-class
 FIFO memories that the one-shot clustering (:func:`brpg.prototypes.apo.cluster_memories`)
@@ -14,7 +14,13 @@ reads later:
   and ``sample_pixel_num·B`` random low rows are kept (:func:`memory_rows`);
 - under ``torch.distributed`` the rows of all ranks are gathered, so every rank holds the same
   memories, and each class keeps its most recent ``capacity`` (30000) rows
-  (:class:`PrototypeMemory`).
+  (:class:`PrototypeMemory`);
+- COCO only (``proto.back_queue``, spec §5.5): at most ``back_per_class`` random labeled pixels
+  of every class in the ground truth, correct or not, with their p_gt (:func:`route_back`),
+  feed a per-class *back* queue that keeps the ``2·queue_len`` most confident rows
+  (:class:`BackQueue`); at clustering time a memory with fewer than ``min_rows`` rows is
+  refilled from it (:func:`apply_back_fallbacks`; the official ``ValueError`` when only the
+  low memory is short is replaced by a fallback, spec §12 Q13).
 
 Fixed-size rows, no host sync. Routing does not compact anything: it returns the features of
 *all* ``N = B·h·w`` pixels, ``[N, D]``, with a class vector ``[N]`` that holds the class of a
@@ -29,9 +35,10 @@ tensors re-concatenated every step. Memory cost: ``C·capacity·D·4`` bytes per
 float32 (VOC: 21·30000·256·4 ≈ 0.65 GB).
 
 The official memory rows also carry the confidence (257 columns); it is used only by the
-unused "prob" prototype type and by the COCO path (spec §5.4, §5.5), so rows here are
-features only. The class-specific "csp" thresholds of spec §5.3 are provided as
-:class:`AdaptiveThreshold`; no official config uses them.
+unused "prob" prototype type and by the COCO path (spec §5.4, §5.5), so high/low rows here are
+features only and :class:`BackQueue` keeps its p_gt beside the features. The class-specific
+"csp" thresholds of spec §5.3 are provided as :class:`AdaptiveThreshold`; no official config
+uses them.
 """
 
 from __future__ import annotations
@@ -45,16 +52,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "FALLBACK_HIGH",
+    "FALLBACK_LOW",
+    "FALLBACK_NONE",
+    "FALLBACK_SPLIT",
     "NOT_SELECTED",
     "AdaptiveThreshold",
+    "BackQueue",
+    "BackRows",
     "LabeledRoutes",
     "PrototypeMemory",
     "Rows",
+    "apply_back_fallbacks",
     "class_mean_gt_prob",
     "confidence",
     "downsample_labels",
     "flatten_features",
     "memory_rows",
+    "route_back",
     "route_labeled",
     "route_unlabeled",
     "subsample",
@@ -68,6 +83,15 @@ class Rows(NamedTuple):
     """Fixed-size memory rows: ``feats[N, D]`` and ``cls[N]`` (−1 = not selected)."""
 
     feats: Tensor
+    cls: Tensor
+
+
+class BackRows(NamedTuple):
+    """Rows for the COCO back queue: ``feats[N, D]``, ``conf[N]`` (p_gt), ``cls[N]`` (−1 = not
+    selected)."""
+
+    feats: Tensor
+    conf: Tensor
     cls: Tensor
 
 
@@ -160,6 +184,62 @@ def route_unlabeled(rep_t_bdhw: Tensor, logits_t_bchw: Tensor, thr: float | Tens
     return Rows(flatten_features(rep_t_bdhw), cls.flatten())
 
 
+def _rank_in_group(group_n: Tensor, order_n: Tensor, n_groups: int) -> Tensor:
+    """Rank of every row within its group, ``[N]`` long, along ``order_n``.
+
+    ``order_n`` is a permutation of the rows that lists the groups contiguously in increasing
+    group id (e.g. a stable sort by group of some preferred order); ``group_n`` holds ids in
+    ``[0, n_groups)``. Rank 0 is the first row of a group in that order.
+    """
+    n = group_n.shape[0]
+    n_g = torch.zeros(n_groups, dtype=torch.long, device=group_n.device).index_add_(
+        0, group_n, torch.ones_like(group_n)
+    )
+    starts_g = torch.cumsum(n_g, 0) - n_g  # exclusive prefix sum: first ordered row per group
+    rank_sorted = torch.arange(n, device=group_n.device) - starts_g[group_n[order_n]]
+    return torch.empty_like(group_n).scatter_(0, order_n, rank_sorted)
+
+
+def route_back(
+    rep_bdhw: Tensor,
+    logits_bchw: Tensor,
+    labels_small_bhw: Tensor,
+    per_class: int = 5000,
+    ignore_index: int = 255,
+    generator: torch.Generator | None = None,
+) -> BackRows:
+    """Labeled rows of the COCO back queue (spec §5.5): for every class present in the
+    downsampled labels, at most ``per_class`` uniformly random pixels of that class, **whether
+    or not they are correctly classified**, with ``conf = p_gt`` (the softmax probability of the
+    ground-truth class at stride 4).
+
+    Pixels labeled ``ignore_index`` or outside ``[0, C)`` are never selected (the official
+    ``np.unique`` would pick up 255 and crash, spec §12 Q15). Fixed shapes, no host sync: the
+    pixels are shuffled (argsort of uniform scores drawn on ``generator``'s device), grouped by
+    class with a stable sort, and a row is kept if its rank within its class is below
+    ``per_class``. Returns all ``N = B·h·w`` rows with class −1 for the others.
+    """
+    _check_spatial(rep_bdhw, logits_bchw)
+    prob_bchw = F.softmax(logits_bchw.detach().float(), dim=1)
+    num_classes = prob_bchw.shape[1]
+    labels_bhw = labels_small_bhw.to(prob_bchw.device).long()
+    if labels_bhw.shape != prob_bchw.shape[:1] + prob_bchw.shape[2:]:
+        raise ValueError("labels_small_bhw must be at the logits' resolution")
+    valid_bhw = (labels_bhw != ignore_index) & (labels_bhw >= 0) & (labels_bhw < num_classes)
+    safe_bhw = torch.where(valid_bhw, labels_bhw, 0)
+    p_gt_n = prob_bchw.gather(1, safe_bhw[:, None])[:, 0].flatten()
+    group_n = torch.where(valid_bhw, labels_bhw, num_classes).flatten()  # invalid: bucket C
+    n = group_n.shape[0]
+    device = generator.device if generator is not None else group_n.device
+    scores_n = torch.rand(n, generator=generator, device=device).to(group_n.device)
+    shuffled_n = torch.argsort(scores_n)
+    order_n = shuffled_n[torch.sort(group_n[shuffled_n], stable=True).indices]
+    rank_n = _rank_in_group(group_n, order_n, num_classes + 1)
+    keep_n = valid_bhw.flatten() & (rank_n < per_class)
+    cls_n = torch.where(keep_n, group_n, NOT_SELECTED)
+    return BackRows(flatten_features(rep_bdhw), p_gt_n, cls_n)
+
+
 # --------------------------------------------------------------------------- sub-sampling
 def subsample_indices(
     cls_n: Tensor, cap: int, generator: torch.Generator | None = None
@@ -244,7 +324,7 @@ class PrototypeMemory:
         num_classes: ``C``.
         dim: feature width ``D`` (256).
         capacity: rows kept per class and kind (``queue_len`` = 30000).
-        kinds: memory names ("high", "low"; COCO's "back" queue is not implemented).
+        kinds: memory names ("high", "low"; COCO's "back" queue is :class:`BackQueue`).
         device, dtype: where and how the rows are stored (float32 as the official fp32 queues).
         sync: all-gather pushed rows across ranks when ``torch.distributed`` is initialised
             with more than one process (every rank must push the same number of rows).
@@ -345,6 +425,19 @@ class PrototypeMemory:
             feats = feats.gather(1, idx[:, :, None].expand(-1, -1, self.dim))
         return feats, valid
 
+    @torch.no_grad()
+    def replace(self, kind: str, replace_c: Tensor, feats_kd: Tensor, cls_k: Tensor) -> None:
+        """Empty the ``kind`` memory of every class with ``replace_c[c]`` (``[C]`` bool), then
+        push the rows of those classes (rows of other classes are ignored). Local: no gather,
+        the caller passes the same rows on every rank (used by :func:`apply_back_fallbacks`)."""
+        replace_c = replace_c.to(self.device)
+        self.ptr[kind] = torch.where(replace_c, 0, self.ptr[kind])
+        self.count[kind] = torch.where(replace_c, 0, self.count[kind])
+        cls_k = cls_k.to(self.device).long()
+        in_range = (cls_k >= 0) & (cls_k < self.num_classes)
+        mine = in_range & replace_c[cls_k.clamp(0, self.num_classes - 1)]
+        self.push(kind, feats_kd, torch.where(mine, cls_k, NOT_SELECTED), sync=False)
+
     def clear(self) -> None:
         """Empty every memory (counts and pointers to 0; storage kept)."""
         for k in self.kinds:
@@ -379,6 +472,213 @@ class PrototypeMemory:
             self.feats(k).copy_(mem["feats"])
             self.ptr[k].copy_(mem["ptr"])
             self.count[k].copy_(mem["count"])
+
+
+# --------------------------------------------------------------------------- COCO back queue
+class BackQueue:
+    """Per-class COCO 'back' queue: the ``capacity`` most confident rows (spec §5.5, §13).
+
+    Args:
+        num_classes: ``C``.
+        dim: feature width ``D``.
+        capacity: rows kept per class (``2·queue_len`` = 60000 officially).
+        device, dtype: storage of the rows (float32 as the official queue).
+        sync: all-gather pushed rows across ranks under ``torch.distributed`` (as
+            :class:`PrototypeMemory`; every rank must push the same number of rows).
+
+    State: ``feats[C, capacity, D]``, ``conf[C, capacity]`` (p_gt, −inf in an empty slot) and
+    ``count[C]``, on ``device``. Slots are unordered; the official queue is re-sorted by p_gt
+    on the CPU after every append and truncated to its most confident ``capacity`` rows. Here
+    :meth:`push` is a top-k merge on the device: the pushed rows are ranked by p_gt within their
+    class, the best ``min(N, capacity)`` of each class become candidates ``[C, W]``, one
+    ``topk`` over ``cat(queue, candidates)`` ``[C, capacity + W]`` decides what is kept, and the
+    entering rows are written into the freed slots with a single ``index_copy_`` (no host sync,
+    no per-class loop, no copy of the queue). Which of two rows with equal p_gt is kept is up to
+    ``topk`` (the official stable argsort keeps the later one). Memory: ``C·capacity·(D + 1)·4``
+    bytes (COCO: 81·60000·257·4 ≈ 5 GB).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        capacity: int = 60000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        sync: bool = True,
+    ) -> None:
+        if num_classes <= 0 or dim <= 0 or capacity <= 0:
+            raise ValueError("num_classes, dim and capacity must be positive")
+        self.num_classes, self.dim, self.capacity = int(num_classes), int(dim), int(capacity)
+        self.sync = bool(sync)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        n = self.num_classes * self.capacity
+        self._feats = torch.zeros(n + 1, self.dim, device=device, dtype=dtype)  # + scratch row
+        self._conf = torch.full((n + 1,), float("-inf"), device=device)
+        self.count = torch.zeros(self.num_classes, dtype=torch.long, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._feats.device
+
+    def feats(self) -> Tensor:
+        """Storage ``[C, capacity, D]`` (a view; slot order is arbitrary)."""
+        return self._feats[: self.num_classes * self.capacity].view(
+            self.num_classes, self.capacity, self.dim
+        )
+
+    def conf(self) -> Tensor:
+        """p_gt per slot ``[C, capacity]`` (a view; −inf marks an empty slot)."""
+        return self._conf[: self.num_classes * self.capacity].view(self.num_classes, self.capacity)
+
+    @torch.no_grad()
+    def push(
+        self, feats_nd: Tensor, conf_n: Tensor, cls_n: Tensor, sync: bool | None = None
+    ) -> None:
+        """Merge rows into their classes' queues, keeping the ``capacity`` highest p_gt per class.
+
+        Rows whose class is outside ``[0, C)`` are ignored. Under ``torch.distributed`` (and
+        ``sync``) the rows of all ranks are gathered first, so every rank keeps the same queues.
+        """
+        if feats_nd.ndim != 2 or feats_nd.shape[1] != self.dim:
+            raise ValueError(f"expected rows [N, {self.dim}], got {tuple(feats_nd.shape)}")
+        if cls_n.shape != feats_nd.shape[:1] or conf_n.shape != feats_nd.shape[:1]:
+            raise ValueError("conf_n and cls_n must have one entry per row")
+        feats_nd, conf_n, cls_n = feats_nd.detach(), conf_n.detach().float(), cls_n.detach().long()
+        if (self.sync if sync is None else sync) and _distributed():
+            feats_nd, conf_n, cls_n = (_all_gather_cat(t) for t in (feats_nd, conf_n, cls_n))
+        device = self.device
+        feats_nd, conf_n, cls_n = feats_nd.to(device), conf_n.to(device), cls_n.to(device)
+        c_all, q, n = self.num_classes, self.capacity, cls_n.shape[0]
+        w = min(n, q)  # candidates per class: more than `capacity` can never all enter
+        if w == 0:
+            return
+        valid_n = (cls_n >= 0) & (cls_n < c_all)
+        group_n = torch.where(valid_n, cls_n, c_all)
+        # rank of each row within its class, most confident first (ties: row order)
+        key_n = torch.where(valid_n, conf_n, float("-inf"))
+        by_conf_n = torch.sort(key_n, descending=True, stable=True).indices
+        order_n = by_conf_n[torch.sort(group_n[by_conf_n], stable=True).indices]
+        rank_n = _rank_in_group(group_n, order_n, c_all + 1)
+        cand_n = valid_n & (rank_n < w)
+        # candidates [C, w], −inf where a class has fewer than w rows (scratch index c_all·w)
+        flat_n = torch.where(cand_n, group_n * w + rank_n, c_all * w)
+        cand_conf = torch.full((c_all * w + 1,), float("-inf"), device=device)
+        cand_conf.index_copy_(0, flat_n, torch.where(cand_n, conf_n, float("-inf")))
+        scores_cm = torch.cat([self.conf(), cand_conf[: c_all * w].view(c_all, w)], dim=1)
+        top = torch.topk(scores_cm, q, dim=1)
+        chosen_cm = torch.zeros_like(scores_cm, dtype=torch.bool)
+        chosen_cm.scatter_(1, top.indices, top.values > float("-inf"))
+        kept_cq, entering_cw = chosen_cm[:, :q], chosen_cm[:, q:]
+        # j-th entering candidate of a class → j-th slot of that class not kept
+        free_cq = ~kept_cq
+        free_rank_cq = torch.cumsum(free_cq.long(), 1) - 1
+        slot_of_cq = torch.zeros(c_all, q + 1, dtype=torch.long, device=device)
+        slot_of_cq.scatter_(
+            1,
+            torch.where(free_cq, free_rank_cq, q),  # kept slots → scratch column q
+            torch.arange(q, device=device).expand(c_all, q),
+        )
+        enter_rank_cw = (torch.cumsum(entering_cw.long(), 1) - 1).clamp_min(0)
+        dest_cw = slot_of_cq.gather(1, enter_rank_cw)
+        c_safe_n, r_safe_n = group_n.clamp(max=c_all - 1), rank_n.clamp(max=w - 1)
+        enter_n = cand_n & entering_cw[c_safe_n, r_safe_n]
+        dst_n = torch.where(enter_n, c_safe_n * q + dest_cw[c_safe_n, r_safe_n], c_all * q)
+        self._feats.index_copy_(0, dst_n, feats_nd.to(self._feats.dtype))
+        self._conf.index_copy_(0, dst_n, conf_n)
+        self._conf[-1] = float("-inf")
+        self.count = chosen_cm.sum(1)
+
+    def ascending(self) -> Tensor:
+        """Slot indices ``[C, capacity]`` by increasing p_gt, the ``count[c]`` filled slots
+        first (the official queue order; one sort, used at clustering time)."""
+        conf_cq = self.conf()
+        key_cq = torch.where(conf_cq > float("-inf"), conf_cq, float("inf"))
+        return torch.sort(key_cq, dim=1, stable=True).indices
+
+    def clear(self) -> None:
+        """Empty every queue (storage kept)."""
+        self._conf.fill_(float("-inf"))
+        self.count.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes,
+            "dim": self.dim,
+            "capacity": self.capacity,
+            "feats": self.feats().clone(),
+            "conf": self.conf().clone(),
+            "count": self.count.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta = (state["num_classes"], state["dim"], state["capacity"])
+        if meta != (self.num_classes, self.dim, self.capacity):
+            raise ValueError(
+                f"back queue layout {meta} does not match "
+                f"{(self.num_classes, self.dim, self.capacity)}"
+            )
+        self.feats().copy_(state["feats"])
+        self.conf().copy_(state["conf"])
+        self.count.copy_(state["count"])
+
+
+FALLBACK_NONE = 0  # high ≥ min_rows and low ≥ min_rows: memories unchanged
+FALLBACK_LOW = 1  # only low is short: low := least confident half of back (official: ValueError)
+FALLBACK_HIGH = 2  # only high is short: high := most confident min(fill, queue_len) rows of back
+FALLBACK_SPLIT = 3  # both short: low := less confident half of back, high := the other half
+
+
+@torch.no_grad()
+def apply_back_fallbacks(memory: PrototypeMemory, back: BackQueue, min_rows: int = 10) -> Tensor:
+    """COCO clustering-time fallbacks (spec §5.5), in place on ``memory``; returns the case of
+    each class, ``[C]`` long (:data:`FALLBACK_NONE` … :data:`FALLBACK_SPLIT`).
+
+    With ``n`` the fill of class ``c``'s back queue in increasing p_gt order and ``half = n // 2``:
+
+    - high ≥ ``min_rows`` and low ≥ ``min_rows``: unchanged;
+    - high ≥ ``min_rows``, low short: low := the ``half`` least confident back rows.
+      **Deliberate fix** (spec §12 Q13): the official code raises ``ValueError`` here;
+    - high short, low ≥ ``min_rows``: high := the ``min(n, queue_len)`` most confident rows;
+    - both short: low := the first (less confident) ``half`` rows, high := the other
+      ``n − half`` rows (as the official split of the ascending queue at half its fill).
+
+    A refilled memory holds at most ``queue_len`` rows: where a half is longer (only when
+    ``back.capacity > 2·queue_len``) low takes the least and high the most confident rows. A
+    short memory is replaced even when the back queue is empty (as officially). Runs once,
+    before APO and k-means, so the dispersion sees the memories after the fallback; the host
+    syncs here (one ``nonzero`` per memory kind) are fine.
+    """
+    if memory.num_classes != back.num_classes or memory.dim != back.dim:
+        raise ValueError("memory and back queue must have the same classes and width")
+    q, cap, d, device = memory.capacity, back.capacity, back.dim, memory.device
+    high_ok_c = memory.count["high"].to(device) >= min_rows
+    low_ok_c = memory.count["low"].to(device) >= min_rows
+    case_c = torch.where(
+        high_ok_c,
+        torch.where(low_ok_c, FALLBACK_NONE, FALLBACK_LOW),
+        torch.where(low_ok_c, FALLBACK_HIGH, FALLBACK_SPLIT),
+    )
+    n_c = back.count.to(device)
+    half_c = n_c // 2
+    asc_cq = back.ascending().to(device)
+    back_rows = back.feats().reshape(-1, d)
+    j_q = torch.arange(q, device=device)
+    m_low_c = half_c.clamp(max=q)
+    m_high_c = torch.where(case_c == FALLBACK_HIGH, n_c, n_c - half_c).clamp(max=q)
+    plans = {
+        "low": (case_c == FALLBACK_LOW) | (case_c == FALLBACK_SPLIT),
+        "high": (case_c == FALLBACK_HIGH) | (case_c == FALLBACK_SPLIT),
+    }
+    starts = {"low": torch.zeros_like(n_c), "high": n_c - m_high_c}  # ranks in ascending order
+    sizes = {"low": m_low_c, "high": m_high_c}
+    for kind, replace_c in plans.items():  # two memory kinds, each batched over classes
+        take_cq = replace_c[:, None] & (j_q[None] < sizes[kind][:, None])
+        src_rank_cq = (starts[kind][:, None] + j_q[None]).clamp(max=cap - 1)
+        cls_k, j_k = take_cq.nonzero(as_tuple=True)
+        src_k = cls_k * cap + asc_cq[cls_k, src_rank_cq[cls_k, j_k]].to(device)
+        memory.replace(kind, replace_c, back_rows[src_k.to(back_rows.device)], cls_k)
+    return case_c
 
 
 # --------------------------------------------------------------------------- "csp" thresholds

@@ -15,7 +15,9 @@ proto      ``s ≥ Ds + Dl`` (BRPG)                        + L_pro and prototype
 with ``S = semi.sup_only_steps``, ``Ds = proto.sample_start_step`` and
 ``Dl = proto.sample_steps``. At ``s == S`` the teacher takes the student's parameters; at
 ``s == Ds + Dl`` the memories are clustered once (APO + k-means, spec §5.4, §6) into the
-prototype bank and freed (or kept and re-clustered every ``proto.recluster_every`` steps).
+prototype bank and freed (or kept and re-clustered every ``proto.recluster_every`` steps). With
+``proto.back_queue`` (COCO, spec §5.5) the sampling window also fills a per-class 'back' queue of
+the most confident labeled pixels, and the short memories fall back on it before clustering.
 
 :func:`semi_step` is the whole step of spec §4 in one function. It has no host sync and no
 Python loop over pixels, classes or prototypes; the only per-step Python branches depend on the
@@ -35,11 +37,14 @@ from brpg.augment import StrongAug, apply_cutmix, maybe_cutmix
 from brpg.config import Config
 from brpg.cpg import (
     AdaptiveThreshold,
+    BackQueue,
     PrototypeMemory,
     Rows,
+    apply_back_fallbacks,
     class_mean_gt_prob,
     downsample_labels,
     memory_rows,
+    route_back,
     route_labeled,
     route_unlabeled,
     subsample,
@@ -165,7 +170,8 @@ class SemiMethod(nn.Module):
     """State of a mean-teacher or BRPG run: EMA teacher, CPG memories, prototype bank.
 
     ``memory`` is ``None`` outside the sampling window (freed after the one-shot clustering, as
-    the official ``del``), and ``csp`` is the class-specific threshold of spec §5.3 when
+    the official ``del``), ``back`` is the COCO back queue (spec §5.5) alongside it when
+    ``proto.back_queue``, and ``csp`` is the class-specific threshold of spec §5.3 when
     ``proto.threshold_type == "csp"``.
     """
 
@@ -177,6 +183,7 @@ class SemiMethod(nn.Module):
         self.strong = StrongAug(mean=cfg.data.mean, std=cfg.data.std) if s.strong_aug else None
         self.brpg = cfg.train.method == "brpg"
         self.memory: PrototypeMemory | None = None
+        self.back: BackQueue | None = None
         self.bank: PrototypeBank | None = None
         self.csp: AdaptiveThreshold | None = None
         self.device = device
@@ -206,6 +213,14 @@ class SemiMethod(nn.Module):
             self.cfg.data.num_classes, self.cfg.model.rep_dim, cap, kinds, device=self.device
         )
 
+    def new_back(self) -> BackQueue | None:
+        """The COCO back queue (spec §5.5), ``None`` unless ``proto.back_queue``."""
+        p = self.cfg.proto
+        if not (self.brpg and p.back_queue):
+            return None
+        cap = p.back_len or 2 * p.queue_len
+        return BackQueue(self.cfg.data.num_classes, self.cfg.model.rep_dim, cap, self.device)
+
     # ------------------------------------------------------------------ phase changes
     def before_step(self, step: int, student: nn.Module) -> dict[str, Any]:
         """Phase changes that happen at the start of ``step`` (spec §1); returns log entries."""
@@ -214,14 +229,19 @@ class SemiMethod(nn.Module):
             self.teacher.copy_from(student, buffers=cfg.semi.copy_buffers)
         if self.brpg and sampling_active(step, cfg) and self.memory is None:
             self.memory = self.new_memory()
+            self.back = self.new_back()
         if self.brpg and cluster_due(step, cfg):
             assert self.memory is not None, "the sampling window left no memory"
+            if self.back is not None:  # before APO and k-means (spec §5.5)
+                cases = apply_back_fallbacks(self.memory, self.back, cfg.proto.min_rows)
+                logs["back_fallback"] = cases.tolist()  # per class, once: host sync ok
             protos, valid = cluster_prototypes(self.memory, cfg, seed=cfg.train.seed + step)
             assert self.bank is not None
             self.bank.set_prototypes(protos, valid)
             logs["prototypes_per_class"] = self.bank.num_valid().tolist()  # once: host sync ok
             if cfg.proto.recluster_every <= 0:
                 self.memory = None  # the official code deletes the memories (spec §5.4)
+                self.back = None
         return logs
 
     # ------------------------------------------------------------------ state
@@ -229,6 +249,7 @@ class SemiMethod(nn.Module):
         return {
             "teacher": self.teacher.state_dict(),
             "memory": None if self.memory is None else self.memory.state_dict(),
+            "back": None if self.back is None else self.back.state_dict(),
             "bank": None if self.bank is None else self.bank.state_dict(),
             "csp": None if self.csp is None else self.csp.state_dict(),
         }
@@ -240,6 +261,12 @@ class SemiMethod(nn.Module):
             self.memory.load_state_dict(state["memory"])
         else:
             self.memory = None
+        self.back = None
+        if state.get("back") is not None:
+            self.back = self.new_back()
+            if self.back is None:
+                raise ValueError("the checkpoint has a back queue but proto.back_queue is false")
+            self.back.load_state_dict(state["back"])
         if self.bank is not None and state.get("bank") is not None:
             self.bank.load_state_dict(state["bank"])
         if self.csp is not None and state.get("csp") is not None:
@@ -271,6 +298,11 @@ def _memory_push(
         high, low = memory_rows(lab, unl, b, p.sample_pixel_num)
         memory.push("high", *high)
         memory.push("low", *low)
+        if method.back is not None:  # COCO (spec §5.5): p_gt-ranked rows, 255 excluded
+            back = route_back(
+                rep_l, logits_l, labels_small, p.back_per_class, cfg.data.ignore_index
+            )
+            method.back.push(*back)
         return
     # random (no CPG split): every correct labeled pixel + the confident unlabeled ones
     cls_l = torch.where(lab.high_cls >= 0, lab.high_cls, lab.low_cls)
