@@ -272,4 +272,8 @@ else:
 #   validation behind their numbers); the Cityscapes presets use the sliding window of
 #   `eval.py`. The official code keeps the best of many validations, so `summary.json`
 #   records both the final and the best mIoU.
-# * COCO's extra "back" queue (spec §5.5): see the note in `_coco_brpg.yaml`.
+# * COCO's extra "back" queue (spec §5.5) is on in the COCO BRPG presets
+#   (`proto.back_queue`). Where the official code raises `ValueError` (a full high memory
+#   and a short low one, Q13), the low memory takes the least confident half of the queue.
+#   During the sampling window the queue holds 81 × 60,000 × 256 floats, about 5 GB of GPU
+#   memory per process on top of the two memories.
