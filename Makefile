@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch is installed first and explicitly; override for another build, e.g.
 #   make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= book,dev,xception,coco,slurm
+EXTRAS ?= book,dev,xception,coco,slurm,segformer
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: book test venv lint format clean results

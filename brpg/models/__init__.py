@@ -1,10 +1,13 @@
-"""Segmentation models: encoders + DeepLabV3+ decoder (spec §2).
+"""Segmentation models: encoders + DeepLabV3+ decoder (spec §2), and optional SegFormer (MiT).
 
 ``build_model(cfg.model, num_classes)`` is the only entry point the rest of ``brpg`` needs::
 
     model = build_model(cfg.model, num_classes=21)
     out = model(images)            # {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]} at stride 4
     model.backbone, model.decoder  # parameter groups: the decoder gets the ×10 LR (spec §9)
+
+``model.backbone: mit_b0`` … ``mit_b5`` builds a SegFormer instead (``segformer.py``: MiT
+encoder from ``transformers``, all-MLP decoder + rep head; ``pip install 'brpg[segformer]'``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from torch import nn
 from brpg.config import ModelConfig
 from brpg.models.deeplabv3plus import ASPP, DeepLabV3PlusDecoder, SegModel
 from brpg.models.resnet import ResNetEncoder, build_resnet
+from brpg.models.segformer import MIT_VARIANTS  # transformers is imported only when used
 from brpg.models.small import SmallEncoder
 from brpg.models.weights import load_backbone_weights
 
-BACKBONES = ("small", "resnet50", "resnet101", "xception65")
+BACKBONES = ("small", "resnet50", "resnet101", "xception65", *MIT_VARIANTS)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,10 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         from brpg.models.xception import XceptionEncoder  # timm is optional
 
         return XceptionEncoder(output_stride=cfg.output_stride)
+    if cfg.backbone in MIT_VARIANTS:
+        from brpg.models.segformer import MiTEncoder  # transformers is optional
+
+        return MiTEncoder(cfg.backbone)
     if cfg.backbone == "small":
         return SmallEncoder(
             width=cfg.width,
@@ -48,7 +56,15 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> SegModel:
-    """Encoder + DeepLabV3+ decoder from ``cfg``; loads ``cfg.pretrained`` into the encoder if set."""
+    """Encoder + DeepLabV3+ decoder from ``cfg``; loads ``cfg.pretrained`` into the encoder if set.
+
+    For ``cfg.backbone`` ``mit_b0`` … ``mit_b5`` a SegFormer (all-MLP decoder of width
+    ``cfg.decoder_channels``) with the same output contract (``segformer.build_segformer``).
+    """
+    if cfg.backbone in MIT_VARIANTS:
+        from brpg.models.segformer import build_segformer
+
+        return build_segformer(cfg, num_classes)
     backbone = build_backbone(cfg)
     if cfg.pretrained:
         report = load_backbone_weights(backbone, cfg.pretrained, cfg.backbone)
@@ -84,6 +100,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegModel:
 __all__ = [
     "ASPP",
     "BACKBONES",
+    "MIT_VARIANTS",
     "DeepLabV3PlusDecoder",
     "ResNetEncoder",
     "SegModel",
