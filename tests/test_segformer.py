@@ -249,3 +249,21 @@ def test_package_imports_without_transformers() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "brpg[segformer]" in done.stdout
+
+
+def test_feature_perturbation_pass():
+    """``need_fp`` (UniMatch): the clean half equals the plain forward, the perturbed half
+    differs, and both heads and the classifier keep their shapes."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mit_b0", decoder_channels=32, rep_dim=16), 5)
+    model.eval()  # dropout in the decoder off: the clean half is deterministic
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+        fp = model(x, need_fp=True)
+    assert set(fp) == {"logits", "logits_fp", "rep"}
+    assert fp["logits_fp"].shape == plain["logits"].shape == (2, 5, 16, 16)
+    # BN in eval mode normalises each image alone, so the clean half matches the plain pass
+    assert torch.allclose(fp["logits"], plain["logits"], atol=1e-5)
+    assert torch.allclose(fp["rep"], plain["rep"], atol=1e-5)
+    assert not torch.allclose(fp["logits_fp"], plain["logits"], atol=1e-3)

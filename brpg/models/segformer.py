@@ -50,6 +50,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brpg.config import ModelConfig
@@ -189,12 +190,16 @@ class AllMLPDecoder(nn.Module):
             _stride4_head(channels, channels, rep_dim, dropout) if rep_dim is not None else None
         )
 
-    def forward(self, feats: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Four maps, the first at stride 4 → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}."""
+    def fused(self, feats: Sequence[Tensor]) -> Tensor:
+        """Four maps, the first at stride 4 → the fused map ``[B,D,h,w]`` both heads read."""
         size = feats[0].shape[-2:]
         projected = [proj(f) for proj, f in zip(self.proj, feats, strict=True)]
         projected = [p if p.shape[-2:] == size else _upsample(p, size) for p in projected]
-        fused = self.fuse(torch.cat(projected, dim=1))  # [B,D,h,w]
+        return self.fuse(torch.cat(projected, dim=1))  # [B,D,h,w]
+
+    def forward(self, feats: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Four maps, the first at stride 4 → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}."""
+        fused = self.fused(feats)  # [B,D,h,w]
         out = {"logits": self.classifier(self.dropout(fused))}
         if self.rep_head is not None:
             out["rep"] = self.rep_head(fused)  # raw, not normalised
@@ -209,8 +214,25 @@ class SegFormer(SegModel):
             backbone, decoder, output_stride=backbone.output_stride, num_classes=num_classes
         )
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decoder(self.backbone(x))
+    def forward(
+        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5
+    ) -> dict[str, Tensor]:
+        """x [B,3,H,W] → ``{"logits", "rep"?}`` at stride 4; with ``need_fp`` also
+        ``"logits_fp"``: UniMatch's feature perturbation, as :meth:`SegModel.forward` does it
+        for DeepLabV3+ (one decoder pass on ``cat([f, Dropout2d(f)])`` for each of the four
+        stage maps, split in halves; ``rep`` reads the clean half only)."""
+        feats = self.backbone(x)
+        if not need_fp:
+            return self.decoder(feats)
+        n = x.shape[0]
+        feats_2b = [torch.cat([f, F.dropout2d(f, fp_dropout, training=True)]) for f in feats]
+        dec = self.decoder
+        fused_2b = dec.fused(feats_2b)  # [2B,D,h,w]
+        logits, logits_fp = dec.classifier(dec.dropout(fused_2b)).split(n)  # [B,C,h,w] each
+        out = {"logits": logits, "logits_fp": logits_fp}
+        if dec.rep_head is not None:
+            out["rep"] = dec.rep_head(fused_2b[:n])  # [B,rep_dim,h,w], clean half
+        return out
 
 
 def build_segformer(cfg: ModelConfig, num_classes: int, spec: MiTSpec | None = None) -> SegFormer:
