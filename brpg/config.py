@@ -99,7 +99,9 @@ class LossConfig:
 class TrainConfig:
     """Loop length, batch, precision, logging and checkpoint cadence."""
 
-    method: str = "suponly"  # suponly | meanteacher | brpg
+    # suponly | semi (semi.framework alone) | meanteacher (alias: semi + framework meanteacher)
+    # | brpg (semi.framework + the BRPG plug-in)
+    method: str = "suponly"
     steps: int = 1000
     batch_size: int = 16
     # micro-batches of train.batch_size per optimiser step; the effective batch per process is
@@ -117,10 +119,15 @@ class TrainConfig:
 
 @dataclass
 class SemiConfig:
-    """Mean-teacher framework (spec §1, §4); used when ``train.method`` is meanteacher or brpg.
+    """Semi-supervised framework (spec §1, §4); used unless ``train.method`` is suponly.
 
-    Step counts replace the official epochs: ``sup_only_steps`` is S·L (one epoch officially).
+    ``framework``: ``meanteacher`` (U2PL/BRPG's EMA teacher, spec §4) or ``unimatch`` (Yang et
+    al., CVPR 2023: weak-to-strong consistency with two strong views and a feature-perturbed
+    weak view, :mod:`brpg.engine.unimatch`). Step counts replace the official epochs:
+    ``sup_only_steps`` is S·L (one epoch officially).
     """
+
+    framework: str = "meanteacher"  # meanteacher | unimatch
 
     sup_only_steps: int = 0  # supervised warm-up; then teacher := student (spec §1)
     unlabeled_batch_size: int = 0  # 0: the same as train.batch_size
@@ -134,7 +141,18 @@ class SemiConfig:
     drop_percent: float = 80.0  # entropy percentile at step 0, rising to 100 (spec §4.4)
     faithful_unsup_scale: bool = True  # U2PL's extra B*H*W/#kept factor (spec §12 Q4)
     entropy_teacher: str = "train"  # train: official 2nd teacher forward | eval: weak-view logits
-    eval_model: str = "teacher"  # model evaluated after the warm-up: teacher | student
+    # model evaluated after the warm-up: teacher | student. UniMatch with the self teacher has
+    # no teacher: validate() asks for student rather than switching silently, so that the saved
+    # config says which model the reported mIoU is of
+    eval_model: str = "teacher"
+    # UniMatch (semi.framework=unimatch): pseudo-labels counted where confidence >= conf_thresh
+    conf_thresh: float = 0.95
+    fp_dropout: float = 0.5  # Dropout2d on the encoder features of the perturbed pass
+    # (w_x, w_s1, w_s2, w_fp): loss = (w_x L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) / 2
+    unimatch_weights: tuple[float, float, float, float] = (1.0, 0.25, 0.25, 0.5)
+    # self: the model's own train-mode weak-view predictions make the pseudo-labels (UniMatch);
+    # ema: the EMA teacher's, in eval mode
+    unimatch_teacher: str = "self"
 
 
 @dataclass
@@ -296,7 +314,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 _CHOICES = {
-    "train.method": ("suponly", "meanteacher", "brpg"),
+    "train.method": ("suponly", "semi", "meanteacher", "brpg"),
+    "semi.framework": ("meanteacher", "unimatch"),
+    "semi.unimatch_teacher": ("self", "ema"),
     "semi.entropy_teacher": ("train", "eval"),
     "semi.eval_model": ("teacher", "student"),
     "proto.memory": ("cpg", "random"),
@@ -320,6 +340,26 @@ def validate(cfg: Config) -> None:
     s, p = cfg.semi, cfg.proto
     if cfg.train.method != "suponly" and s.sup_only_steps < 0:
         raise ConfigError("semi.sup_only_steps must be >= 0")
+    if cfg.train.method == "meanteacher" and s.framework != "meanteacher":
+        raise ConfigError(
+            f"train.method=meanteacher is the mean-teacher framework alone, but"
+            f" semi.framework={s.framework!r}: use train.method=semi for {s.framework} alone, or"
+            " train.method=brpg for it with BRPG"
+        )
+    if s.framework == "unimatch" and cfg.train.method != "suponly":
+        if s.unimatch_teacher == "self" and s.eval_model != "student":
+            raise ConfigError(
+                "semi.framework=unimatch with semi.unimatch_teacher=self has no EMA teacher to"
+                " evaluate: set semi.eval_model=student (or semi.unimatch_teacher=ema)"
+            )
+        if s.unimatch_teacher == "ema" and not s.ema_buffers:
+            raise ConfigError(
+                "semi.unimatch_teacher=ema needs semi.ema_buffers=true: the eval-mode teacher"
+                " runs no train-mode forward of its own, so its BatchNorm statistics must follow"
+                " the model's"
+            )
+        if not 0.0 <= s.fp_dropout < 1.0:
+            raise ConfigError(f"semi.fp_dropout={s.fp_dropout} must lie in [0, 1)")
     if cfg.train.method == "brpg":
         if p.sample_start_step < s.sup_only_steps:
             raise ConfigError(

@@ -22,7 +22,7 @@ from brpg.cpg import (
     apply_back_fallbacks,
     route_back,
 )
-from brpg.engine import semi as semi_mod
+from brpg.engine import plugin as plugin_mod
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -269,7 +269,7 @@ def straight(data_root, tmp_path_factory):
     """A tiny brpg run with the back queue; records what the clustering saw."""
     cfg = load_config("digits_suponly_1_16", tiny(data_root, extra=BACK))
     seen: dict[str, list] = {}
-    real_fb, real_cm = semi_mod.apply_back_fallbacks, semi_mod.cluster_memories
+    real_fb, real_cm = plugin_mod.apply_back_fallbacks, plugin_mod.cluster_memories
 
     def fallbacks(memory, back, min_rows):
         seen["back"] = back.count.tolist()
@@ -283,8 +283,8 @@ def straight(data_root, tmp_path_factory):
         return real_cm(high, high_valid, low, low_valid, **kw)
 
     mp_ = pytest.MonkeyPatch()
-    mp_.setattr(semi_mod, "apply_back_fallbacks", fallbacks)
-    mp_.setattr(semi_mod, "cluster_memories", cluster)
+    mp_.setattr(plugin_mod, "apply_back_fallbacks", fallbacks)
+    mp_.setattr(plugin_mod, "cluster_memories", cluster)
     try:
         run = tmp_path_factory.mktemp("straight")
         tr = _run(cfg, run)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from brpg.config import ConfigError, load_config
-from brpg.engine import semi as semi_mod
+from brpg.engine import plugin as plugin_mod
 from brpg.engine import trainer as trainer_mod
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.semi import cluster_due, phase_of, sampling_active
@@ -180,13 +180,13 @@ def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path, monk
     extra = ("proto.memory=random", "proto.threshold_type=csp", "proto.kmeans_subsample=16")
     cfg = load_config("digits_suponly_1_16", tiny(data_root, extra=extra))
     seen = []
-    original = semi_mod.batched_kmeans_full
+    original = plugin_mod.batched_kmeans_full
 
     def spy(*a, **k):
         seen.append(k.get("subsample"))
         return original(*a, **k)
 
-    monkeypatch.setattr(semi_mod, "batched_kmeans_full", spy)
+    monkeypatch.setattr(plugin_mod, "batched_kmeans_full", spy)
     tr = _run(cfg, tmp_path / "random")
     c, k, _ = tr.method.bank.shape
     assert k == cfg.proto.num_high + cfg.proto.num_low + cfg.proto.add_num

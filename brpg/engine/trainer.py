@@ -1,4 +1,4 @@
-"""The trainer (SupOnly, mean teacher, BRPG) with exact resume and DDP.
+"""The trainer (SupOnly, mean teacher, UniMatch, BRPG on either) with exact resume and DDP.
 
 One :class:`Trainer` owns a run directory::
 
@@ -8,10 +8,13 @@ One :class:`Trainer` owns a run directory::
       last.pt          the latest checkpoint (atomic: temp file + rename)
       summary.json     written at the end: val_miou, per_class_iou, steps, wall_s, config, commit
 
-``train.method`` picks the step: ``suponly`` (:func:`suponly_step`), ``meanteacher`` or ``brpg``
-(:func:`brpg.engine.semi.semi_step` after the supervised warm-up; the phases are in
-:mod:`brpg.engine.semi`). The checkpoint holds the teacher, the CPG memories (during the
-sampling window) and the prototype bank, so a resume is exact in every phase.
+``train.method`` picks the step: ``suponly`` (:func:`suponly_step`); ``semi`` (the framework
+alone), ``meanteacher`` (its alias for ``semi.framework: meanteacher``) or ``brpg`` (the
+framework + the BRPG plug-in) run the supervised warm-up, then the step of ``semi.framework``:
+:func:`brpg.engine.semi.semi_step` (mean teacher) or :func:`brpg.engine.unimatch.unimatch_step`
+(UniMatch), both returning ``(loss, logs, ema_rows)``. The phases are in
+:mod:`brpg.engine.phases`. The checkpoint holds the teacher (if any), the CPG memories (during
+the sampling window) and the prototype bank, so a resume is exact in every phase.
 
 Training is counted in steps. Every random draw of step ``s`` (dropout, augmentation of its
 samples) is seeded from ``(seed, s, rank)``, and the batches come from a step-indexed stream
@@ -55,6 +58,7 @@ from brpg.engine.datasets import build_eval_loader, build_train_datasets
 from brpg.engine.inference import evaluate
 from brpg.engine.optim import build_optimizer, build_scheduler
 from brpg.engine.semi import SemiMethod, phase_of, semi_step, upsample_to
+from brpg.engine.unimatch import unimatch_step
 from brpg.losses import supervised_loss
 from brpg.models import build_model
 
@@ -201,8 +205,9 @@ class Trainer:
                 f"load_weights: {path} holds weights of another model than {self.cfg.name}'s"
                 f" (check model.* and data.num_classes):\n{err}"
             ) from err
-        if self.method is not None:  # a teacher that exists before the warm-up ends: same start
-            self.method.teacher.module.load_state_dict(state["model"])
+        teacher = None if self.method is None else self.method.teacher
+        if teacher is not None:  # a teacher that exists before the warm-up ends: same start
+            teacher.module.load_state_dict(state["model"])
 
     def _truncate_log(self) -> None:
         """Drop log records written after the checkpoint (they will be written again)."""
@@ -240,9 +245,13 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
-        """The model evaluated now: the teacher once it exists (``semi.eval_model``, spec §4.9)."""
+        """The model evaluated now: the teacher once it exists (``semi.eval_model``, spec §4.9).
+
+        UniMatch with ``semi.unimatch_teacher: self`` has no EMA teacher; its config must say
+        ``semi.eval_model: student`` (checked by :func:`brpg.config.validate`)."""
         if (
             self.method is not None
+            and self.method.teacher is not None
             and self.cfg.semi.eval_model == "teacher"
             and self.step > self.cfg.semi.sup_only_steps
         ):
@@ -283,6 +292,7 @@ class Trainer:
         g = len(micro)
         torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout, aug, CutMix
         method, phase = self.method, phase_of(self.step, cfg)
+        step_fn = unimatch_step if cfg.semi.framework == "unimatch" else semi_step
         if method is not None:
             for key, value in method.before_step(self.step, self.model).items():
                 self.log({"step": self.step, "event": key, key: value})
@@ -299,13 +309,14 @@ class Trainer:
                 with self._autocast():
                     if phase == "warmup":
                         loss, logs = suponly_step(self.model, batch, cfg)
-                        if method is not None and cfg.semi.teacher_bn_warmup:
+                        teacher = None if method is None else method.teacher
+                        if teacher is not None and cfg.semi.teacher_bn_warmup:
                             with torch.no_grad():  # official: teacher BN statistics (spec §4.10)
-                                method.teacher.train()
-                                method.teacher(batch["image"])
+                                teacher.train()
+                                teacher(batch["image"])
                     else:
                         assert method is not None and micro_u is not None and len(micro_u) == g
-                        loss, logs, ema_rows = semi_step(
+                        loss, logs, ema_rows = step_fn(
                             self.model, method, batch, micro_u[i], self.step, self.dist.world_size
                         )
                 if i == 0:  # where it always was: after the first forward, before any backward
@@ -318,10 +329,10 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if method is not None and phase != "warmup":
-            method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
+            if method.teacher is not None:
+                method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
             for rows in all_ema_rows:  # the bank moves after the step, in micro-batch order
-                assert method.bank is not None
-                method.bank.ema_update(*rows)
+                method.ema_update(rows)
         return _mean_logs(all_logs)
 
     def _unlabeled_batches(self) -> Any:

@@ -8,6 +8,10 @@ Shapes for a 513×513 crop with ResNet-101 at OS8 (``C`` classes, ``D`` = decode
         └─ rep head:   same layers, last 1×1 → rep [B,rep_dim,…] (raw, not normalised)
 
 Logits stay at stride 4; callers upsample them (bilinear, ``align_corners=True``).
+
+``SegModel.forward(x, need_fp=True)`` adds UniMatch's feature perturbation (Yang et al., CVPR
+2023): one decoder pass on ``cat([features, Dropout2d(features)])`` along the batch, split in
+halves, giving ``logits_fp`` next to ``logits``.
 """
 
 from __future__ import annotations
@@ -102,10 +106,14 @@ class DeepLabV3PlusDecoder(nn.Module):
             _stride4_head(2 * channels, channels, rep_dim, dropout) if rep_dim is not None else None
         )
 
+    def fuse(self, low: Tensor, high: Tensor) -> Tensor:
+        """low [B,Cl,h,w], high [B,Ch,h',w'] → the fused stride-4 map [B,2D,h,w] both heads read."""
+        context = self.head(self.aspp(high))  # [B,D,h',w']
+        return torch.cat([self.low_conv(low), _upsample(context, low.shape[-2:])], dim=1)
+
     def forward(self, low: Tensor, high: Tensor) -> dict[str, Tensor]:
         """low [B,Cl,h,w], high [B,Ch,h',w'] → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}."""
-        context = self.head(self.aspp(high))  # [B,D,h',w']
-        fused = torch.cat([self.low_conv(low), _upsample(context, low.shape[-2:])], dim=1)
+        fused = self.fuse(low, high)  # [B,2D,h,w]
         out = {"logits": self.classifier(fused)}  # [B,C,h,w]
         if self.rep_head is not None:
             out["rep"] = self.rep_head(fused)  # [B,rep_dim,h,w], raw
@@ -118,7 +126,8 @@ class SegModel(nn.Module):
     ``forward(x [B,3,H,W])`` returns ``{"logits": [B,C,h,w]}`` plus ``"rep": [B,rep_dim,h,w]``
     when the representation head exists, where ``h, w`` is the encoder's stride-4 size
     (ceil rule: 513 → 129). ``backbone`` and ``decoder`` split the parameters for the ×10
-    decoder learning rate (spec §9).
+    decoder learning rate (spec §9). ``need_fp=True`` adds ``"logits_fp": [B,C,h,w]``, the
+    feature-perturbed pass of UniMatch (:meth:`forward`).
     """
 
     def __init__(
@@ -138,6 +147,28 @@ class SegModel(nn.Module):
     def has_rep(self) -> bool:
         return self.decoder.rep_head is not None
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5
+    ) -> dict[str, Tensor]:
+        """x [B,3,H,W] → ``{"logits", "rep"}``; with ``need_fp`` also ``"logits_fp"``.
+
+        ``need_fp`` (UniMatch's feature perturbation, Yang et al. CVPR 2023): the encoder runs
+        once; the decoder runs once on ``cat([low, Dropout2d(low)])`` and
+        ``cat([high, Dropout2d(high)])`` (``fp_dropout``, independent channel masks, applied
+        in train and eval mode alike), so its BatchNorm layers see both halves together, as
+        in UniMatch. The first half gives ``logits`` (and ``rep``: the representation head
+        reads only the clean half, no perturbed features are ever asked for), the second
+        ``logits_fp [B,C,h,w]``. ``need_fp=False`` is the plain forward, unchanged.
+        """
         low, high = self.backbone(x)
-        return self.decoder(low, high)
+        if not need_fp:
+            return self.decoder(low, high)
+        n = x.shape[0]
+        low_2b = torch.cat([low, F.dropout2d(low, fp_dropout, training=True)])
+        high_2b = torch.cat([high, F.dropout2d(high, fp_dropout, training=True)])
+        fused_2b = self.decoder.fuse(low_2b, high_2b)  # [2B,2D,h,w]
+        logits, logits_fp = self.decoder.classifier(fused_2b).split(n)  # [B,C,h,w] each
+        out = {"logits": logits, "logits_fp": logits_fp}
+        if self.decoder.rep_head is not None:
+            out["rep"] = self.decoder.rep_head(fused_2b[:n])  # [B,rep_dim,h,w], clean half
+        return out

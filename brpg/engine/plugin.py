@@ -1,0 +1,317 @@
+"""BRPG as a plug-in of a semi-supervised framework (paper title and abstract; spec §5-§8, §15).
+
+The paper calls BRPG "a general end-to-end paradigm" and claims robustness "across diverse
+datasets, segmentation networks, and semi-supervised frameworks" (arXiv 2307.10097v2 abstract,
+spec §15); the official code has only the mean-teacher framework (spec §2.4). Here everything
+BRPG adds lives in one object, :class:`BRPGPlugin`, and a framework only has to hand it tensors
+it already computes:
+
+=========================================== ===================================================
+call (once per step unless noted)           what the plug-in does
+=========================================== ===================================================
+``before_step(step) -> logs``               at the sampling window's start: fresh memories (and
+                                            the COCO back queue); at its end: back-queue
+                                            fallbacks, APO + k-means into the bank, memories
+                                            freed (spec §5.4-§5.5, §6); periodic re-clustering
+``observe(step, rep_l, logits_l,            sampling window only: CPG routing and memory push
+labels_l, rep_u, logits_u)``                (spec §5.1, §5.3). Labeled rows come from the
+                                            student, unlabeled rows from whatever makes the
+                                            framework's pseudo-labels (mean teacher: the EMA
+                                            teacher; UniMatch: the model itself on the weak view)
+``loss(step, rep_l, labels_l, rep_u,        proto phase only: ``λ_pro·L_pro`` on the labeled grid
+conf_u, pseudo_u, world_size)``             and the confident unlabeled pixels of the view the
+``-> (loss or None, logs, ema_rows)``       student saw (spec §8), and the rows of the EMA
+``ema_update(ema_rows)``                    after the optimiser step: the prototype EMA (§7)
+``state_dict()`` / ``load_state_dict()``    memories, back queue, bank, csp thresholds
+=========================================== ===================================================
+
+Shapes: ``rep_* [B, D, h, w]`` and ``logits_* [B, C, h, w]`` at the model's stride 4,
+``labels_l [B, H, W]``, ``conf_u [B, H, W]`` (float) and ``pseudo_u [B, H, W]`` (long) at label
+resolution. The step number decides what each call does (:mod:`brpg.engine.phases`), so the
+plug-in keeps no phase flag and a checkpoint taken in any phase resumes exactly. The calls add
+no host sync (the two one-off logs of the clustering aside).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from brpg.config import Config
+from brpg.cpg import (
+    AdaptiveThreshold,
+    BackQueue,
+    PrototypeMemory,
+    Rows,
+    apply_back_fallbacks,
+    class_mean_gt_prob,
+    downsample_labels,
+    memory_rows,
+    route_back,
+    route_labeled,
+    route_unlabeled,
+    subsample,
+)
+from brpg.engine.phases import cluster_due, phase_of, sampling_active
+from brpg.prototypes import (
+    PrototypeBank,
+    apo_counts,
+    batched_kmeans_full,
+    cluster_memories,
+    dispersion,
+    pack_high_low,
+    prototype_loss,
+    pseudo_threshold,
+    sample_labeled_grid,
+    sample_unlabeled,
+)
+
+__all__ = ["BRPGPlugin", "EMARows", "cluster_prototypes"]
+
+EMARows = tuple[Tensor, Tensor]  # (feats[N, D], targets[N]) of the prototype EMA (spec §7)
+
+
+def _slots(cfg: Config) -> tuple[int, int]:
+    """``(K_h, K_l)``: slot budgets of the bank (``K_l = 0`` for the single random memory)."""
+    p = cfg.proto
+    extra = p.add_num if p.apo else 0
+    if p.memory == "random":
+        return p.num_high + p.num_low + extra, 0
+    return p.num_high + extra, p.num_low + extra
+
+
+def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple[Tensor, Tensor]:
+    """APO + k-means of the memories → ``(protos[C, K, D], valid[C, K])`` (spec §5.4, §6).
+
+    ``memory = "cpg"``: high and low memories are clustered separately with
+    :func:`~brpg.prototypes.cluster_memories`. ``"random"`` (CPG ablation, spec §5.6): the one
+    memory gets ``num_high + num_low`` clusters (+ ``add_num`` for the APO-selected classes).
+    """
+    p = cfg.proto
+    if p.memory == "cpg":
+        high, high_valid = memory.get("high")
+        low, low_valid = memory.get("low")
+        return cluster_memories(
+            high,
+            high_valid,
+            low,
+            low_valid,
+            base_high=p.num_high,
+            base_low=p.num_low,
+            add_num=p.add_num,
+            proportion=p.add_proportion,
+            metric=p.dispersion,
+            apo=p.apo,
+            iters=p.kmeans_iters,
+            seed=seed,
+            n_init=p.kmeans_n_init,
+            subsample=p.kmeans_subsample or None,
+        )
+    feats, valid = memory.get("all")
+    base = p.num_high + p.num_low
+    k_c = torch.full((feats.shape[0],), base, dtype=torch.long)
+    if p.apo:
+        k_c = apo_counts(dispersion(feats, valid, p.dispersion), base, p.add_proportion, p.add_num)
+    res = batched_kmeans_full(
+        feats,
+        k_c,
+        valid=valid,
+        iters=p.kmeans_iters,
+        seed=seed,
+        n_init=p.kmeans_n_init,
+        subsample=p.kmeans_subsample or None,
+    )
+    k_all, _ = _slots(cfg)
+    empty = res.centers[:, :0]
+    return pack_high_low(
+        res.centers, empty, res.center_valid, res.center_valid[:, :0], k_high=k_all, k_low=0
+    )
+
+
+class BRPGPlugin(nn.Module):
+    """Everything BRPG adds to a framework: CPG memories, back queue, bank, csp (module docstring).
+
+    ``memory`` is ``None`` outside the sampling window (freed after the one-shot clustering, as
+    the official ``del``), ``back`` is the COCO back queue (spec §5.5) alongside it when
+    ``proto.back_queue``, and ``csp`` is the class-specific threshold of spec §5.3 when
+    ``proto.threshold_type == "csp"``. Only for ``train.method: brpg``.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__()
+        if not cfg.model.rep_head:
+            raise ValueError("train.method=brpg needs model.rep_head=true (features for L_pro)")
+        self.cfg = cfg
+        self.device = device
+        p = cfg.proto
+        self.memory: PrototypeMemory | None = None
+        self.back: BackQueue | None = None
+        k_h, k_l = _slots(cfg)
+        self.bank = PrototypeBank(
+            cfg.data.num_classes, cfg.model.rep_dim, k_h + k_l, momentum=p.ema_momentum
+        ).to(device)
+        self.csp: AdaptiveThreshold | None = None
+        if p.threshold_type == "csp":
+            self.csp = AdaptiveThreshold(
+                cfg.data.num_classes,
+                init=p.high_threshold,
+                momentum=p.csp_momentum,
+                thre_min=p.csp_min,
+                thre_max=p.csp_max,
+                device=device,
+            )
+
+    def new_memory(self) -> PrototypeMemory:
+        """Empty CPG memories: high + low (``proto.memory: cpg``) or one of twice the length."""
+        p = self.cfg.proto
+        kinds, cap = (
+            (("high", "low"), p.queue_len) if p.memory == "cpg" else (("all",), 2 * p.queue_len)
+        )
+        return PrototypeMemory(
+            self.cfg.data.num_classes, self.cfg.model.rep_dim, cap, kinds, device=self.device
+        )
+
+    def new_back(self) -> BackQueue | None:
+        """The COCO back queue (spec §5.5), ``None`` unless ``proto.back_queue``."""
+        p = self.cfg.proto
+        if not p.back_queue:
+            return None
+        cap = p.back_len or 2 * p.queue_len
+        return BackQueue(self.cfg.data.num_classes, self.cfg.model.rep_dim, cap, self.device)
+
+    # ------------------------------------------------------------------ the interface
+    def before_step(self, step: int) -> dict[str, Any]:
+        """Memory allocation and (re-)clustering at the start of ``step`` (spec §1, §5.4-§5.5)."""
+        cfg, logs = self.cfg, {}
+        if sampling_active(step, cfg) and self.memory is None:
+            self.memory = self.new_memory()
+            self.back = self.new_back()
+        if cluster_due(step, cfg):
+            assert self.memory is not None, "the sampling window left no memory"
+            if self.back is not None:  # before APO and k-means (spec §5.5)
+                cases = apply_back_fallbacks(self.memory, self.back, cfg.proto.min_rows)
+                logs["back_fallback"] = cases.tolist()  # per class, once: host sync ok
+            protos, valid = cluster_prototypes(self.memory, cfg, seed=cfg.train.seed + step)
+            self.bank.set_prototypes(protos, valid)
+            logs["prototypes_per_class"] = self.bank.num_valid().tolist()  # once: host sync ok
+            if cfg.proto.recluster_every <= 0:
+                self.memory = None  # the official code deletes the memories (spec §5.4)
+                self.back = None
+        return logs
+
+    @torch.no_grad()
+    def observe(
+        self,
+        step: int,
+        rep_l: Tensor,
+        logits_l: Tensor,
+        labels_l: Tensor,
+        rep_u: Tensor,
+        logits_u: Tensor,
+    ) -> None:
+        """CPG sampling of one step (spec §5.1): route, sub-sample, push (all-gathered under DDP).
+
+        ``rep_l [B, D, h, w]``, ``logits_l [B, C, h, w]``: the student on the labeled images;
+        ``labels_l [B, H, W]``; ``rep_u [B_u, D, h, w]``, ``logits_u [B_u, C, h, w]``: the
+        pseudo-label producer on the weak unlabeled view. A no-op outside the sampling window.
+        """
+        cfg = self.cfg
+        if not sampling_active(step, cfg):
+            return
+        p, memory = cfg.proto, self.memory
+        assert memory is not None, "observe() in the sampling window before before_step()"
+        rep_l, logits_l, rep_u, logits_u = (t.detach() for t in (rep_l, logits_l, rep_u, logits_u))
+        labels_small = downsample_labels(labels_l, logits_l.shape[-2:])
+        tau_h: float | Tensor = p.high_threshold
+        if self.csp is not None:
+            mean_c, present_c = class_mean_gt_prob(logits_l, labels_small, cfg.data.num_classes)
+            self.csp.update(mean_c, present_c)
+            tau_h = self.csp.thresholds()
+        lab = route_labeled(rep_l, logits_l, labels_small, tau_h, p.low_threshold)
+        unl = route_unlabeled(rep_u, logits_u, p.unlabeled_threshold)
+        b = labels_l.shape[0]
+        if p.memory == "cpg":
+            high, low = memory_rows(lab, unl, b, p.sample_pixel_num)
+            memory.push("high", *high)
+            memory.push("low", *low)
+            if self.back is not None:  # COCO (spec §5.5): p_gt-ranked rows, 255 excluded
+                back = route_back(
+                    rep_l, logits_l, labels_small, p.back_per_class, cfg.data.ignore_index
+                )
+                self.back.push(*back)
+            return
+        # random (no CPG split): every correct labeled pixel + the confident unlabeled ones
+        cls_l = torch.where(lab.high_cls >= 0, lab.high_cls, lab.low_cls)
+        rows = Rows(torch.cat([lab.high_feats, unl.feats]), torch.cat([cls_l, unl.cls]))
+        memory.push("all", *subsample(rows.feats, rows.cls, p.sample_pixel_num * 3 * b))
+
+    def loss(
+        self,
+        step: int,
+        rep_l: Tensor,
+        labels_l: Tensor,
+        rep_u: Tensor,
+        conf_u: Tensor,
+        pseudo_u: Tensor,
+        world_size: int = 1,
+    ) -> tuple[Tensor | None, dict[str, Tensor], EMARows | None]:
+        """``λ_pro·L_pro`` of one step (spec §8), ``(None, {}, None)`` outside the proto phase.
+
+        ``rep_l [B, D, h, w]`` (student, labeled, with grad), ``labels_l [B, H, W]``;
+        ``rep_u [B_u, D, h, w]``: the student on the unlabeled view it is trained on, with that
+        view's pseudo-labels ``pseudo_u [B_u, H, W]`` and confidences ``conf_u [B_u, H, W]``
+        (mixed by the same CutMix). Labeled grid + unlabeled pixels above the ramped threshold
+        (spec §1, §12 Q5); ``proto.faithful_loss_scale`` multiplies by ``1/world_size``
+        (spec §12 Q3). Returns ``(weighted loss, {"loss_proto": L_pro}, ema_rows)`` with
+        ``ema_rows = (feats[N, D], targets[N])`` detached, for :meth:`ema_update`.
+        """
+        cfg = self.cfg
+        if phase_of(step, cfg) != "proto":
+            return None, {}, None
+        p, ignore = cfg.proto, cfg.data.ignore_index
+        feats_l, tgt_l = sample_labeled_grid(rep_l, labels_l, p.grid_num)
+        thr = pseudo_threshold(step, 1, cfg.train.steps, p.thr_start, p.thr_end,
+                               p.thr_delay_steps, p.thr_clamp_low)  # fmt: skip
+        feats_u, tgt_u = sample_unlabeled(
+            rep_u, conf_u, pseudo_u, thr, p.unsup_sample_num, ignore_index=ignore
+        )
+        loss_pro = prototype_loss(self.bank, feats_l, tgt_l, p.tau) + prototype_loss(
+            self.bank, feats_u, tgt_u, p.tau
+        )
+        scale = 1.0 / world_size if p.faithful_loss_scale else 1.0
+        weighted = p.loss_weight * scale * loss_pro
+        ema_rows = (torch.cat([feats_l, feats_u]).detach(), torch.cat([tgt_l, tgt_u]))
+        return weighted, {"loss_proto": loss_pro.detach()}, ema_rows
+
+    def ema_update(self, ema_rows: EMARows) -> None:
+        """The prototype EMA of spec §7 with the rows of :meth:`loss`, after the optimiser step."""
+        self.bank.ema_update(*ema_rows)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """``{"memory", "back", "bank", "csp"}`` (``None`` where absent): the checkpoint keys."""
+        return {
+            "memory": None if self.memory is None else self.memory.state_dict(),
+            "back": None if self.back is None else self.back.state_dict(),
+            "bank": self.bank.state_dict(),
+            "csp": None if self.csp is None else self.csp.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:  # type: ignore[override]
+        if state.get("memory") is not None:
+            self.memory = self.new_memory()
+            self.memory.load_state_dict(state["memory"])
+        else:
+            self.memory = None
+        self.back = None
+        if state.get("back") is not None:
+            self.back = self.new_back()
+            if self.back is None:
+                raise ValueError("the checkpoint has a back queue but proto.back_queue is false")
+            self.back.load_state_dict(state["back"])
+        if state.get("bank") is not None:
+            self.bank.load_state_dict(state["bank"])
+        if self.csp is not None and state.get("csp") is not None:
+            self.csp.load_state_dict(state["csp"])

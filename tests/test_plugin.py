@@ -1,0 +1,90 @@
+"""The BRPG plug-in: one code path for both frameworks, SemiMethod's delegating attributes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_semi import _run, tiny
+
+from brpg.config import load_config
+from brpg.engine.plugin import BRPGPlugin
+from brpg.engine.semi import SemiMethod
+from brpg.models import build_model
+from brpg.prototypes import PrototypeBank
+
+UM = ("semi.framework=unimatch", "semi.eval_model=student", "semi.conf_thresh=0.1")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits")
+
+
+def _method(data_root: Path, method: str, *extra: str) -> SemiMethod:
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, method, extra))
+    model = build_model(cfg.model, cfg.data.num_classes)
+    return SemiMethod(cfg, model, torch.device("cpu"))
+
+
+def test_semi_method_delegates_to_the_plugin(data_root):
+    m = _method(data_root, "brpg", "proto.threshold_type=csp")
+    assert isinstance(m.plugin, BRPGPlugin) and m.brpg
+    assert m.bank is m.plugin.bank and m.csp is m.plugin.csp and m.memory is None
+    m.memory = m.new_memory()  # as benchmarks/p2_training_step.py does
+    assert m.plugin.memory is m.memory is not None
+    bank = PrototypeBank(11, 16, m.bank.max_per_class)
+    m.bank = bank  # a Module: still the plug-in's
+    assert m.plugin.bank is bank and "bank" not in m._modules
+    assert list(m.state_dict()) == ["teacher", "memory", "back", "bank", "csp"]  # checkpoints
+    m.memory = None
+    assert m.plugin.memory is None
+
+    mt = _method(data_root, "meanteacher")
+    assert mt.plugin is None and not mt.brpg
+    assert mt.memory is None and mt.bank is None and mt.back is None and mt.csp is None
+    assert list(mt.state_dict()) == ["teacher", "memory", "back", "bank", "csp"]
+    mt.memory = None  # nothing to free: fine
+    with pytest.raises(AttributeError, match="train.method=brpg"):
+        mt.memory = m.new_memory()
+    with pytest.raises(AttributeError, match="CPG memories"):
+        mt.new_memory()
+
+
+def test_the_same_plugin_code_serves_both_frameworks(data_root, tmp_path, monkeypatch):
+    """Mean teacher + BRPG and UniMatch + BRPG call the same ``BRPGPlugin.observe`` / ``loss``
+    once per step after the warm-up, with the same effect per phase: rows pushed in the
+    sampling window (4-6), ``L_pro`` from the clustering (7) on."""
+    calls: list[tuple[str, int, bool]] = []
+    real_observe, real_loss = BRPGPlugin.observe, BRPGPlugin.loss
+
+    def observe(self, step, *a):
+        before = (
+            None if self.memory is None else sum(int(c.sum()) for c in self.memory.count.values())
+        )
+        real_observe(self, step, *a)
+        after = (
+            None if self.memory is None else sum(int(c.sum()) for c in self.memory.count.values())
+        )
+        calls.append(("observe", step, after is not None and after > before))
+
+    def loss(self, step, *a):
+        out = real_loss(self, step, *a)
+        calls.append(("loss", step, out[0] is not None))
+        return out
+
+    monkeypatch.setattr(BRPGPlugin, "observe", observe)
+    monkeypatch.setattr(BRPGPlugin, "loss", loss)
+    seen = {}
+    for name, extra in (("meanteacher", ()), ("unimatch", UM)):
+        cfg = load_config("digits_suponly_1_16", tiny(data_root, "brpg", (*extra, "train.steps=9")))
+        calls.clear()
+        tr = _run(cfg, tmp_path / name)
+        assert tr.method.bank.valid.any()
+        seen[name] = list(calls)
+    want = []
+    for s in range(3, 9):
+        want += [("observe", s, 4 <= s <= 6), ("loss", s, s >= 7)]
+    assert seen["meanteacher"] == want
+    assert seen["unimatch"] == want
