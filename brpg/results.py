@@ -109,6 +109,9 @@ def run_and_store(
     resume = (work / "last.pt").exists()
     if resume:
         print(f"resume {work}")
+    # the code that runs is the checkout at start (modules are imported once); a commit made
+    # while the run trains must not be recorded as its provenance
+    commit_at_start = runtime.git_commit()
     trainer = Trainer(cfg, work, resume=resume, progress=progress)
     summary = trainer.fit()
     target.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,8 @@ def run_and_store(
     cmd = f"brpg train --config {config} " + " ".join(f"--set {s}" for s in sets)
     provenance = {
         "command": cmd,
-        "commit": runtime.git_commit(),
+        "commit": commit_at_start,
+        "commit_at_end": runtime.git_commit(),
         "machine": summary["machine"],
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
