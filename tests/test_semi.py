@@ -1,15 +1,12 @@
 """Mean teacher + BRPG training: phases, exact resume in every phase, DDP-identical prototypes."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_helpers import run_torchrun
 
 from brpg.config import ConfigError, load_config
 from brpg.engine import plugin as plugin_mod
@@ -194,12 +191,6 @@ def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path, monk
     assert seen == [16]  # the one-shot clustering, with the configured subsample
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_ddp_keeps_identical_prototypes(data_root, tmp_path):
     script = tmp_path / "ddp_brpg.py"
     script.write_text(
@@ -216,23 +207,11 @@ def test_two_process_gloo_ddp_keeps_identical_prototypes(data_root, tmp_path):
         )
     )
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
+    r = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
             str(script),
             str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     b0 = torch.load(out / "bank0.pt", weights_only=False)

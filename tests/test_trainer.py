@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_helpers import run_torchrun
 
 from brpg.config import ConfigError, load_config
 from brpg.engine.batches import _mix, step_loader
@@ -167,23 +167,10 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path, data_root):
     assert sa["val_miou"] == sb["val_miou"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_ddp(tmp_path, data_root):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
+    r = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
             "-m",
             "brpg",
             "train",
@@ -195,12 +182,7 @@ def test_two_process_gloo_ddp(tmp_path, data_root):
             "--set",
             "train.device=cpu",
             *tiny_overrides(data_root, steps=4, ckpt_every=2),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -433,23 +415,11 @@ def test_grad_accum_under_two_process_ddp_keeps_ranks_identical(data_root, tmp_p
         "torch.save(params, f'{sys.argv[1]}/rank{dist.get_rank()}.pt')\n"
     )
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
+    r = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
             str(script),
             str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     w0 = torch.load(out / "rank0.pt", weights_only=True)

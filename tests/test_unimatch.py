@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_semi import ROOT, _free_port, _run, tiny
+from ddp_helpers import run_torchrun
+from test_semi import _run, tiny
 
 from brpg.config import ConfigError, ModelConfig, load_config
 from brpg.engine import unimatch as unimatch_mod
@@ -292,23 +290,11 @@ def test_two_process_gloo_ddp_unimatch_brpg(data_root, tmp_path):
         )
     )
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
+    r = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
             str(script),
             str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     s0 = torch.load(out / "rank0.pt", weights_only=False)
