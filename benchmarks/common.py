@@ -25,10 +25,12 @@ On CUDA the peak is ``torch.cuda.max_memory_allocated`` minus the allocated byte
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,3 +193,11 @@ def env_threads() -> dict[str, str]:
     """Thread-related environment variables that were set (for the record)."""
     keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def write_json(path: str | Path, record: dict[str, Any]) -> Path:
+    """Write a benchmark record as indented JSON, creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path

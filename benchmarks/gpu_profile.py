@@ -30,13 +30,12 @@ import argparse
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from benchmarks.common import summarize, time_interleaved
+from benchmarks.common import summarize, time_interleaved, write_json
 from benchmarks.p2_training_step import Variant, fill_memory
 from brpg.config import Config, load_config
 from brpg.engine import runtime
@@ -190,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: res[k] for k in ("hardware", "step_ms", "peak_memory_gib")}, indent=1))
     print(f"prototype share of a BRPG step: {100 * res['prototype_share_of_brpg_step']:.1f} %")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(args.out, res)
     return 0
 
 

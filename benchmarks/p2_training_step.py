@@ -41,18 +41,16 @@ Standalone (other shapes, e.g. a larger batch or crop)::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.common import loadavg, summarize, target, time_interleaved
+from benchmarks.common import loadavg, summarize, target, time_interleaved, write_json
 from brpg.config import Config, load_config
 from brpg.cpg import PrototypeMemory
 from brpg.engine.optim import build_optimizer, build_scheduler
@@ -357,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_result("p2", res))
     print(f"threads {res['threads']}, load average before {load0}, after {res['loadavg_after']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(args.out, res)
     return 0
 
 

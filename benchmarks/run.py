@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
 import sys
 import time
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from benchmarks.common import BenchmarkUnavailable, env_threads, loadavg
+    from benchmarks.common import BenchmarkUnavailable, env_threads, loadavg, write_json
     from brpg.engine.runtime import git_commit, machine_info
 
     torch.set_num_threads(args.threads)
@@ -198,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and not args.quick:
         out = f"results/benchmarks/{device.type}.json"
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
+        path = write_json(out, report)
         print(f"wrote {path}")
     return 0
 
