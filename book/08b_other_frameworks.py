@@ -270,12 +270,16 @@ print("fewer than 3 paired seeds so far:", "; ".join(missing) or "none")
 # With the small CNN and the mean teacher, BRPG is ahead of the framework alone in every
 # paired seed (chapter 8). The other two comparisons do not show that:
 #
-# * **UniMatch** (one seed so far). UniMatch alone ends below the mean teacher of the same
-#   seed, at about SupOnly's level, and adding BRPG makes it clearly *worse*. One difference
-#   may matter, though it is untested: UniMatch halves its own loss terms, so L_pro (weight 1)
-#   weighs twice as much against the supervised loss as in the mean teacher. UniMatch's
-#   pseudo-labels also come from the model itself, so prototypes built from them can
-#   reinforce its own mistakes. A single seed cannot separate these from chance.
+# * **UniMatch** (three seeds at 1/16). UniMatch alone ends at SupOnly's level in every
+#   seed (within 1.5 points of it) and below the mean teacher of the same seed. Adding
+#   BRPG has no consistent effect: it is ahead in two seeds (by 1.0 and 2.3 points) and far
+#   behind in seed 0, where the background IoU drops from 96 to 90 % and every digit class
+#   falls. The mean of the paired differences is smaller than their spread, so three seeds
+#   cannot tell it from zero in either direction; what BRPG clearly does here is make the
+#   result less stable from seed to seed. Two differences from the mean teacher may matter,
+#   though neither is tested: UniMatch halves its own loss terms, so L_pro (weight 1) weighs
+#   twice as much against the supervised loss; and its pseudo-labels come from the model
+#   itself, so prototypes built from them can reinforce its own mistakes.
 # * **SegFormer** (MiT-B0, three seeds). Trained from random weights on 125 labeled 64-px
 #   scenes, it barely learns the digits: it stays far below the small CNN, and one seed
 #   predicts background everywhere, with and without BRPG. At that level BRPG and the mean
@@ -283,17 +287,41 @@ print("fewer than 3 paired seeds so far:", "; ".join(missing) or "none")
 #   about BRPG; a transformer needs pretrained weights or far more data than DigitScenes.
 #
 # So these DigitScenes runs support the paper's claim of generality for neither UniMatch nor
-# SegFormer. The UniMatch runs need more seeds and the 1/8 split before that reading can be
-# trusted. The cell below checks each statement against the numbers.
+# SegFormer. The cell below checks each statement against the numbers.
 
 # %%
 mt_small = mean_std(list(by_seed("digits_meanteacher_1_16").values()))[0]
 supo = {r["config"]["train"]["seed"]: r["val_miou"] for r in runs["digits_suponly_1_16"]}
 uni_a, uni_b = by_seed("digits_unimatch_1_16"), by_seed("digits_unimatch_brpg_1_16")
 mt_a = by_seed("digits_meanteacher_1_16")
-for k in sorted(set(uni_a) & set(uni_b)):
-    assert uni_b[k] < uni_a[k] - 2.5, (k, uni_a[k], uni_b[k])  # BRPG clearly worse
-    assert uni_a[k] < mt_a[k] and abs(uni_a[k] - supo[k]) < 2.0  # at SupOnly's level
+uni_seeds = sorted(set(uni_a) & set(uni_b))
+assert len(uni_seeds) >= 3
+for k in uni_seeds:
+    assert uni_a[k] < mt_a[k] and abs(uni_a[k] - supo[k]) < 1.5  # at SupOnly's level
+uni_d = paired["DeepLabV3+ (small CNN), UniMatch"]
+d_mean, d_std = mean_std(uni_d)
+assert min(uni_d) < 0 < max(uni_d)  # ahead in some seeds, behind in others
+assert sorted(round(d, 1) for d in uni_d if d > 0) == [1.0, 2.3]  # the two seeds ahead
+assert abs(d_mean) < d_std  # the mean difference is within its spread
+assert mean_std(list(uni_b.values()))[1] > 2 * mean_std(list(uni_a.values()))[1]  # less stable
+worst = min(uni_seeds, key=lambda k: uni_b[k] - uni_a[k])
+bg = {
+    (n, r["config"]["train"]["seed"]): r["per_class_iou"][0]
+    for n in ("digits_unimatch_1_16", "digits_unimatch_brpg_1_16")
+    for r in runs[n]
+}
+assert worst == 0 and uni_b[0] < uni_a[0] - 5
+assert (
+    bg["digits_unimatch_brpg_1_16", 0]
+    < min(v for key, v in bg.items() if key != ("digits_unimatch_brpg_1_16", 0)) - 4
+)
+worst_run = next(r for r in runs["digits_unimatch_brpg_1_16"] if r["config"]["train"]["seed"] == 0)
+alone_run = next(r for r in runs["digits_unimatch_1_16"] if r["config"]["train"]["seed"] == 0)
+assert all(
+    x < y
+    for x, y in zip(worst_run["per_class_iou"][1:], alone_run["per_class_iou"][1:], strict=True)
+)
+print(f"UniMatch 1/16: BRPG − alone {d_mean:+.1f} ± {d_std:.1f} points over {len(uni_d)} seeds")
 seg_a, seg_b = by_seed("digits_segformer_meanteacher_1_16"), by_seed("digits_segformer_brpg_1_16")
 assert len(set(seg_a) & set(seg_b)) >= 3
 assert max(seg_a.values()) < mt_small - 10  # far below the small CNN
