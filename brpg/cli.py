@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = trainer.fit()
             if trainer.dist.is_main:
                 print(
-                    f"{cfg.name}: val mIoU {summary['val_miou']:.2f} % after {summary['steps']}"
+                    f"{cfg.name}: val mIoU {summary['val_miou']:.2f} %,"
+                    f" mBIoU {summary['val_mbiou']:.2f} % after {summary['steps']}"
                     f" steps ({summary['wall_s']:.0f} s) -> {out / 'summary.json'}"
                 )
             return 0
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             from brpg.engine.evaluate_run import evaluate_run
 
             res = evaluate_run(Path(args.run), args.set, progress=not args.no_progress)
-            print(json.dumps({k: res[k] for k in ("miou", "per_class_iou")}, indent=2))
+            keys = ("miou", "per_class_iou", "mbiou", "per_class_biou", "biou_dilation_ratio")
+            print(json.dumps({k: res[k] for k in keys}, indent=2))
             return 0
     except (ConfigError, DatasetError, RunDirError, FileNotFoundError, ExperimentError) as e:
         print(f"brpg: error: {e}", file=sys.stderr)

@@ -49,10 +49,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(dest: str | Path) -> list[dict[str, Any]]:
-    """One row per config: mean ± std of val mIoU over seeds, steps and wall time."""
+    """One row per config: mean ± std of val mIoU over seeds, steps and wall time.
+
+    Also mean ± std of val mBIoU (Boundary IoU) over the seeds whose summary has it
+    (``mbiou_seeds`` of them); summaries written before it was computed lack the key, and a
+    config with none gets ``mbiou_mean = mbiou_std = None``.
+    """
     rows = []
     for name, runs in load_runs(dest).items():
         m, s = mean_std([r["val_miou"] for r in runs])
+        mbious = [r["val_mbiou"] for r in runs if r.get("val_mbiou") is not None]
+        bm, bs = mean_std(mbious) if mbious else (None, None)
         rows.append(
             {
                 "config": name,
@@ -60,6 +67,9 @@ def summarise(dest: str | Path) -> list[dict[str, Any]]:
                 "miou_mean": m,
                 "miou_std": s,
                 "mious": [r["val_miou"] for r in runs],
+                "mbiou_mean": bm,
+                "mbiou_std": bs,
+                "mbiou_seeds": len(mbious),
                 "steps": runs[0]["steps"],
                 "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
             }
@@ -67,16 +77,26 @@ def summarise(dest: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _mbiou_cell(r: dict[str, Any]) -> str:
+    """``mean ± std``; "—" when no seed has mBIoU; ``(k of n seeds)`` when only some have it."""
+    if r.get("mbiou_mean") is None:
+        return "—"
+    cell = f"{r['mbiou_mean']:.1f} ± {r['mbiou_std']:.1f}"
+    if r["mbiou_seeds"] != r["seeds"]:
+        cell += f" ({r['mbiou_seeds']} of {r['seeds']} seeds)"
+    return cell
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| config | seeds | val mIoU (%) | per seed | steps | train s |",
-        "|---|---|---|---|---|---|",
+        "| config | seeds | val mIoU (%) | per seed | val mBIoU (%) | steps | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per = ", ".join(f"{v:.1f}" for v in r["mious"])
         lines.append(
             f"| {r['config']} | {r['seeds']} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {per}"
-            f" | {r['steps']} | {r['wall_s_mean']:.0f} |"
+            f" | {_mbiou_cell(r)} | {r['steps']} | {r['wall_s_mean']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -126,7 +146,10 @@ def run_and_store(
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    print(f"{cfg.name} seed {seed}: {summary['val_miou']:.2f} % ({summary['wall_s']:.0f} s)")
+    print(
+        f"{cfg.name} seed {seed}: {summary['val_miou']:.2f} % mIoU,"
+        f" {summary['val_mbiou']:.2f} % mBIoU ({summary['wall_s']:.0f} s)"
+    )
     return summary
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brpg.engine.inference import evaluate, predict_logits, window_starts
+from brpg.engine.metrics import BoundaryIoU
 
 
 class LocalModel(nn.Module):
@@ -129,6 +130,10 @@ def test_perfect_model_gets_100_miou(protocol):
     assert res["miou"] == pytest.approx(100.0)
     assert res["per_class_iou"] == pytest.approx([100.0] * c)
     assert res["pixel_acc"] == pytest.approx(100.0)
+    # Boundary IoU from the same pass: perfect on valid pixels, the ignored top row not counted
+    assert res["mbiou"] == pytest.approx(100.0)
+    assert res["per_class_biou"] == pytest.approx([100.0] * c)
+    assert res["biou_dilation_ratio"] == 0.02
     assert model.training  # the previous mode is restored
 
 
@@ -145,6 +150,9 @@ def test_evaluate_list_batches_and_partial_errors():
     assert res["per_class_iou"] == pytest.approx([200 / 3, 200 / 3, 100.0])
     assert res["miou"] == pytest.approx((200 / 3 + 200 / 3 + 100) / 3)
     assert res["pixel_acc"] == pytest.approx(100 * 6 / 7)
+    # images of 1 and 2 rows: every mask pixel is on a contour (the image border), so the bands
+    # are the masks and Boundary IoU equals IoU here; each image is counted once
+    assert res["per_class_biou"] == pytest.approx([200 / 3, 200 / 3, 100.0])
 
 
 def test_evaluate_upsamples_to_mask_size_and_runs_under_autocast():
@@ -154,3 +162,23 @@ def test_evaluate_upsamples_to_mask_size_and_runs_under_autocast():
     res = evaluate(model, [batch], 2, "full", amp_dtype=torch.bfloat16, progress=False)
     assert res["pixel_acc"] == pytest.approx(100.0)
     assert res["per_class_iou"] == pytest.approx([100.0, 0.0])  # class 1 absent counts as 0
+
+
+@pytest.mark.parametrize("protocol", ["full", "center_crop", "sliding"])
+def test_evaluate_boundary_iou_matches_the_accumulator(protocol):
+    # an imperfect prediction (a 2-px shift of a square) on a 40×40 image (d = 1) and a
+    # 100×100 one (d = 3), each at its own size: evaluate() must report BoundaryIoU's numbers
+    c = 2
+    loader, expected = [], BoundaryIoU(c)
+    for size, (lo, hi) in [(40, (8, 30)), (100, (20, 80))]:
+        label = torch.zeros(1, size, size, dtype=torch.long)
+        label[0, lo + 2 : hi + 2, lo + 2 : hi + 2] = 1  # what the model sees (and predicts)
+        batch = _labelled(label, ignore_noise=False)
+        batch["mask"] = torch.zeros_like(label)
+        batch["mask"][0, lo:hi, lo:hi] = 1
+        loader.append(batch)
+        expected.update(label, batch["mask"])
+    res = evaluate(LocalModel(c), loader, c, protocol, crop_size=32, stride=24, progress=False)
+    assert res["per_class_biou"] == pytest.approx((expected.iou() * 100).tolist())
+    assert res["mbiou"] == pytest.approx(expected.miou())
+    assert res["mbiou"] < res["miou"]  # the shift costs more at the boundary

@@ -2,16 +2,22 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
+from brpg import results
+from brpg.reproduce import report
 from brpg.results import format_table, load_runs, mean_std, summarise
 
 
-def _write(dest, config, seed, miou):
+def _write(dest, config, seed, miou, mbiou=None):
     d = dest / config / f"seed{seed}"
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"val_miou": miou, "steps": 10, "wall_s": 2.0}))
+    summary = {"val_miou": miou, "steps": 10, "wall_s": 2.0}
+    if mbiou is not None:
+        summary["val_mbiou"] = mbiou
+    (d / "summary.json").write_text(json.dumps(summary))
     (d / "provenance.json").write_text(json.dumps({"command": "brpg train", "commit": "abc"}))
 
 
@@ -26,7 +32,57 @@ def test_summarise_mean_and_sample_std(tmp_path):
     runs = load_runs(tmp_path)
     assert runs["full"][0]["provenance"]["commit"] == "abc"
     table = format_table(list(rows.values()))
-    assert "| full | 3 | 72.0 ± 2.0 | 70.0, 72.0, 74.0 | 10 | 2 |" in table
+    assert "| full | 3 | 72.0 ± 2.0 | 70.0, 72.0, 74.0 | — | 10 | 2 |" in table
+
+
+def test_table_with_and_without_mbiou(tmp_path, capsys):
+    for seed, (v, b) in enumerate([(70.0, 40.0), (72.0, 44.0), (74.0, 48.0)]):
+        _write(tmp_path, "new", seed, v, b)
+    _write(tmp_path, "old", 0, 30.0)  # a summary from before Boundary IoU: no key
+    _write(tmp_path, "mixed", 0, 50.0, 20.0)
+    _write(tmp_path, "mixed", 1, 52.0)
+    rows = {r["config"]: r for r in summarise(tmp_path)}
+    assert rows["new"]["mbiou_mean"] == pytest.approx(44.0)
+    assert rows["new"]["mbiou_std"] == pytest.approx(4.0)
+    assert rows["old"]["mbiou_mean"] is None and rows["old"]["mbiou_seeds"] == 0
+    table = format_table(list(rows.values()))
+    assert "| new | 3 | 72.0 ± 2.0 | 70.0, 72.0, 74.0 | 44.0 ± 4.0 | 10 | 2 |" in table
+    assert "| old | 1 | 30.0 ± 0.0 | 30.0 | — | 10 | 2 |" in table
+    assert "| mixed | 2 | 51.0 ± 1.4 | 50.0, 52.0 | 20.0 ± 0.0 (1 of 2 seeds) | 10 | 2 |" in table
+    assert results.main(["table", str(tmp_path)]) == 0  # the CLI path
+    assert "val mBIoU (%)" in capsys.readouterr().out
+
+
+def test_committed_digits_results_predate_mbiou_and_still_table():
+    rows = summarise(Path(__file__).resolve().parents[1] / "results" / "digits")
+    assert rows
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1
+    for r in rows:
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {r['config']} |"))
+        assert (r["mbiou_mean"] is None) == ("| — |" in line), line
+
+
+def _cell_summary(miou, mbiou=None):
+    s = {"profile": "full", "table": "voc_classic", "method": "brpg", "cell": "92",
+         "val_miou": miou, "steps": 5, "wall_s": 36.0, "eval_protocol": "full"}  # fmt: skip
+    if mbiou is not None:
+        s["val_mbiou"] = mbiou
+    return s
+
+
+def test_report_mbiou_column_with_and_without_the_key():
+    col = report.COLUMNS.index("ours mBIoU")
+    old = report.rows([_cell_summary(60.0)], "full")
+    assert old[0]["mbiou"] is None
+    line = [ln for ln in report.to_markdown(old, "full").splitlines() if "| voc_classic" in ln]
+    assert line[0].strip("| ").split(" | ")[col] == "—"
+    new = report.rows([_cell_summary(60.0, 30.0), _cell_summary(62.0, 34.0)], "full")
+    assert new[0]["mbiou"] == pytest.approx(32.0)
+    md = report.to_markdown(new, "full")
+    line = [ln for ln in md.splitlines() if "| voc_classic" in ln]
+    assert line[0].strip("| ").split(" | ")[col] == "32.00 ± 2.83"
+    assert "<td>32.00 ± 2.83</td>" in report.to_html(new, "full")
 
 
 def test_mean_std_edge_cases():

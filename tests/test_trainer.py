@@ -70,21 +70,32 @@ def test_train_writes_summary_and_eval_agrees(tmp_path, data_root):
         str(out),
         "--no-progress",
         *tiny_overrides(data_root, steps=6, ckpt_every=3),
+        *("--set", "train.eval_every=3"),  # one evaluation during training, one at the end
     )
     assert r.returncode == 0, r.stderr
+    assert "mBIoU" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("val_miou", "per_class_iou", "steps", "wall_s", "config", "commit"):
+    for key in ("val_miou", "per_class_iou", "val_mbiou", "per_class_biou", "steps", "wall_s",
+                "config", "commit"):  # fmt: skip
         assert key in summary
     assert summary["steps"] == 6 and len(summary["per_class_iou"]) == 11
     assert 0.0 <= summary["val_miou"] <= 100.0
+    assert len(summary["per_class_biou"]) == 11 and 0.0 <= summary["val_mbiou"] <= 100.0
+    assert summary["biou_dilation_ratio"] == 0.02
     assert summary["config"]["data"]["labeled_split"] == "splits/1_8/labeled.txt"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("loss_sup" in rec for rec in log)
+    evals = [rec for rec in log if "val_miou" in rec]
+    assert [rec["step"] for rec in evals] == [3, 6] and evals[-1]["final"]
+    assert all(0.0 <= rec["val_mbiou"] <= 100.0 for rec in evals)
+    assert evals[-1]["val_mbiou"] == summary["val_mbiou"]
 
     r = brpg("eval", "--run", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "eval.json").read_text())
     assert res["miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
+    assert res["mbiou"] == pytest.approx(summary["val_mbiou"], abs=1e-6)
+    assert json.loads(r.stdout)["mbiou"] == pytest.approx(res["mbiou"])
 
     # the run directory is not silently overwritten
     r = brpg(
@@ -187,6 +198,7 @@ def test_two_process_gloo_ddp(tmp_path, data_root):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert 0.0 <= summary["val_mbiou"] <= 100.0  # the all-reduced Boundary IoU
 
 
 # -- gradient accumulation (train.grad_accum) ---------------------------------------------------

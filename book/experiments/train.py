@@ -108,10 +108,12 @@ summary = exp.train(progress=profile == "full")
 # %%
 result = exp.finish(summary)
 paper = result["paper_miou"]
+mbiou = result.get("val_mbiou")  # None only for a run finished before Boundary IoU existed
 rows = [
     ("cell", f"{result['table']} / {result['method']} / {result['cell']}"),
     ("profile", result["profile"]),
     ("val mIoU (%)", f"{result['val_miou']:.2f}"),
+    ("val mBIoU (%), Boundary IoU", f"{mbiou:.2f}" if mbiou is not None else "—"),
     ("paper (%)", "—" if paper is None else f"{paper:.2f}"),
     ("protocol", json.dumps(result["protocol"])),
     ("hardware", f"{result['gpu']['count']} GPU(s) {result['gpu']['type'] or ''}".strip()),
@@ -138,6 +140,7 @@ saved = json.loads((exp.output_dir / "summary.json").read_text())
 assert saved["steps"] == exp.cfg.train.steps, (saved["steps"], exp.cfg.train.steps)
 assert math.isfinite(saved["val_miou"]) and 0.0 <= saved["val_miou"] <= 100.0
 assert len(saved["per_class_iou"]) == exp.cfg.data.num_classes
+assert mbiou is None or (math.isfinite(mbiou) and 0.0 <= mbiou <= 100.0)
 assert saved["profile"] == profile and saved["config_hash"] == exp.cfg.hash()
 log = [json.loads(ln) for ln in (exp.run_dir / "log.jsonl").read_text().splitlines()]
 if exp.cfg.train.method == "brpg":

@@ -13,7 +13,11 @@ from brpg.engine.trainer import CKPT_NAME, Trainer
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], progress: bool = True) -> dict[str, Any]:
-    """Load ``run_dir/config.yaml`` and ``last.pt``, evaluate, write ``eval.json``."""
+    """Load ``run_dir/config.yaml`` and ``last.pt``, evaluate, write ``eval.json``.
+
+    ``eval.json`` holds everything :func:`brpg.engine.inference.evaluate` returns (mIoU,
+    per-class IoU, pixel accuracy, mBIoU and per-class Boundary IoU) plus the step.
+    """
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a run directory?")

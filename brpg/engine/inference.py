@@ -11,6 +11,9 @@
   Where the padding goes is not fixed by the spec; we centre it (``pad//2`` before, the rest
   after). Windows of the whole batch are stacked and run ``window_batch`` crops at a time.
 
+Every protocol also accumulates Boundary IoU (Cheng et al., CVPR 2021) from the same argmax
+(:class:`brpg.engine.metrics.BoundaryIoU`), at the mask's resolution.
+
 In every protocol the model's logits (stride 4 for DeepLabV3+) are upsampled bilinearly with
 ``align_corners=True`` (spec §10); the model must return a dict with key ``"logits"``.
 """
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from brpg.engine.metrics import ConfusionMatrix
+from brpg.engine.metrics import BIOU_DILATION_RATIO, BoundaryIoU, ConfusionMatrix
 
 __all__ = [
     "PROTOCOLS",
@@ -161,16 +164,18 @@ def evaluate(
     progress: bool = True,
     window_batch: int = 8,
 ) -> dict[str, Any]:
-    """mIoU of ``model`` over ``loader`` (spec §10).
+    """mIoU and Boundary IoU of ``model`` over ``loader`` (spec §10; Cheng et al., CVPR 2021).
 
     ``loader`` yields dicts with ``"image"`` ``[B,3,H,W]`` and ``"mask"`` ``[B,H,W]`` (or lists
     of per-image tensors for variable sizes; batch size 1 with variable sizes works as is).
     Logits are upsampled to the mask size if they differ (align_corners=True), argmaxed and
-    accumulated in a :class:`ConfusionMatrix`, which is all-reduced over ranks at the end.
+    accumulated in a :class:`ConfusionMatrix` and a :class:`BoundaryIoU` (boundary band
+    ``d = 2 %`` of each image's diagonal), both all-reduced over ranks at the end.
     The model is put in eval mode and its previous mode restored afterwards.
 
     Returns:
-        ``{"miou": %, "per_class_iou": [%] * C, "pixel_acc": %}`` (plain Python floats).
+        ``{"miou": %, "per_class_iou": [%] * C, "pixel_acc": %, "mbiou": %,
+        "per_class_biou": [%] * C, "biou_dilation_ratio": 0.02}`` (plain Python floats).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown eval protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
@@ -179,6 +184,7 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     cm = ConfusionMatrix(num_classes, ignore_index, device)
+    biou = BoundaryIoU(num_classes, ignore_index, device, BIOU_DILATION_RATIO)
 
     def autocast() -> contextlib.AbstractContextManager:
         if amp_dtype is None:
@@ -204,13 +210,20 @@ def evaluate(
                             window_batch,
                         )
                     logits_bchw = upsample_logits(logits_bchw.float(), tuple(mask_bhw.shape[-2:]))
-                    cm.update(logits_bchw.argmax(1), mask_bhw)
+                    pred_bhw = logits_bchw.argmax(1)
+                    cm.update(pred_bhw, mask_bhw)
+                    biou.update(pred_bhw, mask_bhw)
     finally:
         model.train(was_training)
     cm.all_reduce()
+    biou.all_reduce()
     iou_pct = cm.iou() * 100.0
+    biou_pct = biou.iou() * 100.0
     return {
         "miou": float(iou_pct.mean()),
         "per_class_iou": [float(v) for v in iou_pct.tolist()],
         "pixel_acc": cm.pixel_acc(),
+        "mbiou": float(biou_pct.mean()),
+        "per_class_biou": [float(v) for v in biou_pct.tolist()],
+        "biou_dilation_ratio": biou.dilation_ratio,
     }

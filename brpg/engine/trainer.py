@@ -6,7 +6,8 @@ One :class:`Trainer` owns a run directory::
       config.yaml      the resolved config
       log.jsonl        one JSON object per logged step / evaluation
       last.pt          the latest checkpoint (atomic: temp file + rename)
-      summary.json     written at the end: val_miou, per_class_iou, steps, wall_s, config, commit
+      summary.json     written at the end: val_miou, per_class_iou, val_mbiou (Boundary IoU),
+                       per_class_biou, steps, wall_s, config, commit
 
 ``train.method`` picks the step: ``suponly`` (:func:`suponly_step`); ``semi`` (the framework
 alone), ``meanteacher`` (its alias for ``semi.framework: meanteacher``) or ``brpg`` (the
@@ -402,7 +403,7 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 res = self.evaluate()
                 self.best_miou = max(self.best_miou, res["miou"])
-                self.log({"step": self.step, "val_miou": res["miou"]})
+                self.log({"step": self.step, "val_miou": res["miou"], "val_mbiou": res["mbiou"]})
             if t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save()
         bar.close()
@@ -414,6 +415,9 @@ class Trainer:
             "name": cfg.name,
             "val_miou": res["miou"],
             "per_class_iou": res["per_class_iou"],
+            "val_mbiou": res["mbiou"],
+            "per_class_biou": res["per_class_biou"],
+            "biou_dilation_ratio": res["biou_dilation_ratio"],
             "pixel_acc": res.get("pixel_acc"),
             "best_val_miou": self.best_miou,
             "steps": self.step,
@@ -427,7 +431,9 @@ class Trainer:
             "machine": runtime.machine_info(self.device),
             "config": cfg.to_dict(),
         }
-        self.log({"step": self.step, "val_miou": res["miou"], "final": True})
+        self.log(
+            {"step": self.step, "val_miou": res["miou"], "val_mbiou": res["mbiou"], "final": True}
+        )
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.dist.enabled:

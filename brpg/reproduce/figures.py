@@ -20,7 +20,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def save_curves(log_path: Path, out: Path) -> Path:
-    """Loss terms and val mIoU against the step, from ``log.jsonl``; saved as a PNG."""
+    """Loss terms and val mIoU (and mBIoU, where logged) against the step, from ``log.jsonl``;
+    saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -40,9 +41,15 @@ def save_curves(log_path: Path, out: Path) -> Path:
     if keys:
         ax_l.legend(fontsize=7)
     if evals:
-        ax_m.plot([r["step"] for r in evals], [r["val_miou"] for r in evals], "o-")
+        ax_m.plot([r["step"] for r in evals], [r["val_miou"] for r in evals], "o-", label="mIoU")
+    bevals = [r for r in evals if "val_mbiou" in r]  # logs written before Boundary IoU lack it
+    if bevals:
+        ax_m.plot(
+            [r["step"] for r in bevals], [r["val_mbiou"] for r in bevals], "s--", label="mBIoU"
+        )
+        ax_m.legend(fontsize=7)
     ax_m.set_xlabel("step")
-    ax_m.set_ylabel("val mIoU (%)")
+    ax_m.set_ylabel("val mIoU / mBIoU (%)" if bevals else "val mIoU (%)")
     ax_m.set_title("validation")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -4,7 +4,9 @@ Reads every ``summary.json`` written by :meth:`brpg.reproduce.experiment.Experim
 under a folder (``runs/reproduce`` or the committed ``results/reproduce``) and writes, per
 profile, ``results_<profile>.md``, ``results_<profile>.html`` and ``results_<profile>.png``.
 Each row is one cell: the paper's mIoU, ours (mean over the runs found, with their count), the
-difference, the best validation mIoU during training, the protocol, the hardware and the hours.
+difference, the best validation mIoU during training, our mBIoU (Boundary IoU, Cheng et al.,
+CVPR 2021; "—" for summaries written before it was computed; the paper reports none), the
+protocol, the hardware and the hours.
 
 Profiles are never mixed: smoke results (8-step pipeline checks on miniature data) go to their
 own files under a banner, and their difference to the paper is not computed.
@@ -36,6 +38,7 @@ COLUMNS = (
     "ours",
     "delta",
     "best during training",
+    "ours mBIoU",
     "runs",
     "protocol",
     "hardware",
@@ -90,6 +93,7 @@ def rows(summaries: list[dict[str, Any]], profile: str) -> list[dict[str, Any]]:
             continue
         mious = [float(r["val_miou"]) for r in runs]
         ours = statistics.fmean(mious)
+        mbious = [float(r["val_mbiou"]) for r in runs if r.get("val_mbiou") is not None]
         out.append(
             {
                 "table": c.table,
@@ -101,6 +105,10 @@ def rows(summaries: list[dict[str, Any]], profile: str) -> list[dict[str, Any]]:
                 "ours_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
                 "delta": (ours - c.paper) if (c.paper is not None and profile == "full") else None,
                 "best": max(float(r.get("best_val_miou", r["val_miou"])) for r in runs),
+                # mean over the runs that have it; None when none has (older summaries)
+                "mbiou": statistics.fmean(mbious) if mbious else None,
+                "mbiou_std": statistics.stdev(mbious) if len(mbious) > 1 else 0.0,
+                "mbiou_runs": len(mbious),
                 "runs": len(runs),
                 "protocol": _protocol(runs[0]),
                 "hardware": ", ".join(sorted({_hardware(r) for r in runs})),
@@ -118,6 +126,11 @@ def _cells(r: dict[str, Any]) -> list[str]:
         return f"{v:+.2f}" if signed else f"{v:.2f}"
 
     ours = num(r["ours"]) + (f" ± {r['ours_std']:.2f}" if r["runs"] > 1 else "")
+    mbiou = num(r.get("mbiou"))
+    if r.get("mbiou") is not None and r["mbiou_runs"] > 1:
+        mbiou += f" ± {r['mbiou_std']:.2f}"
+    if r.get("mbiou") is not None and r["mbiou_runs"] != r["runs"]:
+        mbiou += f" ({r['mbiou_runs']} of {r['runs']} runs)"
     return [
         r["table"],
         "BRPG" if r["method"] == "brpg" else "SupOnly",
@@ -127,6 +140,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
         ours,
         num(r["delta"], signed=True),
         num(r["best"]),
+        mbiou,
         str(r["runs"]),
         r["protocol"],
         r["hardware"],
@@ -143,7 +157,11 @@ def to_markdown(table_rows: list[dict[str, Any]], profile: str) -> str:
         return head + f"No {profile}-profile cell has been run yet.\n"
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in table_rows]
-    return head + "mIoU in %.\n\n" + "\n".join(lines) + "\n"
+    note = (
+        "mIoU and mBIoU (Boundary IoU, d = 2 % of the image diagonal) in %;"
+        " an mBIoU of — was not recorded by that run.\n\n"
+    )
+    return head + note + "\n".join(lines) + "\n"
 
 
 def to_html(table_rows: list[dict[str, Any]], profile: str) -> str:
