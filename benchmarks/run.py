@@ -30,6 +30,7 @@ BENCHMARKS = {
     "p1": "benchmarks.p1_prototype_step",
     "p2": "benchmarks.p2_training_step",
     "p3": "benchmarks.p3_clustering",
+    "p4": "benchmarks.p4_speed",
 }
 
 

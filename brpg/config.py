@@ -109,7 +109,10 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto | off | bf16 | fp16 (autocast is used on CUDA only)
+    # auto | off | bf16 | fp16: bf16 autocast on CUDA and on CPUs with native bf16, fp32 on
+    # other CPUs (brpg.engine.runtime.amp_dtype); fp16 (+ GradScaler) is CUDA only
+    amp: str = "auto"
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on CPUs)
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 200
     log_every: int = 20

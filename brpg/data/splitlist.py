@@ -97,6 +97,9 @@ class SplitListDataset(Dataset):
         num_classes: when given, mask values must be in ``[0, num_classes)`` or 255.
         with_mask: load masks (False for unlabeled lists; masks may then be absent on disk).
         validate: check at construction that every listed file exists (one ``stat`` each).
+        cache: keep every decoded image and mask in memory after its first read (for small
+            data sets such as DigitScenes, whose 2,500 decoded scenes take ~40 MB; PNG
+            decoding was ~18 % of a DigitScenes step). The arrays returned are the same.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class SplitListDataset(Dataset):
         num_classes: int | None = None,
         with_mask: bool = True,
         validate: bool = True,
+        cache: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -124,6 +128,7 @@ class SplitListDataset(Dataset):
         self.transform = transform
         self.num_classes = num_classes
         self.with_mask = with_mask
+        self._cache: dict[tuple[int, str], np.ndarray] | None = {} if cache else None
         if validate:
             self._check_files_exist()
 
@@ -168,12 +173,26 @@ class SplitListDataset(Dataset):
 
     def load_image(self, index: int) -> np.ndarray:
         """The raw image ``index`` as uint8 ``[H,W,3]``."""
+        return self._cached(index, "image", self._read_image)
+
+    def _read_image(self, index: int) -> np.ndarray:
         img = self._open(self.items[index][1], "image")
         return np.array(img.convert("RGB"), dtype=np.uint8)
+
+    def _cached(self, index: int, kind: str, read: Callable[[int], np.ndarray]) -> np.ndarray:
+        if self._cache is None:
+            return read(index)
+        key = (index, kind)
+        if key not in self._cache:
+            self._cache[key] = read(index)
+        return self._cache[key].copy()  # a caller that writes into it must not poison the cache
 
     def load_mask(self, index: int) -> np.ndarray:
         """The raw class-index mask ``index`` as ``[H,W]`` (uint8 for P/L PNGs, int32 for 16/32-bit
         ones), validated against ``num_classes``."""
+        return self._cached(index, "mask", self._read_mask)
+
+    def _read_mask(self, index: int) -> np.ndarray:
         rel = self.items[index][2]
         if rel is None:
             raise DatasetError(f"'{self.split_file}' lists no mask for item {self.items[index][0]}")

@@ -208,20 +208,22 @@ class BRPGPlugin(nn.Module):
         rep_l: Tensor,
         logits_l: Tensor,
         labels_l: Tensor,
-        rep_u: Tensor,
+        rep_u: Tensor | None,
         logits_u: Tensor,
     ) -> None:
         """CPG sampling of one step (spec §5.1): route, sub-sample, push (all-gathered under DDP).
 
         ``rep_l [B, D, h, w]``, ``logits_l [B, C, h, w]``: the student on the labeled images;
         ``labels_l [B, H, W]``; ``rep_u [B_u, D, h, w]``, ``logits_u [B_u, C, h, w]``: the
-        pseudo-label producer on the weak unlabeled view. A no-op outside the sampling window.
+        pseudo-label producer on the weak unlabeled view (``None`` is allowed outside the
+        sampling window, where this is a no-op).
         """
         cfg = self.cfg
         if not sampling_active(step, cfg):
             return
         p, memory = cfg.proto, self.memory
         assert memory is not None, "observe() in the sampling window before before_step()"
+        assert rep_u is not None, "observe() in the sampling window needs the unlabeled rep"
         rep_l, logits_l, rep_u, logits_u = (t.detach() for t in (rep_l, logits_l, rep_u, logits_u))
         labels_small = downsample_labels(labels_l, logits_l.shape[-2:])
         tau_h: float | Tensor = p.high_threshold

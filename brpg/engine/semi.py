@@ -206,10 +206,16 @@ def semi_step(
     x_l, y_l, x_w = batch_l["image"], batch_l["mask"], image_u
     b, size = x_l.shape[0], tuple(y_l.shape[-2:])
 
+    plugin = method.plugin
+    # the mean teacher alone never reads a representation: skip the rep head (same logits);
+    # DDP needs every parameter in the graph, so it keeps it there
+    need_rep = plugin is not None or world_size > 1
+
     # 4.1 eval-mode teacher on the weak view: pseudo-labels and confidences at full resolution
     with torch.no_grad():
         teacher.eval()
-        out_t = teacher(x_w)
+        # eval mode: skipping the teacher's rep head changes no state and draws no randoms
+        out_t = teacher(x_w, need_rep=plugin is not None and sampling_active(step, cfg))
         logits_t_full = upsample_to(out_t["logits"].float(), size)
         conf_u, pseudo_u = F.softmax(logits_t_full, dim=1).max(dim=1)
 
@@ -218,7 +224,7 @@ def semi_step(
     x_mix, (pseudo_mix, conf_mix), cut = maybe_cutmix(x_s, [pseudo_u, conf_u], p=s.cutmix_p)
 
     # 4.3 one student forward on labeled + unlabeled, supervised loss on the labeled half
-    out = student(torch.cat([x_l, x_mix]))
+    out = student(torch.cat([x_l, x_mix]), need_rep=need_rep)
     logits_all, rep_all = out["logits"], out.get("rep")
     logits_l_full = upsample_to(logits_all[:b], size).float()
     logits_u_full = upsample_to(logits_all[b:], size).float()
@@ -242,9 +248,8 @@ def semi_step(
     # 4.5 BRPG through the plug-in: CPG memories in the sampling window (labeled rows from the
     # student, unlabeled rows from the eval-mode teacher), L_pro + prototype EMA afterwards
     ema_rows = None
-    plugin = method.plugin
     if plugin is not None:
-        plugin.observe(step, rep_all[:b], logits_all[:b], y_l, out_t["rep"], out_t["logits"])
+        plugin.observe(step, rep_all[:b], logits_all[:b], y_l, out_t.get("rep"), out_t["logits"])
         loss_pro, logs_pro, ema_rows = plugin.loss(
             step, rep_all[:b], y_l, rep_all[b:], conf_mix, pseudo_mix, world_size
         )

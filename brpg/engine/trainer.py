@@ -71,11 +71,13 @@ class RunDirError(RuntimeError):
 
 
 def suponly_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config, need_rep: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10)."""
+    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10).
+
+    ``need_rep=False`` skips the representation head, which this loss never reads."""
     image_b3hw, mask_bhw = batch["image"], batch["mask"]
-    out = model(image_b3hw)
+    out = model(image_b3hw, need_rep=need_rep)
     logits_bchw = upsample_to(out["logits"], tuple(mask_bhw.shape[-2:]))
     loss = supervised_loss(logits_bchw.float(), mask_bhw, cfg.loss, cfg.data.ignore_index)
     logs = {"loss_sup": loss.detach()}
@@ -136,6 +138,8 @@ class Trainer:
         semi = t.method != "suponly"
         self.labeled, self.unlabeled, self.val = build_train_datasets(cfg, unlabeled=semi)
         model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
+        if t.channels_last:  # the teacher is a copy of the student, so it follows
+            model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.method = SemiMethod(cfg, model, self.device) if semi else None
@@ -145,6 +149,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
+        # The warm-up reads no representation. BRPG keeps the rep head in it all the same: its
+        # BN statistics and weight decay shape the features the memories sample later; DDP
+        # needs every parameter in the graph. Elsewhere skipping it changes no logit.
+        self._warmup_rep = self.dist.enabled or (
+            self.method is not None and self.method.plugin is not None
+        )
         self.step = 0
         self.best_miou = -1.0
         self.wall_before = 0.0  # training seconds spent before the last resume
@@ -309,7 +319,7 @@ class Trainer:
                 ema_rows = None
                 with self._autocast():
                     if phase == "warmup":
-                        loss, logs = suponly_step(self.model, batch, cfg)
+                        loss, logs = suponly_step(self.model, batch, cfg, self._warmup_rep)
                         teacher = None if method is None else method.teacher
                         if teacher is not None and cfg.semi.teacher_bn_warmup:
                             with torch.no_grad():  # official: teacher BN statistics (spec §4.10)
@@ -424,6 +434,7 @@ class Trainer:
             "wall_s": round(wall_s, 2),
             "world_size": self.dist.world_size,
             "grad_accum": t.grad_accum,
+            "amp_dtype": runtime.dtype_name(self.amp_dtype),
             "effective_batch": t.batch_size * t.grad_accum * self.dist.world_size,
             "eval_protocol": cfg.eval.protocol,
             "config_hash": cfg.hash(),

@@ -111,11 +111,12 @@ class DeepLabV3PlusDecoder(nn.Module):
         context = self.head(self.aspp(high))  # [B,D,h',w']
         return torch.cat([self.low_conv(low), _upsample(context, low.shape[-2:])], dim=1)
 
-    def forward(self, low: Tensor, high: Tensor) -> dict[str, Tensor]:
-        """low [B,Cl,h,w], high [B,Ch,h',w'] → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}."""
+    def forward(self, low: Tensor, high: Tensor, need_rep: bool = True) -> dict[str, Tensor]:
+        """low [B,Cl,h,w], high [B,Ch,h',w'] → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}
+        (no ``"rep"`` with ``need_rep=False``)."""
         fused = self.fuse(low, high)  # [B,2D,h,w]
         out = {"logits": self.classifier(fused)}  # [B,C,h,w]
-        if self.rep_head is not None:
+        if self.rep_head is not None and need_rep:
             out["rep"] = self.rep_head(fused)  # [B,rep_dim,h,w], raw
         return out
 
@@ -148,9 +149,13 @@ class SegModel(nn.Module):
         return self.decoder.rep_head is not None
 
     def forward(
-        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5
+        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5, need_rep: bool = True
     ) -> dict[str, Tensor]:
         """x [B,3,H,W] → ``{"logits", "rep"}``; with ``need_fp`` also ``"logits_fp"``.
+
+        ``need_rep=False`` skips the representation head (a caller that never reads ``rep``,
+        e.g. the mean teacher without BRPG, saves its forward and backward); the logits are
+        the same, since the head runs after the classifier.
 
         ``need_fp`` (UniMatch's feature perturbation, Yang et al. CVPR 2023): the encoder runs
         once; the decoder runs once on ``cat([low, Dropout2d(low)])`` and
@@ -162,13 +167,13 @@ class SegModel(nn.Module):
         """
         low, high = self.backbone(x)
         if not need_fp:
-            return self.decoder(low, high)
+            return self.decoder(low, high, need_rep)
         n = x.shape[0]
         low_2b = torch.cat([low, F.dropout2d(low, fp_dropout, training=True)])
         high_2b = torch.cat([high, F.dropout2d(high, fp_dropout, training=True)])
         fused_2b = self.decoder.fuse(low_2b, high_2b)  # [2B,2D,h,w]
         logits, logits_fp = self.decoder.classifier(fused_2b).split(n)  # [B,C,h,w] each
         out = {"logits": logits, "logits_fp": logits_fp}
-        if self.decoder.rep_head is not None:
+        if self.decoder.rep_head is not None and need_rep:
             out["rep"] = self.decoder.rep_head(fused_2b[:n])  # [B,rep_dim,h,w], clean half
         return out

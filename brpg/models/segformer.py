@@ -197,11 +197,12 @@ class AllMLPDecoder(nn.Module):
         projected = [p if p.shape[-2:] == size else _upsample(p, size) for p in projected]
         return self.fuse(torch.cat(projected, dim=1))  # [B,D,h,w]
 
-    def forward(self, feats: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Four maps, the first at stride 4 → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}."""
+    def forward(self, feats: Sequence[Tensor], need_rep: bool = True) -> dict[str, Tensor]:
+        """Four maps, the first at stride 4 → {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]}
+        (no ``"rep"`` with ``need_rep=False``)."""
         fused = self.fused(feats)  # [B,D,h,w]
         out = {"logits": self.classifier(self.dropout(fused))}
-        if self.rep_head is not None:
+        if self.rep_head is not None and need_rep:
             out["rep"] = self.rep_head(fused)  # raw, not normalised
         return out
 
@@ -215,22 +216,23 @@ class SegFormer(SegModel):
         )
 
     def forward(
-        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5
+        self, x: Tensor, need_fp: bool = False, fp_dropout: float = 0.5, need_rep: bool = True
     ) -> dict[str, Tensor]:
         """x [B,3,H,W] → ``{"logits", "rep"?}`` at stride 4; with ``need_fp`` also
         ``"logits_fp"``: UniMatch's feature perturbation, as :meth:`SegModel.forward` does it
         for DeepLabV3+ (one decoder pass on ``cat([f, Dropout2d(f)])`` for each of the four
-        stage maps, split in halves; ``rep`` reads the clean half only)."""
+        stage maps, split in halves; ``rep`` reads the clean half only). ``need_rep=False``
+        skips the representation head."""
         feats = self.backbone(x)
         if not need_fp:
-            return self.decoder(feats)
+            return self.decoder(feats, need_rep)
         n = x.shape[0]
         feats_2b = [torch.cat([f, F.dropout2d(f, fp_dropout, training=True)]) for f in feats]
         dec = self.decoder
         fused_2b = dec.fused(feats_2b)  # [2B,D,h,w]
         logits, logits_fp = dec.classifier(dec.dropout(fused_2b)).split(n)  # [B,C,h,w] each
         out = {"logits": logits, "logits_fp": logits_fp}
-        if dec.rep_head is not None:
+        if dec.rep_head is not None and need_rep:
             out["rep"] = dec.rep_head(fused_2b[:n])  # [B,rep_dim,h,w], clean half
         return out
 
