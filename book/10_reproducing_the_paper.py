@@ -71,9 +71,11 @@ RESULTS = PROJECT_ROOT / "results" / "reproduce"
 #
 # The official code counts epochs on 4 GPUs; our presets count optimiser steps of that run.
 # A BRPG epoch is one pass over the *unlabeled* list,
-# $L = \lfloor\lfloor (N_\text{pool} - n_\text{sup}) / 4 \rfloor / B\rfloor$ iterations with
-# $B$ images per GPU. That is why the BRPG cells with *fewer* labels train *longer*. A SupOnly
-# epoch is one pass over the labeled list. The warm-up (1 epoch), the sampling window
+# $L = \lfloor\lceil (N_\text{pool} - n_\text{sup}) / 4 \rceil / B\rfloor$ iterations with
+# $B$ images per GPU: the `DistributedSampler` pads the list so that each GPU gets
+# $\lceil n / 4 \rceil$ images, and only the loader drops the last partial batch. That is why
+# the BRPG cells with *fewer* labels train *longer*. A SupOnly epoch is one pass over the
+# labeled list, counted the same way. The warm-up (1 epoch), the sampling window
 # (epoch 1, or epochs 3–5 on Cityscapes) and the start of the L_pro threshold ramp (epoch 5)
 # are converted with the same $L$.
 
