@@ -264,8 +264,9 @@ else:
 #
 # * `data.pad_label: 255`. The official crops pad labels with 0, so padding is trained and
 #   scored as background or road (Q6); `data.pad_label=0` restores it.
-# * `proto.faithful_loss_scale: false`. The official L_pro has an effective weight
-#   1/world_size (Q3); `true` restores it.
+# * `proto.faithful_loss_scale: false`. The official code divides L_pro by its world size and
+#   DDP averages the gradients, so its effective weight is 1/4 on its 4 GPUs (Q3); `true`
+#   multiplies L_pro by 1/4 on any number of GPUs and with any batch policy, which restores it.
 # * The prototype EMA averages its sums and counts over all GPUs. The official prototypes
 #   drift apart per rank (Q2).
 # * K-means runs on the device in batches, replacing sklearn's `MiniBatchKMeans` on the CPU

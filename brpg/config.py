@@ -196,7 +196,9 @@ class ProtoConfig:
     ema_momentum: float = 0.99  # alpha of the prototype EMA (spec §7)
     tau: float = 0.1  # temperature of the prototype logits (spec §8)
     loss_weight: float = 1.0  # lambda_pro
-    faithful_loss_scale: bool = False  # official effective weight 1/world_size (spec §12 Q3)
+    # official effective weight 1/4 (1/world_size on its 4 GPUs, spec §12 Q3): true multiplies
+    # L_pro by 1/4 on any number of GPUs and with any batch policy
+    faithful_loss_scale: bool = False
     grid_num: int = 32  # labeled grid (grid_num + 1)^2 per image (spec §8)
     unsup_sample_num: int = 1000  # unlabeled L_pro samples per image
     thr_start: float = 0.8  # unlabeled L_pro threshold ramp (spec §1, §12 Q5)
