@@ -95,7 +95,7 @@ class LossConfig:
     ce_weight: float = 0.5
     ohem_weight: float = 0.5
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    ohem_min_kept: int = 100_000  # <= 0: no filtering, plain CE (as officially)
 
 
 @dataclass
