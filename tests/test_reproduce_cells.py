@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from brpg.config import load_config
+from brpg.config import PRESET_DIR, load_config
+from brpg.engine import runtime
 from brpg.reproduce import cells as C
 from brpg.reproduce.paper import PAPER, paper_miou
 from brpg.reproduce.profiles import ProfileError, gpu_overrides
@@ -195,3 +197,32 @@ def prepare_signature() -> list[str]:
     from brpg.reproduce.experiment import prepare
 
     return list(inspect.signature(prepare).parameters)
+
+
+CHAPTER_10 = ROOT / "book" / "10_reproducing_the_paper.py"
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes", "coco"])
+def test_every_deviation_is_listed_in_the_headers_and_chapter_10(dataset):
+    """Issue 17: mixed precision (with fp16 as the faithful switch), the per-step entropy
+    percentile and the deep-copied teacher are listed with the other deviations."""
+    header = " ".join(
+        line.lstrip("# ")
+        for line in (PRESET_DIR / f"_{dataset}_brpg.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    chapter = " ".join(
+        line.lstrip("# ") for line in CHAPTER_10.read_text().splitlines() if line.startswith("#")
+    )
+    for text in (header, chapter):
+        assert "train.amp=fp16" in text and "GradScaler" in text
+        assert "entropy" in text and "percentile" in text and "moves every step" in text
+        assert "deep copy of the student" in text and "separately built" in text
+        assert "1/4" in text  # proto.faithful_loss_scale: the official weight, not 1/world_size
+    suponly = (PRESET_DIR / f"_{dataset}_suponly.yaml").read_text()
+    assert "amp: auto  # bf16 on CUDA; fp16 = the official" in suponly
+    # fp16 is selectable in every preset of the table: fp16 autocast (+ GradScaler on CUDA)
+    table = "voc_classic" if dataset == "voc" else dataset
+    for cell in C.all_cells(table):
+        assert load_config(cell.preset, ["train.amp=fp16"]).train.amp == "fp16"
+    assert runtime.amp_dtype("fp16", torch.device("cuda")) == torch.float16
