@@ -3,7 +3,10 @@
 Every experiment is one :class:`Config` made of small dataclasses. YAML files in
 ``brpg/configs/`` are presets; ``load_config`` reads a preset name or a path, and
 ``--set key.path=value`` overrides single fields. Unknown keys are errors that name the key
-and the closest valid one, so a typo never silently falls back to a default.
+and the closest valid one, so a typo never silently falls back to a default. Numeric fields
+are range-checked when the config is loaded (:data:`_RANGES`: steps and batch sizes >= 1,
+thresholds in [0, 1], momenta in [0, 1), temperatures > 0, …); the error names the key, the
+value and the allowed range.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class LossConfig:
     ce_weight: float = 0.5
     ohem_weight: float = 0.5
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100_000
+    ohem_min_kept: int = 100_000  # <= 0: no filtering, plain CE (as officially)
 
 
 @dataclass
@@ -196,7 +199,9 @@ class ProtoConfig:
     ema_momentum: float = 0.99  # alpha of the prototype EMA (spec §7)
     tau: float = 0.1  # temperature of the prototype logits (spec §8)
     loss_weight: float = 1.0  # lambda_pro
-    faithful_loss_scale: bool = False  # official effective weight 1/world_size (spec §12 Q3)
+    # official effective weight 1/4 (1/world_size on its 4 GPUs, spec §12 Q3): true multiplies
+    # L_pro by 1/4 on any number of GPUs and with any batch policy
+    faithful_loss_scale: bool = False
     grid_num: int = 32  # labeled grid (grid_num + 1)^2 per image (spec §8)
     unsup_sample_num: int = 1000  # unlabeled L_pro samples per image
     thr_start: float = 0.8  # unlabeled L_pro threshold ramp (spec §1, §12 Q5)
@@ -325,24 +330,169 @@ _CHOICES = {
     "proto.memory": ("cpg", "random"),
     "proto.threshold_type": ("fix", "csp"),
     "proto.dispersion": ("cos_sim", "l2", "l2_norm"),
+    "model.output_stride": (8, 16),
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; ``None`` is unbounded. ``hint`` ends the error message."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is excluded
+    hi_open: bool = False
+    hint: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return f"{x:g}"
+
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}" if self.lo is not None else ""
+        left = f"{'(' if self.lo_open else '['}{'-inf' if self.lo is None else num(self.lo)}"
+        return f"in {left}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _ranges() -> dict[str, Range]:
+    ge0, ge1, pos = Range(0), Range(1), Range(0, lo_open=True)
+    unit, momentum = Range(0, 1), Range(0, 1, hi_open=True)
+    return {
+        "data.num_classes": ge1,
+        "data.crop_size": ge1,
+        "data.scale_range": pos,
+        "data.std": pos,
+        "data.num_workers": ge0,
+        "data.digits_seed": ge0,
+        "data.digits_size": ge1,
+        "data.digits_train": ge1,
+        "data.digits_val": ge1,
+        "model.aspp_rates": ge1,
+        "model.decoder_channels": ge1,
+        "model.rep_dim": ge1,
+        "model.dropout": momentum,
+        "model.width": ge1,
+        "optim.lr": pos,
+        "optim.momentum": momentum,
+        "optim.weight_decay": ge0,
+        "optim.head_lr_mult": pos,
+        "optim.poly_power": ge0,
+        "optim.warmup_steps": ge0,
+        "optim.betas": momentum,
+        "loss.ce_weight": ge0,
+        "loss.ohem_weight": ge0,
+        "loss.ohem_thresh": unit,
+        "train.steps": Range(1, hint="(optimiser steps of the run)"),
+        "train.batch_size": ge1,
+        "train.grad_accum": Range(
+            1,
+            hint="(the number of micro-batches of train.batch_size per optimiser step); use 1 to"
+            " step after every batch",
+        ),
+        "train.seed": ge0,
+        "train.eval_every": Range(0, hint="(0: evaluate only at the end)"),
+        "train.ckpt_every": Range(0, hint="(0: no periodic checkpoints)"),
+        "train.log_every": ge1,
+        "train.threads": Range(0, hint="(0: torch's default)"),
+        "semi.sup_only_steps": ge0,
+        "semi.unlabeled_batch_size": Range(0, hint="(0: the same as train.batch_size)"),
+        "semi.ema_decay": momentum,
+        "semi.cutmix_p": unit,
+        "semi.unsup_weight": ge0,
+        "semi.drop_percent": Range(0, 100),
+        "semi.conf_thresh": unit,
+        "semi.fp_dropout": momentum,
+        "semi.unimatch_weights": ge0,
+        "proto.sample_start_step": ge0,
+        "proto.sample_steps": Range(1, hint="(the memories must not be empty)"),
+        "proto.high_threshold": unit,
+        "proto.low_threshold": unit,
+        "proto.unlabeled_threshold": unit,
+        "proto.csp_momentum": momentum,
+        "proto.csp_min": unit,
+        "proto.csp_max": unit,
+        "proto.sample_pixel_num": ge1,
+        "proto.queue_len": ge1,
+        "proto.back_per_class": ge1,
+        "proto.back_len": Range(0, hint="(0: 2·queue_len)"),
+        "proto.min_rows": ge0,
+        "proto.num_high": ge1,
+        "proto.num_low": ge0,
+        "proto.add_num": ge0,
+        "proto.add_proportion": unit,
+        "proto.kmeans_iters": ge1,
+        "proto.kmeans_n_init": ge1,
+        "proto.kmeans_subsample": Range(
+            0,
+            hint="(0: full-batch k-means; N: the number of points per memory to seed and iterate"
+            " on before refining on all)",
+        ),
+        "proto.recluster_every": Range(0, hint="(0: one-shot clustering, as officially)"),
+        "proto.ema_momentum": momentum,
+        "proto.tau": pos,
+        "proto.loss_weight": ge0,
+        "proto.grid_num": ge1,
+        "proto.unsup_sample_num": ge0,
+        "proto.thr_start": unit,
+        "proto.thr_end": unit,
+        "proto.thr_delay_steps": ge0,
+        "eval.crop_size": ge1,
+        "eval.stride": ge1,
+        "eval.batch_size": ge1,
+    }
+
+
+# Every numeric field (or tuple of numbers) has a range here, or is listed in _UNRANGED.
+_RANGES: dict[str, Range] = _ranges()
+_UNRANGED = {
+    "data.mean": "any per-channel mean",
+    "data.ignore_index": "a label value (any integer, e.g. -100 or 255)",
+    "data.pad_label": "a label value",
+    "model.output_stride": "checked in _CHOICES",
+    "loss.ohem_min_kept": "any integer; <= 0 turns the OHEM filter off",
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for path, allowed in _RANGES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(cfg, section), key)
+        hint = f" {allowed.hint}" if allowed.hint else ""
+        if isinstance(value, tuple):
+            bad = [v for v in value if v not in allowed]
+            if bad:
+                raise ConfigError(
+                    f"{path}={list(value)}: every value must be {allowed}, got {bad[0]!r}{hint}"
+                )
+        elif value not in allowed:
+            raise ConfigError(f"{path}={value!r} must be {allowed}{hint}")
+    d, p = cfg.data, cfg.proto
+    if d.scale_range[0] > d.scale_range[1]:
+        raise ConfigError(f"data.scale_range={list(d.scale_range)}: the minimum comes first")
+    if p.csp_min > p.csp_max:
+        raise ConfigError(
+            f"proto.csp_min={p.csp_min} must be <= proto.csp_max={p.csp_max} (the clamp of the"
+            " class-specific thresholds)"
+        )
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks: enumerated values and the order of the training phases (spec §1)."""
+    """Checks: enumerated values, numeric ranges (:data:`_RANGES`) and the order of the
+    training phases (spec §1)."""
     for path, choices in _CHOICES.items():
         section, key = path.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
-            raise ConfigError(f"{path}={value!r} is not one of: {', '.join(choices)}")
-    if cfg.train.grad_accum < 1:
-        raise ConfigError(
-            f"train.grad_accum={cfg.train.grad_accum} must be >= 1 (the number of micro-batches of"
-            " train.batch_size per optimiser step); use 1 to step after every batch"
-        )
+            raise ConfigError(
+                f"{path}={value!r} is not one of: {', '.join(str(c) for c in choices)}"
+            )
+    _check_ranges(cfg)
     s, p = cfg.semi, cfg.proto
-    if cfg.train.method != "suponly" and s.sup_only_steps < 0:
-        raise ConfigError("semi.sup_only_steps must be >= 0")
     if cfg.train.method == "meanteacher" and s.framework != "meanteacher":
         raise ConfigError(
             f"train.method=meanteacher is the mean-teacher framework alone, but"
@@ -361,8 +511,6 @@ def validate(cfg: Config) -> None:
                 " runs no train-mode forward of its own, so its BatchNorm statistics must follow"
                 " the model's"
             )
-        if not 0.0 <= s.fp_dropout < 1.0:
-            raise ConfigError(f"semi.fp_dropout={s.fp_dropout} must lie in [0, 1)")
     if cfg.train.method == "brpg":
         if p.sample_start_step < s.sup_only_steps:
             raise ConfigError(
@@ -370,22 +518,8 @@ def validate(cfg: Config) -> None:
                 f"warm-up (semi.sup_only_steps={s.sup_only_steps}): the unlabeled memory rows need "
                 "the teacher; set proto.sample_start_step >= semi.sup_only_steps"
             )
-        if p.sample_steps < 1:
-            raise ConfigError("proto.sample_steps must be >= 1 (the memories must not be empty)")
-        if p.num_high < 1 or p.num_low < 0 or p.add_num < 0:
-            raise ConfigError("proto.num_high >= 1, proto.num_low >= 0, proto.add_num >= 0")
         if p.back_queue and p.memory != "cpg":
             raise ConfigError("proto.back_queue needs proto.memory=cpg (it refills high/low)")
-        if p.back_per_class < 1 or p.back_len < 0 or p.min_rows < 0:
-            raise ConfigError(
-                "proto.back_per_class >= 1, proto.back_len >= 0 (0: 2·queue_len), "
-                "proto.min_rows >= 0"
-            )
-        if p.kmeans_subsample < 0:
-            raise ConfigError(
-                f"proto.kmeans_subsample={p.kmeans_subsample}: use 0 (full-batch k-means) or the"
-                " number of points per memory to seed and iterate on before refining on all"
-            )
 
 
 def list_presets() -> list[str]:

@@ -40,15 +40,15 @@ def _ohem_keep_mask(ce_bhw: Tensor, valid_bhw: Tensor, thresh: float, min_kept: 
     ``p_gt = exp(-CE)`` is the softmax probability of the ground-truth class. If fewer than
     ``min_kept`` pixels are valid, every valid pixel is kept; otherwise
     ``τ = max(thresh, the min_kept-th smallest p_gt among valid pixels)`` and the valid pixels
-    with ``p_gt ≤ τ`` are kept.
+    with ``p_gt ≤ τ`` are kept. ``min_kept ≤ 0`` keeps every valid pixel (plain CE), as the
+    official ``OhemCrossEntropy2dTensor`` does: its filtering sits inside ``if min_kept > 0``,
+    so ``thresh`` alone is never applied.
     """
     p_gt = torch.exp(-ce_bhw.detach()).flatten()
     valid = valid_bhw.flatten()
     if min_kept <= 0 or min_kept > p_gt.numel():
-        # min_kept ≤ 0: only the fixed threshold applies (as in the official code).
-        # min_kept > #pixels ≥ #valid: keep all valid pixels (known without looking at data).
-        if min_kept <= 0:
-            return valid_bhw & (p_gt.view_as(valid_bhw) <= thresh)
+        # min_kept ≤ 0: no filtering (official). min_kept > #pixels ≥ #valid: keep all valid
+        # pixels (known without looking at the data).
         return valid_bhw
     # Invalid pixels get p = 2 (> any probability), so for k ≤ #valid the k-th smallest over all
     # pixels is the k-th smallest over the valid ones.
@@ -74,7 +74,8 @@ def ohem_ce(
         target_bhw: integer labels; ``ignore_index`` marks unlabeled pixels.
         thresh: probability threshold (0.7 in all released configs).
         min_kept: at least this many of the hardest valid pixels are kept, per call (the
-            official value 100000 is per GPU).
+            official value 100000 is per GPU); ``≤ 0`` turns the filter off (plain CE over the
+            valid pixels, as officially).
 
     Returns:
         The mean CE over the kept pixels, a float32 scalar; 0 (with grad_fn) if none is kept.

@@ -1,7 +1,12 @@
 """Typed YAML configs: presets load, unknown keys fail with a suggestion, overrides coerce."""
 
+import dataclasses
+import typing
+
 import pytest
 
+from brpg import config as C
+from brpg.cli import main as cli_main
 from brpg.config import (
     Config,
     ConfigError,
@@ -64,3 +69,68 @@ def test_base_inheritance(tmp_path):
     parent = load_config("digits_suponly_1_16")
     assert cfg.train.steps == 3 and cfg.name == "child"
     assert cfg.model == parent.model and cfg.train.batch_size == parent.train.batch_size
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [  # the key, the value and the allowed range are in the message
+        ("train.steps=-5", "train.steps=-5 must be >= 1"),
+        ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+        ("proto.tau=0", "proto.tau=0.0 must be > 0"),
+        ("proto.high_threshold=1.5", r"proto.high_threshold=1.5 must be in \[0, 1\]"),
+        ("proto.ema_momentum=1", r"proto.ema_momentum=1.0 must be in \[0, 1\)"),
+        ("semi.ema_decay=-0.1", r"semi.ema_decay=-0.1 must be in \[0, 1\)"),
+        ("semi.drop_percent=120", r"semi.drop_percent=120.0 must be in \[0, 100\]"),
+        ("data.crop_size=0", "data.crop_size=0 must be >= 1"),
+        ("proto.queue_len=0", "proto.queue_len=0 must be >= 1"),
+        ("loss.ohem_thresh=2", r"loss.ohem_thresh=2.0 must be in \[0, 1\]"),
+        ("optim.lr=0", "optim.lr=0.0 must be > 0"),
+        ("eval.stride=0", "eval.stride=0 must be >= 1"),
+        ("data.std=[0.2, 0, 0.2]", r"data.std=\[0.2, 0.0, 0.2\]: every value must be > 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas=\[0.9, 1.0\]: every value must be in \[0, 1\)"),
+        ("data.scale_range=[2.0, 0.5]", "the minimum comes first"),
+        ("model.output_stride=32", "model.output_stride=32 is not one of: 8, 16"),
+    ],
+)
+def test_out_of_range_values_are_errors_at_load_time(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits_suponly_1_16", [override])
+    with pytest.raises(ConfigError, match=r"proto.csp_min=0.5 must be <= proto.csp_max=0.4"):
+        load_config("digits_suponly_1_16", ["proto.csp_min=0.5", "proto.csp_max=0.4"])
+
+
+def test_range_boundaries_are_accepted():
+    sets = ["proto.tau=0.000001", "semi.drop_percent=100", "proto.ema_momentum=0",
+            "proto.high_threshold=1", "train.eval_every=0", "loss.ohem_min_kept=0",
+            "semi.cutmix_p=1", "train.steps=1"]  # fmt: skip
+    cfg = load_config("digits_suponly_1_16", sets)
+    assert (cfg.proto.tau, cfg.semi.drop_percent, cfg.train.steps) == (0.000001, 100.0, 1)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new int/float field must get a range in ``_RANGES`` (or a reason in ``_UNRANGED``)."""
+
+    def numeric(tp) -> bool:
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if typing.get_origin(tp) is tuple:
+            return all(numeric(a) for a in args)
+        return tp in (int, float)
+
+    fields = set()
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        if not dataclasses.is_dataclass(cls):
+            continue
+        hints = typing.get_type_hints(cls)
+        fields |= {f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                   if numeric(hints[f.name])}  # fmt: skip
+    assert fields, "no numeric fields found"
+    missing = sorted(fields - C._RANGES.keys() - C._UNRANGED.keys())
+    assert missing == [], f"numeric config fields without a range: {missing}"
+    assert not (C._RANGES.keys() - fields), "a range names a field that does not exist"
+
+
+def test_cli_reports_a_range_error_without_a_traceback(tmp_path, capsys):
+    args = ["train", "--config", "digits_suponly_1_16", "--out", str(tmp_path / "run")]
+    assert cli_main([*args, "--set", "train.steps=-5"]) == 2
+    assert "train.steps=-5 must be >= 1" in capsys.readouterr().err

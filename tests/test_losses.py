@@ -71,6 +71,19 @@ def test_ohem_min_kept_above_valid_keeps_all_valid():
     assert ohem_ce(logits, target, 0.7, min_kept=4).item() == pytest.approx(all_valid, rel=1e-5)
 
 
+@pytest.mark.parametrize("min_kept", [0, -1])
+def test_ohem_min_kept_not_positive_is_plain_ce(min_kept):
+    """The official filter sits inside ``if min_kept > 0``: no filtering at all, so the
+    confident pixels (0.9, 0.8 > thresh 0.7) stay in the mean."""
+    logits, target = _toy()
+    loss = ohem_ce(logits, target, 0.7, min_kept=min_kept)
+    assert loss.item() == pytest.approx(_mean_nll(P_GT), rel=1e-5)
+    plain = F.cross_entropy(logits.float(), target, ignore_index=255)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    cfg = LossConfig(ce_weight=0.0, ohem_weight=1.0, ohem_min_kept=min_kept)
+    assert supervised_loss(logits, target, cfg).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_ohem_matches_reference_on_random_inputs():
     g = torch.Generator().manual_seed(0)
     for min_kept in (1, 50, 300, 2000):

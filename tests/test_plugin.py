@@ -9,6 +9,7 @@ import torch
 from test_semi import _run, tiny
 
 from brpg.config import load_config
+from brpg.engine import plugin as plugin_module
 from brpg.engine.plugin import BRPGPlugin
 from brpg.engine.semi import SemiMethod
 from brpg.models import build_model
@@ -88,3 +89,28 @@ def test_the_same_plugin_code_serves_both_frameworks(data_root, tmp_path, monkey
         want += [("observe", s, 4 <= s <= 6), ("loss", s, s >= 7)]
     assert seen["meanteacher"] == want
     assert seen["unimatch"] == want
+
+
+@pytest.mark.parametrize("extra", [(), ("train.grad_accum=2",), ("train.batch_size=16",)])
+def test_faithful_loss_scale_gives_the_official_quarter(data_root, monkeypatch, extra):
+    """The official effective λ_pro is 1/4 (its loss / world_size on 4 GPUs, spec §12 Q3):
+    ``faithful_loss_scale`` must give 1/4 whatever the process count and batch policy of this
+    run, and a single process (``accumulate`` / ``batch`` policies) used to get 1."""
+    m = _method(data_root, "brpg", *extra)
+    plugin, p = m.plugin, m.cfg.proto
+    monkeypatch.setattr(plugin_module, "prototype_loss", lambda *a, **k: torch.tensor(1.5))
+    step = p.sample_start_step + p.sample_steps  # the first step of the proto phase
+    torch.manual_seed(0)
+    args = (
+        torch.randn(2, 16, 8, 8),  # rep_l
+        torch.randint(0, 11, (2, 32, 32)),  # labels_l
+        torch.randn(2, 16, 8, 8),  # rep_u
+        torch.rand(2, 32, 32),  # conf_u
+        torch.randint(0, 11, (2, 32, 32)),  # pseudo_u
+    )
+    plain, logs, _ = plugin.loss(step, *args)
+    assert plain == p.loss_weight * 3.0 and logs["loss_proto"] == 3.0
+    p.faithful_loss_scale = True
+    faithful, logs, _ = plugin.loss(step, *args)
+    assert plugin_module.OFFICIAL_WORLD_SIZE == 4
+    assert faithful == plain / 4 and logs["loss_proto"] == 3.0  # the logged L_pro is unscaled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,19 @@ except ImportError:  # tests/ not a package
     import fixtures_prepare as fx
 
 
+def _fixture_archives(archive_dir: Path) -> tuple:
+    """The Archive specs with the fixture zips' MD5 in place of the published checksums."""
+    return tuple(
+        replace(spec, md5=fx.md5_of(path), sha1=None)
+        if (path := archive_dir / spec.filename).is_file()
+        else spec
+        for spec in cityscapes.ARCHIVES
+    )
+
+
 def _prepare(root: Path, **kwargs: object) -> dict:
     options = {"workers": 1, "progress": False, "check_counts": False, **kwargs}
+    options.setdefault("archives", _fixture_archives(root / "archives"))
     return cityscapes.prepare_cityscapes(root, root / "archives", **options)
 
 
@@ -132,3 +144,38 @@ def test_split_naming_missing_image(tmp_path: Path) -> None:
     fx.write_cityscapes_splits(tmp_path, missing=True)
     with pytest.raises(PrepareError, match=r"names '.*aachen_000000_999999_leftImg8bit\.png'"):
         _prepare(tmp_path)
+
+
+def test_published_checksums_are_verified_by_default(tmp_path: Path) -> None:
+    gtfine, left = cityscapes.ARCHIVES
+    assert (gtfine.md5, gtfine.sha1) == (
+        "4237c19de34c8a376e9ba46b495d6f66",
+        "99f532cb1af174f5fcc4c5bc8feea8c66246ddbc",
+    )
+    assert (left.md5, left.sha1) == (
+        "0a6e97e94b616a514066c9e2adb0c97f",
+        "2c0b77ce9933cc635adda307fbba5566f5d9d404",
+    )
+    assert gtfine.checksum_source.startswith("community-sourced")
+    paths = fx.make_cityscapes_archives(tmp_path / "archives")
+    # the fixture zips are not the real packages: the built-in sums reject them
+    with pytest.raises(PrepareError, match=r"checksum mismatch.*community-sourced.*--md5"):
+        _prepare(tmp_path, archives=cityscapes.ARCHIVES)
+    assert not (tmp_path / "cityscapes/gtFine").exists()
+    # --md5 replaces the built-in sums of its zip; --skip-checksum skips them
+    good = {p.name: fx.md5_of(p) for p in paths.values()}
+    assert _prepare(tmp_path, archives=cityscapes.ARCHIVES, md5=good)["ok"]
+    assert _prepare(tmp_path, archives=cityscapes.ARCHIVES, verify=False, force=True)["ok"]
+    args = cityscapes.build_parser().parse_args(["--skip-checksum"])
+    assert args.skip_checksum
+
+
+def test_rerun_catches_a_changed_label(tmp_path: Path) -> None:
+    fx.make_cityscapes_archives(tmp_path / "archives")
+    _prepare(tmp_path)
+    rel = next(r for r in cityscapes.label_files(tmp_path / "cityscapes") if "/val/" in r)
+    out = tmp_path / "cityscapes" / rel
+    common.save_label_png(out, np.full_like(common.read_label_png(out), 99))
+    with pytest.raises(PrepareError, match="changed since it was converted"):
+        _prepare(tmp_path)
+    assert json.loads((tmp_path / "reports/cityscapes.json").read_text())["ok"] is False

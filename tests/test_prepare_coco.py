@@ -140,3 +140,44 @@ def test_wrong_annotation_file(tmp_path: Path) -> None:
     )
     with pytest.raises(PrepareError, match="not the 80 COCO thing categories"):
         _prepare(tmp_path, archives, verify=False)
+
+
+def test_failed_run_rewrites_a_stale_ok_report(tmp_path: Path) -> None:
+    """The unlabeled-list derivation fails on the count check: the report says so."""
+    archives = _archives(tmp_path / "archives")
+    fx.write_coco_splits(tmp_path)
+    path = tmp_path / "reports/coco.json"
+    assert _prepare(tmp_path, archives)["ok"] and json.loads(path.read_text())["ok"]
+    with pytest.raises(PrepareError, match="train2017 holds 3 images, expected 118287"):
+        _prepare(tmp_path, archives, check_counts=True)
+    report = json.loads(path.read_text())
+    assert report["ok"] is False
+    assert any("expected 118287" in e for e in report["errors"])
+    assert report["sets"]["train2017"] == {"images": 3, "masks": 3}  # the rest is there too
+    # a failure before any report is built (a bad archive on a --force run) rewrites it too
+    bad = (archives[0], replace(archives[1], md5="1" * 32), archives[2])
+    with pytest.raises(PrepareError, match="checksum mismatch"):
+        _prepare(tmp_path, bad, force=True)
+    report = json.loads(path.read_text())
+    assert report["ok"] is False and "checksum mismatch" in report["errors"][0]
+
+
+@pytest.mark.parametrize("value", [99, 5])  # outside the classes, and a plausible class
+def test_rerun_catches_a_changed_mask(tmp_path: Path, value: int) -> None:
+    archives = _archives(tmp_path / "archives")
+    _prepare(tmp_path, archives)
+    mask = tmp_path / "coco/masks/000000000001.png"
+    common.save_label_png(mask, np.full_like(_mask(tmp_path, 1), value))
+    with pytest.raises(PrepareError, match=r"000000000001\.png changed since it was converted"):
+        _prepare(tmp_path, archives)
+    assert json.loads((tmp_path / "reports/coco.json").read_text())["ok"] is False
+    assert _prepare(tmp_path, archives, force=True)["ok"]  # --force renders it again
+    assert _mask(tmp_path, 1)[6, 6] == 80
+
+
+def test_truncated_zip_is_named_as_a_zip(tmp_path: Path) -> None:
+    archives = _archives(tmp_path / "archives")
+    fx.truncate(tmp_path / "archives/val2017.zip", 0.6)
+    with pytest.raises(PrepareError, match=r"val2017\.zip is not a readable zip archive") as info:
+        _prepare(tmp_path, archives, verify=False)
+    assert "tar" not in str(info.value).lower()

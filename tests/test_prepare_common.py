@@ -106,9 +106,24 @@ def test_verify_checksum_caches_success(tmp_path: Path, monkeypatch: pytest.Monk
     f.write_bytes(PAYLOAD)
     cache = tmp_path / "cache"
     assert common.verify_checksum(f, md5=_md5(PAYLOAD), cache_dir=cache)
-    monkeypatch.setattr(common, "file_digest", lambda *a, **k: pytest.fail("re-hashed"))
+    monkeypatch.setattr(common, "file_digests", lambda *a, **k: pytest.fail("re-hashed"))
     assert common.verify_checksum(f, md5=_md5(PAYLOAD), cache_dir=cache)
     assert not common.verify_checksum(f)  # nothing to check against
+
+
+def test_verify_checksum_md5_and_sha1_in_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "a.bin"
+    f.write_bytes(PAYLOAD)
+    sha1 = hashlib.sha1(PAYLOAD).hexdigest()
+    reads = []
+    real = common.file_digests
+    monkeypatch.setattr(common, "file_digests", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert common.verify_checksum(f, md5=_md5(PAYLOAD), sha1=sha1)
+    assert len(reads) == 1
+    with pytest.raises(PrepareError, match=r"sha1 is .* expected 0+ .*\(from the moon\)"):
+        common.verify_checksum(f, md5=_md5(PAYLOAD), sha1="0" * 40, source="from the moon")
 
 
 def test_verify_checksum_mismatch(tmp_path: Path) -> None:
@@ -195,6 +210,20 @@ def test_extract_truncated_archive(tmp_path: Path, kind: str) -> None:
     assert not temp_files(tmp_path / "out") if (tmp_path / "out").exists() else True
 
 
+@pytest.mark.parametrize("name", ["a.zip", "a.bin"])
+def test_truncated_zip_is_not_read_as_a_tar(tmp_path: Path, name: str) -> None:
+    """Without its central directory a zip is no zip to :mod:`zipfile`; it must not be reported
+    with a tar error (``a.bin``: recognised by its ``PK`` header, not its name)."""
+    files = {f"d/f{i}.bin": np.random.default_rng(i).bytes(5000) for i in range(4)}
+    archive = write_zip(tmp_path / name, files)
+    truncate(archive, 0.6)
+    with pytest.raises(PrepareError) as info:
+        common.extract(archive, tmp_path / "out", lambda n: n, progress=False)
+    message = str(info.value)
+    assert "is not a readable zip archive" in message and "download it again" in message
+    assert "tar" not in message.lower() and "ReadError" not in message
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_extract_disk_full_cleans_up_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
@@ -275,6 +304,45 @@ def test_finish_report_writes_then_raises(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
 
 
+def test_failure_report_replaces_a_stale_ok_report(tmp_path: Path) -> None:
+    path = tmp_path / "reports" / "x.json"
+    common.finish_report({"errors": []}, path)
+    assert json.loads(path.read_text())["ok"] is True
+    with pytest.raises(PrepareError, match="it broke"), common.failure_report(path, "x"):
+        raise PrepareError("it broke")
+    assert json.loads(path.read_text()) == {
+        "dataset": "x", "ok": False, "errors": ["it broke"], "warnings": []
+    }  # fmt: skip
+    # a report written by finish_report (with all its errors) is left as it is
+    with pytest.raises(PrepareError), common.failure_report(path, "x"):
+        common.finish_report({"errors": ["e1", "e2"], "sets": {}}, path)
+    assert json.loads(path.read_text())["errors"] == ["e1", "e2"]
+
+
+def test_verify_labels_uses_the_manifest_or_the_value_check(tmp_path: Path) -> None:
+    markers = common.Markers(tmp_path, "x")
+    root = tmp_path / "x"
+    rels = ["m/a.png", "m/b.png"]
+    for rel in rels:
+        common.save_label_png(root / rel, np.full((4, 4), 3, np.uint8))
+    allowed = np.zeros(256, bool)
+    allowed[:5] = True
+    # no manifest (older data): the label-value check runs once, then a manifest is written
+    assert common.verify_labels(markers, root, rels, allowed) == []
+    assert set(markers.info("manifest")["files"]) == set(rels)
+    # same value range, other content: only the manifest can tell
+    common.save_label_png(root / "m/a.png", np.full((4, 4), 4, np.uint8))
+    (root / "m/b.png").unlink()
+    errors = common.verify_labels(markers, root, rels, allowed)
+    assert len(errors) == 2
+    assert "a.png changed since it was converted" in errors[0] and "--force" in errors[0]
+    assert "b.png is missing" in errors[1]
+    markers.clear("manifest")
+    common.save_label_png(root / "m/b.png", np.full((4, 4), 99, np.uint8))
+    (errors,) = common.verify_labels(markers, root, rels, allowed)
+    assert "b.png holds label values [99]" in errors and not markers.done("manifest")
+
+
 @pytest.mark.parametrize(
     "script", ["prepare_pascal.py", "prepare_cityscapes.py", "prepare_coco.py", "fetch_splits.py"]
 )
@@ -287,3 +355,26 @@ def test_cli_help(script: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--data-root" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "script", ["prepare_pascal.py", "prepare_cityscapes.py", "prepare_coco.py", "fetch_splits.py"]
+)
+@pytest.mark.parametrize("args", [["--help"], ["--no-such-option"]])
+def test_cli_help_and_argument_errors_do_not_import_torch(script: str, args: list[str]) -> None:
+    """``brpg.data`` imports torch (seconds); the scripts' --help must not pay for it."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, *{args!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'data_scripts' / script)!r}, run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'brpg.data', 'scipy') if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'EXIT', code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"HEAVY [] EXIT {0 if args == ['--help'] else 2}" in result.stdout, result.stdout

@@ -166,3 +166,14 @@ def test_wrong_tar_is_named(tmp_path: Path) -> None:
     fx.write_tar(tmp_path / "archives" / "VOCtrainval_11-May-2012.tar", {"other/x.txt": b"x"})
     with pytest.raises(PrepareError, match="holds none of the expected files"):
         _prepare(tmp_path, archives, verify=False)
+
+
+def test_rerun_catches_a_changed_mask(tmp_path: Path) -> None:
+    archives = _archives(tmp_path / "archives")
+    _prepare(tmp_path, archives)
+    rel = pascal.mask_files(tmp_path / "VOC2012")[0]
+    out = tmp_path / "VOC2012" / rel
+    common.save_label_png(out, np.full_like(common.read_label_png(out), 99))
+    with pytest.raises(PrepareError, match="changed since it was converted"):
+        _prepare(tmp_path, archives)
+    assert json.loads((tmp_path / "reports/pascal.json").read_text())["ok"] is False

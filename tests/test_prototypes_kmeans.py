@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from brpg.prototypes import batched_kmeans, batched_kmeans_full
+from brpg.prototypes import kmeans as km_module
 from brpg.prototypes.kmeans import _cluster_sums, _lloyd, _sq_norm, _tolerance
 
 
@@ -295,3 +299,27 @@ def test_subsample_refinement_ends_at_a_full_data_fixed_point():
     torch.testing.assert_close(own, sub.inertia, rtol=1e-4, atol=1e-3)
     assert torch.equal(sub.assign[valid], d2.argmin(2)[valid])
     assert (sub.inertia <= full.inertia * 1.05).all(), (sub.inertia, full.inertia)
+
+
+def test_inertia_against_minibatch_kmeans_is_close_not_always_lower():
+    """The official clustering is sklearn's ``MiniBatchKMeans`` (batch 100, n_init 3). Ours is
+    close to it per class, with a median ratio below 1, but not "as good or better" on every
+    class, and the docstring must not promise that."""
+    doc = " ".join(km_module.__doc__.split())
+    assert "as good or better" not in doc
+    assert "not always lower" in doc and "2.6 % worse" in doc
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(16):
+        k_true = rng.integers(2, 6)
+        centres = rng.normal(size=(k_true, 16)) * rng.uniform(0.5, 3)
+        rows.append(centres[rng.integers(0, k_true, 600)] + rng.normal(size=(600, 16)))
+    ours = batched_kmeans_full(torch.tensor(np.stack(rows), dtype=torch.float32), 3, n_init=3)
+    ratios = []
+    for row, inertia in zip(rows, ours.inertia.tolist(), strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn's n_init / memory-leak notices
+            sk = MiniBatchKMeans(n_clusters=3, random_state=0, batch_size=100, n_init=3).fit(row)
+        sk_inertia = ((row[:, None] - sk.cluster_centers_[None]) ** 2).sum(-1).min(1).sum()
+        ratios.append(inertia / sk_inertia)
+    assert np.median(ratios) <= 1.0 and max(ratios) <= 1.1, ratios

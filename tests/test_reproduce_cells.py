@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from brpg.config import load_config
+from brpg.config import PRESET_DIR, load_config
+from brpg.engine import runtime
 from brpg.reproduce import cells as C
 from brpg.reproduce.paper import PAPER, paper_miou
 from brpg.reproduce.profiles import ProfileError, gpu_overrides
@@ -64,12 +66,36 @@ def test_brpg_phases_follow_the_official_epochs():
     assert voc.semi.sup_only_steps == 638  # warm-up: epoch 0
     assert (voc.proto.sample_start_step, voc.proto.sample_steps) == (638, 638)  # epoch 1
     assert voc.proto.thr_delay_steps == 5 * 638
-    # Cityscapes 744: (2975 - 744) // 4 // 2 = 278; sampling epochs 3-5, 200 epochs
+    # Cityscapes 744: ceil((2975 - 744) / 4) // 2 = 558 // 2 = 279; sampling epochs 3-5
     cs = load_config("cityscapes_brpg_744")
-    assert cs.train.steps == 200 * 278
-    assert (cs.proto.sample_start_step, cs.proto.sample_steps) == (3 * 278, 3 * 278)
-    # COCO 1/32: (118287 - 3697) // 4 // 4 = 7161; 30 epochs
-    assert load_config("coco_brpg_1_32").train.steps == 30 * 7161
+    assert cs.train.steps == 200 * 279
+    assert (cs.proto.sample_start_step, cs.proto.sample_steps) == (3 * 279, 3 * 279)
+    # COCO 1/32: ceil((118287 - 3697) / 4) // 4 = 28648 // 4 = 7162; 30 epochs (spec §1 table)
+    assert load_config("coco_brpg_1_32").train.steps == 30 * 7162 == 214_860
+
+
+# DistributedSampler(dset) keeps drop_last=False: each of the 4 GPUs gets ceil(n / 4) samples,
+# and only the DataLoader drops the last partial batch. Where n is not a multiple of 4 and the
+# padding completes one more batch, the epoch is one step longer than floor(floor(n / 4) / B).
+@pytest.mark.parametrize(
+    "preset,per_epoch",
+    [
+        ("voc_brpg_classic_183", 650),  # n = 10399: ceil 2600 // 4; floor would give 649
+        ("voc_brpg_classic_1464", 570),  # n = 9118: ceil 2280 // 4; floor 569
+        ("cityscapes_brpg_186", 349),  # n = 2789: ceil 698 // 2; floor 348
+        ("cityscapes_brpg_744", 279),  # n = 2231: ceil 558 // 2; floor 278
+        ("cityscapes_brpg_1488", 186),  # n = 1487: ceil 372 // 2; floor 185
+        ("coco_brpg_1_32", 7162),  # n = 114590: ceil 28648 // 4; floor 7161
+        ("coco_brpg_1_16", 6931),  # n = 110894: ceil 27724 // 4; floor 6930
+        ("voc_brpg_classic_366", 638),  # n = 10216 = 4·2554: both give 638
+    ],
+)
+def test_brpg_epoch_counts_the_padded_distributed_sampler(preset, per_epoch):
+    cfg = load_config(preset)
+    epochs = {"pascal": 80, "cityscapes": 200, "coco": 30}[cfg.data.name]
+    assert cfg.semi.sup_only_steps == per_epoch
+    assert cfg.train.steps == epochs * per_epoch
+    assert cfg.proto.thr_delay_steps == 5 * per_epoch
 
 
 def test_presets_carry_the_official_hyper_parameters():
@@ -171,3 +197,32 @@ def prepare_signature() -> list[str]:
     from brpg.reproduce.experiment import prepare
 
     return list(inspect.signature(prepare).parameters)
+
+
+CHAPTER_10 = ROOT / "book" / "10_reproducing_the_paper.py"
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes", "coco"])
+def test_every_deviation_is_listed_in_the_headers_and_chapter_10(dataset):
+    """Issue 17: mixed precision (with fp16 as the faithful switch), the per-step entropy
+    percentile and the deep-copied teacher are listed with the other deviations."""
+    header = " ".join(
+        line.lstrip("# ")
+        for line in (PRESET_DIR / f"_{dataset}_brpg.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    chapter = " ".join(
+        line.lstrip("# ") for line in CHAPTER_10.read_text().splitlines() if line.startswith("#")
+    )
+    for text in (header, chapter):
+        assert "train.amp=fp16" in text and "GradScaler" in text
+        assert "entropy" in text and "percentile" in text and "moves every step" in text
+        assert "deep copy of the student" in text and "separately built" in text
+        assert "1/4" in text  # proto.faithful_loss_scale: the official weight, not 1/world_size
+    suponly = (PRESET_DIR / f"_{dataset}_suponly.yaml").read_text()
+    assert "amp: auto  # bf16 on CUDA; fp16 = the official" in suponly
+    # fp16 is selectable in every preset of the table: fp16 autocast (+ GradScaler on CUDA)
+    table = "voc_classic" if dataset == "voc" else dataset
+    for cell in C.all_cells(table):
+        assert load_config(cell.preset, ["train.amp=fp16"]).train.amp == "fp16"
+    assert runtime.amp_dtype("fp16", torch.device("cuda")) == torch.float16

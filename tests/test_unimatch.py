@@ -109,7 +109,8 @@ def test_total_is_the_weighted_formula_of_the_logged_parts(data_root):
 
 
 def test_no_confident_pixel_leaves_the_supervised_term_alone(data_root):
-    cfg, model, method, batch, x_u = _step_setup(data_root, "semi.conf_thresh=1.01")
+    cfg, model, method, batch, x_u = _step_setup(data_root)
+    cfg.semi.conf_thresh = 1.01  # above any probability (a loaded config must lie in [0, 1])
     loss, logs, _ = unimatch_step(model, method, batch, x_u, step=1)
     for k in ("loss_s1", "loss_s2", "loss_fp", "pseudo_ratio"):
         assert logs[k] == 0.0, k

@@ -19,7 +19,7 @@ labels_l, rep_u, logits_u)``                (spec §5.1, §5.3). Labeled rows co
                                             framework's pseudo-labels (mean teacher: the EMA
                                             teacher; UniMatch: the model itself on the weak view)
 ``loss(step, rep_l, labels_l, rep_u,        proto phase only: ``λ_pro·L_pro`` on the labeled grid
-conf_u, pseudo_u, world_size)``             and the confident unlabeled pixels of the view the
+conf_u, pseudo_u)``                         and the confident unlabeled pixels of the view the
 ``-> (loss or None, logs, ema_rows)``       student saw (spec §8), and the rows of the EMA
 ``ema_update(ema_rows)``                    after the optimiser step: the prototype EMA (§7)
 ``state_dict()`` / ``load_state_dict()``    memories, back queue, bank, csp thresholds
@@ -71,6 +71,7 @@ from brpg.prototypes import (
 __all__ = ["BRPGPlugin", "EMARows", "cluster_prototypes"]
 
 EMARows = tuple[Tensor, Tensor]  # (feats[N, D], targets[N]) of the prototype EMA (spec §7)
+OFFICIAL_WORLD_SIZE = 4  # the official runs train on 4 GPUs: effective λ_pro 1/4 (spec §12 Q3)
 
 
 def _slots(cfg: Config) -> tuple[int, int]:
@@ -257,7 +258,6 @@ class BRPGPlugin(nn.Module):
         rep_u: Tensor,
         conf_u: Tensor,
         pseudo_u: Tensor,
-        world_size: int = 1,
     ) -> tuple[Tensor | None, dict[str, Tensor], EMARows | None]:
         """``λ_pro·L_pro`` of one step (spec §8), ``(None, {}, None)`` outside the proto phase.
 
@@ -265,8 +265,12 @@ class BRPGPlugin(nn.Module):
         ``rep_u [B_u, D, h, w]``: the student on the unlabeled view it is trained on, with that
         view's pseudo-labels ``pseudo_u [B_u, H, W]`` and confidences ``conf_u [B_u, H, W]``
         (mixed by the same CutMix). Labeled grid + unlabeled pixels above the ramped threshold
-        (spec §1, §12 Q5); ``proto.faithful_loss_scale`` multiplies by ``1/world_size``
-        (spec §12 Q3). Returns ``(weighted loss, {"loss_proto": L_pro}, ema_rows)`` with
+        (spec §1, §12 Q5). ``proto.faithful_loss_scale`` multiplies by
+        ``1/OFFICIAL_WORLD_SIZE`` = 1/4: the official code divides L_pro by its world size and DDP
+        averages the gradients, so its effective λ_pro is 1/4 on its 4 GPUs (spec §12 Q3). The
+        factor is a constant, not this run's process count: the weight of L_pro relative to the
+        other losses is then the official one on any number of GPUs and with any batch policy
+        (gradient accumulation and DDP average every loss alike). Returns ``(weighted loss, {"loss_proto": L_pro}, ema_rows)`` with
         ``ema_rows = (feats[N, D], targets[N])`` detached, for :meth:`ema_update`.
         """
         cfg = self.cfg
@@ -282,7 +286,7 @@ class BRPGPlugin(nn.Module):
         loss_pro = prototype_loss(self.bank, feats_l, tgt_l, p.tau) + prototype_loss(
             self.bank, feats_u, tgt_u, p.tau
         )
-        scale = 1.0 / world_size if p.faithful_loss_scale else 1.0
+        scale = 1.0 / OFFICIAL_WORLD_SIZE if p.faithful_loss_scale else 1.0
         weighted = p.loss_weight * scale * loss_pro
         ema_rows = (torch.cat([feats_l, feats_u]).detach(), torch.cat([tgt_l, tgt_u]))
         return weighted, {"loss_proto": loss_pro.detach()}, ema_rows

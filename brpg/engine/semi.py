@@ -195,7 +195,6 @@ def semi_step(
     batch_l: dict[str, Tensor],
     image_u: Tensor,
     step: int,
-    world_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor], EMARows | None]:
     """One mean-teacher / BRPG step after the warm-up (spec §4, §14); returns
     ``(loss, logs, ema_rows)`` where ``ema_rows = (feats[N, D], targets[N])`` feed the prototype
@@ -251,7 +250,7 @@ def semi_step(
     if plugin is not None:
         plugin.observe(step, rep_all[:b], logits_all[:b], y_l, out_t.get("rep"), out_t["logits"])
         loss_pro, logs_pro, ema_rows = plugin.loss(
-            step, rep_all[:b], y_l, rep_all[b:], conf_mix, pseudo_mix, world_size
+            step, rep_all[:b], y_l, rep_all[b:], conf_mix, pseudo_mix
         )
         if loss_pro is not None:
             loss = loss + loss_pro

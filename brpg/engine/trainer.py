@@ -328,7 +328,7 @@ class Trainer:
                     else:
                         assert method is not None and micro_u is not None and len(micro_u) == g
                         loss, logs, ema_rows = step_fn(
-                            self.model, method, batch, micro_u[i], self.step, self.dist.world_size
+                            self.model, method, batch, micro_u[i], self.step
                         )
                 if i == 0:  # where it always was: after the first forward, before any backward
                     self.optimizer.zero_grad(set_to_none=True)

@@ -76,7 +76,6 @@ def unimatch_step(
     batch_l: dict[str, Tensor],
     image_u: Tensor,
     step: int,
-    world_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor], EMARows | None]:
     """One UniMatch step after the warm-up (module docstring); returns ``(loss, logs,
     ema_rows)`` as :func:`~brpg.engine.semi.semi_step`. Logs: ``loss_sup`` (L_x), ``loss_s1``,
@@ -143,7 +142,7 @@ def unimatch_step(
         assert rep_all is not None and rep_src is not None
         plugin.observe(step, rep_all[:b], logits_all[:b], y_l, rep_src, logits_src)
         loss_pro, logs_pro, ema_rows = plugin.loss(
-            step, rep_all[:b], y_l, out_s["rep"][:b_u], conf_1, pseudo_1, world_size
+            step, rep_all[:b], y_l, out_s["rep"][:b_u], conf_1, pseudo_1
         )
         if loss_pro is not None:
             logs.update(logs_pro)

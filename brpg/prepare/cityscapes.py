@@ -41,23 +41,30 @@ from brpg.prepare.splits import check_split_lists, expected_count_warnings
 
 log = logging.getLogger("brpg.prepare")
 
-_UNSOURCED = (
-    "unsourced: the Cityscapes site shows an md5 per package after login; pass it with --md5"
+_CHECKSUM_SOURCE = (
+    "community-sourced: the Cityscapes site shows its checksums only after login; the MD5s are "
+    "those of NVIDIA/semantic-segmentation (PREPARE_DATASETS.md), the SHA-1s those of the "
+    "PyTorch-Encoding-style scripts/prepare_cityscapes.py of junfu1115/DANet. If your package "
+    "differs, pass the md5 the Cityscapes download page shows with --md5 FILE=MD5 (it replaces "
+    "both), or skip the check with --skip-checksum"
 )
 LEFT_ARCHIVE = Archive(
     filename="leftImg8bit_trainvaltest.zip",
     url="https://www.cityscapes-dataset.com/file-handling/?packageID=3",
-    md5=None,
-    checksum_source=_UNSOURCED,
+    md5="0a6e97e94b616a514066c9e2adb0c97f",
+    sha1="2c0b77ce9933cc635adda307fbba5566f5d9d404",
+    checksum_source=_CHECKSUM_SOURCE,
     size_hint="11 GB",
 )
 GTFINE_ARCHIVE = Archive(
     filename="gtFine_trainvaltest.zip",
     url="https://www.cityscapes-dataset.com/file-handling/?packageID=1",
-    md5=None,
-    checksum_source=_UNSOURCED,
+    md5="4237c19de34c8a376e9ba46b495d6f66",
+    sha1="99f532cb1af174f5fcc4c5bc8feea8c66246ddbc",
+    checksum_source=_CHECKSUM_SOURCE,
     size_hint="241 MB",
 )
+ARCHIVES = (GTFINE_ARCHIVE, LEFT_ARCHIVE)
 
 HOW_TO_GET = (
     "Cityscapes needs a free account: register at https://www.cityscapes-dataset.com/register/, "
@@ -296,6 +303,16 @@ def build_report(
     }
 
 
+def label_files(root: Path) -> list[str]:
+    """The labelTrainIds PNGs under ``root`` (``DATA_ROOT/cityscapes``), relative to it."""
+    return sorted(
+        f"gtFine/{split}/{rel}"
+        for split in SPLITS
+        for rel in common.list_files(root / "gtFine" / split, "_gtFine_labelTrainIds.png")
+    )
+
+
+@common.reports_failure("cityscapes")
 def prepare_cityscapes(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -304,23 +321,27 @@ def prepare_cityscapes(
     progress: bool = True,
     force: bool = False,
     md5: dict[str, str] | None = None,
+    verify: bool = True,
     check_counts: bool = True,
+    archives: tuple[Archive, Archive] = ARCHIVES,
 ) -> dict[str, Any]:
     """Build ``DATA_ROOT/cityscapes`` (leftImg8bit + gtFine labelTrainIds) from the two zips.
 
-    ``md5`` maps archive file names to checksums the user copied from the Cityscapes site; without
-    it the zips are checked for the right package and for integrity while extracting. Returns the
-    validation report; raises :class:`PrepareError` on bad input.
+    The zips are checked for the right package, then (unless ``verify`` is False) against the
+    community-sourced MD5 and SHA-1 of ``archives`` (gtFine, leftImg8bit); ``md5`` maps archive
+    file names to checksums the user copied from the Cityscapes site, which replace them. CRCs
+    are checked while extracting. Returns the validation report; raises :class:`PrepareError`
+    on bad input.
     """
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
     workers = workers or default_workers()
     md5 = dict(md5 or {})
-    unknown = set(md5) - {LEFT_ARCHIVE.filename, GTFINE_ARCHIVE.filename}
+    gtfine, left = archives
+    unknown = set(md5) - {left.filename, gtfine.filename}
     if unknown:
         raise PrepareError(
-            f"--md5 given for {sorted(unknown)}; expected {LEFT_ARCHIVE.filename} or "
-            f"{GTFINE_ARCHIVE.filename}"
+            f"--md5 given for {sorted(unknown)}; expected {left.filename} or {gtfine.filename}"
         )
     markers = Markers(data_root, "cityscapes")
     if force:
@@ -328,8 +349,8 @@ def prepare_cityscapes(
     root = data_root / "cityscapes"
     if not markers.done("convert"):
         jobs = (
-            (GTFINE_ARCHIVE, "labels", "extract-gtfine", _is_label),
-            (LEFT_ARCHIVE, "images", "extract-leftimg8bit", _is_image),
+            (gtfine, "labels", "extract-gtfine", _is_label),
+            (left, "images", "extract-leftimg8bit", _is_image),
         )
         pending = [job for job in jobs if not markers.done(job[2])]
         paths = {
@@ -340,17 +361,25 @@ def prepare_cityscapes(
             check_package(paths[archive.filename], kind)
         for archive, _, step, wanted in pending:
             path = paths[archive.filename]
-            if archive.filename in md5:
+            if archive.filename in md5:  # the user's, from the Cityscapes site
                 common.verify_checksum(
                     path,
                     md5=md5[archive.filename],
                     cache_dir=common.checksum_cache_dir(data_root),
                     progress=progress,
+                    source=f"the md5 given with --md5 {archive.filename}=...",
+                )
+            elif verify:
+                common.verify_checksum(
+                    path,
+                    md5=archive.md5,
+                    sha1=archive.sha1,
+                    cache_dir=common.checksum_cache_dir(data_root),
+                    progress=progress,
+                    source=archive.checksum_source,
                 )
             else:
-                log.info(
-                    "no official checksum for %s; checking its CRCs while extracting", path.name
-                )
+                log.info("checksum of %s skipped; checking its CRCs while extracting", path.name)
             n = common.extract(
                 path,
                 root,
@@ -362,9 +391,15 @@ def prepare_cityscapes(
             markers.mark(step, archive=str(path), files=n)
         info = _convert(root, workers=workers, progress=progress, force=force)
         markers.mark("convert", **info)
+        common.write_manifest(markers, root, label_files(root), workers=workers, progress=progress)
+        content_errors: list[str] = []
     else:
         log.info("cityscapes labels already converted; re-checking (use --force to redo)")
+        content_errors = common.verify_labels(
+            markers, root, label_files(root), ALLOWED_TRAIN_IDS, workers=workers, progress=progress
+        )
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
+    report["errors"] += content_errors
     return common.finish_report(report, data_root / "reports" / "cityscapes.json")
 
 
@@ -391,8 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE=MD5",
-        help="verify an archive against the md5 shown on the Cityscapes download page "
-        "(repeatable), e.g. --md5 gtFine_trainvaltest.zip=<32 hex digits>",
+        help="verify an archive against the md5 shown on the Cityscapes download page instead "
+        "of the built-in community-sourced checksums (repeatable), e.g. "
+        "--md5 gtFine_trainvaltest.zip=<32 hex digits>",
+    )
+    parser.add_argument(
+        "--skip-checksum",
+        action="store_true",
+        help="do not verify the archives against the built-in checksums (a --md5 is still checked)",
     )
     return parser
 
@@ -407,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
         force=args.force,
         md5=_parse_md5(args.md5),
+        verify=not args.skip_checksum,
     )
 
 

@@ -276,11 +276,15 @@ def build_report(
     splits: dict[str, Any] = {}
     if (split_dir / "val.txt").is_file():
         train_names = [f"{s}.jpg" for s in convert_info.get("images", {}).get("train2017", [])]
-        unlabeled = derive_coco_unlabeled(
-            split_dir,
-            train_names,
-            expected_train=EXPECTED_IMAGES["train2017"] if check_counts else None,
-        )
+        try:
+            unlabeled = derive_coco_unlabeled(
+                split_dir,
+                train_names,
+                expected_train=EXPECTED_IMAGES["train2017"] if check_counts else None,
+            )
+        except PrepareError as exc:  # in the report, not instead of it
+            errors.append(f"cannot derive the unlabeled lists: {exc}")
+            unlabeled = {}
         known = {f"{split}/{stem}.jpg" for split in SPLITS for stem in images_by_split[split]}
         known |= {f"masks/{stem}.png" for stem in masks}
         splits, split_errors = check_split_lists(
@@ -325,6 +329,12 @@ def _select(prefixes: dict[str, str]) -> common.Selector:
     return select
 
 
+def mask_files(root: Path) -> list[str]:
+    """The mask PNGs under ``root`` (``DATA_ROOT/coco``), relative to it."""
+    return sorted(f"masks/{rel}" for rel in common.list_files(root / "masks", ".png"))
+
+
+@common.reports_failure("coco")
 def prepare_coco(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -402,9 +412,15 @@ def prepare_coco(
             info["images"][split] = result["stems"]
             info["label_histogram"][split] = result["label_histogram"]
         markers.mark("convert", **info)
+        common.write_manifest(markers, root, mask_files(root), workers=workers, progress=progress)
+        content_errors: list[str] = []
     else:
         log.info("coco masks already converted; re-checking (use --force to redo)")
+        content_errors = common.verify_labels(
+            markers, root, mask_files(root), ALLOWED, workers=workers, progress=progress
+        )
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
+    report["errors"] += content_errors
     return common.finish_report(report, data_root / "reports" / "coco.json")
 
 

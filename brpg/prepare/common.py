@@ -17,6 +17,13 @@ Every preparation script follows the same pattern, and this module holds the pie
   per-file conversions.
 - :class:`Markers`: JSON marker files under ``DATA_ROOT/.prepare/`` that let a re-run skip
   finished steps.
+- :func:`write_manifest` / :func:`verify_labels`: a SHA-256 manifest of the converted label maps,
+  written at conversion time, so that a re-run checks their content, not only that they exist.
+- :func:`failure_report`: a preparation that fails still rewrites its validation report, with
+  ``"ok": false`` and the reason, so that an earlier run's ``"ok": true`` never survives.
+
+``brpg.data`` (which imports torch) is imported only where it is used, so that ``--help`` and
+argument errors of the scripts answer at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import hashlib
 import http.client
 import io
@@ -52,8 +60,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from brpg.data.palette import voc_colour_map
-
 log = logging.getLogger("brpg.prepare")
 
 #: Label value that every dataset uses for "ignore".
@@ -71,14 +77,15 @@ class PrepareError(RuntimeError):
 class Archive:
     """One input archive: its file name, where to get it and its known checksum.
 
-    ``md5``/``sha256`` of ``None`` means no checksum could be sourced; ``checksum_source`` says where
-    a known one comes from (or why there is none).
+    ``md5``/``sha1``/``sha256`` of ``None`` means no checksum could be sourced;
+    ``checksum_source`` says where a known one comes from (or why there is none).
     """
 
     filename: str
     url: str | None = None
     md5: str | None = None
     sha256: str | None = None
+    sha1: str | None = None
     checksum_source: str = "unsourced"
     size_hint: str = ""
 
@@ -152,12 +159,12 @@ def is_temp_file(path: Path) -> bool:
 # --------------------------------------------------------------------------- label PNGs
 
 
+@functools.cache
 def voc_palette() -> list[int]:
     """The 256-entry PASCAL VOC colour map as a flat ``[r0, g0, b0, r1, ...]`` list."""
+    from brpg.data.palette import voc_colour_map  # brpg.data imports torch: only when needed
+
     return voc_colour_map().reshape(-1).tolist()
-
-
-_PALETTE = voc_palette()
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
@@ -165,7 +172,7 @@ def encode_label_png(label: np.ndarray) -> bytes:
     if label.dtype != np.uint8 or label.ndim != 2:
         raise ValueError(f"label map must be 2-D uint8, got {label.dtype} {label.shape}")
     image = Image.fromarray(label)
-    image.putpalette(_PALETTE)
+    image.putpalette(voc_palette())
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -237,7 +244,14 @@ def histogram_dict(hist: np.ndarray) -> dict[str, int]:
 
 def file_digest(path: Path, algorithm: str, *, progress: bool = False) -> str:
     """Hex digest of a file (``algorithm`` as in :mod:`hashlib`), with an optional progress bar."""
-    digest = hashlib.new(algorithm)
+    return file_digests(path, (algorithm,), progress=progress)[algorithm]
+
+
+def file_digests(
+    path: Path, algorithms: Iterable[str], *, progress: bool = False
+) -> dict[str, str]:
+    """Hex digests of a file for several algorithms, reading it once."""
+    digests = {a: hashlib.new(a) for a in algorithms}
     size = path.stat().st_size
     with (
         open(path, "rb") as fh,
@@ -245,15 +259,16 @@ def file_digest(path: Path, algorithm: str, *, progress: bool = False) -> str:
             total=size,
             unit="B",
             unit_scale=True,
-            desc=f"{algorithm} {path.name}",
+            desc=f"{'+'.join(digests)} {path.name}",
             disable=not progress,
             leave=False,
         ) as bar,
     ):
         while chunk := fh.read(1 << 22):
-            digest.update(chunk)
+            for digest in digests.values():
+                digest.update(chunk)
             bar.update(len(chunk))
-    return digest.hexdigest()
+    return {a: d.hexdigest() for a, d in digests.items()}
 
 
 def _checksum_mismatch(path: Path, algorithm: str, expected: str, actual: str) -> PrepareError:
@@ -269,15 +284,19 @@ def verify_checksum(
     *,
     md5: str | None = None,
     sha256: str | None = None,
+    sha1: str | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
+    source: str = "",
 ) -> bool:
-    """Check ``path`` against the given digests; return False when none is given.
+    """Check ``path`` against the given digests (in one read); return False when none is given.
 
     With ``cache_dir`` a successful check is remembered (keyed on size and mtime), so re-runs skip
-    hashing unchanged archives. Raises :class:`PrepareError` on a mismatch.
+    hashing unchanged archives. Raises :class:`PrepareError` on a mismatch; ``source`` (where the
+    expected digests come from, and how to override them) is added to its message.
     """
-    wanted = {k: v.lower() for k, v in (("md5", md5), ("sha256", sha256)) if v}
+    given = (("md5", md5), ("sha1", sha1), ("sha256", sha256))
+    wanted = {k: v.lower() for k, v in given if v}
     if not wanted:
         return False
     st = path.stat()
@@ -292,10 +311,11 @@ def verify_checksum(
             ):
                 log.info("checksum of %s already verified", path.name)
                 return True
+    actual = file_digests(path, wanted, progress=progress)
     for algorithm, expected in wanted.items():
-        actual = file_digest(path, algorithm, progress=progress)
-        if actual != expected:
-            raise _checksum_mismatch(path, algorithm, expected, actual)
+        if actual[algorithm] != expected:
+            error = _checksum_mismatch(path, algorithm, expected, actual[algorithm])
+            raise PrepareError(f"{error} ({source})" if source else str(error))
     log.info("checksum of %s OK", path.name)
     if cache is not None:
         atomic_write_json(cache, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **wanted})
@@ -481,15 +501,33 @@ def extract(
     interrupted extraction resumes.
     Zip members are extracted by ``workers`` threads, each with its own handle; tar archives are
     read sequentially and written by ``workers`` threads. Returns the number of selected members.
+    A zip that :mod:`zipfile` cannot open (a truncated download) is reported as "not a readable zip
+    archive", not read as a tar.
     """
     archive, dest = Path(archive), Path(dest)
     desc = desc or f"extract {archive.name}"
     try:
         if zipfile.is_zipfile(archive):
             return _extract_zip(archive, dest, select, workers, progress, desc, overwrite)
+        if looks_like_zip(archive):  # a zip without its central directory: truncated
+            raise PrepareError(
+                f"archive {archive} is not a readable zip archive (its central directory is "
+                "missing: the file is truncated or corrupt); delete it and download it again"
+            )
         return _extract_tar(archive, dest, select, workers, progress, desc, overwrite)
     except _ARCHIVE_ERRORS as exc:
         raise _truncated(archive, exc) from exc
+
+
+def looks_like_zip(path: Path) -> bool:
+    """True if ``path`` is named ``*.zip`` or starts like a zip (``PK\\x03\\x04``), readable or not."""
+    if Path(path).suffix.lower() == ".zip":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _target(dest: Path, archive: Path, name: str, select: Selector) -> Path | None:
@@ -735,8 +773,127 @@ def finish_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     if report.get("errors"):
         errors = report["errors"]
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise PrepareError("; ".join(errors[:5]) + more + f". Full list in {path}")
+        exc = PrepareError("; ".join(errors[:5]) + more + f". Full list in {path}")
+        exc.report = str(path)  # type: ignore[attr-defined] - see failure_report
+        raise exc
     return report
+
+
+@contextlib.contextmanager
+def failure_report(path: Path, dataset: str) -> Iterator[None]:
+    """Rewrite the report at ``path`` with ``"ok": false`` and the reason if the block fails.
+
+    A :class:`PrepareError` raised by :func:`finish_report` (which has written the full report
+    already) passes through; any other one first replaces the report, so that a stale
+    ``"ok": true`` of an earlier run never outlives a failed one.
+    """
+    try:
+        yield
+    except PrepareError as exc:
+        if getattr(exc, "report", None) != str(path):
+            atomic_write_json(
+                path, {"dataset": dataset, "ok": False, "errors": [str(exc)], "warnings": []}
+            )
+            log.info("validation report (failed run) written to %s", path)
+        raise
+
+
+def reports_failure(dataset: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate ``prepare_<dataset>(data_root, ...)`` with :func:`failure_report` on
+    ``DATA_ROOT/reports/<dataset>.json``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(data_root: Path, *args: Any, **kwargs: Any) -> Any:
+            path = Path(data_root) / "reports" / f"{dataset}.json"
+            with failure_report(path, dataset):
+                return fn(data_root, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+MANIFEST_STEP = "manifest"
+
+
+def label_digests(
+    root: Path, rels: Iterable[str], *, workers: int = 2, progress: bool = False
+) -> dict[str, str | None]:
+    """``{rel: sha256 hex}`` of the files ``root / rel`` (``None`` for a missing file)."""
+
+    def digest(rel: str) -> str | None:
+        try:
+            return hashlib.sha256((Path(root) / rel).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    rels = sorted(rels)
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        tqdm(total=len(rels), desc="sha256 labels", unit="file", disable=not progress) as bar,
+    ):
+        out = {}
+        for rel, value in zip(rels, pool.map(digest, rels), strict=True):
+            out[rel] = value
+            bar.update()
+    return out
+
+
+def write_manifest(
+    markers: Markers, root: Path, rels: Iterable[str], *, workers: int = 2, progress: bool = False
+) -> None:
+    """Record the SHA-256 of every converted label map (paths relative to ``root``)."""
+    digests = label_digests(root, rels, workers=workers, progress=progress)
+    markers.mark(MANIFEST_STEP, algorithm="sha256", files=digests)
+
+
+def verify_labels(
+    markers: Markers,
+    root: Path,
+    rels: Iterable[str],
+    allowed: np.ndarray,
+    *,
+    workers: int = 2,
+    progress: bool = False,
+) -> list[str]:
+    """Errors for converted label maps whose content changed since the conversion.
+
+    With a manifest (written by :func:`write_manifest` at conversion time) every listed file is
+    hashed and compared. Data converted before manifests existed has none: then every label map
+    in ``rels`` gets the label-value check of the first run once (values outside ``allowed``),
+    and the manifest is written if they pass.
+    """
+    fix = "delete it and re-run with --force"
+    recorded = markers.info(MANIFEST_STEP).get("files")
+    if isinstance(recorded, dict):
+        now = label_digests(root, recorded, workers=workers, progress=progress)
+        errors = []
+        for rel, want in recorded.items():
+            if now[rel] is None:
+                errors.append(f"{Path(root) / rel} is missing; re-run with --force")
+            elif now[rel] != want:
+                errors.append(
+                    f"{Path(root) / rel} changed since it was converted (its SHA-256 differs "
+                    f"from {markers.path(MANIFEST_STEP)}); {fix}"
+                )
+        return errors
+    log.info("no label manifest (prepared by an older version): checking every label map once")
+    rels = sorted(rels)
+    errors = []
+
+    def check(rel: str) -> str | None:
+        try:
+            check_label_values(read_label_png(Path(root) / rel), allowed, Path(root) / rel, fix)
+        except PrepareError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        errors = [e for e in pool.map(check, rels) if e]
+    if not errors:
+        write_manifest(markers, root, rels, workers=workers, progress=progress)
+    return errors
 
 
 # --------------------------------------------------------------------------- CLI helpers

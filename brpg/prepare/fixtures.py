@@ -380,7 +380,7 @@ def prepare_fixture(data_root: Path, dataset: str) -> dict[str, Any]:
 
         make_cityscapes_archives(archives)
         write_cityscapes_splits(data_root)
-        return prepare_cityscapes(data_root, archives, **options)
+        return prepare_cityscapes(data_root, archives, verify=False, **options)
     if dataset == "coco":
         from brpg.prepare.coco import prepare_coco
 

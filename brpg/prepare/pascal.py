@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
 
 from brpg.prepare import common
 from brpg.prepare.common import (
@@ -113,6 +112,8 @@ def _select_sbd(name: str) -> str | None:
 
 def load_sbd_mask(path: Path) -> np.ndarray:
     """Read the ``GTcls.Segmentation`` label map of an SBD ``cls/*.mat`` file as uint8."""
+    import scipy.io  # slow to import: only when converting, not for --help
+
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
         seg = np.asarray(mat["GTcls"].Segmentation)
@@ -356,6 +357,13 @@ def build_report(
     }
 
 
+def mask_files(voc_root: Path) -> list[str]:
+    """The SegmentationClassAug PNGs under ``voc_root``, relative to it."""
+    masks = common.list_files(voc_root / "SegmentationClassAug", ".png")
+    return sorted(f"SegmentationClassAug/{rel}" for rel in masks)
+
+
+@common.reports_failure("pascal")
 def prepare_pascal(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -411,6 +419,10 @@ def prepare_pascal(
             markers.mark(step, archive=str(path), files=n)
         info = _convert(voc_root, staging, paths, workers=workers, progress=progress, force=force)
         markers.mark("convert", **info)
+        common.write_manifest(
+            markers, voc_root, mask_files(voc_root), workers=workers, progress=progress
+        )
+        content_errors: list[str] = []
         if not keep_staging:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -418,8 +430,12 @@ def prepare_pascal(
             markers.clear("extract-sbd")
     else:
         log.info("pascal masks already converted; re-checking (use --force to redo)")
+        content_errors = common.verify_labels(
+            markers, voc_root, mask_files(voc_root), ALLOWED, workers=workers, progress=progress
+        )
     info = markers.info("convert")
     report = build_report(data_root, info, check_counts=check_counts)
+    report["errors"] += content_errors
     return common.finish_report(report, data_root / "reports" / "pascal.json")
 
 

@@ -22,8 +22,11 @@ Algorithm (per row, all rows in parallel):
    so every row's result is the same whether it is clustered alone or in a batch.
 
 Deviation (accepted in spec §13): full-batch Lloyd instead of sklearn's mini-batch updates
-(batch 100, n_init 3), so centres differ numerically from the official ones; on the same data
-the inertia is as good or better.
+(batch 100, n_init 3), so centres differ numerically from the official ones. The inertia is
+close to sklearn's but not always lower. Measured on synthetic memories (per-class ratio ours /
+``MiniBatchKMeans``, ``n_init=3``): an outside check found a median of 0.9995-0.9998 with single
+classes up to 2.6 % worse; 126 class memories of Gaussian blobs (2000 x 64, k = 2 and 3) gave
+a median of 0.9987, 4 % of the classes worse and the worst 1.7 % worse.
 
 Rows with fewer valid points than ``k``: only ``min(k, n_valid)`` centres are valid (each is a
 distinct point at seeding time); the others are marked invalid in ``center_valid`` and, like

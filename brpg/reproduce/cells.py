@@ -15,11 +15,13 @@ so their arithmetic lives in one place. The official code counts epochs; the pre
 optimiser steps of the official 4-GPU run (spec §1, §3.2):
 
 - BRPG (``train_semi.py``): one epoch is one pass over the unlabeled list, which holds
-  ``n = pool − n_sup`` images; with a ``DistributedSampler(drop_last=True)`` on ``W = 4`` GPUs
-  and ``B`` images per GPU that is ``L = ⌊⌊n / W⌋ / B⌋`` iterations. Warm-up ``S = 1`` epoch,
+  ``n = pool − n_sup`` images. ``u2pl/dataset/*.py`` wrap it in ``DistributedSampler(dset)``
+  with the default ``drop_last=False``, which pads the list so that each of the ``W = 4`` GPUs
+  gets ``⌈n / W⌉`` samples; only the ``DataLoader(drop_last=True)`` drops the last partial
+  batch of ``B`` images per GPU. So ``L = ⌊⌈n / W⌉ / B⌋`` iterations. Warm-up ``S = 1`` epoch,
   sampling window ``[Ds·L, (Ds + Dl)·L)``, the unlabeled L_pro threshold ramp from epoch 5.
-- SupOnly (``train_sup.py``): one epoch is a pass over the labeled list,
-  ``L = ⌊⌈n_sup / W⌉ / B⌋`` iterations.
+- SupOnly (``train_sup.py``): one epoch is a pass over the labeled list, with the same
+  sampler and loader: ``L = ⌊⌈n_sup / W⌉ / B⌋`` iterations.
 """
 
 from __future__ import annotations
@@ -134,9 +136,8 @@ CKPT_EVERY_MAX = 500  # a crash loses at most this many steps
 def iters_per_epoch(dataset: str, method: str, n_sup: int, world_size: int = 4) -> int:
     """Iterations of one official epoch (see the module docstring)."""
     b = RECIPES[(dataset, method)].batch_size
-    if method == "brpg":
-        return (TRAIN_POOL[dataset] - n_sup) // world_size // b
-    return math.ceil(n_sup / world_size) // b
+    n = TRAIN_POOL[dataset] - n_sup if method == "brpg" else n_sup
+    return math.ceil(n / world_size) // b
 
 
 def preset_name(table: str, method: str, cell: str) -> str:
@@ -219,7 +220,7 @@ class Cell:
         ds, pool = self.t.dataset, TRAIN_POOL[self.t.dataset]
         if self.method == "brpg":
             epoch = (
-                f"floor(floor(({pool} - {n}) / 4) / {r.batch_size}) = {L} iterations (one pass"
+                f"floor(ceil(({pool} - {n}) / 4) / {r.batch_size}) = {L} iterations (one pass"
                 f" over the {pool - n} unlabeled images, {r.batch_size} + {r.batch_size} images"
                 " per GPU on 4 GPUs)"
             )
