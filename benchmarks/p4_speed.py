@@ -65,6 +65,9 @@ class P4Shapes:
     n_val: int = 50  # does not depend on it; a smaller set only warms the cache sooner)
     bf16: bool = True  # also time meanteacher_now_bf16
     overrides: tuple[str, ...] = ()
+    # more variants of `now`: (name, method, overrides), e.g. ("brpg_now_nhwc", "brpg",
+    # ("train.channels_last=true",))
+    extra: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
 FULL = P4Shapes()
@@ -235,6 +238,8 @@ def run(
                 variants[f"{method}_{version}"] = (method, version, [])
         if shapes.bf16:
             variants["meanteacher_now_bf16"] = ("meanteacher", "now", ["train.amp=bf16"])
+        for name, method, extra in shapes.extra:
+            variants[name] = (method, "now", list(extra))
         workers: dict[str, Worker] = {}
         try:
             for name, (method, version, extra) in variants.items():

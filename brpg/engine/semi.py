@@ -208,7 +208,7 @@ def semi_step(
     plugin = method.plugin
     # the mean teacher alone never reads a representation: skip the rep head (same logits);
     # DDP needs every parameter in the graph, so it keeps it there
-    need_rep = plugin is not None or world_size > 1
+    need_rep = plugin is not None or isinstance(student, nn.parallel.DistributedDataParallel)
 
     # 4.1 eval-mode teacher on the weak view: pseudo-labels and confidences at full resolution
     with torch.no_grad():

@@ -93,6 +93,15 @@ def _mean_logs(logs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([rec[k].float() for rec in logs]).mean() for k in logs[0]}
 
 
+def _dataset_version(cfg: Config) -> int | None:
+    """The DigitScenes generator version of a digits run (v2 and v3 results never mix)."""
+    if cfg.data.name != "digits":
+        return None
+    from brpg.data.digits import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
+
+
 class Trainer:
     """Trains one config into one run directory; ``fit()`` returns the summary dict."""
 
@@ -437,6 +446,7 @@ class Trainer:
             "amp_dtype": runtime.dtype_name(self.amp_dtype),
             "effective_batch": t.batch_size * t.grad_accum * self.dist.world_size,
             "eval_protocol": cfg.eval.protocol,
+            "dataset_version": _dataset_version(cfg),
             "config_hash": cfg.hash(),
             "commit": runtime.git_commit(),
             "machine": runtime.machine_info(self.device),
