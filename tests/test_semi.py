@@ -242,3 +242,74 @@ def test_load_weights_starts_student_and_teacher_from_a_checkpoint(data_root, tm
     tr.fit()
     with pytest.raises(Exception, match="already at step"):
         tr.load_weights(src_dir)
+
+
+def _always_rep(monkeypatch) -> None:
+    """Make every SegModel forward compute the representation head, as before issue 13."""
+    from brpg.models.deeplabv3plus import SegModel
+
+    original = SegModel.forward
+
+    def forward(self, x, need_fp=False, fp_dropout=0.5, need_rep=True):
+        return original(self, x, need_fp, fp_dropout, need_rep=True)
+
+    monkeypatch.setattr(SegModel, "forward", forward)
+
+
+def test_mean_teacher_skips_the_unread_rep_head_without_changing_anything_else(
+    data_root, tmp_path, monkeypatch
+):
+    """The mean teacher alone never reads ``rep``: skipping its head (issue 13's speed-up) must
+    leave every other weight, the teacher and the logs bit for bit as when it is computed."""
+    # as in the DigitScenes presets: no train-mode teacher forward follows the student's
+    quiet = ("semi.entropy_teacher=eval", "semi.teacher_bn_warmup=false")
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher", quiet))
+    fast = _run(cfg, tmp_path / "fast")
+    assert not fast._warmup_rep
+    with monkeypatch.context() as m:
+        _always_rep(m)
+        slow = _run(cfg, tmp_path / "slow")
+    rep = "decoder.rep_head."
+    fast_s, slow_s = _state(fast), _state(slow)
+    assert fast_s.keys() == slow_s.keys()
+    for k in fast_s:
+        if rep in k:
+            continue
+        assert torch.equal(fast_s[k], slow_s[k]), k
+    # the skipped head really was skipped: its BN statistics never moved from their init
+    bn_mean = fast.model.state_dict()[f"{rep}1.running_mean"]
+    assert torch.equal(bn_mean, torch.zeros_like(bn_mean))
+    assert not torch.equal(slow.model.state_dict()[f"{rep}1.running_mean"], bn_mean)
+    logs = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("fast", "slow")]
+    strip = [
+        [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in lg] for lg in logs
+    ]
+    assert strip[0] == strip[1]
+
+
+def test_brpg_keeps_the_rep_head_in_the_warm_up(data_root, tmp_path, monkeypatch, straight):
+    """BRPG's warm-up trains the rep head's BN statistics and weight decay that shape the
+    features the memories sample later: its run must equal one that always computes rep."""
+    tr, _ = straight
+    assert tr._warmup_rep
+    cfg = load_config("digits_suponly_1_16", tiny(data_root))
+    with monkeypatch.context() as m:
+        _always_rep(m)
+        ref = _run(cfg, tmp_path / "ref")
+    a, b = _state(tr), _state(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mean_teacher_keeps_the_rep_head_where_a_random_draw_follows(
+    data_root, tmp_path, monkeypatch
+):
+    """With the official train-mode teacher forwards (entropy filter, BN warm-up) the rep
+    head's dropout draws precede the teacher's: skipping it would change the run."""
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, "meanteacher"))
+    assert cfg.semi.entropy_teacher == "train" and cfg.semi.teacher_bn_warmup
+    fast = _run(cfg, tmp_path / "fast")
+    with monkeypatch.context() as m:
+        _always_rep(m)
+        ref = _run(cfg, tmp_path / "ref")
+    a, b = _state(fast), _state(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)

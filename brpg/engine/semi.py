@@ -206,9 +206,15 @@ def semi_step(
     b, size = x_l.shape[0], tuple(y_l.shape[-2:])
 
     plugin = method.plugin
-    # the mean teacher alone never reads a representation: skip the rep head (same logits);
-    # DDP needs every parameter in the graph, so it keeps it there
-    need_rep = plugin is not None or isinstance(student, nn.parallel.DistributedDataParallel)
+    # The mean teacher alone never reads a representation: skip the rep head. Bit-identical
+    # only if no random draw follows the student's forward (the head's dropout would shift
+    # it): the official train-mode teacher forward does, so it keeps the head; DDP needs
+    # every parameter in the graph.
+    need_rep = (
+        plugin is not None
+        or s.entropy_teacher == "train"
+        or isinstance(student, nn.parallel.DistributedDataParallel)
+    )
 
     # 4.1 eval-mode teacher on the weak view: pseudo-labels and confidences at full resolution
     with torch.no_grad():

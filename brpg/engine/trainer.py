@@ -159,10 +159,17 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
         # The warm-up reads no representation. BRPG keeps the rep head in it all the same: its
-        # BN statistics and weight decay shape the features the memories sample later; DDP
-        # needs every parameter in the graph. Elsewhere skipping it changes no logit.
+        # BN statistics and weight decay shape the features the memories sample later; so do
+        # DDP (every parameter in the graph) and the teacher's train-mode BN warm-up forward
+        # (its dropout masks follow the student's in the RNG stream). Elsewhere skipping it
+        # changes nothing but the unused head.
+        semi = cfg.semi
         self._warmup_rep = self.dist.enabled or (
-            self.method is not None and self.method.plugin is not None
+            self.method is not None
+            and (
+                self.method.plugin is not None
+                or (self.method.teacher is not None and semi.teacher_bn_warmup)
+            )
         )
         self.step = 0
         self.best_miou = -1.0
