@@ -63,7 +63,7 @@ def test_report_schema(quick_report: dict) -> None:
         assert key in r["machine"]
     for key in ("loadavg_before", "loadavg_after"):
         assert r[key] is None or len(r[key]) == 3
-    assert list(r["benchmarks"]) == ["p1", "p2", "p3"]
+    assert list(r["benchmarks"]) == ["p1", "p2", "p3", "p4"]
 
 
 def test_p1_schema_and_agreement(quick_report: dict) -> None:
@@ -237,3 +237,34 @@ def test_cli_list_and_script_entry() -> None:
     )
     assert "p2" in proc.stdout and "not yet available" not in proc.stdout
     assert main(["--only", "p9"]) == 2
+
+
+def test_p4_runs_both_versions_side_by_side(quick_report: dict) -> None:
+    res = quick_report["benchmarks"]["p4"]
+    if res["status"] == "not_available":  # e.g. a shallow clone without the baseline commit
+        pytest.skip(res["reason"])
+    assert res["status"] == "ok" and res["baseline_commit"] == "70781cd"
+    names = {f"{m}_{v}" for m in ("suponly", "meanteacher", "brpg") for v in ("before", "now")}
+    assert set(res["measurements"]) == names
+    for m in res["measurements"].values():
+        _check_measurement(m)
+    med = {k: m["median"] for k, m in res["measurements"].items()}
+    assert res["ratios"]["brpg: before / now"] == pytest.approx(
+        med["brpg_before"] / med["brpg_now"]
+    )
+    assert set(res["targets"]) == {"mt", "brpg", "p2"}
+
+
+def test_p4_baseline_is_the_old_package(tmp_path: Path) -> None:
+    """The `before` workers import the baseline's brpg, not this checkout's: its DigitScenes
+    generator is version 2 (this checkout's is 3)."""
+    from benchmarks.common import BenchmarkUnavailable
+    from benchmarks.p4_speed import extract_baseline
+
+    try:
+        root = extract_baseline(tmp_path / "before")
+    except BenchmarkUnavailable as err:
+        pytest.skip(str(err))
+    text = (root / "brpg" / "data" / "digits.py").read_text()
+    assert "GENERATOR_VERSION = 2" in text
+    assert not (root / "brpg" / "engine" / "metrics.py").read_text().count("BoundaryIoU")

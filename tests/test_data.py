@@ -90,6 +90,38 @@ def test_dataset_reads_images_and_palette_masks(voc_root: Path) -> None:
     assert set(unlabeled[0]) == {"image", "id"}
 
 
+def test_cache_reads_each_file_once_and_returns_the_same_private_arrays(
+    voc_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = SplitListDataset(voc_root, "train.txt", num_classes=2)
+    cached = SplitListDataset(voc_root, "train.txt", num_classes=2, cache=True)
+    opened: list[str] = []
+    original = SplitListDataset._open
+
+    def counting_open(self: SplitListDataset, rel: str, kind: str) -> Image.Image:
+        opened.append(rel)
+        return original(self, rel, kind)
+
+    monkeypatch.setattr(SplitListDataset, "_open", counting_open)
+    for ds in (plain, cached):
+        opened.clear()
+        for _ in range(3):
+            for i in range(len(ds)):
+                ds.load_image(i), ds.load_mask(i), ds[i]
+        reads = 3 * 3 * 4 if ds is plain else 3 * 2  # the cache reads each file once
+        assert len(opened) == reads
+    for i in range(len(cached)):
+        assert np.array_equal(cached.load_image(i), plain.load_image(i))
+        assert np.array_equal(cached.load_mask(i), plain.load_mask(i))
+        a, b = cached[i], plain[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    # a caller that writes into a returned array does not change what the cache returns
+    cached.load_mask(0)[:] = 7
+    cached.load_image(0)[:] = 0
+    assert np.array_equal(cached.load_mask(0), plain.load_mask(0))
+    assert np.array_equal(cached.load_image(0), plain.load_image(0))
+
+
 def test_dataset_pair_lines(voc_root: Path) -> None:
     (voc_root / "pairs.txt").write_text("JPEGImages/a.jpg SegmentationClass/b.png\n")
     ds = SplitListDataset(voc_root, "pairs.txt")

@@ -1,0 +1,103 @@
+"""Run-time choices that change how a step computes: autocast dtype, channels_last."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from brpg.config import load_config
+from brpg.engine import runtime
+from brpg.engine.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without native bf16 oneDNN emulates it: a DigitScenes step was ~13x slower (P4)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.amp_dtype("auto", CPU) is None
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.amp_dtype("auto", CPU) is torch.bfloat16
+    assert runtime.amp_dtype("off", CPU) is None
+    assert runtime.amp_dtype("fp16", CPU) is None  # a CUDA preset's setting in a CPU smoke run
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.amp_dtype("bf16", CPU) is torch.bfloat16  # asked for explicitly
+    assert runtime.amp_dtype("auto", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="train.amp='fp8'"):
+        runtime.amp_dtype("fp8", CPU)
+    assert runtime.dtype_name(None) == "fp32" and runtime.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import builtins
+
+    real_open = builtins.open
+    flags = {"value": "fpu avx2 fma"}
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/cpuinfo":
+            fake = tmp_path / "cpuinfo"
+            fake.write_text(f"processor\t: 0\nflags\t\t: {flags['value']}\n")
+            return real_open(fake, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert runtime.cpu_has_native_bf16() is False
+    flags["value"] = "fpu avx512f avx512_bf16"
+    assert runtime.cpu_has_native_bf16() is True
+    flags["value"] = "fpu amx_tile amx_bf16"
+    assert runtime.cpu_has_native_bf16() is True
+
+
+def _tiny(data_root: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        "data.digits_train=48",
+        "data.digits_val=8",
+        "model.width=8",
+        "model.decoder_channels=16",
+        "train.batch_size=4",
+        f"train.steps={steps}",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "train.threads=1",
+        "eval.batch_size=8",
+        *extra,
+    ]
+
+
+def test_channels_last_trains_resumes_exactly_and_matches_fp32_closely(tmp_path: Path) -> None:
+    data = tmp_path / "digits"
+    cl = ("train.channels_last=true",)
+    cfg = load_config("digits_suponly_1_8", _tiny(data, 4, cl))
+    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    conv = straight.model.backbone.stem[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    summary = straight.fit()
+    assert summary["amp_dtype"] in ("fp32", "bfloat16") and summary["dataset_version"] == 3
+    # a crash before step 3 (checkpoint at step 2), a new trainer resumes: the same weights
+    half = Trainer(cfg, tmp_path / "r", progress=False)
+    original = half.train_step
+
+    def crash_at_3(*args, **kwargs):
+        if half.step == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    half.train_step = crash_at_3  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        half.fit()
+    resumed = Trainer(cfg, tmp_path / "r", resume=True, progress=False)
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # NHWC only reorders memory: the same run in NCHW has the same first loss up to float
+    # rounding (later steps drift apart: AdamW normalises even rounding-sized gradients)
+    nchw = Trainer(load_config("digits_suponly_1_8", _tiny(data, 4)), tmp_path / "n")
+    nchw.fit()
+    first = [
+        json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])["loss_sup"]
+        for d in ("straight", "n")
+    ]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
