@@ -170,7 +170,9 @@ ax.set_yscale("log")
 plt.show()
 digit_px = share[1:11].sum()
 print(f"DigitScenes version {GENERATOR_VERSION}: ignored (255) {100 * share[255]:.2f} % of pixels")
-print(f"boundary pixels: {100 * edge.mean():.1f} % of all, {100 * edge_share[1:11].sum() / digit_px:.0f} % of digit pixels")
+print(
+    f"boundary pixels: {100 * edge.mean():.1f} % of all, {100 * edge_share[1:11].sum() / digit_px:.0f} % of digit pixels"
+)
 assert share[0] > 0.5 and all(share[1:11] > 0.005), "every digit class must be present"
 assert share[255] <= 0.02, "version 3 labels (almost) every pixel"
 
@@ -197,11 +199,16 @@ pool_val = source_pools(cfg_low.data.digits_seed)["val"]
 ceiling = {}
 for size, glyphs in ((64, (20, 32)), (96, (30, 48))):
     knobs = DigitKnobs(glyph_size=glyphs)
-    scenes = [render_scene(np.random.default_rng([5, i]), pool_val, size, knobs)[1] for i in range(200)]
+    scenes = [
+        render_scene(np.random.default_rng([5, i]), pool_val, size, knobs)[1] for i in range(200)
+    ]
     target = torch.from_numpy(np.stack(scenes)).long()
     for stride in (4, 8):
         ceiling[size, stride] = stride_ceiling(target, 11, stride)
-        print(f"{size} px, stride {stride}: " + ", ".join(f"{k} {v:.1f} %" for k, v in ceiling[size, stride].items()))
+        print(
+            f"{size} px, stride {stride}: "
+            + ", ".join(f"{k} {v:.1f} %" for k, v in ceiling[size, stride].items())
+        )
 gain = ceiling[96, 4]["mbiou"] - ceiling[64, 4]["mbiou"]
 print(f"96 px instead of 64 px raises the stride-4 reference by {gain:.1f} mBIoU points")
 assert ceiling[64, 4]["mbiou"] < ceiling[64, 4]["miou"] - 10  # boundaries suffer most on the grid
@@ -250,7 +257,9 @@ print(f"{model_cfg.backbone} DeepLabV3+: {n_params / 1e6:.2f} M parameters")
 # %%
 results_dir = PROJECT_ROOT / "results" / "digits_v3"
 rows = {r["config"]: r for r in summarise(results_dir)}
-shown = [n for n in ("digits_suponly_1_16", "digits_suponly_1_8", "digits_suponly_full") if n in rows]
+shown = [
+    n for n in ("digits_suponly_1_16", "digits_suponly_1_8", "digits_suponly_full") if n in rows
+]
 display(Markdown(format_table([rows[n] for n in shown])))
 versions = {
     json.loads(p.read_text()).get("dataset_version")

@@ -101,6 +101,79 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def miou_by_seed(dest: str | Path, config: str) -> dict[int, float]:
+    """``{seed: val mIoU}`` of the committed runs of ``config`` under ``dest``."""
+    out = {}
+    for run in load_runs(dest).get(config, []):
+        out[int(run["config"]["train"]["seed"])] = float(run["val_miou"])
+    return out
+
+
+# Issue 13's calibration of DigitScenes v3 (a benchmark where semi-supervision has room and
+# shows): (name, config a, config b or None, bound). Without b: every seed of a has mIoU >=
+# bound. With b: every seed s has a(s) - b(s) >= bound, seeds paired.
+DIGITS_CALIBRATION: tuple[tuple[str, str, str | None, float], ...] = (
+    ("SupOnly full >= 70 % mIoU", "digits_suponly_full", None, 70.0),
+    (
+        "SupOnly full - SupOnly 1/16 >= 15 points",
+        "digits_suponly_full",
+        "digits_suponly_1_16",
+        15.0,
+    ),
+    ("SupOnly full - SupOnly 1/8 >= 15 points", "digits_suponly_full", "digits_suponly_1_8", 15.0),
+    (
+        "mean teacher - SupOnly, 1/16 >= 3 points",
+        "digits_meanteacher_1_16",
+        "digits_suponly_1_16",
+        3.0,
+    ),
+    (
+        "mean teacher - SupOnly, 1/8 >= 3 points",
+        "digits_meanteacher_1_8",
+        "digits_suponly_1_8",
+        3.0,
+    ),
+)
+
+
+def calibration_checks(
+    dest: str | Path,
+    checks: tuple[tuple[str, str, str | None, float], ...] = DIGITS_CALIBRATION,
+    seeds_needed: int = 3,
+) -> list[dict[str, Any]]:
+    """Each check of ``checks`` on the runs under ``dest``: per-seed values and a status.
+
+    ``status``: ``"met"`` (every seed passes and there are ``seeds_needed`` of them),
+    ``"holds so far"`` (every seed passes, fewer seeds), ``"missed"`` (a seed fails) or
+    ``"no runs"``. A difference uses only the seeds both configs have.
+    """
+    out = []
+    for name, a, b, bound in checks:
+        va = miou_by_seed(dest, a)
+        if b is None:
+            values = va
+        else:
+            vb = miou_by_seed(dest, b)
+            values = {s: va[s] - vb[s] for s in sorted(set(va) & set(vb))}
+        if not values:
+            status = "no runs"
+        elif any(v < bound for v in values.values()):
+            status = "missed"
+        else:
+            status = "met" if len(values) >= seeds_needed else "holds so far"
+        out.append({"check": name, "bound": bound, "values": values, "status": status})
+    return out
+
+
+def format_calibration(checks: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`calibration_checks`: check, per-seed values, status."""
+    lines = ["| check | per seed | status |", "|---|---|---|"]
+    for c in checks:
+        per = ", ".join(f"seed {s}: {v:.1f}" for s, v in c["values"].items()) or "—"
+        lines.append(f"| {c['check']} | {per} | {c['status']} |")
+    return "\n".join(lines)
+
+
 def run_and_store(
     config: str,
     seed: int,

@@ -91,3 +91,38 @@ def test_mean_std_edge_cases():
     assert m == 2.0 and math.isclose(s, math.sqrt(2.0))
     with pytest.raises(ValueError):
         mean_std([])
+
+
+def _run(dest, config, seed, miou):
+    d = dest / config / f"seed{seed}"
+    d.mkdir(parents=True)
+    summary = {"val_miou": miou, "steps": 10, "wall_s": 2.0, "config": {"train": {"seed": seed}}}
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_calibration_checks_pair_seeds_and_grade(tmp_path):
+    # seed 2 of the mean teacher is missing: the 1/16 difference uses seeds 0 and 1 only
+    for seed, (full, low, mt) in enumerate(
+        [(72.0, 50.0, 54.0), (71.0, 55.0, 57.5), (69.0, 50.0, None)]
+    ):
+        _run(tmp_path, "digits_suponly_full", seed, full)
+        _run(tmp_path, "digits_suponly_1_16", seed, low)
+        if mt is not None:
+            _run(tmp_path, "digits_meanteacher_1_16", seed, mt)
+    got = {c["check"]: c for c in results.calibration_checks(tmp_path)}
+    full = got["SupOnly full >= 70 % mIoU"]
+    assert full["values"] == {0: 72.0, 1: 71.0, 2: 69.0} and full["status"] == "missed"
+    gap = got["SupOnly full - SupOnly 1/16 >= 15 points"]
+    assert gap["values"] == {0: 22.0, 1: 16.0, 2: 19.0} and gap["status"] == "met"
+    mt = got["mean teacher - SupOnly, 1/16 >= 3 points"]
+    assert mt["values"] == {0: 4.0, 1: 2.5} and mt["status"] == "missed"  # seed 1: 2.5 < 3
+    assert got["SupOnly full - SupOnly 1/8 >= 15 points"]["status"] == "no runs"
+    _run(tmp_path, "digits_suponly_1_8", 0, 40.0)
+    _run(tmp_path, "digits_meanteacher_1_8", 0, 45.0)
+    mt8 = {c["check"]: c for c in results.calibration_checks(tmp_path)}
+    assert mt8["mean teacher - SupOnly, 1/8 >= 3 points"]["status"] == "holds so far"
+    table = results.format_calibration(list(mt8.values()))
+    assert "| mean teacher - SupOnly, 1/8 >= 3 points | seed 0: 5.0 | holds so far |" in table
+    assert (
+        "| SupOnly full >= 70 % mIoU | seed 0: 72.0, seed 1: 71.0, seed 2: 69.0 | missed |" in table
+    )
