@@ -65,7 +65,7 @@ from brpg.data.resolution import stride_ceiling
 from brpg.engine.datasets import PROJECT_ROOT, digit_datasets
 from brpg.engine.trainer import Trainer, suponly_step
 from brpg.models import build_model
-from brpg.results import format_table, summarise
+from brpg.results import calibration_checks, format_calibration, format_table, summarise
 from brpg.viz import class_legend, denormalize, predict_masks, scene_grid
 
 torch.set_num_threads(2)
@@ -284,23 +284,35 @@ gap = full["miou_mean"] - low["miou_mean"]
 print(f"gap: {gap:.1f} mIoU points")
 
 # %%
-fig, ax = plt.subplots(figsize=(4, 3))
-for x, r in enumerate([low, full]):
-    ax.bar(x, r["miou_mean"], yerr=r["miou_std"], capsize=4, color=["C1", "C0"][x])
-    ax.scatter([x] * len(r["mious"]), r["mious"], color="k", s=10, zorder=3)
-ax.set_xticks([0, 1], ["1/16 labels\n(125 scenes)", "all labels\n(2000 scenes)"])
-ax.set_ylabel("val mIoU (%)")
-ax.set_title("SupOnly on DigitScenes")
+fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+for ax, (metric, label) in zip(axes, (("miou", "val mIoU (%)"), ("mbiou", "val mBIoU (%)")), strict=True):
+    for x, name in enumerate(shown):
+        r = rows[name]
+        ax.bar(x, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], capsize=4, color=f"C{x}")
+    ax.axhline(ceiling[64, 4][metric], color="k", ls=":", lw=1, label="stride-4 reference")
+    ax.set_xticks(range(len(shown)), [n.removeprefix("digits_suponly_").replace("_", "/") for n in shown])
+    ax.set_ylabel(label)
+axes[0].legend(loc="upper left", fontsize=7)
+fig.suptitle("SupOnly on DigitScenes v3 (labels used)")
 plt.show()
 
 # %% [markdown]
-# The claim of this chapter, checked on the committed runs: with all labels the model is a
-# good segmenter (≥ 70 % mIoU), and with 1/16 of the labels it is clearly worse (≥ 10 points
-# lower). That gap is the room semi-supervised learning has to work with.
+# ## Calibrating version 3
+#
+# A benchmark for semi-supervised segmentation must leave room for the unlabeled images and
+# show when they are used. Before version 3 became the default we fixed these targets
+# (issue 13), each checked on every seed (a difference compares the runs of the same seed):
+# SupOnly with all labels ≥ 70 % mIoU; SupOnly with 1/16 and with 1/8 of the labels each at
+# least 15 points below it; the mean teacher at least 3 points above SupOnly at 1/16 and at
+# 1/8. A target is *met* once three seeds pass it, *holds so far* while fewer seeds pass it,
+# and is *missed* as soon as one seed fails it. The table is computed from the committed runs
+# each time this chapter runs.
 
 # %%
-assert full["miou_mean"] >= 70.0, full
-assert gap >= 10.0, gap
+checks = calibration_checks(results_dir)
+display(Markdown(format_calibration(checks)))
+status = {c["check"]: c["status"] for c in checks}
+assert set(status.values()) <= {"met", "holds so far", "missed", "no runs"}
 
 # %% [markdown]
 # ## A short live run

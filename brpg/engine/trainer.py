@@ -158,17 +158,15 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        # The warm-up reads no representation. BRPG keeps the rep head in it all the same: its
-        # BN statistics and weight decay shape the features the memories sample later; so do
-        # DDP (every parameter in the graph) and the teacher's train-mode BN warm-up forward
-        # (its dropout masks follow the student's in the RNG stream). Elsewhere skipping it
-        # changes nothing but the unused head.
-        semi = cfg.semi
+        # The warm-up reads no representation, but the rep head runs in it for BRPG (its BN
+        # statistics and weight decay shape the features sampled later), under DDP (every
+        # parameter in the graph) and before the teacher's train-mode BN warm-up forward
+        # (whose dropout draws follow the head's). Elsewhere skipping it changes nothing else.
         self._warmup_rep = self.dist.enabled or (
             self.method is not None
             and (
                 self.method.plugin is not None
-                or (self.method.teacher is not None and semi.teacher_bn_warmup)
+                or (self.method.teacher is not None and cfg.semi.teacher_bn_warmup)
             )
         )
         self.step = 0
