@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 2. The mean-teacher framework
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/02_mean_teacher.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/02_mean_teacher.ipynb)
 #
 # BRPG is not a training framework of its own: it adds prototypes to a *mean teacher*, the
 # framework of U2PL on which the authors built their code. This chapter takes that framework
@@ -59,7 +59,7 @@
 # Before all this comes a supervised-only **warm-up** (one epoch in the paper), so that the
 # teacher starts from a model that already segments something.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

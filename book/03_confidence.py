@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 3. Confidence estimation
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/03_confidence.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/03_confidence.ipynb)
 #
 # BRPG builds its prototypes from pixel features, and its first idea, *confidence-based
 # prototype generation* (CPG), is about **which** features go where. A prototype that
@@ -44,7 +44,7 @@
 # $\mathcal L$.) The paper's premise is that the low-confidence set is made of pixels near
 # object boundaries. This chapter measures whether that holds.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

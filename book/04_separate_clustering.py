@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 4. Separate clustering of high- and low-confidence features
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/04_separate_clustering.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/04_separate_clustering.ipynb)
 #
 # Chapter 3 split the correctly classified pixels of every class $c$ into a high-confidence
 # set $\mathcal H_c$ and a low-confidence set $\mathcal L_c$, and found the low-confidence
@@ -43,7 +43,7 @@
 # APO, which may add a third prototype to some memories, is switched off here; it is the
 # subject of chapter 5.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

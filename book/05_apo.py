@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 5. Adaptive prototype optimization (APO)
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/05_apo.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/05_apo.ipynb)
 #
 # Chapter 4 gave every class the same number of prototypes: two from its high-confidence
 # memory and two from its low-confidence one. Classes are not equally varied, though. A
@@ -46,7 +46,7 @@
 # the paper describes, it should pick these multi-modal classes. This chapter measures
 # which classes it picks, and why.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 6. EMA prototype updates
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/06_ema_prototypes.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/06_ema_prototypes.ipynb)
 #
 # BRPG clusters its memories exactly once, right after the sampling window (spec §5.4).
 # Training then goes on for the rest of the schedule (78 of 80 epochs on VOC) and the
@@ -48,7 +48,7 @@
 # its k-means initialisation within a few hundred steps of a run that lasts tens of
 # thousands.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 7. The prototype contrastive loss
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/07_prototype_loss.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/07_prototype_loss.ipynb)
 #
 # The prototypes of the previous chapters are only useful if they shape the representation.
 # BRPG does that with a cross-entropy over a *prototype classifier* (spec §8): a pixel
@@ -45,7 +45,7 @@
 # from the stride-4 map instead of upsampling it), and measures what a few dozen steps of
 # $\mathcal{L}_{pro}$ do to a freshly clustered bank.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 8. Putting it together: BRPG on DigitScenes
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/08_putting_it_together.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/08_putting_it_together.ipynb)
 #
 # ```{warning}
 # **These results are from DigitScenes version 2.** The committed runs this chapter reads
@@ -41,7 +41,7 @@
 # plus two ablations at 1/16: BRPG without the confidence split (one memory per class, "CPG
 # off") and BRPG without APO (a fixed 2 + 2 prototypes per class).
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 8b. BRPG in other frameworks and architectures
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/08b_other_frameworks.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/08b_other_frameworks.ipynb)
 #
 # ```{warning}
 # **These results are from DigitScenes version 2.** The committed runs this chapter reads
@@ -39,7 +39,7 @@
 # * a SegFormer (a Mix Transformer encoder with an all-MLP decoder) in place of DeepLabV3+;
 # * what adding BRPG changed on DigitScenes, as measured, read from `results/digits/`.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

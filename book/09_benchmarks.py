@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 9. The real benchmarks
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/09_benchmarks.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/09_benchmarks.ipynb)
 #
 # The paper reports numbers on three data sets: PASCAL VOC 2012, Cityscapes and COCO. They
 # cannot be downloaded by the machines that build this book, and a ResNet-101 does not train
@@ -34,7 +34,7 @@
 # data sets that is a number lives in one module, `brpg.data.benchmarks`, and this chapter
 # reads it from there.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 10. Reproducing the paper
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/10_reproducing_the_paper.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/10_reproducing_the_paper.ipynb)
 #
 # The paper reports four tables: PASCAL VOC 2012 in its *classic* and *blended* settings,
 # Cityscapes and COCO, each with a SupOnly row and a BRPG row. This chapter is the user's
@@ -31,7 +31,7 @@
 # Every command below was run by this chapter on the miniature fixture data (the `smoke`
 # profile) while the book was built; the full-scale runs need the real data sets and GPUs.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys

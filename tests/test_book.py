@@ -1,5 +1,7 @@
 """The book's paired notebooks: every chapter has both files, in sync, with current Colab links."""
 
+import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import jupytext
@@ -10,6 +12,12 @@ from brpg import booktools
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = booktools.chapter_pairs(ROOT)
+
+# Chapters not yet re-stamped (local badge image, install cell tagged remove-cell): they pass
+# once `python -m brpg.booktools stamp <chapter>.py` has been run on them; remove them here then.
+NOT_YET_STAMPED = {
+    "01_semi_supervised_segmentation": "being edited elsewhere; re-stamped afterwards",
+}
 
 
 def test_there_are_chapters():
@@ -35,8 +43,50 @@ def test_notebook_is_executed(py, nb):
     assert code and all(c.get("execution_count") for c in code), f"{nb.name} is not executed"
 
 
-def test_colab_links_follow_config():
-    assert booktools.problems(ROOT) == []
+@pytest.mark.parametrize(
+    "py,nb",
+    [
+        pytest.param(py, nb, marks=pytest.mark.xfail(reason=NOT_YET_STAMPED[py.stem], strict=True))
+        if py.stem in NOT_YET_STAMPED
+        else (py, nb)
+        for py, nb in PAIRS
+    ],
+    ids=[p.stem for p, _ in PAIRS],
+)
+def test_colab_links_follow_config(py, nb):
+    """Badge (local image, link from ``_config.yml``) and install cell (current URL, tagged
+    ``remove-cell``) as ``python -m brpg.booktools stamp`` writes them."""
+    assert booktools.chapter_problems(py, nb, ROOT) == []
+
+
+def test_badge_image_is_local_and_relative():
+    image = ROOT / booktools.BADGE_IMAGE
+    assert ET.parse(image).getroot().tag.endswith("svg")
+    assert "](../../_static/colab-badge.svg)" in booktools.colab_badge(
+        "book/experiments/train.ipynb", ROOT
+    )
+    assert "](../_static/colab-badge.svg)" in booktools.colab_badge("book/02_x.ipynb", ROOT)
+
+
+def test_stamp_rewrites_an_old_chapter(tmp_path):
+    """A chapter with the remote badge and an untagged install cell comes out as ``check``
+    wants it, in the .py and in the synced .ipynb."""
+    shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
+    (tmp_path / "book").mkdir()
+    py = tmp_path / "book" / "01_old.py"
+    py.write_text(
+        "# ---\n# jupyter:\n#   jupytext:\n#     formats: ipynb,py:percent\n# ---\n\n"
+        "# %% [markdown]\n# # Old\n#\n"
+        "# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        "(https://colab.research.google.com/github/someone/else/blob/main/book/01_old.ipynb)\n\n"
+        '# %%\nINSTALL_URL = "git+https://github.com/someone/else@main"\n\n# %%\nx = 1\n'
+    )
+    nb = py.with_suffix(".ipynb")
+    assert booktools.chapter_problems(py, nb, tmp_path)
+    booktools.stamp(tmp_path, chapters=[py])
+    assert booktools.chapter_problems(py, nb, tmp_path) == []
+    assert '# %% tags=["remove-cell"]\nINSTALL_URL' in py.read_text()
+    assert "# %%\nx = 1" in py.read_text()  # other cells keep their (empty) metadata
 
 
 def test_every_chapter_is_in_the_toc():

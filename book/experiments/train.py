@@ -16,7 +16,7 @@
 # %% [markdown]
 # # The experiment notebook: one table cell
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/experiments/train.ipynb)
+# [![Open In Colab](../../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/experiments/train.ipynb)
 #
 # This notebook trains and evaluates **one cell** of the paper's tables, for example BRPG on
 # PASCAL VOC classic with 366 labeled images. `brpg reproduce` runs it once per cell with
@@ -33,7 +33,7 @@
 # pipeline check of the same code with a tiny model, on a CPU). Its mIoU means nothing; it
 # shows that every step below runs. All the logic is in `brpg.reproduce.experiment`.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys
