@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 1. Semi-supervised segmentation and the DigitScenes benchmark
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/01_semi_supervised_segmentation.ipynb)
+# [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/01_semi_supervised_segmentation.ipynb)
 #
 # Semantic segmentation assigns a class to every pixel. A model learns it from images whose
 # every pixel is labeled, and those labels are expensive: drawing one PASCAL VOC mask takes
@@ -29,7 +29,7 @@
 # and the supervised-only ("SupOnly") baseline trained on few and on all labels. The gap
 # between those two numbers is what the rest of the book tries to close.
 
-# %%
+# %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
 import subprocess
 import sys
@@ -65,7 +65,12 @@ from brpg.data.resolution import stride_ceiling
 from brpg.engine.datasets import PROJECT_ROOT, digit_datasets
 from brpg.engine.trainer import Trainer, suponly_step
 from brpg.models import build_model
-from brpg.results import calibration_checks, format_calibration, format_table, summarise
+from brpg.results import (
+    calibration_checks,
+    format_calibration,
+    format_table,
+    summarise,
+)
 from brpg.viz import class_legend, denormalize, predict_masks, scene_grid
 
 torch.set_num_threads(2)
@@ -267,9 +272,7 @@ versions = {
     for p in (results_dir / n).glob("seed*/summary.json")
 }
 assert versions == {3}, f"results/digits_v3 must hold version-3 runs only, found {versions}"
-prov = json.loads(
-    next((results_dir / "digits_suponly_1_16").glob("seed*/provenance.json")).read_text()
-)
+prov = json.loads(next((results_dir / shown[0]).glob("seed*/provenance.json")).read_text())
 print(
     "made with:",
     prov["command"],
@@ -279,18 +282,18 @@ print(
     prov["machine"]["cpu_count"],
     "CPU cores",
 )
-low, full = rows["digits_suponly_1_16"], rows["digits_suponly_full"]
-gap = full["miou_mean"] - low["miou_mean"]
-print(f"gap: {gap:.1f} mIoU points")
-
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
-for ax, (metric, label) in zip(axes, (("miou", "val mIoU (%)"), ("mbiou", "val mBIoU (%)")), strict=True):
+for ax, (metric, label) in zip(
+    axes, (("miou", "val mIoU (%)"), ("mbiou", "val mBIoU (%)")), strict=True
+):
     for x, name in enumerate(shown):
         r = rows[name]
         ax.bar(x, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], capsize=4, color=f"C{x}")
     ax.axhline(ceiling[64, 4][metric], color="k", ls=":", lw=1, label="stride-4 reference")
-    ax.set_xticks(range(len(shown)), [n.removeprefix("digits_suponly_").replace("_", "/") for n in shown])
+    ax.set_xticks(
+        range(len(shown)), [n.removeprefix("digits_suponly_").replace("_", "/") for n in shown]
+    )
     ax.set_ylabel(label)
 axes[0].legend(loc="upper left", fontsize=7)
 fig.suptitle("SupOnly on DigitScenes v3 (labels used)")
@@ -313,6 +316,23 @@ checks = calibration_checks(results_dir)
 display(Markdown(format_calibration(checks)))
 status = {c["check"]: c["status"] for c in checks}
 assert set(status.values()) <= {"met", "holds so far", "missed", "no runs"}
+
+# %% [markdown]
+# **Where version 3 stands.** The calibration is not done. With boundary pixels labeled and
+# scored, SupOnly with all labels ends far below the 70 % target on the seeds run so far, and
+# far below the stride-4 reference: version 2's higher numbers came from leaving the hardest
+# pixels out, not from a better model. Version 3 is the default all the same, because it is
+# the benchmark on which a boundary method can be judged at all; making it a benchmark that
+# meets every target (larger digits, larger scenes, a longer budget: each measured against the
+# reference above) is the next step, and the table above will say when it is reached. Until
+# then the numbers of this section are a first look, and the other chapters' committed
+# results stay on version 2, marked as such.
+
+# %%
+full_ok = status["SupOnly full >= 70 % mIoU"]
+assert full_ok == "missed", f"the prose above says SupOnly full misses 70 %; now: {full_ok}"
+full_runs = next(c for c in checks if c["check"] == "SupOnly full >= 70 % mIoU")["values"]
+assert all(v < ceiling[64, 4]["miou"] for v in full_runs.values())  # below the grid reference
 
 # %% [markdown]
 # ## A short live run

@@ -41,15 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_TIMEOUT_S = 300
 PAGE_TIMEOUT_S = 40
 
-# Chapters whose committed files still carry the remote Colab badge and the visible install
-# cell; they pass once `python -m brpg.booktools stamp <chapter>.py` has been run on them.
-NOT_YET_STAMPED = {
-    "book/01_semi_supervised_segmentation": (
-        "chapter 1 is being edited elsewhere and is re-stamped afterwards "
-        "(remote Colab badge, install cell shown)"
-    ),
-}
-
 # JavaScript errors that do not change what a reader sees. sphinx-thebe 0.3 (pulled in by
 # jupyter-book, unused here: no live-code button) writes its `const` settings script twice into
 # every page; the second copy throws and the first one stands.
@@ -365,15 +356,7 @@ def test_mathjax_path_in_pages(html):
     assert "cdn.jsdelivr.net" not in page
 
 
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason=NOT_YET_STAMPED[p], strict=True))
-        if p in NOT_YET_STAMPED
-        else p
-        for p in PAGES
-    ],
-)
+@pytest.mark.parametrize("page", PAGES)
 def test_page_reads_right(page, reports):
     assert page in reports, f"{page}.html was not built"
     found = page_problems(reports[page])
