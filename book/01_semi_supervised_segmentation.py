@@ -321,8 +321,11 @@ assert set(status.values()) <= {"met", "holds so far", "missed", "no runs"}
 # **Where version 3 stands.** The calibration is not done. With boundary pixels labeled and
 # scored, SupOnly with all labels ends far below the 70 % target on the seeds run so far, and
 # far below the stride-4 reference: version 2's higher numbers came from leaving the hardest
-# pixels out, not from a better model. Version 3 is the default all the same, because it is
-# the benchmark on which a boundary method can be judged at all; making it a benchmark that
+# pixels out, not from a better model. At 1/16 of the labels the mean teacher (chapter 2) is
+# not above SupOnly on the seeds run so far (one untested guess: at about 20 % mIoU its
+# pseudo-labels are too poor to teach), while at 1/8 it is well ahead. Version 3 is the
+# default all the same, because it is the benchmark on which a boundary method can be judged
+# at all; making it a benchmark that
 # meets every target (larger digits, larger scenes, a longer budget: each measured against the
 # reference above) is the next step, and the table above will say when it is reached. Until
 # then the numbers of this section are a first look, and the other chapters' committed
@@ -331,6 +334,9 @@ assert set(status.values()) <= {"met", "holds so far", "missed", "no runs"}
 # %%
 full_ok = status["SupOnly full >= 70 % mIoU"]
 assert full_ok == "missed", f"the prose above says SupOnly full misses 70 %; now: {full_ok}"
+mt16 = status["mean teacher - SupOnly, 1/16 >= 3 points"]
+assert mt16 == "missed", f"the prose above says the mean teacher misses at 1/16; now: {mt16}"
+assert status["mean teacher - SupOnly, 1/8 >= 3 points"] in ("met", "holds so far")
 full_runs = next(c for c in checks if c["check"] == "SupOnly full >= 70 % mIoU")["values"]
 assert all(v < ceiling[64, 4]["miou"] for v in full_runs.values())  # below the grid reference
 

@@ -18,6 +18,13 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/03_confidence.ipynb)
 #
+# ```{note}
+# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
+# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
+# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
+# ```
+#
 # BRPG builds its prototypes from pixel features, and its first idea, *confidence-based
 # prototype generation* (CPG), is about **which** features go where. A prototype that
 # averages only the easy pixels of a class describes the middle of the class well and its

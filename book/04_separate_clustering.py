@@ -18,6 +18,13 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/04_separate_clustering.ipynb)
 #
+# ```{note}
+# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
+# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
+# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
+# ```
+#
 # Chapter 3 split the correctly classified pixels of every class $c$ into a high-confidence
 # set $\mathcal H_c$ and a low-confidence set $\mathcal L_c$, and found the low-confidence
 # pixels closer to object boundaries. BRPG turns both sets into prototypes, **separately**:

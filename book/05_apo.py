@@ -18,6 +18,13 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/05_apo.ipynb)
 #
+# ```{note}
+# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
+# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
+# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
+# ```
+#
 # Chapter 4 gave every class the same number of prototypes: two from its high-confidence
 # memory and two from its low-confidence one. Classes are not equally varied, though. A
 # class whose features form several separate groups (say, a digit that is drawn either

@@ -18,6 +18,13 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/06_ema_prototypes.ipynb)
 #
+# ```{note}
+# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
+# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
+# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
+# ```
+#
 # BRPG clusters its memories exactly once, right after the sampling window (spec §5.4).
 # Training then goes on for the rest of the schedule (78 of 80 epochs on VOC) and the
 # representation keeps changing: the supervised and unsupervised losses move the decoder,

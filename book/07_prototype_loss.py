@@ -18,6 +18,13 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/07_prototype_loss.ipynb)
 #
+# ```{note}
+# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
+# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
+# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
+# ```
+#
 # The prototypes of the previous chapters are only useful if they shape the representation.
 # BRPG does that with a cross-entropy over a *prototype classifier* (spec §8): a pixel
 # feature $f_n$ scores class $c$ by its best-matching prototype of that class,

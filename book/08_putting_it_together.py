@@ -23,7 +23,8 @@
 # (`results/digits/`) were made with the old generator, whose 1-px ignore band removed about
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
-# the live runs in this chapter use version 3, the tables version 2, and no table mixes the
+# the live runs in this chapter use version 3 (the warm model of `brpg.demo.warm_model`
+# keeps version 2's data, as in chapters 2-7), the tables version 2, and no table mixes the
 # two. A version-3 study with more seeds will replace these results.
 # ```
 #

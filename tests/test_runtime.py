@@ -101,3 +101,14 @@ def test_channels_last_trains_resumes_exactly_and_matches_fp32_closely(tmp_path:
         for d in ("straight", "n")
     ]
     assert first[0] == pytest.approx(first[1], rel=1e-5)
+
+
+def test_suponly_keeps_training_the_rep_head_statistics(tmp_path: Path) -> None:
+    """A SupOnly run with a rep head (the book's warm model) must move the head's BN
+    statistics: chapters 3-7 read its features after training."""
+    cfg = load_config("digits_suponly_1_8", _tiny(tmp_path / "digits", 2, ("model.rep_head=true",)))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert tr._warmup_rep
+    tr.fit()
+    mean = tr.model.state_dict()["decoder.rep_head.1.running_mean"]
+    assert not torch.equal(mean, torch.zeros_like(mean))

@@ -158,16 +158,16 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        # The warm-up reads no representation, but the rep head runs in it for BRPG (its BN
-        # statistics and weight decay shape the features sampled later), under DDP (every
-        # parameter in the graph) and before the teacher's train-mode BN warm-up forward
-        # (whose dropout draws follow the head's). Elsewhere skipping it changes nothing else.
-        self._warmup_rep = self.dist.enabled or (
-            self.method is not None
-            and (
-                self.method.plugin is not None
-                or (self.method.teacher is not None and cfg.semi.teacher_bn_warmup)
-            )
+        # The supervised loss reads no representation; only the mean teacher alone skips the
+        # rep head in it. It runs for SupOnly (a rep head there is trained for its BN
+        # statistics, e.g. the book's warm model), for BRPG (its BN statistics and weight
+        # decay shape the features sampled later), under DDP (every parameter in the graph)
+        # and before the teacher's BN warm-up forward (whose dropout draws follow the head's).
+        self._warmup_rep = (
+            self.dist.enabled
+            or self.method is None
+            or self.method.plugin is not None
+            or (self.method.teacher is not None and cfg.semi.teacher_bn_warmup)
         )
         self.step = 0
         self.best_miou = -1.0
