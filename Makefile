@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= book,dev,xception,coco,slurm,segformer
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-# A local MathJax: brpg.booktools (a Sphinx extension here) copies it to the book's
+# A local MathJax: brpg.book.tools (a Sphinx extension here) copies it to the book's
 # _static/mathjax/ and points mathjax_path at it when it is present. Not under _static/ itself:
 # jupyter-book would add every .js file found there to every page.
 MATHJAX_VERSION ?= 3.2.2

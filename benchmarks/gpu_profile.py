@@ -39,7 +39,8 @@ from benchmarks.common import summarize, time_interleaved, write_json
 from benchmarks.p2_training_step import Variant, fill_memory
 from brpg.config import Config, load_config
 from brpg.engine import runtime
-from brpg.engine.semi import cluster_prototypes, phase_of
+from brpg.engine.phases import phase_of
+from brpg.method.clustering import cluster_prototypes
 
 PRESET = "voc_brpg_classic_366"
 QUICK_OVERRIDES = (
@@ -103,17 +104,19 @@ def run(device: torch.device, quick: bool = False, repeats: int = 10) -> dict[st
 
     mt = Variant(cfg_m, proto_step, device)
     brpg = Variant(cfg_b, sampling_step, device)
-    brpg.method.memory = brpg.method.new_memory()
+    brpg.method.plugin.memory = brpg.method.plugin.new_memory()
     for i in range(3):  # a short sampling window, then the one-shot clustering
         with autocast():
             brpg.train_step(batch, image_u, seed=10_000 + i)
-    assert brpg.method.memory is not None and brpg.method.bank is not None
-    protos, valid = cluster_prototypes(brpg.method.memory, cfg_b, seed=cfg_b.train.seed + end)
-    brpg.method.bank.set_prototypes(protos, valid)
-    brpg.method.memory = None
+    assert brpg.method.plugin.memory is not None and brpg.method.plugin.bank is not None
+    protos, valid = cluster_prototypes(
+        brpg.method.plugin.memory, cfg_b, seed=cfg_b.train.seed + end
+    )
+    brpg.method.plugin.bank.set_prototypes(protos, valid)
+    brpg.method.plugin.memory = None
     brpg.step = proto_step
     sampling = Variant(cfg_b, sampling_step, device)
-    sampling.method.memory = sampling.method.new_memory()
+    sampling.method.plugin.memory = sampling.method.plugin.new_memory()
     variants = {"meanteacher": mt, "brpg": brpg, "brpg_sampling": sampling}
 
     def stepper(var: Variant, seed: int = 0):
@@ -171,7 +174,7 @@ def run(device: torch.device, quick: bool = False, repeats: int = 10) -> dict[st
         "prototype_share_of_brpg_step": 1.0 - t_mt / t_b,
         "sampling_over_meanteacher": meas["brpg_sampling"]["median"] / t_mt,
         "clustering_s": cluster_s,
-        "prototypes_per_class": brpg.method.bank.num_valid().tolist(),
+        "prototypes_per_class": brpg.method.plugin.bank.num_valid().tolist(),
     }
 
 

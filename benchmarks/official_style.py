@@ -2,7 +2,7 @@
 
 This is the baseline of benchmark P1. It follows spec §7, §8 and §13 (our own code, written
 from the spec's words, not copied from anywhere) and computes the same numbers as
-``brpg.prototypes`` — only the way it computes them is the official one:
+``brpg.method`` — only the way it computes them is the official one:
 
 - prototypes live in per-class Python lists (``high[c]``: ``k_high(c) × D``, ``low[c]``:
   ``k_low(c) × D``), as left by the one-shot clustering (spec §5.4);

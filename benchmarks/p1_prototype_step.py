@@ -9,7 +9,7 @@ tensor that receives the gradient), so only the prototype step itself is timed.
 
 Variants:
 
-- ``ours``: :class:`brpg.prototypes.PrototypeBank` — :func:`brpg.prototypes.prototype_loss`
+- ``ours``: :class:`brpg.method.prototype_ema.PrototypeBank` — :func:`brpg.method.prototype_loss.prototype_loss`
   (which calls ``bank.logits``) for both terms, ``backward``, ``bank.ema_update``;
 - ``official_style``: :class:`benchmarks.official_style.OfficialStylePrototypes` (per-class
   padding loop, broadcast ``F.cosine_similarity``, host-side masks, per-class / per-prototype
@@ -40,7 +40,9 @@ from benchmarks.common import (
     time_interleaved,
 )
 from benchmarks.official_style import OfficialStylePrototypes
-from brpg.prototypes import PrototypeBank, n_add_classes, prototype_loss
+from brpg.method.apo import n_add_classes
+from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import prototype_loss
 
 TITLE = "P1 prototype step (logits + L_pro + backward + EMA)"
 IGNORE = 255

@@ -11,7 +11,7 @@ the training glyph pool, seed 0). One timed step is exactly what
     loss, logs, ema_rows = semi_step(model, method, batch, image_u, step)
     optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step(); scheduler.step()
     method.teacher.update(model, step=step - S)
-    if ema_rows is not None: method.bank.ema_update(*ema_rows)
+    if ema_rows is not None: method.plugin.bank.ema_update(*ema_rows)
 
 (the trainer's ``GradScaler`` is disabled on the CPU, so ``scaler.step`` is
 ``optimizer.step``).
@@ -19,7 +19,7 @@ the training glyph pool, seed 0). One timed step is exactly what
 - ``meanteacher``: the step of a mean-teacher run (spec §4) at the same step number as BRPG's;
 - ``brpg``: a BRPG step in the proto phase (L_pro + prototype EMA, spec §7-§8). Before timing,
   the run goes through ``fill_steps`` full sampling-window steps (CPG memory pushes) and the
-  one-shot clustering (:func:`brpg.engine.semi.cluster_prototypes`), as the trainer does at
+  one-shot clustering (:func:`brpg.method.clustering.cluster_prototypes`), as the trainer does at
   ``Ds + Dl``; the memory is then freed;
 - ``brpg_sampling``: a BRPG step inside the sampling window (CPG routing + memory push,
   spec §5.1, no L_pro);
@@ -52,9 +52,12 @@ from torch import Tensor
 
 from benchmarks.common import loadavg, summarize, target, time_interleaved, write_json
 from brpg.config import Config, load_config
-from brpg.cpg import PrototypeMemory
 from brpg.engine.optim import build_optimizer, build_scheduler
-from brpg.engine.semi import SemiMethod, cluster_prototypes, phase_of, semi_step
+from brpg.engine.phases import phase_of
+from brpg.frameworks.mean_teacher import semi_step
+from brpg.frameworks.semi_method import SemiMethod
+from brpg.method.clustering import cluster_prototypes
+from brpg.method.memory import PrototypeMemory
 from brpg.models import build_model
 
 TITLE = "P2 BRPG training step vs mean-teacher step"
@@ -151,8 +154,8 @@ class Variant:
         self.scheduler.step()
         method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
         if ema_rows is not None:
-            assert method.bank is not None
-            method.bank.ema_update(*ema_rows)
+            assert method.plugin.bank is not None
+            method.plugin.bank.ema_update(*ema_rows)
         return logs
 
 
@@ -206,17 +209,19 @@ def run(
 
     mt = Variant(cfg_m, proto_step, device)
     brpg = Variant(cfg_b, sampling_step, device)
-    brpg.method.memory = brpg.method.new_memory()
+    brpg.method.plugin.memory = brpg.method.plugin.new_memory()
     for i in range(shapes.fill_steps):  # the sampling window, then the one-shot clustering
         brpg.train_step(batch, image_u, seed=10_000 + i)
-    assert brpg.method.memory is not None and brpg.method.bank is not None
-    protos, valid = cluster_prototypes(brpg.method.memory, cfg_b, seed=cfg_b.train.seed + end)
-    brpg.method.bank.set_prototypes(protos, valid)
-    brpg.method.memory = None
+    assert brpg.method.plugin.memory is not None and brpg.method.plugin.bank is not None
+    protos, valid = cluster_prototypes(
+        brpg.method.plugin.memory, cfg_b, seed=cfg_b.train.seed + end
+    )
+    brpg.method.plugin.bank.set_prototypes(protos, valid)
+    brpg.method.plugin.memory = None
     brpg.step = proto_step
-    protos_per_class = brpg.method.bank.num_valid().tolist()
+    protos_per_class = brpg.method.plugin.bank.num_valid().tolist()
     sampling = Variant(cfg_b, sampling_step, device)
-    sampling.method.memory = sampling.method.new_memory()
+    sampling.method.plugin.memory = sampling.method.plugin.new_memory()
     setup_s = time.perf_counter() - t_setup
 
     seed_of = {"round": 0}

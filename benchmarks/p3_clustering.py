@@ -3,12 +3,12 @@
 Data: ``C = 21`` classes × 2 memories (high, low) × 30,000 rows × 256 dims, drawn (seed 0) as
 Gaussian mixtures with 2-4 modes per memory (mode centres ``N(0, 0.5²)`` per dim, unequal mode
 weights, isotropic noise of std 1 in high memories and 1.5 in low ones). The number of
-clusters per memory is decided once by APO (:func:`brpg.prototypes.apo_counts` on the
+clusters per memory is decided once by APO (:func:`brpg.method.apo.apo_counts` on the
 ``cos_sim`` dispersion, base 2: one class gets a third high and one a third low cluster at
 C = 21) and then used by both sides.
 
-- ``ours``: one call of :func:`brpg.prototypes.batched_kmeans_full` on all 42 memories at
-  once, with ``n_init=3, iters=100, seed=0`` as :func:`brpg.prototypes.cluster_memories` uses
+- ``ours``: one call of :func:`brpg.method.kmeans.batched_kmeans_full` on all 42 memories at
+  once, with ``n_init=3, iters=100, seed=0`` as :func:`brpg.method.clustering.cluster_memories` uses
   (and its default ``tol``);
 - ``ours_subsample``: the same call with ``subsample=4096`` (``proto.kmeans_subsample``, off
   by default): every seeding and its Lloyd run on 4,096 random rows of each memory, then Lloyd
@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import BenchmarkUnavailable, loadavg, target
-from brpg.prototypes import apo_counts, batched_kmeans_full, dispersion
-from brpg.prototypes.kmeans import DEFAULT_TOL
+from brpg.method.apo import apo_counts, dispersion
+from brpg.method.kmeans import DEFAULT_TOL, batched_kmeans_full
 
 TITLE = "P3 one-shot clustering (C classes x 2 memories)"
 

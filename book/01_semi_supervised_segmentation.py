@@ -51,8 +51,16 @@ import numpy as np
 import torch
 from IPython.display import Markdown, display
 
+from brpg.book.results import (
+    calibration_checks,
+    format_calibration,
+    format_table,
+    summarise,
+)
+from brpg.book.viz import class_legend, denormalize, predict_masks, scene_grid
 from brpg.config import load_config
 from brpg.data import APPEARANCE_MODES, DIGIT_CLASSES, MULTIMODAL_DIGITS
+from brpg.data.build import PROJECT_ROOT, digit_datasets
 from brpg.data.digits import (
     GENERATOR_VERSION,
     DigitKnobs,
@@ -62,16 +70,9 @@ from brpg.data.digits import (
     source_pools,
 )
 from brpg.data.resolution import stride_ceiling
-from brpg.engine.datasets import PROJECT_ROOT, digit_datasets
-from brpg.engine.trainer import Trainer, suponly_step
+from brpg.engine.trainer import Trainer
+from brpg.frameworks.supervised import suponly_step
 from brpg.models import build_model
-from brpg.results import (
-    calibration_checks,
-    format_calibration,
-    format_table,
-    summarise,
-)
-from brpg.viz import class_legend, denormalize, predict_masks, scene_grid
 
 torch.set_num_threads(2)
 

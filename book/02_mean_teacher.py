@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/02_mean_teacher.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -83,21 +83,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brpg.augment import StrongAug, apply_cutmix, maybe_cutmix
-from brpg.booktools import show_source
+from brpg.book.demo import feature_batch, warm_model
+from brpg.book.tools import show_source
+from brpg.book.viz import denormalize
 from brpg.data.digits import colorize
-from brpg.demo import feature_batch, warm_model
-from brpg.engine.semi import upsample_to
-from brpg.teacher import EMATeacher, ema_decay
-from brpg.unsup_loss import drop_percent_schedule, entropy_keep_mask, pixel_entropy, unsup_loss
-from brpg.viz import denormalize
+from brpg.engine.inference import upsample_logits
+from brpg.frameworks.augment import StrongAug, apply_cutmix, maybe_cutmix
+from brpg.frameworks.ema_teacher import EMATeacher, ema_decay
+from brpg.frameworks.u2pl_loss import (
+    drop_percent_schedule,
+    entropy_keep_mask,
+    pixel_entropy,
+    unsup_loss,
+)
 
 torch.set_num_threads(2)
 
 # %% [markdown]
 # ## The teacher: an exponential moving average of the student
 #
-# `brpg.teacher.EMATeacher` holds a frozen copy of the student. Its update is two fused
+# `brpg.frameworks.ema_teacher.EMATeacher` holds a frozen copy of the student. Its update is two fused
 # `torch._foreach` operations over all parameters, with no Python loop over tensors:
 
 # %%
@@ -148,7 +153,7 @@ print(f"after {n} updates the teacher kept {prod:.4f} of its initial offset (clo
 # ## Pseudo-labels, the strong view and CutMix on a real model
 #
 # To see the pieces on real predictions we take a small model trained for a few hundred
-# steps on the 125 labeled scenes of the 1/16 split (`brpg.demo.warm_model`, cached under
+# steps on the 125 labeled scenes of the 1/16 split (`brpg.book.demo.warm_model`, cached under
 # `runs/book/` so that the chapters share it). It plays the teacher. As unlabeled images we
 # use val scenes, whose labels let us *measure* how good the pseudo-labels are; the training
 # code never sees labels of unlabeled images.
@@ -164,7 +169,7 @@ size = tuple(y_true.shape[-2:])
 torch.manual_seed(0)
 with torch.no_grad():
     teacher.eval()
-    logits_w = upsample_to(teacher(x_w)["logits"], size)
+    logits_w = upsample_logits(teacher(x_w)["logits"], size)
     conf_u, pseudo_u = F.softmax(logits_w, dim=1).max(dim=1)
 strong = StrongAug(mean=run.cfg.data.mean, std=run.cfg.data.std)
 x_s = strong(x_w)
@@ -247,7 +252,7 @@ print(f"L_u of an all-zero student (uniform prediction): {loss_u:.3f}")
 # %% [markdown]
 # ## How the framework is used in this book
 #
-# The whole step lives in `brpg.engine.semi.semi_step` (chapter 8 shows it): warm-up,
+# The whole step lives in `brpg.frameworks.mean_teacher.semi_step` (chapter 8 shows it): warm-up,
 # pseudo-labels, strong view and CutMix, one student forward on labeled + unlabeled images,
 # $\mathcal L_s + \lambda_u\mathcal L_u$, and the teacher EMA after the optimiser step.
 # Presets `digits_meanteacher_{1_16,1_8,1_4}` train it on DigitScenes, e.g.

@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/03_confidence.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -70,11 +70,11 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 
-from brpg.booktools import show_source
-from brpg.cpg import confidence, downsample_labels, route_labeled
+from brpg.book.demo import boundary_distance, feature_batch, warm_model
+from brpg.book.tools import show_source
+from brpg.book.viz import denormalize
 from brpg.data.digits import DIGIT_CLASSES, colorize
-from brpg.demo import boundary_distance, feature_batch, warm_model
-from brpg.viz import denormalize
+from brpg.method.cpg import confidence, downsample_labels, route_labeled
 
 torch.set_num_threads(2)
 
@@ -100,7 +100,7 @@ show_source(route_labeled)
 # In the paper the memories are filled during a short *sampling window* right after the
 # supervised warm-up (one epoch of 80 on PASCAL VOC). We stand in for that with a model
 # trained with the supervised loss only on the 125 labeled scenes of the 1/16 split
-# (`brpg.demo.warm_model`; the first chapter that asks for it trains it, later chapters
+# (`brpg.book.demo.warm_model`; the first chapter that asks for it trains it, later chapters
 # load it from `runs/book/`). Its representation head has not been trained: in BRPG nothing
 # trains it before the prototypes exist, so this is the state in which the paper's code
 # clusters its memories.
@@ -189,7 +189,7 @@ plt.show()
 #
 # To measure it we compute, for every pixel, its distance to the nearest class boundary in
 # the full-resolution label map: the ignore band (every boundary has one) is distance 0.
-# `brpg.demo.boundary_distance` does it with a Euclidean distance transform, and reads the
+# `brpg.book.demo.boundary_distance` does it with a Euclidean distance transform, and reads the
 # result at the same positions from which `downsample_labels` takes the stride-4 labels.
 
 # %%

@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/04_separate_clustering.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -69,18 +69,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brpg.booktools import show_source
-from brpg.cpg import PrototypeMemory, memory_rows
+from brpg.book.demo import cluster, fill_memories, warm_model
+from brpg.book.tools import show_source
 from brpg.data.digits import DIGIT_CLASSES
-from brpg.demo import cluster, fill_memories, warm_model
-from brpg.prototypes import cluster_memories
+from brpg.method.clustering import cluster_memories
+from brpg.method.cpg import memory_rows
+from brpg.method.memory import PrototypeMemory
 
 torch.set_num_threads(2)
 
 # %% [markdown]
 # ## Filling the memories
 #
-# `brpg.demo.fill_memories` runs the sampling window on the warm model of chapter 3: every
+# `brpg.book.demo.fill_memories` runs the sampling window on the warm model of chapter 3: every
 # step takes 16 labeled scenes (student features, dropout on) and 16 unlabeled scenes
 # (teacher features, eval mode), routes them as in chapter 3, keeps a random budget of rows
 # with `memory_rows` and pushes them into a `PrototypeMemory`. It is the package's

@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/05_apo.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -72,11 +72,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brpg.booktools import show_source
+from brpg.book.demo import appearance_modes, cluster, feature_batch, fill_memories, warm_model
+from brpg.book.tools import show_source
 from brpg.data import MULTIMODAL_DIGITS
 from brpg.data.digits import DIGIT_CLASSES
-from brpg.demo import appearance_modes, cluster, feature_batch, fill_memories, warm_model
-from brpg.prototypes import apo_counts, dispersed_mask, dispersion_cos, n_add_classes
+from brpg.method.apo import apo_counts, dispersed_mask, dispersion_cos, n_add_classes
 
 torch.set_num_threads(2)
 
@@ -196,7 +196,7 @@ print("ranks of the multi-modal classes:", mm_ranks)
 # ## Why: within a mode the features vary more than between modes
 #
 # APO can only see modes that the features separate. DigitScenes records the mode of every
-# digit it draws (`brpg.demo.appearance_modes` reads it back per pixel), so we can compare
+# digit it draws (`brpg.book.demo.appearance_modes` reads it back per pixel), so we can compare
 # the features of solid and hollow pixels of the same class directly: every labeled scene,
 # student features as in the sampling window, the correctly classified pixels of the
 # multi-modal classes, split by mode. For scale, the last column gives the cosine between

@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/06_ema_prototypes.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -75,12 +75,13 @@ import torch
 import torch.nn.functional as F
 from IPython.display import display
 
-from brpg.booktools import show_source
+from brpg.book.demo import feature_batch, warm_model
+from brpg.book.demo_proto import accuracies, build_bank, class_means, pixel_rows
+from brpg.book.tools import show_source
 from brpg.config import load_config
 from brpg.data.digits import DIGIT_CLASSES, PALETTE
-from brpg.demo import feature_batch, warm_model
-from brpg.demo_proto import accuracies, build_bank, class_means, pixel_rows
-from brpg.prototypes import PrototypeBank, sample_labeled_grid, sample_unlabeled
+from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import sample_labeled_grid, sample_unlabeled
 
 torch.set_num_threads(2)
 t_chapter = time.perf_counter()
@@ -151,7 +152,7 @@ assert torch.equal(toy.prototypes[1, 0], torch.tensor([-1.0, 0.0]))  # untouched
 # Now real features. The bank is clustered, as in chapters 3 to 5, from the CPG memories of
 # a model trained for a while with the supervised loss only; then the model trains on and
 # its features drift. To see the drift without training inside this chapter we take two
-# runs of the same seed from `brpg.demo`: one stopped after 150 steps (the bank is clustered
+# runs of the same seed from `brpg.book.demo`: one stopped after 150 steps (the bank is clustered
 # from it) and one trained for 300 (it plays the model some steps later). Both have the
 # same, still random, representation head: no loss reaches it before $\mathcal{L}_{pro}$
 # starts (spec §1), so its weights are the seed's initialisation in both runs (up to

@@ -19,7 +19,7 @@
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/07_prototype_loss.ipynb)
 #
 # ```{note}
-# The model this chapter studies (`brpg.demo.warm_model`) is trained on **DigitScenes
+# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
 # version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
 # this chapter's measurements were made on. DigitScenes is now version 3, with boundary
 # pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
@@ -73,12 +73,13 @@ import torch
 import torch.nn.functional as F
 from IPython.display import display
 
-from brpg.booktools import show_source
+from brpg.book.demo import warm_model
+from brpg.book.demo_proto import accuracies, build_bank, class_means, pixel_rows, rep_head_inputs
+from brpg.book.tools import show_source
+from brpg.book.viz import denormalize
 from brpg.config import load_config
-from brpg.demo import warm_model
-from brpg.demo_proto import accuracies, build_bank, class_means, pixel_rows, rep_head_inputs
-from brpg.prototypes import (
-    PrototypeBank,
+from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import (
     grid_indices,
     grid_positions,
     prototype_loss,
@@ -86,7 +87,6 @@ from brpg.prototypes import (
     sample_labeled_grid,
     sample_unlabeled,
 )
-from brpg.viz import denormalize
 
 torch.set_num_threads(2)
 t_chapter = time.perf_counter()

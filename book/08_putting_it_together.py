@@ -23,7 +23,7 @@
 # (`results/digits/`) were made with the old generator, whose 1-px ignore band removed about
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
-# the live runs in this chapter use version 3 (the warm model of `brpg.demo.warm_model`
+# the live runs in this chapter use version 3 (the warm model of `brpg.book.demo.warm_model`
 # keeps version 2's data, as in chapters 2-7), the tables version 2, and no table mixes the
 # two. A version-3 study with more seeds will replace these results.
 # ```
@@ -63,13 +63,14 @@ import numpy as np
 import torch
 from IPython.display import Markdown, display
 
-from brpg.booktools import show_source
+from brpg.book.demo import warm_model
+from brpg.book.results import load_runs, mean_std
+from brpg.book.tools import show_source
 from brpg.config import load_config
-from brpg.demo import warm_model
-from brpg.engine.datasets import PROJECT_ROOT
-from brpg.engine.semi import PHASES, phase_of, semi_step
+from brpg.data.build import PROJECT_ROOT
+from brpg.engine.phases import PHASES, phase_of
 from brpg.engine.trainer import Trainer
-from brpg.results import load_runs, mean_std
+from brpg.frameworks.mean_teacher import semi_step
 
 torch.set_num_threads(2)
 RESULTS = PROJECT_ROOT / "results" / "digits"
@@ -77,7 +78,7 @@ RESULTS = PROJECT_ROOT / "results" / "digits"
 # %% [markdown]
 # ## One training step
 #
-# `brpg.engine.semi.semi_step` is the whole step of the paper's algorithm after the
+# `brpg.frameworks.mean_teacher.semi_step` is the whole step of the paper's algorithm after the
 # supervised warm-up, in the order of the official code (spec §4). It has no loop over
 # pixels, classes or prototypes and never reads a value back to the host; the two
 # `if`s depend only on the step number.
@@ -124,7 +125,7 @@ plt.show()
 #
 # A full run takes half an hour on this CPU, so the live run below does not start from
 # scratch: it starts from the 300-step supervised model that the method chapters share
-# (`brpg.demo.warm_model`, trained once and cached under `runs/book/`), loaded with
+# (`brpg.book.demo.warm_model`, trained once and cached under `runs/book/`), loaded with
 # `Trainer.load_weights`, and squeezes the timeline into 80 steps: warm-up 10 (then the
 # teacher takes the student's weights), semi 5, sampling 20, and 45 steps with prototypes.
 # It shows the machinery at work, not the final accuracy: its loss curves and the number of
@@ -206,7 +207,7 @@ for seed, counts in full_counts.items():
 # ## SupOnly, mean teacher and BRPG over three seeds
 #
 # The committed runs in `results/digits/` were made with
-# `python -m brpg.results run --configs <preset> --seeds 0 1 2 --dest results/digits`;
+# `python -m brpg.book.results run --configs <preset> --seeds 0 1 2 --dest results/digits`;
 # each keeps its summary, its log and a `provenance.json` with the exact command, commit and
 # machine. This cell only reads them.
 

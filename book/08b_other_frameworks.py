@@ -23,7 +23,7 @@
 # (`results/digits/`) were made with the old generator, whose 1-px ignore band removed about
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
-# the live runs in this chapter use version 3 (the warm model of `brpg.demo.warm_model`
+# the live runs in this chapter use version 3 (the warm model of `brpg.book.demo.warm_model`
 # keeps version 2's data, as in chapters 2-7), the tables version 2, and no table mixes the
 # two. A version-3 study with more seeds will replace these results.
 # ```
@@ -61,14 +61,14 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from brpg.booktools import show_source
+from brpg.book.demo import warm_model
+from brpg.book.results import load_runs, mean_std
+from brpg.book.tools import show_source
 from brpg.config import load_config
-from brpg.demo import warm_model
-from brpg.engine import plugin as plugin_mod
-from brpg.engine.datasets import PROJECT_ROOT
+from brpg.data.build import PROJECT_ROOT
 from brpg.engine.trainer import Trainer
-from brpg.engine.unimatch import unimatch_step
-from brpg.results import load_runs, mean_std
+from brpg.frameworks.unimatch import unimatch_step
+from brpg.method import plugin as plugin_mod
 
 torch.set_num_threads(2)
 RESULTS = PROJECT_ROOT / "results" / "digits"
@@ -76,7 +76,7 @@ RESULTS = PROJECT_ROOT / "results" / "digits"
 # %% [markdown]
 # ## The plug-in
 #
-# Everything BRPG adds to a framework lives in `brpg.engine.plugin.BRPGPlugin`: the CPG
+# Everything BRPG adds to a framework lives in `brpg.method.plugin.BRPGPlugin`: the CPG
 # memories, the one-shot clustering with APO, the prototype bank with its EMA and the
 # prototype loss. A framework calls it four times per step:
 #
@@ -109,7 +109,7 @@ display(Markdown("```python\n" + source[start:]))
 # $$L = \tfrac12\big(L_x + 0.25\,L_{s1} + 0.25\,L_{s2} + 0.5\,L_{fp}\big)
 #   \;[+\;\lambda_{pro} L_{pro}\ \text{with BRPG}]$$
 #
-# Two differences from UniMatch's code, both documented in `brpg/engine/unimatch.py`. CutMix
+# Two differences from UniMatch's code, both documented in `brpg/frameworks/unimatch.py`. CutMix
 # takes its partner from the same batch, because UniMatch's second unlabeled batch would need
 # a second data stream. And the consistency losses divide by all pixels, because our unlabeled
 # loader has no padding mask.
@@ -222,7 +222,7 @@ print("both frameworks drive the same BRPGPlugin methods, in the same phases")
 # Each comparison below pairs a framework (or architecture) alone with the same plus BRPG,
 # with the same budget, seed and data order as the mean-teacher runs of chapter 8 (2,000
 # steps, 500 supervised warm-up, sampling window 500–600). The runs were made with
-# `python -m brpg.results run --configs <preset> --seeds ... --dest results/digits`; each keeps
+# `python -m brpg.book.results run --configs <preset> --seeds ... --dest results/digits`; each keeps
 # its summary, its log and a `provenance.json`. This cell only reads them.
 
 # %%

@@ -64,7 +64,7 @@ from brpg.data.benchmarks import (
     build_benchmark_datasets,
     sliding_stride,
 )
-from brpg.engine.datasets import PROJECT_ROOT, build_datasets
+from brpg.data.build import PROJECT_ROOT, build_datasets
 from brpg.engine.inference import window_starts
 from brpg.engine.trainer import Trainer
 from brpg.prepare import fixtures
@@ -449,7 +449,7 @@ display(
 # The official Cityscapes suponly run also trains an auxiliary head on layer 3, which is not
 # built here.
 #
-# `brpg.engine.datasets.build_datasets` turns a config into the (labeled, val) pair the
+# `brpg.data.build.build_datasets` turns a config into the (labeled, val) pair the
 # trainer needs; `brpg.data.benchmarks.build_benchmark_datasets` also returns the unlabeled
 # set. Every listed file is checked when the dataset is built, and a mask value outside the
 # classes (other than 255) is an error when it is read. Here the presets are pointed at the

@@ -51,7 +51,7 @@ from pathlib import Path
 from IPython.display import Image, Markdown, display
 
 from brpg.config import PRESET_DIR, load_config
-from brpg.engine.datasets import PROJECT_ROOT
+from brpg.data.build import PROJECT_ROOT
 from brpg.reproduce import report
 from brpg.reproduce.cells import TABLES, Cell, all_cells, stale_presets
 from brpg.reproduce.paper import PAPER_HARDWARE, PAPER_SOURCE

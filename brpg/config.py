@@ -129,7 +129,7 @@ class SemiConfig:
 
     ``framework``: ``meanteacher`` (U2PL/BRPG's EMA teacher, spec §4) or ``unimatch`` (Yang et
     al., CVPR 2023: weak-to-strong consistency with two strong views and a feature-perturbed
-    weak view, :mod:`brpg.engine.unimatch`). Step counts replace the official epochs:
+    weak view, :mod:`brpg.frameworks.unimatch`). Step counts replace the official epochs:
     ``sup_only_steps`` is S·L (one epoch officially).
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brpg.augment import StrongAug, apply_cutmix, cutmix_boxes, maybe_cutmix
+from brpg.frameworks.augment import StrongAug, apply_cutmix, cutmix_boxes, maybe_cutmix
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -12,7 +12,10 @@ import torch.multiprocessing as mp
 from test_semi import _run, _state, tiny
 
 from brpg.config import ConfigError, load_config
-from brpg.cpg import (
+from brpg.method import clustering as clustering_mod
+from brpg.method import plugin as plugin_mod
+from brpg.method.cpg import route_back
+from brpg.method.memory import (
     FALLBACK_HIGH,
     FALLBACK_LOW,
     FALLBACK_NONE,
@@ -20,9 +23,7 @@ from brpg.cpg import (
     BackQueue,
     PrototypeMemory,
     apply_back_fallbacks,
-    route_back,
 )
-from brpg.engine import plugin as plugin_mod
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -269,7 +270,7 @@ def straight(data_root, tmp_path_factory):
     """A tiny brpg run with the back queue; records what the clustering saw."""
     cfg = load_config("digits_suponly_1_16", tiny(data_root, extra=BACK))
     seen: dict[str, list] = {}
-    real_fb, real_cm = plugin_mod.apply_back_fallbacks, plugin_mod.cluster_memories
+    real_fb, real_cm = plugin_mod.apply_back_fallbacks, clustering_mod.cluster_memories
 
     def fallbacks(memory, back, min_rows):
         seen["back"] = back.count.tolist()
@@ -284,7 +285,7 @@ def straight(data_root, tmp_path_factory):
 
     mp_ = pytest.MonkeyPatch()
     mp_.setattr(plugin_mod, "apply_back_fallbacks", fallbacks)
-    mp_.setattr(plugin_mod, "cluster_memories", cluster)
+    mp_.setattr(clustering_mod, "cluster_memories", cluster)
     try:
         run = tmp_path_factory.mktemp("straight")
         tr = _run(cfg, run)
@@ -308,7 +309,9 @@ def test_run_fills_the_back_queue_and_falls_back_before_clustering(straight):
             assert [seen["after"][0][c], seen["after"][1][c]] == [n - n // 2, n // 2]
         if case == FALLBACK_LOW:
             assert seen["after"][1][c] == n // 2 and seen["after"][0][c] == seen["before"][0][c]
-    assert tr.method.back is None and tr.method.memory is None  # freed with the memories
+    assert (
+        tr.method.plugin.back is None and tr.method.plugin.memory is None
+    )  # freed with the memories
 
 
 @pytest.mark.parametrize("crash_at", [6, 7])  # in the sampling window, at the clustering

@@ -2,7 +2,7 @@
 
 Checks the CLI, the JSON schema (P1, P2, P3), the P2 step variants, and that the
 official-style prototype step computes the same loss, gradients and EMA'd prototypes as
-``brpg.prototypes``. No timing is asserted anywhere: timings depend on the machine and its
+``brpg.method``. No timing is asserted anywhere: timings depend on the machine and its
 load.
 """
 
@@ -127,7 +127,7 @@ def test_p2_schema(quick_report: dict) -> None:
 def test_p2_variants_run_the_trainer_phases() -> None:
     """The step numbers put ``brpg`` in the proto phase, ``brpg_sampling`` in the sampling
     window and the mean teacher in its semi phase; a sampling step fills the memory."""
-    from brpg.engine.semi import phase_of
+    from brpg.engine.phases import phase_of
 
     cfg_b = p2.make_config(p2.QUICK, "brpg")
     x, y = p2.make_batch(cfg_b, 2, 32, seed=0)
@@ -136,10 +136,10 @@ def test_p2_variants_run_the_trainer_phases() -> None:
     p = cfg_b.proto
     var = p2.Variant(cfg_b, p.sample_start_step + 1, torch.device("cpu"))
     assert phase_of(var.step, cfg_b) == "sampling"
-    var.method.memory = var.method.new_memory()
+    var.method.plugin.memory = var.method.plugin.new_memory()
     logs = var.train_step({"image": x, "mask": y}, x.flip(0), seed=0)
     assert "loss_proto" not in logs
-    assert int(sum(c.sum() for c in var.method.memory.count.values())) > 0
+    assert int(sum(c.sum() for c in var.method.plugin.memory.count.values())) > 0
     memory = p2.fill_memory(cfg_b, torch.device("cpu"))
     assert all(bool((c == p.queue_len).all()) for c in memory.count.values())
 

@@ -22,8 +22,8 @@ from brpg.data.benchmarks import (
     cityscapes_label_path,
     voc_palette,
 )
+from brpg.data.build import build_datasets
 from brpg.data.splitlist import DatasetError
-from brpg.engine.datasets import build_datasets
 from brpg.engine.trainer import Trainer
 from brpg.prepare import fixtures as fx
 from brpg.prepare.common import read_label_png, save_label_png

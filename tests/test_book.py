@@ -8,13 +8,13 @@ import jupytext
 import pytest
 import yaml
 
-from brpg import booktools
+from brpg.book import tools as booktools
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = booktools.chapter_pairs(ROOT)
 
 # Chapters not yet re-stamped (local badge image, install cell tagged remove-cell): they pass
-# once `python -m brpg.booktools stamp <chapter>.py` has been run on them; remove them here then.
+# once `python -m brpg.book.tools stamp <chapter>.py` has been run on them; remove them here then.
 
 
 def test_there_are_chapters():
@@ -43,7 +43,7 @@ def test_notebook_is_executed(py, nb):
 @pytest.mark.parametrize("py,nb", PAIRS, ids=[p.stem for p, _ in PAIRS])
 def test_colab_links_follow_config(py, nb):
     """Badge (local image, link from ``_config.yml``) and install cell (current URL, tagged
-    ``remove-cell``) as ``python -m brpg.booktools stamp`` writes them."""
+    ``remove-cell``) as ``python -m brpg.book.tools stamp`` writes them."""
     assert booktools.chapter_problems(py, nb, ROOT) == []
 
 

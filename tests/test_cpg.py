@@ -10,10 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from brpg.cpg import (
+from brpg.method.cpg import (
     NOT_SELECTED,
     AdaptiveThreshold,
-    PrototypeMemory,
     Rows,
     class_mean_gt_prob,
     confidence,
@@ -24,6 +23,7 @@ from brpg.cpg import (
     subsample,
     subsample_indices,
 )
+from brpg.method.memory import PrototypeMemory
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -133,7 +133,7 @@ def test_memory_rows_budget_and_sources():
 
 
 def route_like(feats, high_cls, low_cls):
-    from brpg.cpg import LabeledRoutes
+    from brpg.method.cpg import LabeledRoutes
 
     return LabeledRoutes(feats, high_cls, feats, low_cls)
 

@@ -1,12 +1,12 @@
-"""brpg.demo: the warm model, its features and the CPG memories the method chapters use."""
+"""brpg.book.demo: the warm model, its features and the CPG memories the method chapters use."""
 
 import json
 
 import pytest
 import torch
 
-from brpg import demo
-from brpg.booktools import show_source
+from brpg.book import demo
+from brpg.book.tools import show_source
 from brpg.config import load_config
 
 # A private, small DigitScenes (64 train scenes: 4 labeled at 1/16, 8 val) and a tiny run.

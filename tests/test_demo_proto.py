@@ -1,12 +1,12 @@
-"""brpg.demo_proto: the helpers of the prototype chapters (bank, pixel rows, accuracies)."""
+"""brpg.book.demo_proto: the helpers of the prototype chapters (bank, pixel rows, accuracies)."""
 
 import math
 
 import pytest
 import torch
 
-from brpg import demo, demo_proto
-from brpg.prototypes import PrototypeBank
+from brpg.book import demo, demo_proto
+from brpg.method.prototype_ema import PrototypeBank
 
 # A private, small DigitScenes and a tiny run, as in tests/test_demo.py.
 TINY = [

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from brpg.config import load_config
-from brpg.prototypes.loss import grid_indices
+from brpg.method.prototype_loss import grid_indices
 from brpg.reproduce.experiment import prepare
 
 DIGITS = {

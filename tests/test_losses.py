@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from brpg.config import LossConfig
-from brpg.losses import ohem_ce, supervised_loss
+from brpg.frameworks.supervised import ohem_ce, supervised_loss
 
 # Five pixels in a 1×1×5 image, two classes, target class 0 everywhere except an ignore pixel.
 # With logits (0, z), p_gt = 1 / (1 + e^z), so z = log(1/p − 1) gives any chosen p_gt.

@@ -9,11 +9,10 @@ import torch
 from test_semi import _run, tiny
 
 from brpg.config import load_config
-from brpg.engine import plugin as plugin_module
-from brpg.engine.plugin import BRPGPlugin
-from brpg.engine.semi import SemiMethod
+from brpg.frameworks.semi_method import SemiMethod
+from brpg.method import plugin as plugin_module
+from brpg.method.plugin import BRPGPlugin
 from brpg.models import build_model
-from brpg.prototypes import PrototypeBank
 
 UM = ("semi.framework=unimatch", "semi.eval_model=student", "semi.conf_thresh=0.1")
 
@@ -29,28 +28,17 @@ def _method(data_root: Path, method: str, *extra: str) -> SemiMethod:
     return SemiMethod(cfg, model, torch.device("cpu"))
 
 
-def test_semi_method_delegates_to_the_plugin(data_root):
+def test_the_plugin_holds_brpg_state_and_checkpoint_keys_are_unchanged(data_root):
     m = _method(data_root, "brpg", "proto.threshold_type=csp")
-    assert isinstance(m.plugin, BRPGPlugin) and m.brpg
-    assert m.bank is m.plugin.bank and m.csp is m.plugin.csp and m.memory is None
-    m.memory = m.new_memory()  # as benchmarks/p2_training_step.py does
-    assert m.plugin.memory is m.memory is not None
-    bank = PrototypeBank(11, 16, m.bank.max_per_class)
-    m.bank = bank  # a Module: still the plug-in's
-    assert m.plugin.bank is bank and "bank" not in m._modules
+    assert isinstance(m.plugin, BRPGPlugin) and m.plugin.csp is not None
+    assert m.plugin.memory is None  # allocated at the sampling window's start
     assert list(m.state_dict()) == ["teacher", "memory", "back", "bank", "csp"]  # checkpoints
-    m.memory = None
-    assert m.plugin.memory is None
+    assert "bank" not in m._modules and not hasattr(m, "memory")  # no forwarding attributes
 
     mt = _method(data_root, "meanteacher")
-    assert mt.plugin is None and not mt.brpg
-    assert mt.memory is None and mt.bank is None and mt.back is None and mt.csp is None
+    assert mt.plugin is None
     assert list(mt.state_dict()) == ["teacher", "memory", "back", "bank", "csp"]
-    mt.memory = None  # nothing to free: fine
-    with pytest.raises(AttributeError, match="train.method=brpg"):
-        mt.memory = m.new_memory()
-    with pytest.raises(AttributeError, match="CPG memories"):
-        mt.new_memory()
+    assert all(mt.state_dict()[k] is None for k in ("memory", "back", "bank", "csp"))
 
 
 def test_the_same_plugin_code_serves_both_frameworks(data_root, tmp_path, monkeypatch):
@@ -82,7 +70,7 @@ def test_the_same_plugin_code_serves_both_frameworks(data_root, tmp_path, monkey
         cfg = load_config("digits_suponly_1_16", tiny(data_root, "brpg", (*extra, "train.steps=9")))
         calls.clear()
         tr = _run(cfg, tmp_path / name)
-        assert tr.method.bank.valid.any()
+        assert tr.method.plugin.bank.valid.any()
         seen[name] = list(calls)
     want = []
     for s in range(3, 9):

@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
-from brpg.prototypes import (
-    PrototypeBank,
-    apo_counts,
-    cluster_memories,
-    dispersion,
-    dispersion_cos,
-    n_add_classes,
-    select_classes,
-)
+from brpg.method.apo import apo_counts, dispersion, dispersion_cos, n_add_classes, select_classes
+from brpg.method.clustering import cluster_memories
+from brpg.method.prototype_ema import PrototypeBank
 
 R2 = 1 / math.sqrt(2)
 
@@ -114,3 +108,37 @@ def test_cluster_memories_high_low_independent():
     # without APO: base counts, K = 4
     p2, v2 = cluster_memories(hi, hi_valid, lo, lo_valid, apo=False)
     assert p2.shape == (c, 4, d) and v2.sum(1).tolist() == [3, 4, 4, 4]
+
+
+@pytest.mark.parametrize("memory", ["cpg", "random"])
+@pytest.mark.parametrize("metric", ["cos_sim", "l2", "l2_norm"])
+def test_apo_gives_the_extra_prototype_to_the_most_dispersed_class_in_both_memory_modes(
+    memory, metric
+):
+    """One clustering entry point for both memory modes: the APO metric reaches the random
+    memory too (it once called ``apo_counts`` without ``metric``, so with ``l2`` / ``l2_norm``
+    APO picked the *least* dispersed class there)."""
+    from brpg.config import load_config
+    from brpg.method.clustering import cluster_prototypes
+    from brpg.method.memory import PrototypeMemory
+
+    cfg = load_config(
+        "digits_brpg_1_16",
+        [f"proto.memory={memory}", f"proto.dispersion={metric}", "model.rep_dim=8"],
+    )
+    p, c, d, n = cfg.proto, cfg.data.num_classes, 8, 64
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(c, 1, d, generator=g) * 5
+    spread = torch.full((c, 1, 1), 0.05)
+    spread[3] = 3.0  # class 3: far more dispersed by every metric
+    rows = centre + spread * torch.randn(c, n, d, generator=g)
+    kinds = ("high", "low") if memory == "cpg" else ("all",)
+    mem = PrototypeMemory(c, d, n, kinds)
+    for kind in kinds:
+        mem.push(kind, rows.reshape(c * n, d), torch.arange(c).repeat_interleave(n))
+    _, valid = cluster_prototypes(mem, cfg, seed=0)
+    per_class = valid.sum(1)
+    base = p.num_high + p.num_low
+    assert n_add_classes(c, p.add_proportion) == 1
+    assert per_class[3] == base + (2 if memory == "cpg" else 1) * p.add_num
+    assert (per_class[torch.arange(c) != 3] == base).all()

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from brpg.prototypes import EMPTY_CLASS_LOGIT, PrototypeBank, pack_high_low
+from brpg.method.prototype_ema import EMPTY_CLASS_LOGIT, PrototypeBank, pack_high_low
 
 R2 = 1 / math.sqrt(2)
 

@@ -9,9 +9,15 @@ import pytest
 import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from brpg.prototypes import batched_kmeans, batched_kmeans_full
-from brpg.prototypes import kmeans as km_module
-from brpg.prototypes.kmeans import _cluster_sums, _lloyd, _sq_norm, _tolerance
+from brpg.method import kmeans as km_module
+from brpg.method.kmeans import (
+    _cluster_sums,
+    _lloyd,
+    _sq_norm,
+    _tolerance,
+    batched_kmeans,
+    batched_kmeans_full,
+)
 
 
 def _blobs(g, centres, n_each, std=0.05):

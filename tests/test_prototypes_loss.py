@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brpg.prototypes import (
-    PrototypeBank,
+from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import (
     grid_indices,
     grid_positions,
     prototype_loss,

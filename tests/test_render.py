@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brpg import booktools
+from brpg.book import tools as booktools
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_TIMEOUT_S = 300

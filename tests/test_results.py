@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from brpg import results
+from brpg.book import results
+from brpg.book.results import format_table, load_runs, mean_std, summarise
 from brpg.reproduce import report
-from brpg.results import format_table, load_runs, mean_std, summarise
 
 
 def _write(dest, config, seed, miou, mbiou=None):

@@ -9,11 +9,11 @@ import torch
 from ddp_helpers import run_torchrun
 
 from brpg.config import ConfigError, load_config
-from brpg.engine import plugin as plugin_mod
 from brpg.engine import trainer as trainer_mod
 from brpg.engine.checkpoint import load_checkpoint
-from brpg.engine.semi import cluster_due, phase_of, sampling_active
+from brpg.engine.phases import cluster_due, phase_of, sampling_active
 from brpg.engine.trainer import Trainer
+from brpg.method import clustering as clustering_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11
@@ -102,8 +102,8 @@ def _state(tr: Trainer) -> dict[str, torch.Tensor]:
     out = {f"student.{k}": v for k, v in tr.model.state_dict().items()}
     m = tr.method
     out.update({f"teacher.{k}": v for k, v in m.teacher.module.state_dict().items()})
-    if m.bank is not None:
-        out["bank.prototypes"], out["bank.valid"] = m.bank.prototypes, m.bank.valid
+    if m.plugin is not None:
+        out["bank.prototypes"], out["bank.valid"] = m.plugin.bank.prototypes, m.plugin.bank.valid
     return out
 
 
@@ -148,8 +148,8 @@ def test_brpg_run_logs_every_loss_and_clusters_once(straight):
     assert "loss_proto" not in by_step[7] and "loss_proto" in by_step[8]
     events = [r for r in records if "prototypes_per_class" in r]
     assert len(events) == 1 and events[0]["step"] == 7
-    assert tr.method.memory is None  # freed after the one-shot clustering
-    assert tr.method.bank.valid.any()
+    assert tr.method.plugin.memory is None  # freed after the one-shot clustering
+    assert tr.method.plugin.bank.valid.any()
 
 
 def test_teacher_is_evaluated_and_starts_from_the_student(data_root, tmp_path, monkeypatch):
@@ -170,24 +170,24 @@ def test_teacher_is_evaluated_and_starts_from_the_student(data_root, tmp_path, m
     tr = _run(cfg, tmp_path / "mt")
     assert copies and all(eq for _, eq in copies)
     assert tr.eval_model() is tr.method.teacher.module
-    assert tr.method.bank is None and tr.method.memory is None
+    assert tr.method.plugin is None
 
 
 def test_random_memory_ablation_and_csp_thresholds_run(data_root, tmp_path, monkeypatch):
     extra = ("proto.memory=random", "proto.threshold_type=csp", "proto.kmeans_subsample=16")
     cfg = load_config("digits_suponly_1_16", tiny(data_root, extra=extra))
     seen = []
-    original = plugin_mod.batched_kmeans_full
+    original = clustering_mod.batched_kmeans_full
 
     def spy(*a, **k):
         seen.append(k.get("subsample"))
         return original(*a, **k)
 
-    monkeypatch.setattr(plugin_mod, "batched_kmeans_full", spy)
+    monkeypatch.setattr(clustering_mod, "batched_kmeans_full", spy)
     tr = _run(cfg, tmp_path / "random")
-    c, k, _ = tr.method.bank.shape
+    c, k, _ = tr.method.plugin.bank.shape
     assert k == cfg.proto.num_high + cfg.proto.num_low + cfg.proto.add_num
-    assert tr.method.csp is not None
+    assert tr.method.plugin.csp is not None
     assert seen == [16]  # the one-shot clustering, with the configured subsample
 
 
@@ -202,7 +202,7 @@ def test_two_process_gloo_ddp_keeps_identical_prototypes(data_root, tmp_path):
             cfg = load_config("digits_suponly_1_16", {tiny(data_root, extra=("train.device=cpu",))!r})
             tr = Trainer(cfg, sys.argv[1], progress=False)
             tr.fit()
-            torch.save(tr.method.bank.state_dict(), f"{{sys.argv[1]}}/bank{{dist.get_rank()}}.pt")
+            torch.save(tr.method.plugin.bank.state_dict(), f"{{sys.argv[1]}}/bank{{dist.get_rank()}}.pt")
             """
         )
     )

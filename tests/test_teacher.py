@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from brpg.teacher import EMATeacher, ema_decay, unwrap_model
+from brpg.frameworks.ema_teacher import EMATeacher, ema_decay, unwrap_model
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -14,7 +14,8 @@ from ddp_helpers import run_torchrun
 
 from brpg.config import ConfigError, load_config
 from brpg.engine.batches import _mix, step_loader
-from brpg.engine.trainer import Trainer, suponly_step
+from brpg.engine.trainer import Trainer
+from brpg.frameworks.supervised import suponly_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,10 +266,10 @@ def trainer_state(tr: Trainer) -> dict[str, torch.Tensor]:
     out = {f"student.{k}": v for k, v in tr.model.state_dict().items()}
     if tr.method is not None:
         out.update({f"teacher.{k}": v for k, v in tr.method.teacher.module.state_dict().items()})
-        if tr.method.bank is not None:
+        if tr.method.plugin is not None:
             out["bank.prototypes"], out["bank.valid"] = (
-                tr.method.bank.prototypes,
-                tr.method.bank.valid,
+                tr.method.plugin.bank.prototypes,
+                tr.method.plugin.bank.valid,
             )
     return out
 
@@ -379,9 +380,13 @@ def test_grad_accum_step_order_in_the_proto_phase(data_root, tmp_path, monkeypat
         events.append(("ema", tr.step))
         return real_ema_update(feats, targets)
 
-    real_semi_step, real_ema_update, emas = trainer_mod.semi_step, tr.method.bank.ema_update, []
+    real_semi_step, real_ema_update, emas = (
+        trainer_mod.semi_step,
+        tr.method.plugin.bank.ema_update,
+        [],
+    )
     monkeypatch.setattr(trainer_mod, "semi_step", semi_step)
-    monkeypatch.setattr(tr.method.bank, "ema_update", ema_update)
+    monkeypatch.setattr(tr.method.plugin.bank, "ema_update", ema_update)
     real_manual_seed = torch.manual_seed
 
     def manual_seed(value):  # the step seeds only (the samples' augmentation seeds are not)

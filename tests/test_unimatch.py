@@ -13,10 +13,10 @@ from ddp_helpers import run_torchrun
 from test_semi import _run, tiny
 
 from brpg.config import ConfigError, ModelConfig, load_config
-from brpg.engine import unimatch as unimatch_mod
-from brpg.engine.semi import SemiMethod
 from brpg.engine.trainer import Trainer
-from brpg.engine.unimatch import confident_ce, unimatch_step
+from brpg.frameworks import unimatch as unimatch_mod
+from brpg.frameworks.semi_method import SemiMethod
+from brpg.frameworks.unimatch import confident_ce, unimatch_step
 from brpg.models import build_model
 from brpg.models.deeplabv3plus import _upsample
 
@@ -204,8 +204,8 @@ def _state(tr: Trainer) -> dict[str, torch.Tensor]:
     m = tr.method
     if m.teacher is not None:
         out.update({f"teacher.{k}": v for k, v in m.teacher.module.state_dict().items()})
-    if m.bank is not None:
-        out["bank.prototypes"], out["bank.valid"] = m.bank.prototypes, m.bank.valid
+    if m.plugin is not None:
+        out["bank.prototypes"], out["bank.valid"] = m.plugin.bank.prototypes, m.plugin.bank.valid
     return out
 
 
@@ -240,7 +240,7 @@ def test_unimatch_brpg_run_goes_through_every_phase(straight_runs):
     assert "loss_proto" not in by_step[7] and "loss_proto" in by_step[8]
     events = [r for r in _records(run) if "prototypes_per_class" in r]
     assert len(events) == 1 and events[0]["step"] == 7
-    assert tr.method.teacher is None and tr.method.bank.valid.any()
+    assert tr.method.teacher is None and tr.method.plugin.bank.valid.any()
     assert tr.eval_model() is tr.model  # the self-taught model is evaluated
     assert torch.load(run / "last.pt", weights_only=False)["method"]["teacher"] is None
 
@@ -285,7 +285,7 @@ def test_two_process_gloo_ddp_unimatch_brpg(data_root, tmp_path):
             tr = Trainer(cfg, sys.argv[1], progress=False)
             tr.fit()
             state = {{n: p.detach() for n, p in tr.model.module.named_parameters()}}
-            state.update(tr.method.bank.state_dict())
+            state.update(tr.method.plugin.bank.state_dict())
             torch.save(state, f"{{sys.argv[1]}}/rank{{dist.get_rank()}}.pt")
             """
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brpg.unsup_loss import (
+from brpg.frameworks.u2pl_loss import (
     drop_percent_schedule,
     entropy_keep_mask,
     masked_percentile,

@@ -12,7 +12,7 @@ images and masks live in ``DATA_ROOT/<Benchmark.folder>`` (``VOC2012``, ``citysc
 ``coco``) and the split lists in ``DATA_ROOT/splits/<name>/<split>/{labeled,unlabeled}.txt`` and
 ``DATA_ROOT/splits/<name>/val.txt``; ``data.*_split`` are relative to ``DATA_ROOT``. A relative
 ``data.root`` is used as given here (relative to the current directory);
-:func:`brpg.engine.datasets.build_datasets` first resolves it against the checkout.
+:func:`brpg.data.build.build_datasets` first resolves it against the checkout.
 
 Padding label. Crops that are larger than the (rescaled) image pad the mask with
 ``data.pad_label``: 255 (ignored) by default. The official code pads with 0 (spec §12 Q6), which

@@ -1,2 +1,3 @@
-"""Training engine: losses live in :mod:`brpg.losses`; metrics, inference, optimiser/schedule,
-checkpoints, batching and the trainer live in the submodules of this package."""
+"""Training engine: the phases of a run, the trainer, optimiser/schedule, checkpoints, batching,
+runtime (devices, DDP), metrics and inference. The training steps themselves are in
+:mod:`brpg.frameworks`; BRPG's parts in :mod:`brpg.method`."""

@@ -15,7 +15,7 @@ proto      ``s ≥ Ds + Dl`` (BRPG)                        + L_pro and prototype
 
 with ``S = semi.sup_only_steps``, ``Ds = proto.sample_start_step`` and
 ``Dl = proto.sample_steps``. The last two phases exist only for ``train.method: brpg``; they are
-the plug-in's (:class:`brpg.engine.plugin.BRPGPlugin`) and do not depend on the framework.
+the plug-in's (:class:`brpg.method.plugin.BRPGPlugin`) and do not depend on the framework.
 """
 
 from __future__ import annotations

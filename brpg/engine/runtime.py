@@ -54,6 +54,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def is_distributed() -> bool:
+    """Whether more than one process trains (collectives are needed to keep ranks equal)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Initialise ``torch.distributed`` from torchrun's environment variables, if present.
 

@@ -12,7 +12,7 @@ One :class:`Trainer` owns a run directory::
 ``train.method`` picks the step: ``suponly`` (:func:`suponly_step`); ``semi`` (the framework
 alone), ``meanteacher`` (its alias for ``semi.framework: meanteacher``) or ``brpg`` (the
 framework + the BRPG plug-in) run the supervised warm-up, then the step of ``semi.framework``:
-:func:`brpg.engine.semi.semi_step` (mean teacher) or :func:`brpg.engine.unimatch.unimatch_step`
+:func:`brpg.frameworks.mean_teacher.semi_step` (mean teacher) or :func:`brpg.frameworks.unimatch.unimatch_step`
 (UniMatch), both returning ``(loss, logs, ema_rows)``. The phases are in
 :mod:`brpg.engine.phases`. The checkpoint holds the teacher (if any), the CPG memories (during
 the sampling window) and the prototype bank, so a resume is exact in every phase.
@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from brpg.config import Config, save_config
+from brpg.data.build import build_eval_loader, build_train_datasets
 from brpg.engine import runtime
 from brpg.engine.batches import _mix, step_loader
 from brpg.engine.checkpoint import (
@@ -55,12 +56,13 @@ from brpg.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from brpg.engine.datasets import build_eval_loader, build_train_datasets
 from brpg.engine.inference import evaluate
 from brpg.engine.optim import build_optimizer, build_scheduler
-from brpg.engine.semi import SemiMethod, phase_of, semi_step, upsample_to
-from brpg.engine.unimatch import unimatch_step
-from brpg.losses import supervised_loss
+from brpg.engine.phases import phase_of
+from brpg.frameworks.mean_teacher import semi_step
+from brpg.frameworks.semi_method import SemiMethod
+from brpg.frameworks.supervised import suponly_step
+from brpg.frameworks.unimatch import unimatch_step
 from brpg.models import build_model
 
 CKPT_NAME = "last.pt"
@@ -68,22 +70,6 @@ CKPT_NAME = "last.pt"
 
 class RunDirError(RuntimeError):
     """The run directory is not usable as asked (exists without --resume, or nothing to resume)."""
-
-
-def suponly_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config, need_rep: bool = True
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10).
-
-    ``need_rep=False`` skips the representation head, which this loss never reads."""
-    image_b3hw, mask_bhw = batch["image"], batch["mask"]
-    out = model(image_b3hw, need_rep=need_rep)
-    logits_bchw = upsample_to(out["logits"], tuple(mask_bhw.shape[-2:]))
-    loss = supervised_loss(logits_bchw.float(), mask_bhw, cfg.loss, cfg.data.ignore_index)
-    logs = {"loss_sup": loss.detach()}
-    if out.get("rep") is not None:  # an idle representation head: keep DDP's contract
-        loss = loss + 0.0 * out["rep"].sum()
-    return loss, logs
 
 
 def _mean_logs(logs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -66,10 +66,10 @@ def save_predictions(cfg: Config, run_dir: Path, out: Path, n_images: int = 3) -
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from brpg.book.viz import denormalize
     from brpg.data.benchmarks import BENCHMARKS
     from brpg.engine.inference import predict_logits
     from brpg.engine.trainer import Trainer
-    from brpg.viz import denormalize
 
     trainer = Trainer(cfg, run_dir, resume=True, progress=False)
     model = trainer.eval_model().eval()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brpg.engine.datasets import PROJECT_ROOT
+from brpg.data.build import PROJECT_ROOT
 from brpg.reproduce.cells import METHODS, Cell, get_table
 from brpg.reproduce.experiment import FIXTURE, ExperimentError
 from brpg.reproduce.profiles import BATCH_POLICIES, PROFILES

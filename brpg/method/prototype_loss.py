@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from brpg.prototypes.bank import PrototypeBank
+from brpg.method.prototype_ema import PrototypeBank
 
 __all__ = [
     "grid_indices",

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brpg.engine.runtime import is_distributed
+
 __all__ = ["EMPTY_CLASS_LOGIT", "PrototypeBank", "pack_high_low"]
 
 # Logit of a class that has no valid prototype (cosine logits lie in [-1/τ, 1/τ]). Finite, so
@@ -178,7 +180,7 @@ class PrototypeBank(nn.Module):
             0, slot_n, f_nd * w_n[:, None]
         )
         counts_m = torch.zeros(c * k, device=f_nd.device).index_add_(0, slot_n, w_n)
-        if (self.sync if sync is None else sync) and _distributed():
+        if (self.sync if sync is None else sync) and is_distributed():
             dist.all_reduce(sums_md)
             dist.all_reduce(counts_m)
         mean_md = sums_md / counts_m.clamp_min(1.0)[:, None]
@@ -187,10 +189,6 @@ class PrototypeBank(nn.Module):
         moved_md = alpha * p_md + (1.0 - alpha) * mean_md.to(p_md)
         hit_m = (counts_m > 0) & self.valid.view(-1)
         p_md.copy_(torch.where(hit_m[:, None], moved_md, p_md))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _pad_slots(

@@ -10,9 +10,9 @@ next to it, and re-run one short run live. Layout::
 
 Usage::
 
-    python -m brpg.results run --configs digits_suponly_1_16 digits_suponly_full \
+    python -m brpg.book.results run --configs digits_suponly_1_16 digits_suponly_full \
         --seeds 0 1 2 --dest results/digits
-    python -m brpg.results table results/digits
+    python -m brpg.book.results table results/digits
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def run_and_store(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m brpg.results", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m brpg.book.results", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train configs over seeds and store their results")
     r.add_argument("--configs", nargs="+", required=True)

@@ -3,7 +3,7 @@
 The chapters on confidence (CPG routing, spec §5.1), separate clustering (spec §5.4) and APO
 (spec §6) all look at the same object: a segmentation model at the moment BRPG clusters its
 memories. This module trains that model once (cached under ``runs/book/``), gives a chapter a
-deterministic batch of its stride-4 outputs, and fills :class:`~brpg.cpg.PrototypeMemory`
+deterministic batch of its stride-4 outputs, and fills :class:`~brpg.method.memory.PrototypeMemory`
 the way the sampling window does, on the CPU and without a trainer.
 
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
@@ -12,7 +12,7 @@ the way the sampling window does, on the CPU and without a trainer.
 - :func:`appearance_modes` → solid / hollow mode of the multi-modal digits' pixels;
 - :func:`fill_memories` → the high / low memories of spec §5.1-§5.2;
 - :func:`cluster` → the trainer's one-shot clustering
-  (:func:`brpg.engine.semi.cluster_prototypes`) of such memories.
+  (:func:`brpg.method.clustering.cluster_prototypes`) of such memories.
 
 Everything here is deterministic: the datasets use the evaluation transform (no random
 crop), and the train-mode (dropout) forwards of :func:`feature_batch` and
@@ -38,8 +38,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from brpg.config import Config, load_config
-from brpg.cpg import (
-    PrototypeMemory,
+from brpg.data.build import resolve_data_root
+from brpg.engine.checkpoint import load_checkpoint
+from brpg.engine.trainer import CKPT_NAME, Trainer
+from brpg.method.clustering import cluster_prototypes
+from brpg.method.cpg import (
     Rows,
     confidence,
     downsample_labels,
@@ -47,10 +50,7 @@ from brpg.cpg import (
     route_labeled,
     route_unlabeled,
 )
-from brpg.engine.checkpoint import load_checkpoint
-from brpg.engine.datasets import resolve_data_root
-from brpg.engine.semi import cluster_prototypes
-from brpg.engine.trainer import CKPT_NAME, Trainer
+from brpg.method.memory import PrototypeMemory
 from brpg.models import build_model
 
 __all__ = [
@@ -110,7 +110,7 @@ def demo_datasets(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
 
     d = cfg.data
     if d.name != "digits":
-        raise ValueError(f"brpg.demo works on DigitScenes only, not data.name={d.name!r}")
+        raise ValueError(f"brpg.book.demo works on DigitScenes only, not data.name={d.name!r}")
     local = replace(d, root=str(resolve_data_root(d.root)))
     eval_t = build_eval_transform(local)
     return build_digit_datasets(
@@ -133,7 +133,7 @@ def run_dir_for(
     """``<run_root>/<preset>_s<steps>_seed<seed>[_<hash of overrides>]``.
 
     A relative ``run_root`` is resolved like the data root
-    (:func:`brpg.engine.datasets.resolve_data_root`): ``$BRPG_HOME``, else the checkout, so a
+    (:func:`brpg.data.build.resolve_data_root`): ``$BRPG_HOME``, else the checkout, so a
     notebook running in ``book/`` and a script in the repository root share the cache.
     """
     name = f"{preset}_s{steps}_seed{seed}"
@@ -271,9 +271,9 @@ def feature_batch(
 
     - ``images_b3hw`` normalised images, ``labels_bhw`` full-resolution labels (255 = ignore);
     - ``labels_small_bhw``: the labels downsampled as the CPG routing does
-      (:func:`brpg.cpg.downsample_labels`, nearest, spec §5.1);
+      (:func:`brpg.method.cpg.downsample_labels`, nearest, spec §5.1);
     - ``logits_bchw`` and ``rep_bdhw`` (raw representation features) at stride 4;
-    - ``conf_bhw`` and ``pred_bhw``: softmax maximum and argmax (:func:`brpg.cpg.confidence`).
+    - ``conf_bhw`` and ``pred_bhw``: softmax maximum and argmax (:func:`brpg.method.cpg.confidence`).
 
     ``train_mode=True`` runs the model as the student of the sampling window (dropout on,
     BatchNorm on batch statistics, spec §5.1) on a copy, so the model's BN statistics stay
@@ -298,7 +298,7 @@ def boundary_distance(
     gets NaN everywhere.
 
     With ``size``, the map is then sampled at the stride-4 positions exactly as
-    :func:`brpg.cpg.downsample_labels` samples the labels (nearest), so entry ``[b, i, j]`` is
+    :func:`brpg.method.cpg.downsample_labels` samples the labels (nearest), so entry ``[b, i, j]`` is
     the distance of the full-resolution pixel whose label the stride-4 pixel ``(i, j)`` gets.
     Returns float32 ``[B, H, W]`` (or ``[B, *size]``).
     """
@@ -378,12 +378,12 @@ def fill_memories(
 
     Step ``s`` takes labeled items ``s·B … s·B + B − 1`` (wrapping around the labeled set),
     runs the model as the student (train mode, dropout seeded by ``(seed, s)``) and routes the
-    correctly classified pixels with :func:`brpg.cpg.route_labeled` (high: ``conf ≥ tau_h``,
+    correctly classified pixels with :func:`brpg.method.cpg.route_labeled` (high: ``conf ≥ tau_h``,
     low: below). With ``unlabeled=True`` the same number of unlabeled items goes through the
-    model as the teacher (eval mode) and :func:`brpg.cpg.route_unlabeled` adds its confident
-    pixels to the high rows. :func:`brpg.cpg.memory_rows` then keeps at most
+    model as the teacher (eval mode) and :func:`brpg.method.cpg.route_unlabeled` adds its confident
+    pixels to the high rows. :func:`brpg.method.cpg.memory_rows` then keeps at most
     ``sample_pixel_num·2B`` random high rows and ``sample_pixel_num·B`` random low rows, which
-    are pushed into a :class:`~brpg.cpg.PrototypeMemory` of ``capacity`` rows per class and
+    are pushed into a :class:`~brpg.method.memory.PrototypeMemory` of ``capacity`` rows per class and
     kind. The model's weights and BN statistics are not changed.
 
     This is the sampling window without training in between: the model is frozen, as it
@@ -419,7 +419,7 @@ def cluster(
 ) -> tuple[Tensor, Tensor]:
     """The one-shot clustering (spec §5.4, with APO of spec §6 if ``apo``) of ``memory``.
 
-    The trainer's :func:`brpg.engine.semi.cluster_prototypes` on the high / low memories, with
+    The trainer's :func:`brpg.method.clustering.cluster_prototypes` on the high / low memories, with
     the prototype settings of ``cfg.proto`` (2 + 2 base prototypes per class, ``add_num`` 1,
     proportion 0.05, "cos_sim") and ``apo`` in place of ``cfg.proto.apo``. Returns the bank
     layout ``(protos[C, K, D], valid[C, K])``: the first ``K_h`` slots of a class are its

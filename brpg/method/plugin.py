@@ -22,6 +22,7 @@ labels_l, rep_u, logits_u)``                (spec §5.1, §5.3). Labeled rows co
 conf_u, pseudo_u)``                         and the confident unlabeled pixels of the view the
 ``-> (loss or None, logs, ema_rows)``       student saw (spec §8), and the rows of the EMA
 ``ema_update(ema_rows)``                    after the optimiser step: the prototype EMA (§7)
+``step(step, ...)``                         ``observe`` then ``loss``, as a framework calls them
 ``state_dict()`` / ``load_state_dict()``    memories, back queue, bank, csp thresholds
 =========================================== ===================================================
 
@@ -40,12 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from brpg.config import Config
-from brpg.cpg import (
+from brpg.engine.phases import cluster_due, phase_of, sampling_active
+from brpg.method.clustering import cluster_prototypes, slot_budgets
+from brpg.method.cpg import (
     AdaptiveThreshold,
-    BackQueue,
-    PrototypeMemory,
     Rows,
-    apply_back_fallbacks,
     class_mean_gt_prob,
     downsample_labels,
     memory_rows,
@@ -54,81 +54,20 @@ from brpg.cpg import (
     route_unlabeled,
     subsample,
 )
-from brpg.engine.phases import cluster_due, phase_of, sampling_active
-from brpg.prototypes import (
-    PrototypeBank,
-    apo_counts,
-    batched_kmeans_full,
-    cluster_memories,
-    dispersion,
-    pack_high_low,
+from brpg.method.memory import BackQueue, PrototypeMemory, apply_back_fallbacks
+from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import (
     prototype_loss,
     pseudo_threshold,
     sample_labeled_grid,
     sample_unlabeled,
 )
 
-__all__ = ["BRPGPlugin", "EMARows", "cluster_prototypes"]
+__all__ = ["PLUGIN_STATE_KEYS", "BRPGPlugin", "EMARows"]
 
 EMARows = tuple[Tensor, Tensor]  # (feats[N, D], targets[N]) of the prototype EMA (spec §7)
+PLUGIN_STATE_KEYS = ("memory", "back", "bank", "csp")  # checkpoint keys of the plug-in
 OFFICIAL_WORLD_SIZE = 4  # the official runs train on 4 GPUs: effective λ_pro 1/4 (spec §12 Q3)
-
-
-def _slots(cfg: Config) -> tuple[int, int]:
-    """``(K_h, K_l)``: slot budgets of the bank (``K_l = 0`` for the single random memory)."""
-    p = cfg.proto
-    extra = p.add_num if p.apo else 0
-    if p.memory == "random":
-        return p.num_high + p.num_low + extra, 0
-    return p.num_high + extra, p.num_low + extra
-
-
-def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple[Tensor, Tensor]:
-    """APO + k-means of the memories → ``(protos[C, K, D], valid[C, K])`` (spec §5.4, §6).
-
-    ``memory = "cpg"``: high and low memories are clustered separately with
-    :func:`~brpg.prototypes.cluster_memories`. ``"random"`` (CPG ablation, spec §5.6): the one
-    memory gets ``num_high + num_low`` clusters (+ ``add_num`` for the APO-selected classes).
-    """
-    p = cfg.proto
-    if p.memory == "cpg":
-        high, high_valid = memory.get("high")
-        low, low_valid = memory.get("low")
-        return cluster_memories(
-            high,
-            high_valid,
-            low,
-            low_valid,
-            base_high=p.num_high,
-            base_low=p.num_low,
-            add_num=p.add_num,
-            proportion=p.add_proportion,
-            metric=p.dispersion,
-            apo=p.apo,
-            iters=p.kmeans_iters,
-            seed=seed,
-            n_init=p.kmeans_n_init,
-            subsample=p.kmeans_subsample or None,
-        )
-    feats, valid = memory.get("all")
-    base = p.num_high + p.num_low
-    k_c = torch.full((feats.shape[0],), base, dtype=torch.long)
-    if p.apo:
-        k_c = apo_counts(dispersion(feats, valid, p.dispersion), base, p.add_proportion, p.add_num)
-    res = batched_kmeans_full(
-        feats,
-        k_c,
-        valid=valid,
-        iters=p.kmeans_iters,
-        seed=seed,
-        n_init=p.kmeans_n_init,
-        subsample=p.kmeans_subsample or None,
-    )
-    k_all, _ = _slots(cfg)
-    empty = res.centers[:, :0]
-    return pack_high_low(
-        res.centers, empty, res.center_valid, res.center_valid[:, :0], k_high=k_all, k_low=0
-    )
 
 
 class BRPGPlugin(nn.Module):
@@ -149,7 +88,7 @@ class BRPGPlugin(nn.Module):
         p = cfg.proto
         self.memory: PrototypeMemory | None = None
         self.back: BackQueue | None = None
-        k_h, k_l = _slots(cfg)
+        k_h, k_l = slot_budgets(p)
         self.bank = PrototypeBank(
             cfg.data.num_classes, cfg.model.rep_dim, k_h + k_l, momentum=p.ema_momentum
         ).to(device)
@@ -290,6 +229,24 @@ class BRPGPlugin(nn.Module):
         weighted = p.loss_weight * scale * loss_pro
         ema_rows = (torch.cat([feats_l, feats_u]).detach(), torch.cat([tgt_l, tgt_u]))
         return weighted, {"loss_proto": loss_pro.detach()}, ema_rows
+
+    def step(
+        self,
+        step: int,
+        student_l: tuple[Tensor, Tensor],
+        labels_l: Tensor,
+        producer_u: tuple[Tensor | None, Tensor],
+        view_u: tuple[Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor | None, dict[str, Tensor], EMARows | None]:
+        """:meth:`observe` then :meth:`loss`, as every framework calls them in its step.
+
+        ``student_l = (rep_l, logits_l)``: the student on the labeled images; ``producer_u =
+        (rep, logits)`` of the pseudo-label producer on the weak view; ``view_u = (rep_u,
+        conf_u, pseudo_u)``: the student on the unlabeled view it trains on, with that view's
+        confidences and pseudo-labels."""
+        (rep_l, logits_l), (rep_src, logits_src) = student_l, producer_u
+        self.observe(step, rep_l, logits_l, labels_l, rep_src, logits_src)
+        return self.loss(step, rep_l, labels_l, *view_u)
 
     def ema_update(self, ema_rows: EMARows) -> None:
         """The prototype EMA of spec §7 with the rows of :meth:`loss`, after the optimiser step."""

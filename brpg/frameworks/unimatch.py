@@ -12,8 +12,8 @@ from that description (``semi.framework: unimatch``):
 2. pseudo-labels and confidences: the weak-view predictions, detached
    (``semi.unimatch_teacher: self``), or the EMA teacher's in eval mode on ``x_w`` (``ema``;
    the teacher then follows the model by the EMA of spec §4.8 after each step);
-3. two strong views of the weak image, independent :class:`~brpg.augment.StrongAug` draws, each
-   with its own CutMix (:func:`~brpg.augment.maybe_cutmix`, independent coin and boxes) mixing
+3. two strong views of the weak image, independent :class:`~brpg.frameworks.augment.StrongAug` draws, each
+   with its own CutMix (:func:`~brpg.frameworks.augment.maybe_cutmix`, independent coin and boxes) mixing
    the pseudo-labels and confidences with the same boxes; one forward on ``cat(x_s1, x_s2)``;
 4. ``L_x``: the supervised loss (``loss`` config, spec §4.3) on the labeled part; ``L_s1``,
    ``L_s2``, ``L_fp``: the CE of each strong view and of the FP predictions against the
@@ -22,7 +22,7 @@ from that description (``semi.framework: unimatch``):
    ``loss = (w_x L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) / 2`` with
    ``semi.unimatch_weights = (1, 0.25, 0.25, 0.5)``.
 
-BRPG (``train.method: brpg``) plugs in as for the mean teacher (:mod:`brpg.engine.plugin`):
+BRPG (``train.method: brpg``) plugs in as for the mean teacher (:mod:`brpg.method.plugin`):
 ``observe`` gets the labeled student rep/logits and the weak-view rep/logits of whatever made the
 pseudo-labels (the model itself or the EMA teacher), ``loss`` gets the labeled rep and strong view
 1's rep with its mixed pseudo-labels and confidences; ``λ_pro·L_pro`` is added to the total
@@ -41,7 +41,7 @@ Differences from UniMatch, all deliberate:
 - **Supervised loss.** ``supervised_loss`` with the run's ``loss`` config (0.5 CE + 0.5 OHEM by
   default) instead of UniMatch's plain CE.
 
-Same contract as :func:`brpg.engine.semi.semi_step`: ``(loss, logs, ema_rows)``, no host sync,
+Same contract as :func:`brpg.frameworks.mean_teacher.semi_step`: ``(loss, logs, ema_rows)``, no host sync,
 every parameter in the graph (DDP), every random draw from torch's global RNG (seeded per step
 by the trainer), so gradient accumulation, resume and DDP work unchanged.
 """
@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brpg.augment import maybe_cutmix
-from brpg.engine.plugin import EMARows
-from brpg.engine.semi import SemiMethod, upsample_to
-from brpg.losses import supervised_loss
+from brpg.engine.inference import upsample_logits
+from brpg.frameworks.augment import maybe_cutmix
+from brpg.frameworks.semi_method import SemiMethod
+from brpg.frameworks.supervised import keep_in_graph, supervised_loss
+from brpg.method.plugin import EMARows
 
 __all__ = ["confident_ce", "unimatch_step"]
 
@@ -78,7 +79,7 @@ def unimatch_step(
     step: int,
 ) -> tuple[Tensor, dict[str, Tensor], EMARows | None]:
     """One UniMatch step after the warm-up (module docstring); returns ``(loss, logs,
-    ema_rows)`` as :func:`~brpg.engine.semi.semi_step`. Logs: ``loss_sup`` (L_x), ``loss_s1``,
+    ema_rows)`` as :func:`~brpg.frameworks.mean_teacher.semi_step`. Logs: ``loss_sup`` (L_x), ``loss_s1``,
     ``loss_s2``, ``loss_fp``, ``pseudo_conf`` (mean confidence), ``pseudo_ratio`` (share of
     weak-view pixels at or above ``semi.conf_thresh``) and, in the proto phase, ``loss_proto``."""
     cfg, s = method.cfg, method.cfg.semi
@@ -102,7 +103,7 @@ def unimatch_step(
         logits_src = logits_all[b:].detach()
         rep_src = None if rep_all is None else rep_all[b:].detach()
     with torch.no_grad():
-        prob_u = F.softmax(upsample_to(logits_src.float(), size), dim=1)
+        prob_u = F.softmax(upsample_logits(logits_src.float(), size), dim=1)
         conf_u, pseudo_u = prob_u.max(dim=1)  # [B_u,H,W] float, long
 
     # 3. two strong views, each with its own StrongAug draw and CutMix (in-batch partner)
@@ -119,11 +120,11 @@ def unimatch_step(
     # 4. L_x + the three confident-pixel consistency losses
     thr = s.conf_thresh
     loss_x = supervised_loss(
-        upsample_to(logits_all[:b], size).float(), y_l, cfg.loss, cfg.data.ignore_index
+        upsample_logits(logits_all[:b], size).float(), y_l, cfg.loss, cfg.data.ignore_index
     )
-    loss_s1 = confident_ce(upsample_to(logits_s1, size), pseudo_1, conf_1, thr)
-    loss_s2 = confident_ce(upsample_to(logits_s2, size), pseudo_2, conf_2, thr)
-    loss_fp = confident_ce(upsample_to(logits_fp_u, size), pseudo_u, conf_u, thr)
+    loss_s1 = confident_ce(upsample_logits(logits_s1, size), pseudo_1, conf_1, thr)
+    loss_s2 = confident_ce(upsample_logits(logits_s2, size), pseudo_2, conf_2, thr)
+    loss_fp = confident_ce(upsample_logits(logits_fp_u, size), pseudo_u, conf_u, thr)
     w_x, w_s1, w_s2, w_fp = s.unimatch_weights
     loss = (w_x * loss_x + w_s1 * loss_s1 + w_s2 * loss_s2 + w_fp * loss_fp) / 2.0
     logs = {
@@ -140,13 +141,14 @@ def unimatch_step(
     plugin = method.plugin
     if plugin is not None:
         assert rep_all is not None and rep_src is not None
-        plugin.observe(step, rep_all[:b], logits_all[:b], y_l, rep_src, logits_src)
-        loss_pro, logs_pro, ema_rows = plugin.loss(
-            step, rep_all[:b], y_l, out_s["rep"][:b_u], conf_1, pseudo_1
+        loss_pro, logs_pro, ema_rows = plugin.step(
+            step,
+            (rep_all[:b], logits_all[:b]),
+            y_l,
+            (rep_src, logits_src),
+            (out_s["rep"][:b_u], conf_1, pseudo_1),
         )
         if loss_pro is not None:
             logs.update(logs_pro)
             return loss + loss_pro, logs, ema_rows
-    if rep_all is not None:
-        loss = loss + 0.0 * rep_all.sum()  # an idle representation head: DDP's contract
-    return loss, logs, ema_rows
+    return keep_in_graph(loss, rep_all), logs, ema_rows

@@ -1,5 +1,5 @@
-"""APO — adaptive prototype optimisation (paper §"APO"; spec §6), and the one-shot clustering
-that uses it (spec §5.4).
+"""APO — adaptive prototype optimisation (paper §"APO"; spec §6): how many prototypes each class
+gets at the one-shot clustering (:mod:`brpg.method.clustering`, spec §5.4).
 
 APO gives ``add_num`` (= 1) extra prototype to the ``n_add = max(1, round(0.05·C))`` classes
 whose feature memory is most dispersed. Dispersion is judged separately for the high- and the
@@ -12,8 +12,7 @@ Classes with an empty memory have an undefined dispersion (NaN): they are never 
 keep the base count; the clustering then marks all their prototypes invalid (the official code
 would crash there, spec §5.4, §12 Q13).
 
-APO and the clustering run once per training run; they are batched over classes but may sync
-with the host.
+APO runs once per training run; it is batched over classes but may sync with the host.
 """
 
 from __future__ import annotations
@@ -22,13 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from brpg.prototypes.bank import pack_high_low
-from brpg.prototypes.kmeans import batched_kmeans_full
-
 __all__ = [
     "METRICS",
     "apo_counts",
-    "cluster_memories",
     "dispersed_mask",
     "dispersion",
     "dispersion_cos",
@@ -148,70 +143,3 @@ def apo_counts(
     selections are independent (spec §6).
     """
     return base + select_classes(scores, proportion, add_num, higher_is_dispersed(metric))
-
-
-def cluster_memories(
-    high: Tensor,
-    high_valid: Tensor | None,
-    low: Tensor,
-    low_valid: Tensor | None,
-    base_high: int = 2,
-    base_low: int = 2,
-    add_num: int = 1,
-    proportion: float = 0.05,
-    metric: str = "cos_sim",
-    apo: bool = True,
-    iters: int = 100,
-    seed: int = 0,
-    n_init: int = 3,
-    subsample: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """APO + k-means on the per-class memories → bank layout ``(protos[C,K,D], valid[C,K])``.
-
-    The one-shot clustering of spec §5.4 (paper "CPG" + "APO"): decide ``k_high[c]`` and
-    ``k_low[c]`` with :func:`apo_counts` (``base`` or ``base + add_num``), cluster each class's
-    high memory and low memory with :func:`~brpg.prototypes.kmeans.batched_kmeans_full`
-    (Euclidean on raw features, all classes at once), then pack with
-    :func:`~brpg.prototypes.bank.pack_high_low` into ``K = K_h + K_l`` slots, where
-    ``K_h = base_high + add_num`` and ``K_l = base_low + add_num`` if ``apo`` else the bases.
-    A memory with fewer rows than clusters gets fewer valid prototypes (none when empty).
-    ``n_init = 3`` seedings per memory, as the official ``MiniBatchKMeans`` defaults;
-    ``subsample`` is passed on to :func:`~brpg.prototypes.kmeans.batched_kmeans_full`.
-    """
-    high_cnd, high_valid_cn, low_cnd, low_valid_cn = high, high_valid, low, low_valid
-    extra = add_num if apo else 0
-    k_high_c = torch.full((high_cnd.shape[0],), base_high, dtype=torch.long)
-    k_low_c = torch.full((low_cnd.shape[0],), base_low, dtype=torch.long)
-    if apo:
-        k_high_c = apo_counts(
-            dispersion(high_cnd, high_valid_cn, metric), base_high, proportion, add_num, metric
-        )
-        k_low_c = apo_counts(
-            dispersion(low_cnd, low_valid_cn, metric), base_low, proportion, add_num, metric
-        )
-    hi = batched_kmeans_full(
-        high_cnd,
-        k_high_c,
-        valid=high_valid_cn,
-        iters=iters,
-        seed=seed,
-        n_init=n_init,
-        subsample=subsample,
-    )
-    lo = batched_kmeans_full(
-        low_cnd,
-        k_low_c,
-        valid=low_valid_cn,
-        iters=iters,
-        seed=seed,
-        n_init=n_init,
-        subsample=subsample,
-    )
-    return pack_high_low(
-        hi.centers,
-        lo.centers,
-        hi.center_valid,
-        lo.center_valid,
-        k_high=base_high + extra,
-        k_low=base_low + extra,
-    )

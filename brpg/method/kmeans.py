@@ -44,7 +44,7 @@ no longer keeps the whole batch iterating.
 
 This runs once per training run, so a few host syncs (the ``k.max()``, and the stopping and
 empty-cluster checks of every iteration) are fine here; the per-step code lives in
-:mod:`brpg.prototypes.bank`.
+:mod:`brpg.method.prototype_ema`.
 """
 
 from __future__ import annotations

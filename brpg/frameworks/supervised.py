@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from brpg.config import LossConfig
+from brpg.config import Config, LossConfig
+from brpg.engine.inference import upsample_logits
 
-__all__ = ["ohem_ce", "pixel_ce", "supervised_loss"]
+__all__ = ["keep_in_graph", "ohem_ce", "pixel_ce", "suponly_step", "supervised_loss"]
 
 
 def pixel_ce(logits_bchw: Tensor, target_bhw: Tensor, ignore_index: int = 255) -> Tensor:
@@ -102,3 +103,22 @@ def supervised_loss(
         keep_bhw = _ohem_keep_mask(ce_bhw, valid_bhw, cfg.ohem_thresh, cfg.ohem_min_kept)
         loss = loss + cfg.ohem_weight * _masked_mean(ce_bhw, keep_bhw)
     return loss
+
+
+def keep_in_graph(loss: Tensor, rep: Tensor | None) -> Tensor:
+    """``loss + 0·Σ rep``: a representation head whose output no loss reads still gets a
+    (zero) gradient, DDP's every-parameter-used contract (spec §4.6). Bit-identical values."""
+    return loss if rep is None else loss + 0.0 * rep.sum()
+
+
+def suponly_step(
+    model: nn.Module, batch: dict[str, Tensor], cfg: Config, need_rep: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10).
+
+    ``need_rep=False`` skips the representation head, which this loss never reads."""
+    image_b3hw, mask_bhw = batch["image"], batch["mask"]
+    out = model(image_b3hw, need_rep=need_rep)
+    logits_bchw = upsample_logits(out["logits"], tuple(mask_bhw.shape[-2:]))
+    loss = supervised_loss(logits_bchw.float(), mask_bhw, cfg.loss, cfg.data.ignore_index)
+    return keep_in_graph(loss, out.get("rep")), {"loss_sup": loss.detach()}

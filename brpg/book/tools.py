@@ -5,8 +5,8 @@ chapter starts with a Colab badge and a cell that installs ``brpg`` from that re
 (and only when) it runs on Colab. The badge image is the book's own ``_static/colab-badge.svg``
 (a relative path, so the rendered book needs no network), and the install cell carries the
 ``remove-cell`` tag (it runs on Colab, the rendered page does not show it).
-``python -m brpg.booktools stamp [CHAPTER.py ...]`` rewrites badge, install line and tag (in
-every chapter, or only in those named); ``python -m brpg.booktools check`` (run by the tests)
+``python -m brpg.book.tools stamp [CHAPTER.py ...]`` rewrites badge, install line and tag (in
+every chapter, or only in those named); ``python -m brpg.book.tools check`` (run by the tests)
 fails when a chapter disagrees.
 
 The module is also a Sphinx extension (``sphinx.extra_extensions`` in ``_config.yml``): when
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from sphinx.application import Sphinx
     from sphinx.config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The badge line, whatever its image (the old remote Colab SVG or the local copy), so that
 # `stamp` also rewrites chapters written before the image became local.
 BADGE_RE = re.compile(
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(found) or "all chapters agree with _config.yml")
         return 1 if found else 0
     print(
-        "usage: python -m brpg.booktools {stamp [CHAPTER.py...]|check|execute CHAPTER.py...}",
+        "usage: python -m brpg.book.tools {stamp [CHAPTER.py...]|check|execute CHAPTER.py...}",
         file=sys.stderr,
     )
     return 2
@@ -220,7 +220,7 @@ def _use_local_mathjax(app: Sphinx, config: Config) -> None:
         config.mathjax_path = MATHJAX_LOCAL  # Sphinx prefixes _static/ and makes it relative
     else:
         logging.getLogger(__name__).info(
-            f"brpg.booktools: no {local.relative_to(app.srcdir)}; MathJax comes from"
+            f"brpg.book.tools: no {local.relative_to(app.srcdir)}; MathJax comes from"
             " its CDN (run `make mathjax` for a book that typesets math offline)"
         )
 

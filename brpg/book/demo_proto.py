@@ -1,6 +1,6 @@
-"""Helpers of the prototype chapters (6: EMA updates, 7: L_pro) on top of :mod:`brpg.demo`.
+"""Helpers of the prototype chapters (6: EMA updates, 7: L_pro) on top of :mod:`brpg.book.demo`.
 
-- :func:`build_bank` → a :class:`~brpg.prototypes.PrototypeBank` clustered from a warm model's
+- :func:`build_bank` → a :class:`~brpg.method.prototype_ema.PrototypeBank` clustered from a warm model's
   CPG memories, as the one-shot clustering leaves it (spec §5.4, §6, §7);
 - :func:`pixel_rows` → the stride-4 pixels of a batch as rows ``(feats[N, D], targets[N])``;
 - :func:`class_means` → the per-class mean feature of such rows;
@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from brpg.demo import DemoRun, cluster, feature_batch, fill_memories
-from brpg.prototypes.bank import PrototypeBank
+from brpg.book.demo import DemoRun, cluster, feature_batch, fill_memories
+from brpg.method.prototype_ema import PrototypeBank
 
 __all__ = [
     "Accuracy",
@@ -37,8 +37,8 @@ def build_bank(
     apo: bool = True,
     seed: int = 0,
 ) -> PrototypeBank:
-    """Fill CPG memories from ``run`` (:func:`brpg.demo.fill_memories`), cluster them
-    (:func:`brpg.demo.cluster`, APO on by default) and load the result into a fresh bank with
+    """Fill CPG memories from ``run`` (:func:`brpg.book.demo.fill_memories`), cluster them
+    (:func:`brpg.book.demo.cluster`, APO on by default) and load the result into a fresh bank with
     the preset's EMA momentum (``cfg.proto.ema_momentum`` = 0.99)."""
     memory = fill_memories(run, n_batches, batch_size, seed=seed)
     protos_ckd, valid_ck = cluster(memory, run.cfg, apo=apo, seed=seed)
@@ -110,7 +110,7 @@ def rep_head_inputs(
     run: DemoRun, split: str = "labeled", n_images: int = 16, start: int = 0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The decoder features the representation head reads, ``[B, 2·D_dec, h, w]``, together
-    with :func:`brpg.demo.feature_batch` of the same images (eval mode).
+    with :func:`brpg.book.demo.feature_batch` of the same images (eval mode).
 
     With them, ``run.model.decoder.rep_head(x)`` recomputes ``rep`` without the encoder and
     the rest of the decoder, so a chapter can train the head alone in milliseconds per step.
