@@ -78,14 +78,16 @@ RESULTS = PROJECT_ROOT / "results" / "digits"
 #
 # Everything BRPG adds to a framework lives in `brpg.method.plugin.BRPGPlugin`: the CPG
 # memories, the one-shot clustering with APO, the prototype bank with its EMA and the
-# prototype loss. A framework calls it four times per step:
+# prototype loss. It is called four times per step (the framework's step calls `observe` and
+# `loss` through `step`; the trainer calls `before_step` and `after_step` through the run's
+# `SemiMethod`):
 #
 # | call | when it acts | what the framework passes |
 # |---|---|---|
 # | `before_step(step)` | start and end of the sampling window | nothing |
 # | `observe(step, rep_l, logits_l, labels_l, rep_u, logits_u)` | sampling window | labeled features and logits of the student; unlabeled features and logits of whatever makes the pseudo-labels |
 # | `loss(step, rep_l, labels_l, rep_u, conf_u, pseudo_u)` | prototype phase | labeled features and labels; unlabeled features of the view the student trained on, with its pseudo-labels and confidences |
-# | `ema_update(rows)` | after the optimiser step | the rows `loss` returned |
+# | `after_step([rows, ...])` | after the optimiser step | the rows `loss` returned, one per micro-batch |
 #
 # The step number decides what each call does, so the plug-in keeps no phase flag and resumes
 # exactly from any checkpoint. In the mean teacher the unlabeled memory rows come from the EMA

@@ -320,11 +320,8 @@ class Trainer:
                 with self._autocast():
                     if phase == "warmup":
                         loss, logs = suponly_step(self.model, batch, cfg, self._warmup_rep)
-                        teacher = None if method is None else method.teacher
-                        if teacher is not None and cfg.semi.teacher_bn_warmup:
-                            with torch.no_grad():  # official: teacher BN statistics (spec §4.10)
-                                teacher.train()
-                                teacher(batch["image"])
+                        if method is not None:
+                            method.warmup_step(batch["image"])
                     else:
                         assert method is not None and micro_u is not None and len(micro_u) == g
                         loss, logs, ema_rows = step_fn(
@@ -340,10 +337,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if method is not None and phase != "warmup":
-            if method.teacher is not None:
-                method.teacher.update(self.model, step=self.step - cfg.semi.sup_only_steps)
-            for rows in all_ema_rows:  # the bank moves after the step, in micro-batch order
-                method.ema_update(rows)
+            method.after_step(self.step, self.model, all_ema_rows)
         return _mean_logs(all_logs)
 
     def _unlabeled_batches(self) -> Any:

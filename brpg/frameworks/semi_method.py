@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from brpg.config import Config
 from brpg.frameworks.augment import StrongAug
@@ -47,9 +47,13 @@ class SemiMethod(nn.Module):
             BRPGPlugin(cfg, device) if cfg.train.method == "brpg" else None
         )
 
-    # ------------------------------------------------------------------ phase changes
+    # ------------------------------------------------------------------ the step's lifecycle
+    # The trainer calls, per optimiser step: before_step, then per micro-batch either the
+    # supervised step + warmup_step (warm-up phase) or the framework's step, then the optimiser,
+    # then after_step. Everything a framework or BRPG keeps between steps changes only here.
     def before_step(self, step: int, student: nn.Module) -> dict[str, Any]:
-        """Phase changes that happen at the start of ``step`` (spec §1); returns log entries."""
+        """Phase changes at the start of ``step`` (spec §1): at ``s == S`` the teacher takes the
+        student's weights; the plug-in allocates memories / clusters. Returns log entries."""
         cfg, logs = self.cfg, {}
         if (
             self.teacher is not None
@@ -61,10 +65,25 @@ class SemiMethod(nn.Module):
             logs.update(self.plugin.before_step(step))
         return logs
 
-    def ema_update(self, ema_rows: EMARows) -> None:
-        """The prototype EMA (spec §7) of one micro-batch's rows, after the optimiser step."""
-        assert self.plugin is not None, "prototype EMA rows without a BRPG plug-in"
-        self.plugin.ema_update(ema_rows)
+    @torch.no_grad()
+    def warmup_step(self, image_l: Tensor) -> None:
+        """After a warm-up micro-batch's supervised forward: the official code also runs the
+        teacher in train mode on the labeled images, so its BN statistics follow the data before
+        it takes the student's weights (spec §4.10; ``semi.teacher_bn_warmup``)."""
+        if self.teacher is not None and self.cfg.semi.teacher_bn_warmup:
+            self.teacher.train()
+            self.teacher(image_l)
+
+    def after_step(self, step: int, student: nn.Module, ema_rows: list[EMARows]) -> None:
+        """After the optimiser step of a semi-supervised ``step``: the teacher EMA (spec §4.8),
+        counted from the end of the warm-up, then the prototype EMA of each micro-batch's rows
+        in their order (spec §7)."""
+        if self.teacher is not None:
+            self.teacher.update(student, step=step - self.cfg.semi.sup_only_steps)
+        if self.plugin is not None:
+            self.plugin.after_step(ema_rows)
+        else:
+            assert not ema_rows, "prototype EMA rows without a BRPG plug-in"
 
     # ------------------------------------------------------------------ state
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]

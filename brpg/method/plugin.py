@@ -21,7 +21,7 @@ labels_l, rep_u, logits_u)``                (spec §5.1, §5.3). Labeled rows co
 ``loss(step, rep_l, labels_l, rep_u,        proto phase only: ``λ_pro·L_pro`` on the labeled grid
 conf_u, pseudo_u)``                         and the confident unlabeled pixels of the view the
 ``-> (loss or None, logs, ema_rows)``       student saw (spec §8), and the rows of the EMA
-``ema_update(ema_rows)``                    after the optimiser step: the prototype EMA (§7)
+``after_step([ema_rows, ...])``             after the optimiser step: the prototype EMA (§7)
 ``step(step, ...)``                         ``observe`` then ``loss``, as a framework calls them
 ``state_dict()`` / ``load_state_dict()``    memories, back queue, bank, csp thresholds
 =========================================== ===================================================
@@ -210,7 +210,7 @@ class BRPGPlugin(nn.Module):
         factor is a constant, not this run's process count: the weight of L_pro relative to the
         other losses is then the official one on any number of GPUs and with any batch policy
         (gradient accumulation and DDP average every loss alike). Returns ``(weighted loss, {"loss_proto": L_pro}, ema_rows)`` with
-        ``ema_rows = (feats[N, D], targets[N])`` detached, for :meth:`ema_update`.
+        ``ema_rows = (feats[N, D], targets[N])`` detached, for :meth:`after_step`.
         """
         cfg = self.cfg
         if phase_of(step, cfg) != "proto":
@@ -248,9 +248,11 @@ class BRPGPlugin(nn.Module):
         self.observe(step, rep_l, logits_l, labels_l, rep_src, logits_src)
         return self.loss(step, rep_l, labels_l, *view_u)
 
-    def ema_update(self, ema_rows: EMARows) -> None:
-        """The prototype EMA of spec §7 with the rows of :meth:`loss`, after the optimiser step."""
-        self.bank.ema_update(*ema_rows)
+    def after_step(self, ema_rows: list[EMARows]) -> None:
+        """After the optimiser step: the prototype EMA of spec §7 with the rows :meth:`loss` gave
+        for each micro-batch, in micro-batch order (the bank moves after the step)."""
+        for feats, targets in ema_rows:
+            self.bank.ema_update(feats, targets)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
