@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # torch is installed first and explicitly; override for another build, e.g.
 #   make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= book,dev,xception,coco,slurm,segformer
+EXTRAS ?= book,dev,xception,coco,slurm,segformer,tensorboard
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # A local MathJax: brpg.book.tools (a Sphinx extension here) copies it to the book's
 # _static/mathjax/ and points mathjax_path at it when it is present. Not under _static/ itself:

@@ -119,6 +119,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 200
     log_every: int = 20
+    # TensorBoard event files beside log.jsonl: auto (on where the tensorboard package is
+    # importable) | always | never; log.jsonl is written either way
+    tensorboard: str = "auto"
     threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
     deterministic: bool = False
 
@@ -324,6 +327,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 _CHOICES = {
     "train.method": ("suponly", "semi", "meanteacher", "brpg"),
     "semi.framework": ("meanteacher", "unimatch"),
+    "train.tensorboard": ("auto", "always", "never"),
     "semi.unimatch_teacher": ("self", "ema"),
     "semi.entropy_teacher": ("train", "eval"),
     "semi.eval_model": ("teacher", "student"),

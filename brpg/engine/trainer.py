@@ -5,6 +5,7 @@ One :class:`Trainer` owns a run directory::
     run_dir/
       config.yaml      the resolved config
       log.jsonl        one JSON object per logged step / evaluation
+      events.out.tfevents.*  the same numbers for TensorBoard (train.tensorboard)
       last.pt          the latest checkpoint (atomic: temp file + rename)
       summary.json     written at the end: val_miou, per_class_iou, val_mbiou (Boundary IoU),
                        per_class_biou, steps, wall_s, config, commit
@@ -59,6 +60,7 @@ from brpg.engine.checkpoint import (
 from brpg.engine.inference import evaluate
 from brpg.engine.optim import build_optimizer, build_scheduler
 from brpg.engine.phases import phase_of
+from brpg.engine.tensorboard import TensorBoardLog, tensorboard_enabled
 from brpg.frameworks.mean_teacher import semi_step
 from brpg.frameworks.semi_method import SemiMethod
 from brpg.frameworks.supervised import suponly_step
@@ -160,6 +162,11 @@ class Trainer:
         self.wall_before = 0.0  # training seconds spent before the last resume
         if resume:
             self._load(latest_checkpoint(self.run_dir))
+        self.tensorboard: TensorBoardLog | None = None
+        if self.dist.is_main and tensorboard_enabled(t.tensorboard):
+            # a resumed run hides the events the killed process wrote after its checkpoint
+            purge = self.step + 1 if resume else None
+            self.tensorboard = TensorBoardLog(self.run_dir, purge_step=purge)
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -245,9 +252,12 @@ class Trainer:
 
     # -- logging -------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``log.jsonl`` (the run's record) and mirror it to TensorBoard."""
         if self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.record(record)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -442,6 +452,8 @@ class Trainer:
         )
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.dist.enabled:
             dist.barrier()
         return summary
