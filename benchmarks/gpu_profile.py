@@ -64,7 +64,7 @@ QUICK_OVERRIDES = (
 
 
 def make_config(method: str, quick: bool) -> Config:
-    sets = [f"train.method={method}"]
+    sets = ["train.framework=meanteacher", f"train.brpg={str(method == 'brpg').lower()}"]
     return load_config(PRESET, [*sets, *(QUICK_OVERRIDES if quick else ())])
 
 

@@ -1,7 +1,7 @@
 """P2 — one BRPG training step vs one mean-teacher step, same model and batch (spec §13).
 
 Both variants are built from the DigitScenes preset ``digits_brpg_1_16`` (the mean teacher with
-``train.method=meanteacher``): the same model (the small backbone with the representation
+``train.framework=meanteacher``): the same model (the small backbone with the representation
 head, built with the same seed), the same optimiser (:func:`brpg.engine.optim.build_optimizer`)
 and the same batch (``B`` labeled + ``B`` unlabeled DigitScenes scenes rendered in memory from
 the training glyph pool, seed 0). One timed step is exactly what
@@ -100,11 +100,12 @@ QUICK = P2Shapes(
 
 
 def make_config(shapes: P2Shapes, method: str) -> Config:
-    """The preset with ``train.method=method``, the batch size and the overrides."""
+    """The preset as ``method`` (meanteacher | brpg), with the batch size and the overrides."""
     return load_config(
         PRESET,
         [
-            f"train.method={method}",
+            "train.framework=meanteacher",
+            f"train.brpg={str(method == 'brpg').lower()}",
             f"train.batch_size={shapes.batch}",
             f"semi.unlabeled_batch_size={shapes.batch}",
             f"data.crop_size={shapes.crop}",

@@ -17,9 +17,10 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -102,9 +103,10 @@ class LossConfig:
 class TrainConfig:
     """Loop length, batch, precision, logging and checkpoint cadence."""
 
-    # suponly | semi (semi.framework alone) | meanteacher (alias: semi + framework meanteacher)
-    # | brpg (semi.framework + the BRPG plug-in)
-    method: str = "suponly"
+    # suponly: the supervised baseline; meanteacher (U2PL/BRPG's EMA teacher, spec §4) or
+    # unimatch (brpg.frameworks.unimatch): a semi-supervised framework after the warm-up
+    framework: Literal["suponly", "meanteacher", "unimatch"] = "suponly"
+    brpg: bool = False  # attach the BRPG plug-in (CPG, APO, prototype EMA, L_pro) to the framework
     steps: int = 1000
     batch_size: int = 16
     # micro-batches of train.batch_size per optimiser step; the effective batch per process is
@@ -128,15 +130,10 @@ class TrainConfig:
 
 @dataclass
 class SemiConfig:
-    """Semi-supervised framework (spec §1, §4); used unless ``train.method`` is suponly.
-
-    ``framework``: ``meanteacher`` (U2PL/BRPG's EMA teacher, spec §4) or ``unimatch`` (Yang et
-    al., CVPR 2023: weak-to-strong consistency with two strong views and a feature-perturbed
-    weak view, :mod:`brpg.frameworks.unimatch`). Step counts replace the official epochs:
-    ``sup_only_steps`` is S·L (one epoch officially).
+    """Semi-supervised framework settings (spec §1, §4); used unless ``train.framework`` is
+    suponly. Step counts replace the official epochs: ``sup_only_steps`` is S·L (one epoch
+    officially).
     """
-
-    framework: str = "meanteacher"  # meanteacher | unimatch
 
     sup_only_steps: int = 0  # supervised warm-up; then teacher := student (spec §1)
     unlabeled_batch_size: int = 0  # 0: the same as train.batch_size
@@ -168,7 +165,7 @@ class SemiConfig:
 class ProtoConfig:
     """BRPG prototypes: CPG memories, clustering + APO, EMA bank, L_pro (spec §5-§8).
 
-    Used when ``train.method`` is brpg. Step counts replace epochs: the sampling window is
+    Used when ``train.brpg`` is true. Step counts replace epochs: the sampling window is
     ``[sample_start_step, sample_start_step + sample_steps)`` (Ds·L and Dl·L officially), the
     one-shot clustering runs at its end, and L_pro + prototype EMA from then on (spec §1).
     """
@@ -266,6 +263,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} is not one of: {', '.join(map(str, args))}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -317,16 +318,57 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+class ConfigWarning(UserWarning):
+    """A config read with a key of an older version, translated (the warning says how)."""
+
+
+def translate_legacy_method(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.method`` (suponly | semi | meanteacher | brpg) and ``semi.framework``, the keys
+    before issue 14, as ``train.framework`` + ``train.brpg``, with a :class:`ConfigWarning`
+    that names the new keys (old presets, run directories and checkpoints still load)."""
+    train, semi = data.get("train") or {}, data.get("semi") or {}
+    if "method" not in train and "framework" not in semi:
+        return data
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    train, semi = data.setdefault("train", {}), data.setdefault("semi", {})
+    method = train.pop("method", None)
+    old_fw = semi.pop("framework", None)
+    if method is None:  # only semi.framework: it named the framework of a semi run
+        method = "semi" if train.get("framework", "suponly") != "suponly" else "suponly"
+    if method not in ("suponly", "semi", "meanteacher", "brpg"):
+        raise ConfigError(
+            f"train.method={method!r} is an old key (suponly | semi | meanteacher | brpg); use"
+            " train.framework (suponly | meanteacher | unimatch) and train.brpg (true | false)"
+        )
+    if method == "meanteacher" and old_fw not in (None, "meanteacher"):
+        raise ConfigError(
+            f"train.method=meanteacher with semi.framework={old_fw!r}: write"
+            f" train.framework={old_fw} (and train.brpg) instead of these old keys"
+        )
+    framework = "suponly"
+    if method != "suponly":
+        current = train.get("framework", "suponly")
+        framework = old_fw or (current if current != "suponly" else "meanteacher")
+    train["framework"], train["brpg"] = framework, method == "brpg"
+    old = f"train.method={method}" + (f", semi.framework={old_fw}" if old_fw else "")
+    warnings.warn(
+        f"{old} are old config keys, read as train.framework={framework},"
+        f" train.brpg={str(method == 'brpg').lower()}: write these instead",
+        ConfigWarning,
+        stacklevel=3,
+    )
+    return data
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build a :class:`Config` from a nested dict; unknown keys raise :class:`ConfigError`."""
-    cfg = _build(Config, data, "")
+    """Build a :class:`Config` from a nested dict; unknown keys raise :class:`ConfigError`, the
+    keys of older versions are translated with a warning (:func:`translate_legacy_method`)."""
+    cfg = _build(Config, translate_legacy_method(data), "")
     validate(cfg)
     return cfg
 
 
 _CHOICES = {
-    "train.method": ("suponly", "semi", "meanteacher", "brpg"),
-    "semi.framework": ("meanteacher", "unimatch"),
     "train.tensorboard": ("auto", "always", "never"),
     "semi.unimatch_teacher": ("self", "ema"),
     "semi.entropy_teacher": ("train", "eval"),
@@ -497,16 +539,15 @@ def validate(cfg: Config) -> None:
             )
     _check_ranges(cfg)
     s, p = cfg.semi, cfg.proto
-    if cfg.train.method == "meanteacher" and s.framework != "meanteacher":
+    if cfg.train.brpg and cfg.train.framework == "suponly":
         raise ConfigError(
-            f"train.method=meanteacher is the mean-teacher framework alone, but"
-            f" semi.framework={s.framework!r}: use train.method=semi for {s.framework} alone, or"
-            " train.method=brpg for it with BRPG"
+            "train.brpg=true needs a semi-supervised framework: set train.framework=meanteacher"
+            " or train.framework=unimatch"
         )
-    if s.framework == "unimatch" and cfg.train.method != "suponly":
+    if cfg.train.framework == "unimatch":
         if s.unimatch_teacher == "self" and s.eval_model != "student":
             raise ConfigError(
-                "semi.framework=unimatch with semi.unimatch_teacher=self has no EMA teacher to"
+                "train.framework=unimatch with semi.unimatch_teacher=self has no EMA teacher to"
                 " evaluate: set semi.eval_model=student (or semi.unimatch_teacher=ema)"
             )
         if s.unimatch_teacher == "ema" and not s.ema_buffers:
@@ -515,7 +556,7 @@ def validate(cfg: Config) -> None:
                 " runs no train-mode forward of its own, so its BatchNorm statistics must follow"
                 " the model's"
             )
-    if cfg.train.method == "brpg":
+    if cfg.train.brpg:
         if p.sample_start_step < s.sup_only_steps:
             raise ConfigError(
                 f"proto.sample_start_step={p.sample_start_step} comes before the end of the "

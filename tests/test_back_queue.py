@@ -248,11 +248,14 @@ def test_config_and_coco_preset():
     with pytest.raises(ConfigError, match="back_queue"):
         load_config(
             "digits_suponly_1_16",
-            ["train.method=brpg", "model.rep_head=true", "proto.memory=random",
+            ["train.framework=meanteacher", "train.brpg=true", "model.rep_head=true", "proto.memory=random",
              "proto.back_queue=true"],
         )  # fmt: skip
     with pytest.raises(ConfigError, match="back_per_class"):
-        load_config("digits_suponly_1_16", ["train.method=brpg", "proto.back_per_class=0"])
+        load_config(
+            "digits_suponly_1_16",
+            ["train.framework=meanteacher", "train.brpg=true", "proto.back_per_class=0"],
+        )
 
 
 # --------------------------------------------------------------------------- training run

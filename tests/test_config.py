@@ -2,8 +2,10 @@
 
 import dataclasses
 import typing
+import warnings
 
 import pytest
+import yaml
 
 from brpg import config as C
 from brpg.cli import main as cli_main
@@ -134,3 +136,57 @@ def test_cli_reports_a_range_error_without_a_traceback(tmp_path, capsys):
     args = ["train", "--config", "digits_suponly_1_16", "--out", str(tmp_path / "run")]
     assert cli_main([*args, "--set", "train.steps=-5"]) == 2
     assert "train.steps=-5 must be >= 1" in capsys.readouterr().err
+
+
+# -- train.method (before issue 14) -> train.framework + train.brpg ---------------------------
+@pytest.mark.parametrize(
+    ("old", "framework", "brpg"),
+    [
+        (["train.method=suponly"], "suponly", False),
+        (["train.method=meanteacher"], "meanteacher", False),
+        (["train.method=semi"], "meanteacher", False),
+        (["train.method=brpg"], "meanteacher", True),
+        (
+            ["train.method=semi", "semi.framework=unimatch", "semi.eval_model=student"],
+            "unimatch",
+            False,
+        ),
+        (
+            ["train.method=brpg", "semi.framework=unimatch", "semi.eval_model=student"],
+            "unimatch",
+            True,
+        ),
+    ],
+)
+def test_old_method_key_is_translated_with_a_warning_naming_the_new_keys(old, framework, brpg):
+    with pytest.warns(C.ConfigWarning, match="train.framework=.*train.brpg=.*write these"):
+        cfg = C.load_config("digits_suponly_1_16", [*old, "model.rep_head=true"])
+    assert (cfg.train.framework, cfg.train.brpg) == (framework, brpg)
+
+
+def test_old_keys_in_a_yaml_file_load_with_the_warning(tmp_path):
+    """A run directory's config.yaml (or a preset) written before issue 14 still loads."""
+    old = C.load_config("digits_unimatch_brpg_1_16").to_dict()
+    del old["train"]["framework"], old["train"]["brpg"], old["train"]["tensorboard"]
+    old["train"]["method"], old["semi"]["framework"] = "brpg", "unimatch"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.warns(C.ConfigWarning, match="train.method=brpg, semi.framework=unimatch"):
+        cfg = C.load_config(path)
+    assert cfg == C.load_config("digits_unimatch_brpg_1_16")
+
+
+def test_bad_old_method_values_name_the_new_keys():
+    with pytest.raises(C.ConfigError, match="train.framework .*train.brpg"):
+        C.load_config("digits_suponly_1_16", ["train.method=fixmatch"])
+    with pytest.raises(C.ConfigError, match="train.framework=unimatch"):
+        C.load_config(
+            "digits_suponly_1_16", ["train.method=meanteacher", "semi.framework=unimatch"]
+        )
+
+
+def test_presets_use_the_new_keys_only():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.ConfigWarning)
+        for name in C.list_presets():
+            C.load_config(name)

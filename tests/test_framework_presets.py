@@ -9,25 +9,25 @@ from brpg.method.prototype_loss import grid_indices
 from brpg.reproduce.experiment import prepare
 
 DIGITS = {
-    "digits_unimatch_1_16": ("semi", "unimatch", "small"),
-    "digits_unimatch_1_8": ("semi", "unimatch", "small"),
-    "digits_unimatch_brpg_1_16": ("brpg", "unimatch", "small"),
-    "digits_unimatch_brpg_1_8": ("brpg", "unimatch", "small"),
-    "digits_segformer_meanteacher_1_16": ("meanteacher", "meanteacher", "mit_b0"),
-    "digits_segformer_brpg_1_16": ("brpg", "meanteacher", "mit_b0"),
+    "digits_unimatch_1_16": ("unimatch", False, "small"),
+    "digits_unimatch_1_8": ("unimatch", False, "small"),
+    "digits_unimatch_brpg_1_16": ("unimatch", True, "small"),
+    "digits_unimatch_brpg_1_8": ("unimatch", True, "small"),
+    "digits_segformer_meanteacher_1_16": ("meanteacher", False, "mit_b0"),
+    "digits_segformer_brpg_1_16": ("meanteacher", True, "mit_b0"),
 }
 
 
 @pytest.mark.parametrize("preset", sorted(DIGITS))
 def test_digits_presets_share_the_mean_teacher_budget(preset):
     cfg, ref = load_config(preset), load_config("digits_brpg_1_16")
-    assert (cfg.train.method, cfg.semi.framework, cfg.model.backbone) == DIGITS[preset]
+    assert (cfg.train.framework, cfg.train.brpg, cfg.model.backbone) == DIGITS[preset]
     # same steps, warm-up and BRPG timeline as the committed mean-teacher / BRPG runs
     assert (cfg.train.steps, cfg.semi.sup_only_steps) == (ref.train.steps, ref.semi.sup_only_steps)
     assert (cfg.proto.sample_start_step, cfg.proto.sample_steps) == (500, 100)
     split = "1_8" if preset.endswith("1_8") else "1_16"
     assert cfg.data.labeled_split == f"splits/{split}/labeled.txt"
-    if cfg.semi.framework == "unimatch":
+    if cfg.train.framework == "unimatch":
         assert cfg.semi.eval_model == "student" and cfg.semi.conf_thresh == 0.95
 
 
@@ -39,7 +39,7 @@ def test_voc_unimatch_presets_follow_the_published_recipe():
         16, False, (6, 12, 18))  # fmt: skip
     assert uni.train.steps == 80 * ((10582 - 1464) // 4 // 2)
     brpg = load_config("voc_unimatch_brpg_classic_1464")
-    assert brpg.train.method == "brpg" and brpg.model.rep_head
+    assert brpg.train.brpg and brpg.train.framework == "unimatch" and brpg.model.rep_head
     assert grid_indices(81, 81, 321, brpg.proto.grid_num).tolist()[-1] == 80  # exact grid
     seg = load_config("voc_segformer_brpg_classic_1464")
     assert (seg.model.backbone, seg.model.decoder_channels, seg.optim.name) == (

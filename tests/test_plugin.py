@@ -14,7 +14,7 @@ from brpg.method import plugin as plugin_module
 from brpg.method.plugin import BRPGPlugin
 from brpg.models import build_model
 
-UM = ("semi.framework=unimatch", "semi.eval_model=student", "semi.conf_thresh=0.1")
+UM = ("train.framework=unimatch", "semi.eval_model=student", "semi.conf_thresh=0.1")
 
 
 @pytest.fixture(scope="module")

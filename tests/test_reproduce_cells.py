@@ -30,7 +30,8 @@ def test_every_cell_has_two_presets_that_load():
     for cell in cells:
         cfg = load_config(cell.preset)
         assert cfg.name == cell.preset
-        assert cfg.train.method == cell.method
+        assert cfg.train.brpg == (cell.method == "brpg")
+        assert cfg.train.framework == ("meanteacher" if cfg.train.brpg else "suponly")
         assert cfg.train.steps == cell.steps
         assert cfg.data.labeled_split == f"splits/{cfg.data.name}/{cell.cell}/labeled.txt"
 

@@ -28,7 +28,8 @@ def tiny(data_root: Path, method: str = "brpg", extra: tuple[str, ...] = ()) -> 
         "model.decoder_channels=16",
         "model.rep_dim=16",
         "model.rep_head=true",
-        f"train.method={method}",
+        f"train.framework={'suponly' if method == 'suponly' else 'meanteacher'}",
+        f"train.brpg={str(method == 'brpg').lower()}",
         "train.batch_size=4",
         f"train.steps={STEPS}",
         "train.ckpt_every=1",
@@ -72,8 +73,8 @@ def test_config_rejects_sampling_before_the_teacher(data_root):
         load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.sample_start_step=1",)))
     with pytest.raises(ConfigError, match="kmeans_subsample"):
         load_config("digits_suponly_1_16", tiny(data_root, extra=("proto.kmeans_subsample=-1",)))
-    with pytest.raises(ConfigError, match="train.method"):
-        load_config("digits_suponly_1_16", tiny(data_root, "fixmatch"))
+    with pytest.raises(ConfigError, match="train.framework='fixmatch' is not one of"):
+        load_config("digits_suponly_1_16", tiny(data_root, extra=("train.framework=fixmatch",)))
 
 
 class Crash(RuntimeError):

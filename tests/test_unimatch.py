@@ -23,7 +23,7 @@ from brpg.models.deeplabv3plus import _upsample
 # UniMatch on the tiny runs of test_semi (warm-up 0-2, semi 3, sampling 4-6, clustering before 7,
 # proto 7-11); low thresholds so that an untrained model has confident pixels and memory rows
 UM = (
-    "semi.framework=unimatch",
+    "train.framework=unimatch",
     "semi.eval_model=student",
     "semi.conf_thresh=0.1",
     "proto.unlabeled_threshold=0.1",
@@ -180,12 +180,12 @@ def test_ema_teacher_makes_the_pseudo_labels(data_root):
 # --------------------------------------------------------------------------- config
 def test_config_checks(data_root):
     base = "digits_suponly_1_16"
-    with pytest.raises(ConfigError, match="train.method=meanteacher is the mean-teacher"):
-        load_config(base, tiny(data_root, "meanteacher", ("semi.framework=unimatch",)))
-    with pytest.raises(ConfigError, match="semi.framework='fixmatch' is not one of"):
-        load_config(base, tiny(data_root, "semi", ("semi.framework=fixmatch",)))
+    with pytest.raises(ConfigError, match="train.brpg=true needs a semi-supervised framework"):
+        load_config(base, tiny(data_root, "brpg", ("train.framework=suponly",)))
+    with pytest.raises(ConfigError, match="train.framework='fixmatch' is not one of"):
+        load_config(base, tiny(data_root, "semi", ("train.framework=fixmatch",)))
     with pytest.raises(ConfigError, match="semi.eval_model=student"):
-        load_config(base, tiny(data_root, "semi", ("semi.framework=unimatch",)))
+        load_config(base, tiny(data_root, "semi", ("train.framework=unimatch",)))
     with pytest.raises(ConfigError, match="ema_buffers"):
         load_config(base, tiny(data_root, "brpg", (*UM, "semi.unimatch_teacher=ema")))
     with pytest.raises(ConfigError, match="fp_dropout"):
@@ -194,7 +194,7 @@ def test_config_checks(data_root):
         load_config(base, tiny(data_root, "semi", (*UM, "semi.unimatch_teacher=mean")))
     cfg = load_config(base, tiny(data_root, "semi", UM))
     assert cfg.semi.unimatch_weights == (1.0, 0.25, 0.25, 0.5)
-    assert load_config(base, tiny(data_root, "semi")).semi.framework == "meanteacher"
+    assert load_config(base, tiny(data_root, "semi")).train.framework == "meanteacher"
 
 
 # --------------------------------------------------------------------------- runs and resume

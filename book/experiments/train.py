@@ -143,7 +143,7 @@ assert len(saved["per_class_iou"]) == exp.cfg.data.num_classes
 assert mbiou is None or (math.isfinite(mbiou) and 0.0 <= mbiou <= 100.0)
 assert saved["profile"] == profile and saved["config_hash"] == exp.cfg.hash()
 log = [json.loads(ln) for ln in (exp.run_dir / "log.jsonl").read_text().splitlines()]
-if exp.cfg.train.method == "brpg":
+if exp.cfg.train.brpg:
     events = [r for r in log if r.get("event") == "prototypes_per_class"]
     assert events and sum(events[-1]["prototypes_per_class"]) > 0, "no class got a prototype"
     print(f"prototypes per class: {events[-1]['prototypes_per_class']}")

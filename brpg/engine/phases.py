@@ -14,7 +14,7 @@ proto      ``s ≥ Ds + Dl`` (BRPG)                        + L_pro and prototype
 ========== ============================================= =====================================
 
 with ``S = semi.sup_only_steps``, ``Ds = proto.sample_start_step`` and
-``Dl = proto.sample_steps``. The last two phases exist only for ``train.method: brpg``; they are
+``Dl = proto.sample_steps``. The last two phases exist only for ``train.brpg: true``; they are
 the plug-in's (:class:`brpg.method.plugin.BRPGPlugin`) and do not depend on the framework.
 """
 
@@ -29,9 +29,9 @@ PHASES = ("warmup", "semi", "sampling", "proto")
 
 def phase_of(step: int, cfg: Config) -> str:
     """The phase of global step ``step`` (0-based): warmup | semi | sampling | proto."""
-    if cfg.train.method == "suponly" or step < cfg.semi.sup_only_steps:
+    if cfg.train.framework == "suponly" or step < cfg.semi.sup_only_steps:
         return "warmup"
-    if cfg.train.method != "brpg":
+    if not cfg.train.brpg:
         return "semi"
     p = cfg.proto
     end = p.sample_start_step + p.sample_steps
@@ -50,7 +50,7 @@ def sampling_active(step: int, cfg: Config) -> bool:
 
 def cluster_due(step: int, cfg: Config) -> bool:
     """Whether the memories are clustered before step ``step`` (one-shot, or periodically)."""
-    if cfg.train.method != "brpg":
+    if not cfg.train.brpg:
         return False
     p = cfg.proto
     end = p.sample_start_step + p.sample_steps

@@ -10,9 +10,9 @@ One :class:`Trainer` owns a run directory::
       summary.json     written at the end: val_miou, per_class_iou, val_mbiou (Boundary IoU),
                        per_class_biou, steps, wall_s, config, commit
 
-``train.method`` picks the step: ``suponly`` (:func:`suponly_step`); ``semi`` (the framework
-alone), ``meanteacher`` (its alias for ``semi.framework: meanteacher``) or ``brpg`` (the
-framework + the BRPG plug-in) run the supervised warm-up, then the step of ``semi.framework``:
+``train.framework`` picks the step: ``suponly`` (:func:`~brpg.frameworks.supervised.suponly_step`)
+throughout, or ``meanteacher`` / ``unimatch`` (with the BRPG plug-in when ``train.brpg``): the
+supervised warm-up, then the framework's step:
 :func:`brpg.frameworks.mean_teacher.semi_step` (mean teacher) or :func:`brpg.frameworks.unimatch.unimatch_step`
 (UniMatch), both returning ``(loss, logs, ema_rows)``. The phases are in
 :mod:`brpg.engine.phases`. The checkpoint holds the teacher (if any), the CPG memories (during
@@ -132,7 +132,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        semi = t.method != "suponly"
+        semi = t.framework != "suponly"
         self.labeled, self.unlabeled, self.val = build_train_datasets(cfg, unlabeled=semi)
         model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
         if t.channels_last:  # the teacher is a copy of the student, so it follows
@@ -313,7 +313,7 @@ class Trainer:
         g = len(micro)
         torch.manual_seed(_mix(t.seed, 104729, self.step, self.dist.rank))  # dropout, aug, CutMix
         method, phase = self.method, phase_of(self.step, cfg)
-        step_fn = unimatch_step if cfg.semi.framework == "unimatch" else semi_step
+        step_fn = unimatch_step if cfg.train.framework == "unimatch" else semi_step
         if method is not None:
             for key, value in method.before_step(self.step, self.model).items():
                 self.log({"step": self.step, "event": key, key: value})

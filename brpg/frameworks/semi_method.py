@@ -23,7 +23,7 @@ __all__ = ["SemiMethod", "needs_teacher"]
 def needs_teacher(cfg: Config) -> bool:
     """Whether the run keeps an EMA teacher: the mean teacher always, UniMatch with ``ema``."""
     s = cfg.semi
-    return s.framework == "meanteacher" or s.unimatch_teacher == "ema"
+    return cfg.train.framework == "meanteacher" or s.unimatch_teacher == "ema"
 
 
 class SemiMethod(nn.Module):
@@ -31,7 +31,7 @@ class SemiMethod(nn.Module):
 
     ``teacher`` is the EMA teacher (``None`` for UniMatch with ``semi.unimatch_teacher: self``,
     where the model is its own teacher); ``plugin`` is the :class:`BRPGPlugin` (memories, back
-    queue, prototype bank, csp thresholds) when ``train.method == "brpg"``, else ``None``.
+    queue, prototype bank, csp thresholds) when ``train.brpg``, else ``None``.
     """
 
     def __init__(self, cfg: Config, student: nn.Module, device: torch.device) -> None:
@@ -43,9 +43,7 @@ class SemiMethod(nn.Module):
         )
         self.strong = StrongAug(mean=cfg.data.mean, std=cfg.data.std) if s.strong_aug else None
         self.device = device
-        self.plugin: BRPGPlugin | None = (
-            BRPGPlugin(cfg, device) if cfg.train.method == "brpg" else None
-        )
+        self.plugin: BRPGPlugin | None = BRPGPlugin(cfg, device) if cfg.train.brpg else None
 
     # ------------------------------------------------------------------ the step's lifecycle
     # The trainer calls, per optimiser step: before_step, then per micro-batch either the
@@ -57,7 +55,7 @@ class SemiMethod(nn.Module):
         cfg, logs = self.cfg, {}
         if (
             self.teacher is not None
-            and cfg.train.method != "suponly"
+            and cfg.train.framework != "suponly"
             and step == cfg.semi.sup_only_steps
         ):
             self.teacher.copy_from(student, buffers=cfg.semi.copy_buffers)

@@ -3,7 +3,7 @@
 UniMatch (Yang, Qi, Feng, Zhang, Shi: "Revisiting Weak-to-Strong Consistency in Semi-Supervised
 Semantic Segmentation", CVPR 2023) trains one model, which is also its own teacher, with
 weak-to-strong consistency in an image-level and a feature-level stream. One step here, written
-from that description (``semi.framework: unimatch``):
+from that description (``train.framework: unimatch``):
 
 1. one train-mode forward of the model on ``cat(x_l, x_w)`` with ``need_fp=True``
    (:meth:`brpg.models.deeplabv3plus.SegModel.forward`): the plain predictions and those of a
@@ -22,7 +22,7 @@ from that description (``semi.framework: unimatch``):
    ``loss = (w_x L_x + w_s1 L_s1 + w_s2 L_s2 + w_fp L_fp) / 2`` with
    ``semi.unimatch_weights = (1, 0.25, 0.25, 0.5)``.
 
-BRPG (``train.method: brpg``) plugs in as for the mean teacher (:mod:`brpg.method.plugin`):
+BRPG (``train.brpg: true``) plugs in as for the mean teacher (:mod:`brpg.method.plugin`):
 ``observe`` gets the labeled student rep/logits and the weak-view rep/logits of whatever made the
 pseudo-labels (the model itself or the EMA teacher), ``loss`` gets the labeled rep and strong view
 1's rep with its mixed pseudo-labels and confidences; ``λ_pro·L_pro`` is added to the total

@@ -76,13 +76,13 @@ class BRPGPlugin(nn.Module):
     ``memory`` is ``None`` outside the sampling window (freed after the one-shot clustering, as
     the official ``del``), ``back`` is the COCO back queue (spec §5.5) alongside it when
     ``proto.back_queue``, and ``csp`` is the class-specific threshold of spec §5.3 when
-    ``proto.threshold_type == "csp"``. Only for ``train.method: brpg``.
+    ``proto.threshold_type == "csp"``. Only for ``train.brpg: true``.
     """
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__()
         if not cfg.model.rep_head:
-            raise ValueError("train.method=brpg needs model.rep_head=true (features for L_pro)")
+            raise ValueError("train.brpg=true needs model.rep_head=true (features for L_pro)")
         self.cfg = cfg
         self.device = device
         p = cfg.proto

@@ -200,7 +200,9 @@ class Experiment:
         out.update(
             {
                 "table": c.table if c else None,
-                "method": c.method if c else self.cfg.train.method,
+                "method": c.method
+                if c
+                else ("brpg" if self.cfg.train.brpg else self.cfg.train.framework),
                 "cell": c.cell if c else None,
                 "preset": c.preset if c else self.config,
                 "labeled": c.n_sup if c else None,

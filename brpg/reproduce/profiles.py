@@ -75,9 +75,9 @@ def smoke_overrides(cfg: Config, fixture_split: str | None = None) -> list[str]:
             f"data.labeled_split=splits/{ds}/{fixture_split}/labeled.txt",
             f"data.unlabeled_split=splits/{ds}/{fixture_split}/unlabeled.txt",
         ]
-    if cfg.train.method != "suponly":
+    if cfg.train.framework != "suponly":
         sets += ["semi.sup_only_steps=2", "semi.unlabeled_batch_size=2"]
-    if cfg.train.method == "brpg":
+    if cfg.train.brpg:
         sets += [
             "proto.sample_start_step=2",
             "proto.sample_steps=2",
@@ -122,7 +122,7 @@ def gpu_overrides(cfg: Config, processes: int, policy: str = "accumulate") -> li
                 f" GPUs; use a GPU count that divides {total}, or batch_policy=linear"
             )
         sets = [f"train.batch_size={total // processes}"]
-        if cfg.train.method != "suponly":
+        if cfg.train.framework != "suponly":
             sets.append(f"semi.unlabeled_batch_size={total_u // processes}")
         return sets
     # linear: same per-GPU batch, LR x G/4, every step count x 4/G
@@ -138,9 +138,9 @@ def gpu_overrides(cfg: Config, processes: int, policy: str = "accumulate") -> li
         f"train.ckpt_every={scaled(t.ckpt_every)}",
         f"optim.warmup_steps={scaled(cfg.optim.warmup_steps)}",
     ]
-    if cfg.train.method != "suponly":
+    if cfg.train.framework != "suponly":
         sets.append(f"semi.sup_only_steps={scaled(s.sup_only_steps)}")
-    if cfg.train.method == "brpg":
+    if cfg.train.brpg:
         p = cfg.proto
         sets += [
             f"proto.sample_start_step={scaled(p.sample_start_step)}",
