@@ -12,6 +12,8 @@ memory get ``add_num`` more (:func:`brpg.method.apo.apo_counts`). Both modes go 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -48,17 +50,19 @@ def cluster_memory(
     seed: int = 0,
     n_init: int = 3,
     subsample: int | None = None,
-) -> KMeansResult:
+) -> tuple[KMeansResult, int]:
     """APO counts + k-means of one memory kind ``feats[C, N, D]`` (``valid[C, N]``): ``base``
     clusters per class, ``base + add_num`` for the classes APO finds most dispersed by
-    ``metric`` (spec §6). ``n_init = 3`` seedings, as the official ``MiniBatchKMeans``
-    defaults; a memory with fewer rows than clusters gets fewer valid centres."""
+    ``metric`` (spec §6). Returns the k-means result and the kind's slot budget in the bank.
+    ``n_init = 3`` seedings, as the official ``MiniBatchKMeans`` defaults; a memory with fewer
+    rows than clusters gets fewer valid centres."""
     k_c = torch.full((feats.shape[0],), base, dtype=torch.long)
     if apo:
         k_c = apo_counts(dispersion(feats, valid, metric), base, proportion, add_num, metric)
-    return batched_kmeans_full(
+    res = batched_kmeans_full(
         feats, k_c, valid=valid, iters=iters, seed=seed, n_init=n_init, subsample=subsample
     )
+    return res, _budget(base, add_num, apo)
 
 
 def cluster_memories(
@@ -68,34 +72,20 @@ def cluster_memories(
     low_valid: Tensor | None,
     base_high: int = 2,
     base_low: int = 2,
-    add_num: int = 1,
-    proportion: float = 0.05,
-    metric: str = "cos_sim",
-    apo: bool = True,
-    iters: int = 100,
-    seed: int = 0,
-    n_init: int = 3,
-    subsample: int | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, Tensor]:
     """APO + k-means on the high and low memories → bank layout ``(protos[C,K,D], valid[C,K])``.
 
-    Each memory kind goes through :func:`cluster_memory` (Euclidean k-means on raw features,
-    all classes at once); :func:`~brpg.method.prototype_ema.pack_high_low` then packs them into
-    ``K = K_h + K_l`` slots, ``K_h = base_high + add_num`` and ``K_l = base_low + add_num`` if
-    ``apo`` else the bases (spec §5.4, §6).
+    Each memory kind goes through :func:`cluster_memory` with the same ``settings`` (its APO
+    and k-means keywords: ``add_num, proportion, metric, apo, iters, seed, n_init,
+    subsample``; Euclidean k-means on raw features, all classes at once), then
+    :func:`~brpg.method.prototype_ema.pack_high_low` packs them into ``K = K_h + K_l`` slots,
+    ``K_h = base_high + add_num`` and ``K_l = base_low + add_num`` with APO, else the bases
+    (spec §5.4, §6).
     """
-    kw = dict(add_num=add_num, proportion=proportion, metric=metric, apo=apo, iters=iters,
-              seed=seed, n_init=n_init, subsample=subsample)  # fmt: skip
-    hi = cluster_memory(high, high_valid, base_high, **kw)
-    lo = cluster_memory(low, low_valid, base_low, **kw)
-    return pack_high_low(
-        hi.centers,
-        lo.centers,
-        hi.center_valid,
-        lo.center_valid,
-        k_high=_budget(base_high, add_num, apo),
-        k_low=_budget(base_low, add_num, apo),
-    )
+    hi, k_high = cluster_memory(high, high_valid, base_high, **settings)
+    lo, k_low = cluster_memory(low, low_valid, base_low, **settings)
+    return pack_high_low(hi.centers, lo.centers, hi.center_valid, lo.center_valid, k_high, k_low)
 
 
 def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple[Tensor, Tensor]:
@@ -113,8 +103,7 @@ def cluster_prototypes(memory: PrototypeMemory, cfg: Config, seed: int) -> tuple
         return cluster_memories(
             *memory.get("high"), *memory.get("low"), base_high=p.num_high, base_low=p.num_low, **kw
         )
-    res = cluster_memory(*memory.get("all"), p.num_high + p.num_low, **kw)
-    k_all, _ = slot_budgets(p)
+    res, k_all = cluster_memory(*memory.get("all"), p.num_high + p.num_low, **kw)
     return pack_high_low(
         res.centers, res.centers[:, :0], res.center_valid, res.center_valid[:, :0], k_all, 0
     )
