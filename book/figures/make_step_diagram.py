@@ -36,7 +36,7 @@ C_PROTO = "#e8dcf3"  # proto: clustering, prototype bank, L_pro, EMA
 EDGE = {C_WARM: "#3d6fa8", C_SEMI: "#4a8a3a", C_SAMP: "#c07a1c", C_PROTO: "#7a4ea3"}
 
 
-def box(ax, x, y, w, h, text, color, size=9.0, bold_first=True):
+def box(ax, x, y, w, h, text, color, size=10.5, bold_first=True):
     ax.add_patch(
         FancyBboxPatch(
             (x, y),
@@ -49,19 +49,23 @@ def box(ax, x, y, w, h, text, color, size=9.0, bold_first=True):
         )
     )
     lines = text.split("\n")
+    cx, cy = x + w / 2, y + h / 2
     if bold_first and len(lines) > 1:
-        ax.text(x + w / 2, y + h / 2 + 0.9 * (len(lines) - 1), lines[0], ha="center",
-                va="center", fontsize=size, fontweight="bold")  # fmt: skip
-        ax.text(x + w / 2, y + h / 2 - 0.9, "\n".join(lines[1:]), ha="center", va="center",
-                fontsize=size - 1, linespacing=1.25)  # fmt: skip
+        n = len(lines) - 1  # detail lines under the bold title
+        title_h, line_h, gap = size / 6.0, (size - 1) * 1.25 / 6.0, 0.4  # axis units (1 = 6 pt)
+        total = title_h + gap + n * line_h
+        ax.text(cx, cy + total / 2 - title_h / 2, lines[0], ha="center", va="center",
+                fontsize=size, fontweight="bold")  # fmt: skip
+        ax.text(cx, cy - total / 2 + n * line_h / 2, "\n".join(lines[1:]), ha="center",
+                va="center", fontsize=size - 1, linespacing=1.25)  # fmt: skip
     else:
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size,
+        ax.text(cx, cy, text, ha="center", va="center", fontsize=size,
                 fontweight="bold" if bold_first else "normal")  # fmt: skip
     return (x, y, w, h)
 
 
 def arrow(ax, p, q, text=None, color="#333333", style="-|>", dashed=False, rad=0.0, tpos=0.5,
-          toff=(0, 0.9), size=7.5):  # fmt: skip
+          toff=(0, 0.9), size=8.5):  # fmt: skip
     ax.add_patch(
         FancyArrowPatch(
             p,
@@ -104,7 +108,7 @@ def bottom(b, dx=0.0):
 def main() -> None:
     plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "brpg-step",
                          "font.family": "DejaVu Sans"})  # fmt: skip
-    fig = plt.figure(figsize=(14, 9.2))
+    fig = plt.figure(figsize=(11.5, 7.9))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, 140)
     ax.set_ylim(-3, 92)
@@ -116,16 +120,14 @@ def main() -> None:
             "dashed arrows: no gradient", fontsize=8.5, va="center", color="#555555")  # fmt: skip
 
     # ---- inputs and the mean teacher -------------------------------------------------------
-    unl = box(ax, 2, 71, 15, 8, "unlabeled batch\nB images, no labels", C_SEMI)
-    weak = box(ax, 22, 73.5, 15, 7, "weak view x_w\nscale, crop", C_SEMI)
-    strong = box(ax, 22, 61, 15, 8, "strong view x_s\ncolour jitter, grey, blur\n+ CutMix (p = ½)",
+    unl = box(ax, 2, 71, 15, 8, "unlabeled\nimages", C_SEMI)
+    weak = box(ax, 22, 73.5, 15, 7, "weak view\nx_w", C_SEMI)
+    strong = box(ax, 22, 61, 15, 8, "strong view\ncolour, blur\n+ CutMix",
                  C_SEMI)  # fmt: skip
-    teacher = box(ax, 43, 73.5, 16, 7, "teacher\nEMA of the student, eval mode", C_SEMI)
-    pseudo = box(ax, 65, 72.5, 20, 9, "pseudo-labels ŷ\nconfidences c = max softmax\n"
-                 "mixed by the same CutMix boxes", C_SEMI)  # fmt: skip
-    lab = box(ax, 2, 46, 15, 8, "labeled batch\nB images x_l + labels y", C_WARM)
-    student = box(ax, 43, 49, 16, 14, "student\none forward on\n[x_l ; mixed x_s]\n"
-                  "encoder + decoder", C_WARM)  # fmt: skip
+    teacher = box(ax, 43, 73.5, 16, 7, "teacher\neval mode", C_SEMI)
+    pseudo = box(ax, 65, 72.5, 20, 9, "pseudo-labels ŷ\nconfidence c\n(same CutMix)", C_SEMI)  # fmt: skip
+    lab = box(ax, 2, 46, 15, 8, "labeled\nimages x_l, y", C_WARM)
+    student = box(ax, 43, 49, 16, 14, "student\none forward\non both", C_WARM)  # fmt: skip
 
     arrow(ax, right(unl), left(weak))
     arrow(ax, bottom(weak), top(strong))
@@ -135,18 +137,14 @@ def main() -> None:
     arrow(ax, right(lab), left(student, -4.0))
 
     # ---- losses ---------------------------------------------------------------------------
-    ls = box(ax, 65, 57.5, 20, 7.5, "L_s\n0.5 CE + 0.5 OHEM, labeled half", C_WARM)
-    lu = box(
-        ax, 65, 47, 20, 8.5, "L_u\nCE to ŷ; pixels of highest\nteacher entropy dropped", C_SEMI
-    )
+    ls = box(ax, 65, 57.5, 20, 7.5, "L_s\nCE + OHEM", C_WARM)
+    lu = box(ax, 65, 47, 20, 8.5, "L_u\nCE to ŷ,\nentropy filter", C_SEMI)
     arrow(ax, right(student, 3.5), left(ls), "logits", tpos=0.45)
     arrow(ax, right(student, -1.0), left(lu, 0.5))
     arrow(ax, bottom(pseudo, 6.0), top(lu, 6.0), dashed=True)
 
-    total = box(ax, 92, 55, 22, 10, "total loss\nL = L_s + λ_u L_u + λ_pro L_pro\n"
-                "backward, optimiser step", C_WARM)  # fmt: skip
-    temas = box(ax, 119, 71, 19, 10, "teacher EMA\nθ_t ← d θ_t + (1 − d) θ_s\n"
-                "d = min(1 − 1/(t+1), 0.99)", C_SEMI)  # fmt: skip
+    total = box(ax, 92, 55, 22, 10, "L_s + L_u + L_pro\nbackward,\noptimiser step", C_WARM)  # fmt: skip
+    temas = box(ax, 119, 71, 19, 10, "teacher EMA\nθ_t ← d θ_t\n+ (1 − d) θ_s", C_SEMI)  # fmt: skip
     arrow(ax, right(ls), left(total, 2.5))
     arrow(ax, right(lu), left(total, -2.0))
     arrow(ax, (total[0] + total[2] - 3, total[1] + total[3] + 0.3), bottom(temas, -4.0))
@@ -154,22 +152,16 @@ def main() -> None:
           "after each step", dashed=True, rad=0.18, tpos=0.5, toff=(0, 4.2))  # fmt: skip
 
     # ---- prototype branch -----------------------------------------------------------------
-    rep = box(ax, 43, 33, 16, 8, "representation\n256-d, stride 4\n(rep head)", C_SAMP)
+    rep = box(ax, 43, 33, 16, 8, "features f\nstride 4", C_SAMP)
     arrow(ax, bottom(student), top(rep))
 
-    cpg = box(ax, 2, 14, 28, 14, "CPG routing (sampling window)\n"
-              "labeled pixels (student features):\ncorrect, conf ≥ 0.8 → high; correct, < 0.8 → low;\n"
-              "misclassified → dropped\nunlabeled (teacher features): conf ≥ 0.8 → high", C_SAMP)  # fmt: skip
-    mem = box(ax, 35, 15, 19, 12, "memories, per class\nhigh and low FIFO\n"
-              "(30,000 rows each;\nDigitScenes: 10,000)", C_SAMP)  # fmt: skip
-    clus = box(ax, 59, 15, 19, 12, "clustering, once\nAPO: +1 prototype for\n"
-               "the most dispersed classes\nk-means per memory", C_PROTO)  # fmt: skip
-    bank = box(ax, 83, 15, 17, 12, "prototype bank\n[C, K, D]\n2–3 high + 2–3 low\nper class",
+    cpg = box(ax, 2, 14, 28, 14, "CPG routing\nlabeled, correct:\nc ≥ 0.8 → high, else low\nunlabeled: c ≥ 0.8 → high", C_SAMP)  # fmt: skip
+    mem = box(ax, 35, 15, 19, 12, "memories\nhigh + low\nper class", C_SAMP)  # fmt: skip
+    clus = box(ax, 59, 15, 19, 12, "clustering\nonce: APO\n+ k-means", C_PROTO)  # fmt: skip
+    bank = box(ax, 83, 15, 17, 12, "prototype\nbank\n4–6 per class",
                C_PROTO)  # fmt: skip
-    lpro = box(ax, 106, 30, 24, 12, "L_pro\nCE of max_k cos(f, r_c,k) / τ\nlabeled 33×33 grid (y) +\n"
-               "unlabeled pixels with c ≥ thr (ŷ)", C_PROTO)  # fmt: skip
-    ema = box(ax, 106, 12, 24, 10, "prototype EMA, after the loss\nr ← 0.99 r + 0.01 f̄\n"
-              "f̄: own-class features nearest to r", C_PROTO)  # fmt: skip
+    lpro = box(ax, 106, 30, 24, 12, "L_pro\nCE of max_k cos(f, r_c,k)/τ\nlabeled grid (y), confident\nunlabeled pixels (ŷ)", C_PROTO)  # fmt: skip
+    ema = box(ax, 106, 12, 24, 10, "prototype EMA\nr ← 0.99 r + 0.01 f̄", C_PROTO)  # fmt: skip
 
     arrow(ax, left(rep), (cpg[0] + cpg[2] - 2, cpg[1] + cpg[3] + 0.3), "labeled (student)",
           dashed=True, rad=0.25, tpos=0.4, toff=(1.5, 1.2))  # fmt: skip
@@ -191,28 +183,29 @@ def main() -> None:
     def sx(step: float) -> float:
         return x0 + (x1 - x0) * step / TOTAL
 
-    ax.text(2, 9.0, "Timeline (DigitScenes BRPG presets, to scale):", fontsize=9, fontweight="bold",
+    ax.text(2, 11.6, "Timeline (DigitScenes BRPG presets, to scale):", fontsize=10, fontweight="bold",
             va="center")  # fmt: skip
     phases = [
-        (0, WARMUP_END, C_WARM, "warmup: supervised only (L_s); then teacher := student"),
-        (SAMPLE_START, CLUSTER_AT, C_SAMP, "sampling"),
+        (0, WARMUP_END, C_WARM, "warmup: L_s only"),
+        (SAMPLE_START, CLUSTER_AT, C_SAMP, ""),
         (CLUSTER_AT, TOTAL, C_PROTO, "proto: L_s + L_u + L_pro, prototype EMA"),
     ]
     for a, b, c, label in phases:
         ax.add_patch(Rectangle((sx(a), ty), sx(b) - sx(a), th, facecolor=c, edgecolor=EDGE[c]))
-        ax.text((sx(a) + sx(b)) / 2, ty + th / 2, label, ha="center", va="center", fontsize=8)
+        ax.text((sx(a) + sx(b)) / 2, ty + th / 2, label, ha="center", va="center", fontsize=9)
     for s in (0, WARMUP_END, CLUSTER_AT, TOTAL):
-        ax.text(sx(s), ty - 0.6, f"{s:,}", ha="center", va="top", fontsize=7.5)
-    ax.annotate("clustering\n(APO + k-means)", xy=(sx(CLUSTER_AT), ty + th), xytext=(sx(CLUSTER_AT) + 3, 8.6),
-                fontsize=7.5, ha="left", va="center", color=EDGE[C_PROTO],
+        ax.text(sx(s), ty - 0.6, f"{s:,}", ha="center", va="top", fontsize=8.5)
+    ax.annotate("clustering\n(APO + k-means)", xy=(sx(CLUSTER_AT), ty + th), xytext=(sx(CLUSTER_AT) + 5, 8.6),
+                fontsize=8.5, ha="left", va="center", color=EDGE[C_PROTO],
                 arrowprops={"arrowstyle": "-|>", "color": EDGE[C_PROTO], "lw": 1})  # fmt: skip
-    ax.text(2, 0.4, "semi.sup_only_steps = proto.sample_start_step = 500 (the semi phase, "
-            "the mean teacher alone, is empty here);  proto.sample_steps = 100;  train.steps = 2,000",
-            fontsize=7.5, ha="left", va="center", color="#555555")  # fmt: skip
-    ax.text(2, -1.8, "Official VOC, 366 labels, 4 GPUs (preset voc_brpg_classic_366, 638 steps per epoch): "
-            "warmup epoch 0 · sampling epoch 1 · clustering at step 1,276 · proto epochs 2–79 "
-            "(to step 51,040).  Cityscapes: semi epochs 1–2, sampling epochs 3–5.",
-            fontsize=7.5, va="center", color="#555555")  # fmt: skip
+    ax.text(sx(SAMPLE_START) + 2.5, ty + th + 1.3, "sampling", fontsize=8.5, ha="center",
+            va="bottom", color=EDGE[C_SAMP])  # fmt: skip
+    ax.text(2, 0.3, "semi.sup_only_steps = proto.sample_start_step = 500 (so the semi phase is empty), "
+            "proto.sample_steps = 100, train.steps = 2,000", fontsize=8.5, va="center",
+            color="#555555")  # fmt: skip
+    ax.text(2, -2.0, "Official VOC, 366 labels, 4 GPUs (638 steps per epoch): warmup epoch 0, sampling "
+            "epoch 1, clustering at step 1,276, proto to step 51,040", fontsize=8.5, va="center",
+            color="#555555")  # fmt: skip
 
     fig.savefig(OUT, format="svg", metadata={"Date": None})
     plt.close(fig)
