@@ -281,7 +281,8 @@ else:
 # ## Where the presets differ from the official code
 #
 # Most differences are switches; the presets take the corrected (or faster) behaviour, and
-# the {ref}`appendix <authors-quirks>` lists every quirk of the official code:
+# the {ref}`appendix <authors-quirks>` lists every quirk of the official code; these are the
+# ones the presets change:
 #
 # * `train.amp: auto`: bf16 autocast on CUDA, without a loss scaler. The official
 #   `train_semi.py` trains with fp16 autocast and a `GradScaler` (`train_sup.py`: fp16
