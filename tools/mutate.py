@@ -27,8 +27,11 @@ WORK = ROOT / ".mutmut"
 # short name -> (module to mutate, the tests that exercise it)
 MODULES: dict[str, tuple[str, list[str]]] = {
     "teacher": ("brpg/teacher.py", ["tests/test_teacher.py", "tests/test_teacher_state.py"]),
-    "unsup_loss": ("brpg/unsup_loss.py", ["tests/test_unsup_loss.py"]),
-    "losses": ("brpg/losses.py", ["tests/test_losses.py"]),
+    "unsup_loss": (
+        "brpg/unsup_loss.py",
+        ["tests/test_unsup_loss.py", "tests/test_loss_details.py"],
+    ),
+    "losses": ("brpg/losses.py", ["tests/test_losses.py", "tests/test_loss_details.py"]),
     "metrics": (
         "brpg/engine/metrics.py",
         [
