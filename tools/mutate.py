@@ -36,6 +36,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "brpg/engine/metrics.py",
         [
             "tests/test_metrics.py",
+            "tests/test_metrics_details.py",
             "tests/test_eval_protocol.py::test_confusion_matrix_drops_an_ignore_index_inside_the_classes",
         ],
     ),
