@@ -26,14 +26,16 @@ from brpg.engine.trainer import CKPT_NAME, Trainer
 
 
 class WhereModel(nn.Module):
-    """Logits that say where a pixel sits in its window and what the input held there:
-    channel 0 = row inside the window, 1 = column inside the window, 2 = input channel 0."""
+    """Logits that say where a pixel sits in its window and what the input held: channel 0 =
+    row inside the window, 1 = column inside the window, 2 = input channel 0 at the pixel,
+    3 = mean of input channel 0 over the whole window (sees the padding)."""
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         n, _, h, w = x.shape
         rows = torch.arange(h, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
         cols = torch.arange(w, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-        return {"logits": torch.cat([rows, cols, x[:, :1]], dim=1)}
+        mean = x[:, :1].mean(dim=(2, 3), keepdim=True).expand(n, 1, h, w)
+        return {"logits": torch.cat([rows, cols, x[:, :1], mean], dim=1)}
 
 
 def reference_sliding(image_hw: Tensor, crop: int, stride: int) -> Tensor:
@@ -55,17 +57,22 @@ def reference_sliding(image_hw: Tensor, crop: int, stride: int) -> Tensor:
             out.append(end - crop)
         return out
 
-    out = torch.zeros(3, h, w)
+    out = torch.zeros(4, h, w)
     for y in range(h):
         for x in range(w):
             py, px = y + top, x + left
             vals = [
-                (py - sy, px - sx, float(padded[py, px]))
+                (
+                    py - sy,
+                    px - sx,
+                    float(padded[py, px]),
+                    float(padded[sy : sy + crop, sx : sx + crop].mean()),
+                )
                 for sy in starts(hp)
                 for sx in starts(wp)
                 if sy <= py < sy + crop and sx <= px < sx + crop
             ]
-            for ch in range(3):
+            for ch in range(4):
                 out[ch, y, x] = sum(v[ch] for v in vals) / len(vals)
     return out
 
@@ -77,6 +84,7 @@ def reference_sliding(image_hw: Tensor, crop: int, stride: int) -> Tensor:
         (23, 17, 8, 6),
         (20, 9, 7, 4),  # the last window moved back: 0,4,8,12,13
         (6, 13, 8, 3),  # padded rows (6 → 8, one row above), windows along the columns
+        (11, 4, 8, 3),  # padded columns (4 → 8, two on the left), windows along the rows
     ],
 )
 def test_sliding_windows_are_placed_as_the_authors_offline_eval(h, w, crop, stride):

@@ -44,6 +44,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "brpg/engine/inference.py",
         [
             "tests/test_inference.py",
+            "tests/test_inference_details.py",
             "tests/test_eval_protocol.py::test_sliding_windows_are_placed_as_the_authors_offline_eval",
         ],
     ),
