@@ -40,8 +40,9 @@ def test_ohem_with_another_ignore_value_and_a_single_pixel():
 
 def test_unsup_loss_with_one_kept_pixel_and_another_ignore_value():
     # pixel 0: teacher certain → kept; pixel 1: uniform → dropped at the 50th percentile;
-    # pixels 2, 3: ignored with the value 7. One kept pixel: mean CE ln 2, times 4 / 1.
-    teacher = torch.tensor([[[[9.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]]]])
+    # pixels 2, 3: ignored with the value 7 (as certain as pixel 0: were they counted, the
+    # percentile would move and the kept set change). One kept pixel: CE ln 2, times 4 / 1.
+    teacher = torch.tensor([[[[9.0, 0.0, 9.0, 9.0]], [[0.0, 0.0, 0.0, 0.0]]]])
     pseudo = torch.tensor([[[1, 0, 7, 7]]])
     student = torch.zeros(1, 2, 1, 4)
     got = unsup_loss(student, pseudo, teacher, 50.0, ignore_index=7)
