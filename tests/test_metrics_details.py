@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from brpg.engine.metrics import BoundaryIoU, ConfusionMatrix, intersection_and_union
+from brpg.engine.metrics import (
+    BoundaryIoU,
+    ConfusionMatrix,
+    inner_boundary,
+    intersection_and_union,
+)
 
 
 def test_intersection_and_union_default_ignore_and_absent_classes():
@@ -82,3 +87,8 @@ def test_all_reduce_under_a_one_process_group(tmp_path):
         assert torch.equal(biou.counts, counts)
     finally:
         dist.destroy_process_group()
+
+
+def test_inner_boundary_rejects_a_width_below_one():
+    with pytest.raises(ValueError, match="boundary width must be >= 1, got 0"):
+        inner_boundary(torch.ones(1, 1, 4, 4, dtype=torch.bool), 0)
