@@ -335,7 +335,9 @@ def reference_step(
         logits_u, pseudo_mix, t_logits, drop_percent_at(step, s), s.faithful_unsup_scale
     )
     loss = loss_sup + s.unsup_weight * loss_unsup
-    res = RefResult(loss, {"loss_sup": float(loss_sup), "loss_unsup": float(loss_unsup)})
+    res = RefResult(
+        loss, {"loss_sup": float(loss_sup.detach()), "loss_unsup": float(loss_unsup.detach())}
+    )
     if ph == "sampling":
         _route(res, out["rep"][:b], out["logits"][:b], y_l, out_t["rep"], out_t["logits"], s)
     if ph == "proto":
@@ -361,7 +363,11 @@ def reference_step(
         l_pro = pro_l + pro_u
         scale = 0.25 if s.faithful_loss_scale else 1.0  # the official 1/world_size on 4 GPUs
         res.loss = loss + s.loss_weight * scale * l_pro
-        res.terms.update(loss_proto=float(l_pro), pro_l=float(pro_l), pro_u=float(pro_u))
+        res.terms.update(
+            loss_proto=float(l_pro.detach()),
+            pro_l=float(pro_l.detach()),
+            pro_u=float(pro_u.detach()),
+        )
         res.n_unlabeled_proto = n_u
         res.ema_feats = [f.detach() for f in feats_l + feats_u]
         res.ema_targets = tgt_l + tgt_u

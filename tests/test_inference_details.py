@@ -17,10 +17,11 @@ class Onehot(nn.Module):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
         self.c = num_classes
-        self.seen_autocast: list[bool] = []
+        self.seen_autocast: list[torch.dtype | None] = []
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        self.seen_autocast.append(torch.is_autocast_enabled(x.device.type))
+        on = torch.is_autocast_enabled(x.device.type)
+        self.seen_autocast.append(torch.get_autocast_dtype(x.device.type) if on else None)
         cls = x[:, 0].round().long().clamp(0, self.c - 1)
         return {"logits": nn.functional.one_hot(cls, self.c).permute(0, 3, 1, 2).float()}
 
@@ -93,6 +94,13 @@ def test_autocast_only_when_asked():
     mask = torch.zeros(1, 4, 4, dtype=torch.long)
     model = Onehot()
     evaluate(model, [_batch(mask)], 3, progress=False)
-    assert model.seen_autocast == [False]
-    evaluate(model, [_batch(mask)], 3, amp_dtype=torch.bfloat16, progress=False)
-    assert model.seen_autocast == [False, True]
+    assert model.seen_autocast == [None]
+    # float16, not the CPU's default autocast dtype (bfloat16): the asked dtype is used
+    evaluate(model, [_batch(mask)], 3, amp_dtype=torch.float16, progress=False)
+    assert model.seen_autocast == [None, torch.float16]
+
+
+def test_a_one_row_image_keeps_its_mask():
+    mask = torch.tensor([[[0, 1, 2, 1]]])  # [B = 1, H = 1, W = 4]: not a [B, 1, H, W] mask
+    res = evaluate(Onehot(), [_batch(mask)], 3, progress=False)
+    assert res["miou"] == pytest.approx(100.0, abs=1e-6)
