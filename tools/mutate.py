@@ -8,7 +8,8 @@ Each module is mutated with only the tests that exercise it selected, in a scrat
 checkout (``.mutmut/<name>/``, git-ignored), so a run finishes in minutes on a 2-core CPU rather
 than running the whole suite per mutant. The summary (killed / survived / other per module and
 the surviving mutant names) goes to stdout and to ``.mutmut/report.txt``; inspect a survivor
-with ``cd .mutmut/<name> && mutmut show <mutant>``. Not part of CI.
+with ``cd .mutmut/<name> && mutmut show <mutant>``; the known survivors and why each is
+equivalent are in ``tools/mutation_survivors.md``. Not part of CI.
 """
 
 from __future__ import annotations
