@@ -21,7 +21,7 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _vendor/mathjax
 MATHJAX := $(MATHJAX_DIR)/.mathjax-$(MATHJAX_VERSION)  # refetched when the version changes
 
-.PHONY: book test venv lint format clean results mathjax
+.PHONY: book test venv lint format clean results mathjax mutate
 
 venv: $(STAMP)
 
@@ -62,6 +62,13 @@ test: venv mathjax
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Mutation testing of the core modules (mutmut, targeted tests per module; not part of CI):
+#   make mutate                       every module of tools/mutate.py
+#   make mutate MODULES="teacher bank" some of them; report in .mutmut/report.txt
+MODULES ?=
+mutate: venv
+	$(PY) tools/mutate.py $(MODULES)
 
 format: venv
 	$(VENV)/bin/ruff format .

@@ -238,7 +238,7 @@ assert gain > 5
 # ResNet-101 with a different preset.
 #
 # The supervised step computes $\mathcal{L}_s = 0.5\,\mathrm{CE} + 0.5\,\mathrm{OHEM}$ on the
-# labeled pixels, as the paper does (spec §4.3): OHEM is the cross-entropy over the pixels
+# labeled pixels, as the paper does ({ref}`appendix <authors-step>`): OHEM is the cross-entropy over the pixels
 # whose ground-truth probability is at most $\max(0.7, p_{(k)})$, $p_{(k)}$ being the $k$-th
 # smallest, so that at least $k$ hard pixels count. The official $k = 100{,}000$ is about
 # 10 % of a 4 × 513² batch; the DigitScenes presets keep that share ($k = 6{,}000$ of
@@ -388,3 +388,25 @@ print(
     f"the committed {budget}-step budget would take about {budget * sec_per_step / 60:.1f} min per run."
 )
 print("(the 'train s' column above was measured while other jobs shared the CPU, so it is longer)")
+
+# %% [markdown]
+# ## Summary
+#
+# * DigitScenes is a benchmark of 64-px scenes of real handwritten digits, generated in
+#   seconds, with every pixel labeled (version 3, boundaries included), read through the
+#   same split-list dataset code as PASCAL VOC.
+# * The model is DeepLabV3+ with a small CPU encoder at the paper's strides, trained with
+#   $0.5\,\mathrm{CE} + 0.5\,\mathrm{OHEM}$; its 16 × 16 stride-4 map limits the boundary
+#   score, so mBIoU is read against the stride-4 reference, not against 100 %.
+# * SupOnly with few and with all labels sets the gap the book tries to close; the version-3
+#   calibration is not done (SupOnly with all labels is below its 70 % target on the seeds
+#   run so far).
+#
+# ```{admonition} What we could not check here
+# :class: note
+# How large the SupOnly gap is on PASCAL VOC, Cityscapes and COCO with the paper's
+# ImageNet-pretrained ResNet-101 or Xception-65: that needs the real data sets, the pretrained
+# weights (nothing can be downloaded here) and GPUs. Whether what DigitScenes shows carries
+# over to ~500-px photographs, whose stride-4 maps are about 129 pixels wide instead of 16, is
+# an open question that no CPU run here can answer.
+# ```

@@ -229,7 +229,7 @@ else:
 # %% [markdown]
 # With the 1,488 Cityscapes split the unlabeled list is one image shorter than the labeled
 # one. The official loader resamples the labeled list to the unlabeled length, so it silently
-# drops one labeled image (spec §12 Q18).
+# drops one labeled image ({ref}`Q18 <authors-quirks>` in the {ref}`appendix <authors-quirks>`).
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 3))
@@ -253,24 +253,24 @@ plt.show()
 # %% [markdown]
 # ## Evaluation protocols, and why they move the numbers
 #
-# `brpg.engine.inference` implements the three protocols of the official code (spec §10):
+# `brpg.engine.inference` implements the three protocols of the official code ({ref}`appendix <authors-data>`):
 #
 # * **center crop**: the val image is padded symmetrically to at least the crop size, then
 #   centre-cropped to it, and scored at that size. The official code validates like this
 #   during training (513 for VOC, 769 for Cityscapes, 641 for COCO). It keeps the best value
-#   over many evaluations, which is optimistic (spec §12 Q7).
+#   over many evaluations, which is optimistic ({ref}`Q7 <authors-quirks>`).
 # * **full**: one forward on the whole image at its own resolution.
 # * **sliding**: square windows slide over the full image; each window's logits are averaged
 #   where windows overlap. The official `eval.py` does this for Cityscapes, with 769×769
 #   windows and stride ⌈2/3·769⌉ = 513 over the full 2048×1024 frames.
 #
-# `eval.py` computes no mIoU for VOC and COCO (it only saves predictions, spec §12 Q8). The
+# `eval.py` computes no mIoU for VOC and COCO (it only saves predictions, {ref}`Q8 <authors-quirks>`). The
 # published VOC and COCO numbers therefore most likely come from the in-training centre crop,
 # and the Cityscapes numbers from the sliding window. These are the protocols the presets
 # use. What each protocol sees:
 #
 # * **VOC**: an image is at most 500 px per side, so a 513 crop holds the *whole* image plus a
-#   padded border. The official code pads the label with 0 ("background", spec §12 Q6), so
+#   padded border. The official code pads the label with 0 ("background", {ref}`Q6 <authors-quirks>`), so
 #   the border is scored as background that the model finds easily. The background IoU goes
 #   up a little, and so does the mIoU through it. `data.pad_label: 255` (our default) ignores
 #   the border; `data.pad_label: 0` is the *faithful* switch.
@@ -395,7 +395,7 @@ for name in prepared:
 # ## From a preset to datasets
 #
 # A preset names the data set, the split and the paper's settings for it. The SupOnly presets
-# take the official "suponly" configurations (spec §11). The paper trained for a number of
+# take the official "suponly" configurations ({ref}`appendix <authors-data>`). The paper trained for a number of
 # *epochs* on 4 GPUs; a preset counts *steps*, converted with the official loader arithmetic:
 # one epoch is ⌊⌈n_labeled / 4⌉ / batch⌋ iterations. `train.batch_size` is per process, so
 # `torchrun --nproc_per_node 4 -m brpg train --config <preset>` matches the paper. On one GPU
@@ -444,7 +444,7 @@ display(
 )
 
 # %% [markdown]
-# The official COCO "suponly" configuration is a copy of the VOC one (spec §12 Q17), so the
+# The official COCO "suponly" configuration is a copy of the VOC one ({ref}`Q17 <authors-quirks>`), so the
 # COCO preset takes the VOC column with COCO's model (Xception-65) and COCO's validation crop.
 # The official Cityscapes suponly run also trains an auxiliary head on layer 3, which is not
 # built here.
@@ -586,3 +586,12 @@ shutil.rmtree(WORK)
 #   means using the same protocol (`eval.*` in the presets) and deciding on `data.pad_label`.
 # * `data_scripts/` prepares each data set into the layout the loaders read. The presets carry
 #   the paper's settings, with epochs converted to steps for 4 GPUs.
+#
+# ```{admonition} What we could not check here
+# :class: note
+# The preparation scripts and loaders ran only on miniature archives with the official
+# internal layouts; downloading and converting the real PASCAL VOC + SBD, Cityscapes and COCO
+# archives (several GB each), and their checksums, are untested here, as is the size of the
+# protocol effects (centre crop vs sliding window, label padding) on a trained model. The split
+# lists were checked against the project's reference copy only where `../shared/splits` exists.
+# ```

@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
     tr.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
+    tr.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even if the config differs from the checkpoint's",
+    )
     tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tr.add_argument(
         "--progress-interval",
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 resume=args.resume,
                 progress=not args.no_progress,
                 progress_interval=args.progress_interval,
+                allow_config_change=args.allow_config_change,
             )
             summary = trainer.fit()
             if trainer.dist.is_main:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from brpg.method.cpg import (
     NOT_SELECTED,
@@ -44,9 +43,11 @@ def test_confidence_and_downsample():
     labels = torch.arange(16).view(1, 4, 4)
     small = downsample_labels(labels, 2)
     assert small.tolist() == [[[0, 2], [8, 10]]] and small.dtype == torch.long
-    labels = torch.randint(0, 5, (2, 9, 9))
-    ref = F.interpolate(labels[:, None].float(), size=(3, 4), mode="nearest")[:, 0].long()
-    assert torch.equal(downsample_labels(labels, (3, 4)), ref)
+    # nearest, as the official F.interpolate(mode="nearest"): small pixel i reads ⌊i·9/3⌋ = 0, 3,
+    # 6 along the rows and ⌊j·9/4⌋ = 0, 2, 4, 6 along the columns (not a centred rule)
+    labels = torch.arange(81).view(1, 9, 9)
+    want = [[r * 9 + c for c in (0, 2, 4, 6)] for r in (0, 3, 6)]
+    assert downsample_labels(labels, (3, 4)).tolist() == [want]
 
 
 def test_route_labeled_hand_made_2x2():

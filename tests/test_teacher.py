@@ -52,13 +52,14 @@ def test_update_averages_parameters_only():
     t0 = [p.clone() for p in teacher.module.parameters()]
     tb0 = [b.clone() for b in teacher.module.buffers()]
     _perturb(student, 1)
-    d = teacher.update(student, step=1)  # decay 0.5
-    assert d == 0.5
+    d = teacher.update(student, step=3)  # decay 0.75: teacher and student weights differ
+    assert d == 0.75
     for pt, p0, ps in zip(teacher.module.parameters(), t0, student.parameters(), strict=True):
-        torch.testing.assert_close(pt, 0.5 * p0 + 0.5 * ps)
+        torch.testing.assert_close(pt, 0.75 * p0 + 0.25 * ps)
+        assert not torch.allclose(pt, 0.25 * p0 + 0.75 * ps)  # roles swapped would differ
     for bt, b0 in zip(teacher.module.buffers(), tb0, strict=True):
         assert torch.equal(bt, b0)  # buffers untouched
-    assert teacher.step == 2
+    assert teacher.step == 4
     # t = 0 → the teacher becomes the student exactly; the counter drives the default t
     teacher.step = 0
     assert teacher.update(student) == 0.0

@@ -80,8 +80,12 @@ def test_train_writes_summary_and_eval_agrees(tmp_path, data_root):
                 "config", "commit"):  # fmt: skip
         assert key in summary
     assert summary["steps"] == 6 and len(summary["per_class_iou"]) == 11
-    assert 0.0 <= summary["val_miou"] <= 100.0
-    assert len(summary["per_class_biou"]) == 11 and 0.0 <= summary["val_mbiou"] <= 100.0
+    # mIoU / mBIoU are the plain means of the per-class values, which are not all equal
+    assert summary["val_miou"] == pytest.approx(sum(summary["per_class_iou"]) / 11)
+    assert len(set(summary["per_class_iou"])) > 1 and 0.0 < summary["val_miou"] <= 100.0
+    assert len(summary["per_class_biou"]) == 11
+    assert summary["val_mbiou"] == pytest.approx(sum(summary["per_class_biou"]) / 11)
+    assert summary["best_val_miou"] >= summary["val_miou"]
     assert summary["biou_dilation_ratio"] == 0.02
     assert summary["config"]["data"]["labeled_split"] == "splits/1_8/labeled.txt"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -118,12 +119,14 @@ def test_no_confident_pixel_leaves_the_supervised_term_alone(data_root):
 
 
 def test_confident_ce_divides_by_all_pixels():
-    logits = torch.randn(2, 5, 4, 4)
-    pseudo = torch.randint(0, 5, (2, 4, 4))
-    conf = torch.rand(2, 4, 4)
-    ce = F.cross_entropy(logits, pseudo, reduction="none")
-    want = ce[conf >= 0.5].sum() / 32
-    torch.testing.assert_close(confident_ce(logits, pseudo, conf, 0.5), want)
+    # 2 classes, 4 pixels. Logits (ln 3, 0): p = (3/4, 1/4). Pixel 0 (target 0, CE ln 4/3) and
+    # pixel 1 (target 1, CE ln 4) are confident; pixel 2 sits at the threshold (kept: ≥); pixel 3
+    # is below it. Sum ln(4/3) + ln 4 + ln(4/3), divided by all 4 pixels, not by the 3 kept.
+    logits = torch.tensor([[[[math.log(3.0)] * 4], [[0.0] * 4]]])  # [1, 2, 1, 4]
+    pseudo = torch.tensor([[[0, 1, 0, 1]]])
+    conf = torch.tensor([[[0.9, 0.6, 0.5, 0.49]]])
+    want = (2 * math.log(4 / 3) + math.log(4.0)) / 4
+    assert float(confident_ce(logits, pseudo, conf, 0.5)) == pytest.approx(want, rel=1e-6)
 
 
 class _Recorder:

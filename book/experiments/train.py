@@ -148,3 +148,20 @@ if exp.cfg.train.brpg:
     assert events and sum(events[-1]["prototypes_per_class"]) > 0, "no class got a prototype"
     print(f"prototypes per class: {events[-1]['prototypes_per_class']}")
 print(f"summary: {exp.output_dir / 'summary.json'}")
+
+# %% [markdown]
+# ## Summary
+#
+# * This notebook trains and evaluates one table cell; `brpg reproduce` runs it through
+#   papermill with the cell's parameters.
+# * It checks its parameters before training, resumes from `output_dir/run/last.pt` after a
+#   crash, and writes `summary.json` with the protocol, the profile, the hardware and the
+#   config hash.
+# * The copy in the book ran the 8-step smoke profile on fixture data; its mIoU means
+#   nothing.
+#
+# ```{admonition} What we could not check here
+# :class: note
+# The `full` profile: a real cell needs the prepared data set, the ImageNet weights and GPUs,
+# and has not been run in this project.
+# ```

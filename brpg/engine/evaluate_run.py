@@ -24,7 +24,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], progress: bool = True) -> 
     if not (run_dir / CKPT_NAME).exists():
         raise FileNotFoundError(f"{run_dir / CKPT_NAME} not found: the run saved no checkpoint yet")
     cfg = config_from_dict(apply_overrides(yaml.safe_load(cfg_path.read_text()), overrides))
-    trainer = Trainer(cfg, run_dir, resume=True, progress=progress)
+    # evaluation only: overrides (e.g. eval.protocol) change no training, so they are allowed
+    trainer = Trainer(cfg, run_dir, resume=True, progress=progress, allow_config_change=True)
     res = trainer.evaluate()
     res["step"] = trainer.step
     (run_dir / "eval.json").write_text(json.dumps(res, indent=2))

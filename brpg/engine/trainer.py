@@ -74,6 +74,37 @@ class RunDirError(RuntimeError):
     """The run directory is not usable as asked (exists without --resume, or nothing to resume)."""
 
 
+# Settings that may differ on resume: they say where and how fast a run trains, or what it logs,
+# not what it computes. Every other change (train.steps included: it moves the LR schedule and
+# every ramp) makes the resumed run another experiment than the one started, so it is refused
+# unless asked for explicitly (``allow_config_change``).
+RESUME_FREE_KEYS = frozenset(
+    {
+        "name",
+        "data.root",
+        "data.num_workers",
+        "train.device",
+        "train.threads",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.eval_every",
+        "eval.batch_size",
+    }
+)
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two ``Config.to_dict()`` (sorted)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in changed_keys(a, b)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
 def _mean_logs(logs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-key means of the micro-batches' logs (one micro-batch: its logs, untouched)."""
     if len(logs) == 1:
@@ -100,8 +131,10 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         progress_interval: float = 0.1,
+        allow_config_change: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.progress_interval = progress_interval  # seconds between progress-bar updates
@@ -186,6 +219,7 @@ class Trainer:
     def _load(self, path: Path | None) -> None:
         assert path is not None
         state = load_checkpoint(path, map_location=self.device)
+        self._check_resume_config(state.get("config"), path)
         runtime.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -197,6 +231,27 @@ class Trainer:
         self.wall_before = float(state["wall_s"])
         restore_rng_state(state["rng"])
         self._truncate_log()
+
+    def _check_resume_config(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """Refuse to resume with a config other than the checkpoint's (:data:`RESUME_FREE_KEYS`
+        aside) unless ``allow_config_change``."""
+        if saved is None or self.allow_config_change:
+            return
+        now = self.cfg.to_dict()
+        changed = [k for k in changed_keys(saved, now) if k not in RESUME_FREE_KEYS]
+        if changed:
+
+            def at(d: Any, key: str) -> Any:
+                for part in key.split("."):
+                    d = d.get(part) if isinstance(d, dict) else None
+                return d
+
+            listed = "; ".join(f"{k}: {at(saved, k)!r} -> {at(now, k)!r}" for k in changed)
+            raise RunDirError(
+                f"{path} was trained with another config; resuming with this one would mix two"
+                f" runs. Changed: {listed}. Resume with the original config, or pass"
+                " --allow-config-change (Trainer(allow_config_change=True)) to continue anyway."
+            )
 
     def load_weights(self, source: str | Path) -> None:
         """Start the student from the ``model`` weights of a checkpoint (file or run directory).

@@ -71,7 +71,7 @@ def save_predictions(cfg: Config, run_dir: Path, out: Path, n_images: int = 3) -
     from brpg.engine.inference import predict_logits
     from brpg.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, resume=True, progress=False)
+    trainer = Trainer(cfg, run_dir, resume=True, progress=False, allow_config_change=True)
     model = trainer.eval_model().eval()
     bench = BENCHMARKS.get(cfg.data.name)
     n = min(n_images, len(trainer.val))  # type: ignore[arg-type]

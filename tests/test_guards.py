@@ -1,0 +1,95 @@
+"""Guards: every config range rejects the first value outside it; a non-finite loss stops a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from brpg import config as C
+from brpg.config import ConfigError, load_config
+from brpg.engine import trainer as trainer_mod
+from brpg.engine.trainer import CKPT_NAME, Trainer
+
+
+def _field_type(path: str) -> type:
+    section, key = path.split(".")
+    cls = type(getattr(C.Config(), section))
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == key]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return type(value[0]) if isinstance(value, tuple) else type(value)
+
+
+def _outside(path: str) -> list[str]:
+    """The nearest values just outside the range of ``path``, as override strings."""
+    r = C._RANGES[path]
+    is_int = _field_type(path) is int
+    eps = 1 if is_int else 1e-3
+    out = []
+    if r.lo is not None:
+        out.append(r.lo if r.lo_open else r.lo - eps)
+    if r.hi is not None:
+        out.append(r.hi if r.hi_open else r.hi + eps)
+    tuple_field = isinstance(
+        getattr(getattr(C.Config(), path.split(".")[0]), path.split(".")[1]), tuple
+    )
+    fmt = (lambda v: f"{int(v) if is_int else float(v)}") if not tuple_field else None
+    if tuple_field:  # one bad element among good defaults is enough
+        default = getattr(getattr(C.Config(), path.split(".")[0]), path.split(".")[1])
+        return [f"{path}={[v, *default[1:]]}" for v in out]
+    assert fmt is not None
+    return [f"{path}={fmt(v)}" for v in out]
+
+
+RANGE_CASES = [case for path in C._RANGES for case in _outside(path)]
+
+
+def test_every_range_is_exercised():
+    assert len(RANGE_CASES) >= len(C._RANGES)
+
+
+@pytest.mark.parametrize("override", RANGE_CASES)
+def test_a_value_just_outside_its_range_is_rejected(override):
+    path = override.split("=")[0]
+    with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
+        load_config("digits_suponly_1_16", [override])
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_checkpointed(tmp_path, monkeypatch):
+    cfg = load_config(
+        "digits_suponly_1_16",
+        [
+            f"data.root={tmp_path / 'digits'}",
+            "data.digits_train=16",
+            "data.digits_val=8",
+            "model.width=8",
+            "model.decoder_channels=16",
+            "model.rep_dim=8",
+            "train.batch_size=4",
+            "train.steps=4",
+            "train.ckpt_every=1",
+            "train.log_every=1",
+            "train.threads=1",
+            "optim.warmup_steps=1",
+        ],
+    )
+    real = trainer_mod.suponly_step
+
+    def step(model, batch, cfg, need_rep=True):
+        loss, logs = real(model, batch, cfg, need_rep)
+        if tr.step == 2:  # the third step's loss is NaN
+            loss = loss * float("nan")
+            logs = {"loss_sup": loss.detach()}
+        return loss, logs
+
+    monkeypatch.setattr(trainer_mod, "suponly_step", step)
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        tr.fit()
+    # the checkpoint on disk is the last finite one (step 2), its weights finite
+    state = torch.load(Path(tmp_path / "run" / CKPT_NAME), weights_only=False)
+    assert state["step"] == 2
+    assert all(math.isfinite(float(v.float().abs().sum())) for v in state["model"].values())
