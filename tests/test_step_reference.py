@@ -33,12 +33,12 @@ from reference_step import (
 )
 
 from brpg.config import Config, load_config
-from brpg.frameworks import mean_teacher as semi_mod
 from brpg.engine.trainer import Trainer
+from brpg.frameworks import mean_teacher as semi_mod
 from brpg.frameworks.supervised import supervised_loss
+from brpg.frameworks.u2pl_loss import unsup_loss
 from brpg.method.prototype_ema import PrototypeBank
 from brpg.method.prototype_loss import prototype_loss
-from brpg.frameworks.u2pl_loss import unsup_loss
 
 STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11
 S, DS, DL = 3, 4, 3
