@@ -56,7 +56,8 @@ def overrides(data_root: Path, *extra: str) -> list[str]:
         "model.rep_dim=8",
         "model.rep_head=true",
         "model.dropout=0.0",
-        "train.method=brpg",
+        "train.framework=meanteacher",
+        "train.brpg=true",
         f"train.batch_size={B}",
         f"train.steps={STEPS}",
         "train.threads=1",
@@ -103,7 +104,7 @@ def settings(cfg: Config) -> RefSettings:
         ema_buffers=s.ema_buffers,
         copy_buffers=s.copy_buffers,
         teacher_bn_warmup=s.teacher_bn_warmup,
-        brpg=cfg.train.method == "brpg",
+        brpg=cfg.train.brpg,
         sample_start=p.sample_start_step,
         sample_steps=p.sample_steps,
         high_threshold=p.high_threshold,
@@ -193,16 +194,16 @@ class Recorder:
 
         def before_spy(step, student):
             logs = orig_before(step, student)
-            if method.bank is not None:  # the bank this step uses (after any clustering)
-                self.rec["protos"] = method.bank.prototypes.detach().clone()
-                self.rec["valid"] = method.bank.valid.clone()
+            if method.plugin.bank is not None:  # the bank this step uses (after any clustering)
+                self.rec["protos"] = method.plugin.bank.prototypes.detach().clone()
+                self.rec["valid"] = method.plugin.bank.valid.clone()
             return logs
 
         method.before_step = before_spy  # type: ignore[method-assign]
 
 
 def memory_rows(tr: Trainer, kind: str) -> dict[int, torch.Tensor]:
-    mem = tr.method.memory
+    mem = tr.method.plugin.memory
     if mem is None:
         return {}
     feats, valid = mem.get(kind, ordered=True)
@@ -281,7 +282,7 @@ def check_step(
         want_p = bank_after(
             r["protos"], r["valid"], ref.ema_feats, ref.ema_targets, s.proto_momentum
         )
-        torch.testing.assert_close(method.bank.prototypes, want_p, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(method.plugin.bank.prototypes, want_p, atol=1e-5, rtol=1e-5)
     return {
         "terms": ref.terms,
         "n_u": ref.n_unlabeled_proto,
