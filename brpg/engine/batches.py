@@ -102,7 +102,7 @@ class SeededSamples(Dataset):
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             # CPU generator only: torch.manual_seed also seeds every accelerator backend,
-            # and its lazy CUDA seeding formats a stack trace on each call (~0.16 ms, twice
+            # and its lazy CUDA seeding formats a stack trace on each call (~0.16 ms, once
             # per sample); transforms draw from the CPU generator alone, so batches are equal.
             torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
