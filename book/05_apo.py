@@ -208,7 +208,7 @@ fb = feature_batch(run, "labeled", n_images=n_lab, train_mode=True, seed=0)
 modes = appearance_modes(run, "labeled", n_images=n_lab)
 labels_s = fb["labels_small_bhw"]
 modes_s = F.interpolate(modes[:, None].float(), size=labels_s.shape[-2:], mode="nearest")
-modes_s = modes_s[:, 0].long()  # sampled like the labels (spec §5.1)
+modes_s = modes_s[:, 0].long()  # nearest-neighbour, as the labels are (appendix: CPG)
 correct = (fb["pred_bhw"] == labels_s) & (labels_s != 255)
 feats = fb["rep_bdhw"].permute(0, 2, 3, 1)  # [B, h, w, D]
 class_means = torch.stack(

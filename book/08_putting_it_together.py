@@ -216,8 +216,8 @@ for seed, counts in full_counts.items():
 # %% [markdown]
 # ## SupOnly, mean teacher and BRPG over three seeds
 #
-# The committed runs in `results/digits/` were made with
-# `python -m brpg.book.results run --configs <preset> --seeds 0 1 2 --dest results/digits`;
+# The committed runs in `results/digits/` are remade with
+# `brpg seeds --configs <preset> --seeds 0 1 2 --dest results/digits`;
 # each keeps its summary, its log and a `provenance.json` with the exact command, commit and
 # machine. This cell only reads them.
 

@@ -223,8 +223,8 @@ print("both frameworks drive the same BRPGPlugin methods, in the same phases")
 #
 # Each comparison below pairs a framework (or architecture) alone with the same plus BRPG,
 # with the same budget, seed and data order as the mean-teacher runs of chapter 8 (2,000
-# steps, 500 supervised warm-up, sampling window 500–600). The runs were made with
-# `python -m brpg.book.results run --configs <preset> --seeds ... --dest results/digits`; each keeps
+# steps, 500 supervised warm-up, sampling window 500–600). The runs are remade with
+# `brpg seeds --configs <preset> --seeds ... --dest results/digits`; each keeps
 # its summary, its log and a `provenance.json`. This cell only reads them.
 
 # %%

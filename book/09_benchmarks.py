@@ -56,6 +56,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import Markdown, display
+from torchvision import tv_tensors
 
 from brpg.config import load_config
 from brpg.data.benchmarks import (
@@ -65,7 +66,9 @@ from brpg.data.benchmarks import (
     sliding_stride,
 )
 from brpg.data.build import PROJECT_ROOT, build_datasets
+from brpg.data.transforms import RandomScale
 from brpg.engine.inference import window_starts
+from brpg.engine.metrics import ConfusionMatrix
 from brpg.engine.trainer import Trainer
 from brpg.prepare import fixtures
 from brpg.prepare.splits import read_lines
@@ -127,10 +130,15 @@ display(
 )
 for b in BENCHMARKS.values():
     assert len(b.class_names) == len(b.palette) == b.num_classes
-assert [b.num_classes for b in BENCHMARKS.values()] == [21, 19, 81]
-assert (VOC.train_size, VOC.val_size) == (10_582, 1_449)
-assert (CITYSCAPES.train_size, CITYSCAPES.val_size) == (2_975, 500)
-assert (COCO.train_size, COCO.val_size) == (118_287, 5_000)
+# The pool sizes above are checked against a second, independent source: the paper labels
+# ⌈pool / k⌉ images in its 1/k splits, so each pool must reproduce the published counts.
+fractions = {"pascal": ("blended", (16, 8, 4, 2)), "cityscapes": ("fine", (16, 8, 4, 2))}
+fractions["coco"] = ("fraction", (128, 64, 32, 16))
+for b in BENCHMARKS.values():
+    setting, ks = fractions[b.name]
+    derived = [math.ceil(b.train_size / k) for k in ks]
+    print(f"{b.name}: ⌈{b.train_size:,} / k⌉ for k = {ks}: {derived}")
+    assert derived == list(b.splits[setting].values()), (b.name, derived)
 
 # %% [markdown]
 # The colours are the conventional ones: VOC's bit-interleaved colour map (reused for COCO's
@@ -282,17 +290,31 @@ plt.show()
 
 # %%
 voc_h, voc_w = 375, 500  # a typical landscape VOC image
-pad_share = 1 - voc_h * voc_w / 513**2
+pad_share = 1 - voc_h * voc_w / 513**2  # arithmetic for the prose, not a check
 crop_share = 769**2 / (2048 * 1024)
 print(f"VOC 500x375 in a 513 crop: {pad_share:.1%} of the crop is padding")
 print(f"Cityscapes 769 centre crop: {crop_share:.1%} of the 2048x1024 frame")
-assert 0.28 < pad_share < 0.29 and 0.28 < crop_share < 0.29
-assert (2048 - 769) // 2 == 639 and 0.31 < 639 / 2048 < 0.32
 assert 640 < COCO.in_training_eval.crop_size  # the COCO crop holds any COCO image
 
-# Padding the label with 0 adds P easy background pixels to both I and U: IoU_bg rises.
-inter, union, padded = 700.0, 800.0, 280.0
-assert (inter + padded) / (union + padded) > inter / union
+# Measured with the package's own scoring: a VOC-sized prediction with a 10-px band of
+# background taken for the object, centre-padded to 513 with label 0 as the official code
+# does, or with 255 as our default. ConfusionMatrix ignores 255; 0 scores the border as easy
+# background, which the model (seeing zeros there) predicts.
+target_hw = torch.zeros(voc_h, voc_w, dtype=torch.long)
+target_hw[100:300, 100:400] = 1  # an object
+pred_hw = target_hw.clone()
+pred_hw[90:100, 100:400] = 1  # a 10-px band of background predicted as the object
+top_p, left_p = (513 - voc_h) // 2, (513 - voc_w) // 2
+pad = (left_p, 513 - voc_w - left_p, top_p, 513 - voc_h - top_p)
+bg_iou = {}
+for pad_label in (255, 0):
+    cm = ConfusionMatrix(2)
+    pad_t = torch.nn.functional.pad(target_hw, pad, value=pad_label)
+    pad_p = torch.nn.functional.pad(pred_hw, pad, value=0)  # the model sees zeros: background
+    cm.update(pad_p, pad_t)
+    bg_iou[pad_label] = cm.iou()[0].item()
+print(f"background IoU, label padded with 255: {bg_iou[255]:.4f}; with 0: {bg_iou[0]:.4f}")
+assert bg_iou[0] > bg_iou[255]
 
 cs = CITYSCAPES.offline_eval
 assert (cs.protocol, cs.crop_size, cs.stride) == ("sliding", 769, 513)
@@ -342,8 +364,23 @@ def p_scale_below(t: float) -> float:
 
 
 p_voc, p_cs = p_scale_below(513 / 375), p_scale_below(769 / 1024)
-print(f"padded labeled crops: VOC 500x375 {p_voc:.0%}, Cityscapes {p_cs:.0%}")
-assert 0.68 < p_voc < 0.69 and 0.25 < p_cs < 0.26
+print(f"padded labeled crops (formula): VOC 500x375 {p_voc:.1%}, Cityscapes {p_cs:.1%}")
+
+# The formula against the package's own scale draw (RandomScale of the presets), 20,000 draws:
+# a crop is padded when the rescaled height is below the crop size.
+torch.manual_seed(0)
+n_draws = 20_000
+for name, preset, (h, w), crop, p_formula in (
+    ("VOC", "voc_brpg_classic_366", (375, 500), 513, p_voc),
+    ("Cityscapes", "cityscapes_brpg_744", (1024, 2048), 769, p_cs),
+):
+    scale = RandomScale(load_config(preset).data.scale_range)
+    image = tv_tensors.Image(torch.zeros(1, h, w, dtype=torch.uint8))
+    heights = [scale.make_params([image])["size"][0] for _ in range(n_draws)]
+    p_measured = float(np.mean(np.array(heights) < crop))
+    sigma = math.sqrt(p_formula * (1 - p_formula) / n_draws)
+    print(f"{name}: {p_measured:.1%} of {n_draws:,} drawn crops padded (formula {p_formula:.1%})")
+    assert abs(p_measured - p_formula) < 4 * sigma + 1 / h  # 1/h: the draw rounds the height
 
 # %% [markdown]
 # ## Preparing the data

@@ -1,4 +1,5 @@
-"""The ``brpg`` command line: ``train``, ``eval``, ``presets``, ``reproduce`` and ``results``.
+"""The ``brpg`` command line: ``train``, ``eval``, ``presets``, ``seeds``, ``reproduce`` and
+``results``.
 
 Examples::
 
@@ -8,7 +9,9 @@ Examples::
     brpg eval --run runs/x
     brpg reproduce --table voc_classic --cells 366 --gpus 4 --data-root data
     brpg reproduce --table coco --profile smoke        # CPU pipeline check on fixture data
-    brpg results --root runs/reproduce
+    brpg seeds --configs digits_suponly_1_16 digits_brpg_1_16 --seeds 0 1 2 --dest results/digits
+    brpg results --root results/digits                  # mean ± std over seeds per config
+    brpg results --root runs/reproduce                  # the paper's tables beside ours
 """
 
 from __future__ import annotations
@@ -86,10 +89,48 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--slurm-cluster", default="slurm", help=argparse.SUPPRESS)
     rp.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
 
-    rs = sub.add_parser("results", help="tables and a plot of the reproduced cells vs the paper")
+    sd = sub.add_parser(
+        "seeds",
+        help="train presets over seeds and keep each run's summary, log and provenance",
+        description="Train every --configs preset with each of --seeds (train.seed) and keep"
+        " summary.json, log.jsonl, config.yaml and provenance.json in DEST/<config>/seed<k>/"
+        " (the layout of the book's committed results). Finished runs are skipped; an"
+        " interrupted one resumes from runs/results/ when the command is repeated.",
+    )
+    sd.add_argument("--configs", nargs="+", required=True, help="preset names or YAML paths")
+    sd.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    sd.add_argument("--dest", type=Path, default=Path("results/digits"))
+    sd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    rs = sub.add_parser(
+        "results",
+        help="tables of stored results: seed studies (mean ± std) or paper cells (vs the paper)",
+        description="Table the summary.json files under --root. A folder of seed studies"
+        " (<config>/seed<k>/summary.json, written by `brpg seeds`) gives one row per config with"
+        " mean ± std over seeds; a folder of paper cells (written by `brpg reproduce`) gives the"
+        " paper's tables beside ours, as Markdown, HTML and a plot.",
+    )
     rs.add_argument("--root", default="runs/reproduce", help="folder searched for summary.json")
-    rs.add_argument("--out", help="where the tables and plots go (default: --root)")
+    rs.add_argument("--out", help="paper cells: where the tables and plots go (default: --root)")
     return p
+
+
+def _results(root: Path, out: str | None) -> int:
+    """``brpg results``: a seed-study table, or the paper-cell report (see the subcommand)."""
+    from brpg.book.results import format_table, summarise
+    from brpg.reproduce.report import build_report, load_summaries
+
+    if not root.is_dir():
+        print(f"error: --root {root}: no such folder", file=sys.stderr)
+        return 1
+    study_rows = summarise(root)
+    if study_rows and not load_summaries(root):
+        print(format_table(study_rows))
+        return 0
+    for r in build_report(root, out).values():
+        print(r["markdown"])
+        print("wrote " + ", ".join(str(f) for f in r["files"]) + "\n")
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -135,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_presets()))
         return 0
     if args.cmd == "results":
-        from brpg.reproduce.report import main as results_main
-
-        return results_main(["--root", args.root, *(["--out", args.out] if args.out else [])])
+        return _results(Path(args.root), args.out)
     # Heavy imports only once a command needs them (keeps `brpg --help` instant).
     from brpg.data.splitlist import DatasetError
     from brpg.engine.trainer import RunDirError, Trainer
@@ -164,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                     f" mBIoU {summary['val_mbiou']:.2f} % after {summary['steps']}"
                     f" steps ({summary['wall_s']:.0f} s) -> {out / 'summary.json'}"
                 )
+            return 0
+        if args.cmd == "seeds":
+            from brpg.book.results import format_table, run_and_store, summarise
+
+            for config in args.configs:
+                for seed in args.seeds:
+                    run_and_store(config, seed, args.dest, args.set)
+            print(format_table(summarise(args.dest)))
             return 0
         if args.cmd == "reproduce":
             return _reproduce(args)

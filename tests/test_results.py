@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from brpg import cli
 from brpg.book import results
 from brpg.book.results import format_table, load_runs, mean_std, summarise
 from brpg.reproduce import report
@@ -49,8 +50,48 @@ def test_table_with_and_without_mbiou(tmp_path, capsys):
     assert "| new | 3 | 72.0 ± 2.0 | 70.0, 72.0, 74.0 | 44.0 ± 4.0 | 10 | 2 |" in table
     assert "| old | 1 | 30.0 ± 0.0 | 30.0 | — | 10 | 2 |" in table
     assert "| mixed | 2 | 51.0 ± 1.4 | 50.0, 52.0 | 20.0 ± 0.0 (1 of 2 seeds) | 10 | 2 |" in table
-    assert results.main(["table", str(tmp_path)]) == 0  # the CLI path
-    assert "val mBIoU (%)" in capsys.readouterr().out
+    assert cli.main(["results", "--root", str(tmp_path)]) == 0  # the CLI path
+    out = capsys.readouterr().out
+    assert "| new | 3 | 72.0 ± 2.0 |" in out and "val mBIoU (%)" in out
+    assert not list(tmp_path.glob("results_*"))  # a seed study is not a paper-cell report
+
+
+def test_results_command_names_a_missing_folder(tmp_path, capsys):
+    assert cli.main(["results", "--root", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_seeds_command_trains_each_seed_once_and_keeps_provenance(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the runs' work folders go to ./runs/results
+    sets = [
+        f"data.root={tmp_path / 'digits'}",
+        "data.digits_train=32",
+        "data.digits_val=8",
+        "model.width=8",
+        "model.decoder_channels=16",
+        "model.rep_dim=16",
+        "train.batch_size=2",
+        "train.steps=2",
+        "train.threads=1",
+        "train.tensorboard=never",
+        "optim.warmup_steps=1",
+        "eval.batch_size=8",
+    ]
+    argv = ["seeds", "--configs", "digits_suponly_1_16", "--seeds", "0", "1"]
+    argv += ["--dest", "dest", *[a for s in sets for a in ("--set", s)]]
+    assert cli.main(argv) == 0
+    runs = load_runs(tmp_path / "dest")["digits_suponly_1_16"]
+    assert sorted(r["config"]["train"]["seed"] for r in runs) == [0, 1]
+    for seed in (0, 1):
+        folder = tmp_path / "dest" / "digits_suponly_1_16" / f"seed{seed}"
+        assert {"summary.json", "log.jsonl", "config.yaml", "provenance.json"} <= {
+            f.name for f in folder.iterdir()
+        }
+        prov = json.loads((folder / "provenance.json").read_text())
+        assert f"--set train.seed={seed}" in prov["command"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # repeated: both runs are found done, nothing retrains
+    assert capsys.readouterr().out.count("skip ") == 2
 
 
 def test_committed_digits_results_predate_mbiou_and_still_table():

@@ -21,12 +21,10 @@ crop), and the train-mode (dropout) forwards of :func:`feature_batch` and
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,16 +37,14 @@ from torch.utils.data import Dataset
 
 from brpg.config import Config, load_config
 from brpg.data.build import resolve_data_root
+from brpg.engine import runtime
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.trainer import CKPT_NAME, Trainer
 from brpg.method.clustering import cluster_prototypes
 from brpg.method.cpg import (
-    Rows,
     confidence,
+    cpg_rows,
     downsample_labels,
-    memory_rows,
-    route_labeled,
-    route_unlabeled,
 )
 from brpg.method.memory import PrototypeMemory
 from brpg.models import build_model
@@ -142,23 +138,6 @@ def run_dir_for(
     return resolve_data_root(str(run_root)) / name
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive inter-process lock file beside ``run_dir`` (a no-op where there is no fcntl)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 # The mechanism chapters (2-8b) were measured on DigitScenes version 2, whose 1-px ignore band
 # (`ignore_band=1`) version 3 turned off; their warm model keeps that data, in its own cache
 # folder, until the evidence study redoes them on version-3 runs. Version 3 with the band on
@@ -196,7 +175,9 @@ def warm_model(
     cfg = load_config(preset, [*extra, *(overrides or [])])
     run_dir = run_dir_for(preset, steps, seed, run_root, overrides)
     summary_path = run_dir / "summary.json"
-    with _run_lock(run_dir):  # two notebooks asking at once: one trains, the other waits
+    with runtime.exclusive_lock(
+        run_dir
+    ):  # two notebooks asking at once: one trains, the other waits
         summary: dict[str, Any] | None = None
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -383,7 +364,8 @@ def fill_memories(
     model as the teacher (eval mode) and :func:`brpg.method.cpg.route_unlabeled` adds its confident
     pixels to the high rows. :func:`brpg.method.cpg.memory_rows` then keeps at most
     ``sample_pixel_num·2B`` random high rows and ``sample_pixel_num·B`` random low rows, which
-    are pushed into a :class:`~brpg.method.memory.PrototypeMemory` of ``capacity`` rows per class and
+    are pushed (all by :func:`brpg.method.cpg.cpg_rows`, as the trainer does) into a
+    :class:`~brpg.method.memory.PrototypeMemory` of ``capacity`` rows per class and
     kind. The model's weights and BN statistics are not changed.
 
     This is the sampling window without training in between: the model is frozen, as it
@@ -397,16 +379,24 @@ def fill_memories(
     for s in range(n_batches):
         step_seed = seed * 1_000_003 + s  # feature_batch(..., train_mode=True, seed=step_seed)
         lab = _outputs(student, *_items(run.labeled, s * batch_size, batch_size), step_seed)
-        routes = route_labeled(lab["rep_bdhw"], lab["logits_bchw"], lab["labels_small_bhw"], tau_h)
-        dim = lab["rep_bdhw"].shape[1]
-        if unlabeled:
-            unl = _outputs(run.model, *_items(run.unlabeled, s * batch_size, batch_size), 0)
-            rows_u = route_unlabeled(unl["rep_bdhw"], unl["logits_bchw"], unlabeled_threshold)
-        else:
-            rows_u = Rows(torch.empty(0, dim), torch.empty(0, dtype=torch.long))
-        high, low = memory_rows(routes, rows_u, batch_size, sample_pixel_num, gen)
+        unl = (
+            _outputs(run.model, *_items(run.unlabeled, s * batch_size, batch_size), 0)
+            if unlabeled
+            else {"rep_bdhw": None, "logits_bchw": None}
+        )
+        high, low = cpg_rows(
+            lab["rep_bdhw"],
+            lab["logits_bchw"],
+            lab["labels_small_bhw"],
+            unl["rep_bdhw"],
+            unl["logits_bchw"],
+            tau_h,
+            unlabeled_threshold=unlabeled_threshold,
+            sample_pixel_num=sample_pixel_num,
+            generator=gen,
+        )
         if memory is None:
-            memory = PrototypeMemory(num_classes, dim, capacity, sync=False)
+            memory = PrototypeMemory(num_classes, lab["rep_bdhw"].shape[1], capacity, sync=False)
         memory.push("high", *high)
         memory.push("low", *low)
     if memory is None:

@@ -8,21 +8,19 @@ next to it, and re-run one short run live. Layout::
     results/digits/<config>/seed<k>/log.jsonl      (its training log)
     results/digits/<config>/seed<k>/provenance.json (command, commit, machine, date)
 
-Usage::
+The commands (:mod:`brpg.cli`)::
 
-    python -m brpg.book.results run --configs digits_suponly_1_16 digits_suponly_full \
-        --seeds 0 1 2 --dest results/digits
-    python -m brpg.book.results table results/digits
+    brpg seeds --configs digits_suponly_1_16 digits_suponly_full --seeds 0 1 2 \
+        --dest results/digits
+    brpg results --root results/digits
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -224,32 +222,3 @@ def run_and_store(
         f" {summary['val_mbiou']:.2f} % mBIoU ({summary['wall_s']:.0f} s)"
     )
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m brpg.book.results", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train configs over seeds and store their results")
-    r.add_argument("--configs", nargs="+", required=True)
-    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    r.add_argument("--dest", type=Path, default=Path("results/digits"))
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    t = sub.add_parser("table", help="print the mean ± std table of stored results")
-    t.add_argument("dest", type=Path)
-    args = p.parse_args(argv)
-    if args.cmd == "run":
-        for config in args.configs:
-            for seed in args.seeds:
-                run_and_store(config, seed, args.dest, args.set)
-        print(format_table(summarise(args.dest)))
-    else:
-        rows = summarise(args.dest)
-        if not rows:
-            print(f"no results under {args.dest}", file=sys.stderr)
-            return 1
-        print(format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

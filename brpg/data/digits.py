@@ -62,12 +62,10 @@ unlabeled is the rest of the train scenes (empty for ``full``). Read it back wit
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +78,7 @@ from brpg.config import DataConfig
 from brpg.data.palette import voc_colour_map
 from brpg.data.splitlist import DatasetError, SplitListDataset
 from brpg.data.transforms import build_eval_transform, build_train_transform
+from brpg.engine import runtime
 
 GENERATOR_VERSION = 3  # 3: boundary pixels labeled (ignore_band 0); 2: 1-px 255 band
 NUM_CLASSES = 11
@@ -536,22 +535,6 @@ def _cache_ok(root: Path, params: dict[str, Any]) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """An exclusive inter-process lock next to ``root`` (so DDP ranks generate once)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(root.parent / f".{root.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_digit_scenes(
     root: str | Path,
     seed: int = 0,
@@ -575,7 +558,7 @@ def ensure_digit_scenes(
     if _cache_ok(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(root):
+    with runtime.exclusive_lock(root):
         if _cache_ok(root, params):  # another process finished it meanwhile
             return root
         if root.exists() and any(root.iterdir()) and not (root / "meta.json").exists():

@@ -60,51 +60,41 @@ def intersection_and_union(
     return area_inter, area_pred + area_target - area_inter, area_target
 
 
-class ConfusionMatrix:
-    """A ``C×C`` int64 confusion matrix accumulated on ``device`` (spec §10)."""
+class _IoUCounts:
+    """What :class:`ConfusionMatrix` and :class:`BoundaryIoU` share: int64 counts on a device,
+    summed over batches and ranks, with IoU = intersection / union per class."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        ignore_index: int = 255,
-        device: torch.device | str | None = None,
-    ) -> None:
+    _STATE_KEY = "counts"  # the counts' key in state_dict()
+
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
-        self.mat = torch.zeros(
-            (self.num_classes, self.num_classes), dtype=torch.int64, device=device
-        )
 
-    @torch.no_grad()
-    def update(self, pred_bhw: Tensor, target_bhw: Tensor) -> None:
-        """Add one batch of predicted and ground-truth label maps (same shape, any batch)."""
+    @staticmethod
+    def _check_shapes(pred_bhw: Tensor, target_bhw: Tensor) -> None:
         if pred_bhw.shape != target_bhw.shape:
             raise ValueError(
                 f"pred shape {tuple(pred_bhw.shape)} != target shape {tuple(target_bhw.shape)}"
             )
-        c = self.num_classes
-        pred = pred_bhw.reshape(-1).to(self.mat.device, torch.int64)
-        target = target_bhw.reshape(-1).to(self.mat.device, torch.int64)
-        valid = (target >= 0) & (target < c) & (target != self.ignore_index)
-        valid &= (pred >= 0) & (pred < c)
-        # Invalid pixels go to an extra bin c*c that is dropped: no boolean indexing, no sync.
-        idx = torch.where(valid, target * c + pred, torch.full_like(target, c * c))
-        self.mat += torch.bincount(idx, minlength=c * c + 1)[: c * c].view(c, c)
 
-    def reset(self) -> None:
-        self.mat.zero_()
+    @property
+    def _counts(self) -> Tensor:
+        """The accumulated counts: reset and all-reduced as one tensor."""
+        raise NotImplementedError
 
-    def all_reduce(self) -> None:
-        """Sum the matrix over all ranks when ``torch.distributed`` is initialised."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
-
-    # -- derived quantities -----------------------------------------------------------------
     def intersection(self) -> Tensor:
-        return self.mat.diagonal()
+        raise NotImplementedError
 
     def union(self) -> Tensor:
-        return self.mat.sum(0) + self.mat.sum(1) - self.mat.diagonal()
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self._counts.zero_()
+
+    def all_reduce(self) -> None:
+        """Sum the counts over all ranks when ``torch.distributed`` is initialised."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._counts, op=dist.ReduceOp.SUM)
 
     def iou(self) -> Tensor:
         """Per-class IoU as a fraction in [0, 1], float64 ``[C]``; absent classes give 0."""
@@ -114,26 +104,73 @@ class ConfusionMatrix:
         """Mean IoU over all ``C`` classes, in PERCENT."""
         return float(self.iou().mean()) * 100.0
 
-    def pixel_acc(self) -> float:
-        """Correct / valid pixels, in PERCENT (0 when nothing was counted)."""
-        total = self.mat.sum()
-        return float(self.mat.diagonal().sum().double() / total.clamp_min(1).double()) * 100.0
+    def _extra_state(self) -> dict[str, object]:
+        """Settings saved beside the counts (besides ``num_classes`` and ``ignore_index``)."""
+        return {}
 
     def state_dict(self) -> dict[str, object]:
         return {
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
-            "matrix": self.mat.detach().cpu().clone(),
+            **self._extra_state(),
+            self._STATE_KEY: self._counts.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        mat = state["matrix"]
-        assert isinstance(mat, Tensor)
-        if tuple(mat.shape) != (self.num_classes, self.num_classes):
+        counts = state[self._STATE_KEY]
+        assert isinstance(counts, Tensor)
+        if counts.shape != self._counts.shape:
             raise ValueError(
-                f"matrix shape {tuple(mat.shape)} does not match num_classes={self.num_classes}"
+                f"{self._STATE_KEY} shape {tuple(counts.shape)} does not match"
+                f" num_classes={self.num_classes}"
             )
-        self.mat.copy_(mat)
+        self._counts.copy_(counts)
+
+
+class ConfusionMatrix(_IoUCounts):
+    """A ``C×C`` int64 confusion matrix accumulated on ``device`` (spec §10)."""
+
+    _STATE_KEY = "matrix"
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(num_classes, ignore_index)
+        self.mat = torch.zeros(
+            (self.num_classes, self.num_classes), dtype=torch.int64, device=device
+        )
+
+    @torch.no_grad()
+    def update(self, pred_bhw: Tensor, target_bhw: Tensor) -> None:
+        """Add one batch of predicted and ground-truth label maps (same shape, any batch)."""
+        self._check_shapes(pred_bhw, target_bhw)
+        c = self.num_classes
+        pred = pred_bhw.reshape(-1).to(self.mat.device, torch.int64)
+        target = target_bhw.reshape(-1).to(self.mat.device, torch.int64)
+        valid = (target >= 0) & (target < c) & (target != self.ignore_index)
+        valid &= (pred >= 0) & (pred < c)
+        # Invalid pixels go to an extra bin c*c that is dropped: no boolean indexing, no sync.
+        idx = torch.where(valid, target * c + pred, torch.full_like(target, c * c))
+        self.mat += torch.bincount(idx, minlength=c * c + 1)[: c * c].view(c, c)
+
+    @property
+    def _counts(self) -> Tensor:
+        return self.mat
+
+    # -- derived quantities -----------------------------------------------------------------
+    def intersection(self) -> Tensor:
+        return self.mat.diagonal()
+
+    def union(self) -> Tensor:
+        return self.mat.sum(0) + self.mat.sum(1) - self.mat.diagonal()
+
+    def pixel_acc(self) -> float:
+        """Correct / valid pixels, in PERCENT (0 when nothing was counted)."""
+        total = self.mat.sum()
+        return float(self.mat.diagonal().sum().double() / total.clamp_min(1).double()) * 100.0
 
 
 def boundary_width(height: int, width: int, dilation_ratio: float = BIOU_DILATION_RATIO) -> int:
@@ -182,7 +219,7 @@ def inner_boundary(mask_bchw: Tensor, d: int) -> Tensor:
     return mask_bchw & near_bg
 
 
-class BoundaryIoU:
+class BoundaryIoU(_IoUCounts):
     """Boundary IoU per class, accumulated over a validation set on ``device``.
 
     Cheng, Girshick, Dollár, Berg, Kirillov, "Boundary IoU: Improving Object-Centric Image
@@ -214,18 +251,14 @@ class BoundaryIoU:
         device: torch.device | str | None = None,
         dilation_ratio: float = BIOU_DILATION_RATIO,
     ) -> None:
-        self.num_classes = int(num_classes)
-        self.ignore_index = int(ignore_index)
+        super().__init__(num_classes, ignore_index)
         self.dilation_ratio = float(dilation_ratio)
         self.counts = torch.zeros((2, self.num_classes), dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def update(self, pred_bhw: Tensor, target_bhw: Tensor) -> None:
         """Add one batch of predicted and ground-truth label maps ``[B, H, W]`` (same shape)."""
-        if pred_bhw.shape != target_bhw.shape:
-            raise ValueError(
-                f"pred shape {tuple(pred_bhw.shape)} != target shape {tuple(target_bhw.shape)}"
-            )
+        self._check_shapes(pred_bhw, target_bhw)
         c = self.num_classes
         h, w = pred_bhw.shape[-2:]
         pred = pred_bhw.reshape(-1, h, w).to(self.counts.device, torch.int64)
@@ -243,13 +276,12 @@ class BoundaryIoU:
         self.counts[0] += (gt_bchw & pred_bchw).sum((0, 2, 3))
         self.counts[1] += (gt_bchw | pred_bchw).sum((0, 2, 3))
 
-    def reset(self) -> None:
-        self.counts.zero_()
+    @property
+    def _counts(self) -> Tensor:
+        return self.counts
 
-    def all_reduce(self) -> None:
-        """Sum the counts over all ranks when ``torch.distributed`` is initialised."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
+    def _extra_state(self) -> dict[str, object]:
+        return {"dilation_ratio": self.dilation_ratio}
 
     def intersection(self) -> Tensor:
         """``Σ |G_d ∩ P_d|`` per class, int64 ``[C]``."""
@@ -258,28 +290,3 @@ class BoundaryIoU:
     def union(self) -> Tensor:
         """``Σ |G_d ∪ P_d|`` per class, int64 ``[C]``."""
         return self.counts[1]
-
-    def iou(self) -> Tensor:
-        """Per-class Boundary IoU as a fraction in [0, 1], float64 ``[C]``; absent classes 0."""
-        return self.intersection().double() / (self.union().double() + EPS)
-
-    def miou(self) -> float:
-        """Mean Boundary IoU over all ``C`` classes, in PERCENT."""
-        return float(self.iou().mean()) * 100.0
-
-    def state_dict(self) -> dict[str, object]:
-        return {
-            "num_classes": self.num_classes,
-            "ignore_index": self.ignore_index,
-            "dilation_ratio": self.dilation_ratio,
-            "counts": self.counts.detach().cpu().clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        counts = state["counts"]
-        assert isinstance(counts, Tensor)
-        if tuple(counts.shape) != (2, self.num_classes):
-            raise ValueError(
-                f"counts shape {tuple(counts.shape)} does not match num_classes={self.num_classes}"
-            )
-        self.counts.copy_(counts)

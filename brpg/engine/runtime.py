@@ -6,10 +6,12 @@ step itself stays device-agnostic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,3 +174,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on the file ``.<name>.lock`` beside ``path``.
+
+    Two processes that build the same thing (DDP ranks generating DigitScenes, two notebooks
+    training the same demo run) take turns: one builds, the other waits and then finds it
+    built. A no-op where there is no ``fcntl`` (not POSIX).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

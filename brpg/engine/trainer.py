@@ -35,6 +35,7 @@ counted in optimiser steps; ``g = 1`` is the plain loop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -335,9 +336,18 @@ class Trainer:
         return runtime.unwrap_model(self.model)
 
     def evaluate(self) -> dict[str, Any]:
+        """Evaluate :meth:`eval_model` on the val set, each rank on its share of the images."""
+        model = self.eval_model()
+        if self.dist.enabled and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            # Without SyncBN (CPU/gloo DDP) each rank's BN statistics drift apart in training;
+            # score every rank's images with rank 0's copy, the one the checkpoint holds, so the
+            # reported mIoU is that of one model (`brpg eval` of last.pt gives the same number).
+            model = copy.deepcopy(model)
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
         loader = build_eval_loader(self.cfg, self.val, self.dist.rank, self.dist.world_size)
         return evaluate(
-            self.eval_model(),
+            model,
             loader,
             num_classes=self.cfg.data.num_classes,
             protocol=self.cfg.eval.protocol,

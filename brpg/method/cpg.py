@@ -297,6 +297,33 @@ def memory_rows(
     return high, low
 
 
+def cpg_rows(
+    rep_l_bdhw: Tensor,
+    logits_l_bchw: Tensor,
+    labels_small_bhw: Tensor,
+    rep_u_bdhw: Tensor | None,
+    logits_u_bchw: Tensor | None,
+    tau_h: float | Tensor = 0.8,
+    *,
+    low_threshold: float = 0.0,
+    unlabeled_threshold: float | Tensor = 0.8,
+    sample_pixel_num: int = 5000,
+    generator: torch.Generator | None = None,
+) -> tuple[Rows, Rows]:
+    """CPG sampling of one step (spec §5.1): ``(high, low)`` rows to push into the memories.
+
+    :func:`route_labeled` on the student's labeled outputs, :func:`route_unlabeled` on the
+    pseudo-label producer's unlabeled outputs (none when ``rep_u_bdhw`` is ``None``), then the
+    per-step budget of :func:`memory_rows`.
+    """
+    lab = route_labeled(rep_l_bdhw, logits_l_bchw, labels_small_bhw, tau_h, low_threshold)
+    if rep_u_bdhw is None or logits_u_bchw is None:
+        unl = Rows(rep_l_bdhw.new_empty(0, rep_l_bdhw.shape[1]), lab.high_cls.new_empty(0))
+    else:
+        unl = route_unlabeled(rep_u_bdhw, logits_u_bchw, unlabeled_threshold)
+    return memory_rows(lab, unl, rep_l_bdhw.shape[0], sample_pixel_num, generator)
+
+
 # --------------------------------------------------------------------------- "csp" thresholds
 def class_mean_gt_prob(
     logits_bchw: Tensor, labels_bhw: Tensor, num_classes: int, ignore_index: int = 255

@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TOL", "KMeansResult", "batched_kmeans", "batched_kmeans_full"]
+__all__ = ["DEFAULT_TOL", "KMeansResult", "batched_kmeans_full"]
 
 DEFAULT_TOL = 1e-4  # scikit-learn's KMeans default, relative to the mean per-dimension variance
 
@@ -346,20 +346,3 @@ def batched_kmeans_full(
     c_bkd = c_bkd * has_point_b1.unsqueeze(-1)
     assign_bn = torch.where(valid_bn, assign_bn, torch.full_like(assign_bn, -1))
     return KMeansResult(c_bkd, assign_bn, cvalid_bk, inertia_b)
-
-
-def batched_kmeans(
-    x: Tensor,
-    k: int | Tensor,
-    valid: Tensor | None = None,
-    iters: int = 100,
-    seed: int = 0,
-    n_init: int = 1,
-    tol: float = DEFAULT_TOL,
-    subsample: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(centers[B, k_max, D], assign[B, N])`` of :func:`batched_kmeans_full`."""
-    res = batched_kmeans_full(
-        x, k, valid=valid, iters=iters, seed=seed, n_init=n_init, tol=tol, subsample=subsample
-    )
-    return res.centers, res.assign

@@ -49,6 +49,15 @@ def _all_gather_cat(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def _queue_shape(num_classes: int, dim: int, capacity: int) -> tuple[int, int, int]:
+    """``(num_classes, dim, capacity)`` as ints, checked to be positive."""
+    if num_classes <= 0 or dim <= 0 or capacity <= 0:
+        raise ValueError(
+            f"num_classes, dim and capacity must be positive, got {num_classes}, {dim}, {capacity}"
+        )
+    return int(num_classes), int(dim), int(capacity)
+
+
 class PrototypeMemory:
     """Per-class FIFO feature memories as device ring buffers (spec §5.2, §13).
 
@@ -76,9 +85,7 @@ class PrototypeMemory:
         dtype: torch.dtype = torch.float32,
         sync: bool = True,
     ) -> None:
-        if num_classes <= 0 or dim <= 0 or capacity <= 0:
-            raise ValueError("num_classes, dim and capacity must be positive")
-        self.num_classes, self.dim, self.capacity = int(num_classes), int(dim), int(capacity)
+        self.num_classes, self.dim, self.capacity = _queue_shape(num_classes, dim, capacity)
         self.kinds = tuple(kinds)
         self.sync = bool(sync)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -235,9 +242,7 @@ class BackQueue:
         dtype: torch.dtype = torch.float32,
         sync: bool = True,
     ) -> None:
-        if num_classes <= 0 or dim <= 0 or capacity <= 0:
-            raise ValueError("num_classes, dim and capacity must be positive")
-        self.num_classes, self.dim, self.capacity = int(num_classes), int(dim), int(capacity)
+        self.num_classes, self.dim, self.capacity = _queue_shape(num_classes, dim, capacity)
         self.sync = bool(sync)
         device = torch.device(device) if device is not None else torch.device("cpu")
         n = self.num_classes * self.capacity

@@ -47,8 +47,8 @@ from brpg.method.cpg import (
     AdaptiveThreshold,
     Rows,
     class_mean_gt_prob,
+    cpg_rows,
     downsample_labels,
-    memory_rows,
     route_back,
     route_labeled,
     route_unlabeled,
@@ -171,11 +171,18 @@ class BRPGPlugin(nn.Module):
             mean_c, present_c = class_mean_gt_prob(logits_l, labels_small, cfg.data.num_classes)
             self.csp.update(mean_c, present_c)
             tau_h = self.csp.thresholds()
-        lab = route_labeled(rep_l, logits_l, labels_small, tau_h, p.low_threshold)
-        unl = route_unlabeled(rep_u, logits_u, p.unlabeled_threshold)
-        b = labels_l.shape[0]
         if p.memory == "cpg":
-            high, low = memory_rows(lab, unl, b, p.sample_pixel_num)
+            high, low = cpg_rows(
+                rep_l,
+                logits_l,
+                labels_small,
+                rep_u,
+                logits_u,
+                tau_h,
+                low_threshold=p.low_threshold,
+                unlabeled_threshold=p.unlabeled_threshold,
+                sample_pixel_num=p.sample_pixel_num,
+            )
             memory.push("high", *high)
             memory.push("low", *low)
             if self.back is not None:  # COCO (spec §5.5): p_gt-ranked rows, 255 excluded
@@ -185,6 +192,9 @@ class BRPGPlugin(nn.Module):
                 self.back.push(*back)
             return
         # random (no CPG split): every correct labeled pixel + the confident unlabeled ones
+        lab = route_labeled(rep_l, logits_l, labels_small, tau_h, p.low_threshold)
+        unl = route_unlabeled(rep_u, logits_u, p.unlabeled_threshold)
+        b = labels_l.shape[0]
         cls_l = torch.where(lab.high_cls >= 0, lab.high_cls, lab.low_cls)
         rows = Rows(torch.cat([lab.high_feats, unl.feats]), torch.cat([cls_l, unl.cls]))
         memory.push("all", *subsample(rows.feats, rows.cls, p.sample_pixel_num * 3 * b))

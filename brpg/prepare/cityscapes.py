@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,6 @@ from brpg.prepare.common import (
     Archive,
     Markers,
     PrepareError,
-    add_common_arguments,
-    default_workers,
 )
 from brpg.prepare.splits import check_split_lists, expected_count_warnings
 
@@ -335,7 +333,7 @@ def prepare_cityscapes(
     """
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or default_workers()
+    workers = workers or common.default_workers()
     md5 = dict(md5 or {})
     gtfine, left = archives
     unknown = set(md5) - {left.filename, gtfine.filename}
@@ -347,7 +345,8 @@ def prepare_cityscapes(
     if force:
         markers.clear()
     root = data_root / "cityscapes"
-    if not markers.done("convert"):
+    converted_now = not markers.done("convert")
+    if converted_now:
         jobs = (
             (gtfine, "labels", "extract-gtfine", _is_label),
             (left, "images", "extract-leftimg8bit", _is_image),
@@ -361,23 +360,16 @@ def prepare_cityscapes(
             check_package(paths[archive.filename], kind)
         for archive, _, step, wanted in pending:
             path = paths[archive.filename]
-            if archive.filename in md5:  # the user's, from the Cityscapes site
-                common.verify_checksum(
-                    path,
+            if archive.filename in md5:  # the user's, from the Cityscapes site, replaces ours
+                user_md5 = replace(
+                    archive,
                     md5=md5[archive.filename],
-                    cache_dir=common.checksum_cache_dir(data_root),
-                    progress=progress,
-                    source=f"the md5 given with --md5 {archive.filename}=...",
+                    sha1=None,
+                    checksum_source=f"the md5 given with --md5 {archive.filename}=...",
                 )
+                common.verify_archive(path, user_md5, data_root, progress=progress)
             elif verify:
-                common.verify_checksum(
-                    path,
-                    md5=archive.md5,
-                    sha1=archive.sha1,
-                    cache_dir=common.checksum_cache_dir(data_root),
-                    progress=progress,
-                    source=archive.checksum_source,
-                )
+                common.verify_archive(path, archive, data_root, progress=progress)
             else:
                 log.info("checksum of %s skipped; checking its CRCs while extracting", path.name)
             n = common.extract(
@@ -391,16 +383,17 @@ def prepare_cityscapes(
             markers.mark(step, archive=str(path), files=n)
         info = _convert(root, workers=workers, progress=progress, force=force)
         markers.mark("convert", **info)
-        common.write_manifest(markers, root, label_files(root), workers=workers, progress=progress)
-        content_errors: list[str] = []
-    else:
-        log.info("cityscapes labels already converted; re-checking (use --force to redo)")
-        content_errors = common.verify_labels(
-            markers, root, label_files(root), ALLOWED_TRAIN_IDS, workers=workers, progress=progress
-        )
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
-    report["errors"] += content_errors
-    return common.finish_report(report, data_root / "reports" / "cityscapes.json")
+    return common.finish_labels(
+        report,
+        markers,
+        root,
+        label_files(root),
+        ALLOWED_TRAIN_IDS,
+        converted_now,
+        workers,
+        progress,
+    )
 
 
 def _parse_md5(values: list[str]) -> dict[str, str]:
@@ -420,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         "*_gtFine_labelTrainIds.png (19 classes, 255 ignore).",
         epilog=HOW_TO_GET,
     )
-    add_common_arguments(parser)
+    common.add_common_arguments(
+        parser,
+        download=False,
+        skip_checksum_help="do not verify the archives against the built-in checksums "
+        "(a --md5 is still checked)",
+    )
     parser.add_argument(
         "--md5",
         action="append",
@@ -430,11 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
         "of the built-in community-sourced checksums (repeatable), e.g. "
         "--md5 gtFine_trainvaltest.zip=<32 hex digits>",
     )
-    parser.add_argument(
-        "--skip-checksum",
-        action="store_true",
-        help="do not verify the archives against the built-in checksums (a --md5 is still checked)",
-    )
     return parser
 
 
@@ -442,16 +435,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_cityscapes.py``."""
     args = build_parser().parse_args(argv)
     return prepare_cityscapes(
-        args.data_root,
-        args.archives,
-        workers=args.workers,
-        progress=not args.no_progress,
-        force=args.force,
-        md5=_parse_md5(args.md5),
-        verify=not args.skip_checksum,
+        args.data_root, args.archives, md5=_parse_md5(args.md5), **common.common_options(args)
     )
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Run :func:`main` as a command; returns the exit status."""
-    return common.run_cli(main, argv)

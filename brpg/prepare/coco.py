@@ -41,8 +41,6 @@ from brpg.prepare.common import (
     Archive,
     Markers,
     PrepareError,
-    add_common_arguments,
-    default_workers,
 )
 from brpg.prepare.splits import (
     TRAIN_POOL,
@@ -357,7 +355,7 @@ def prepare_coco(
         raise PrepareError(f"crowd must be one of {CROWD_MODES}, got {crowd!r}")
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or default_workers()
+    workers = workers or common.default_workers()
     markers = Markers(data_root, "coco")
     rerender = force
     if force:
@@ -372,7 +370,8 @@ def prepare_coco(
         "train2017": _select({"train2017/": ".jpg"}),
         "val2017": _select({"val2017/": ".jpg"}),
     }
-    if not markers.done("convert"):
+    converted_now = not markers.done("convert")
+    if converted_now:
         for archive, key in zip(archives, ("annotations", "train2017", "val2017"), strict=True):
             step = f"extract-{key}"
             if markers.done(step):
@@ -387,13 +386,7 @@ def prepare_coco(
                 "it there.",
             )
             if verify:
-                common.verify_checksum(
-                    path,
-                    md5=archive.md5,
-                    sha256=archive.sha256,
-                    cache_dir=common.checksum_cache_dir(data_root),
-                    progress=progress,
-                )
+                common.verify_archive(path, archive, data_root, progress=progress)
             n = common.extract(
                 path, root, selects[key], workers=workers, progress=progress, overwrite=force
             )
@@ -412,16 +405,10 @@ def prepare_coco(
             info["images"][split] = result["stems"]
             info["label_histogram"][split] = result["label_histogram"]
         markers.mark("convert", **info)
-        common.write_manifest(markers, root, mask_files(root), workers=workers, progress=progress)
-        content_errors: list[str] = []
-    else:
-        log.info("coco masks already converted; re-checking (use --force to redo)")
-        content_errors = common.verify_labels(
-            markers, root, mask_files(root), ALLOWED, workers=workers, progress=progress
-        )
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
-    report["errors"] += content_errors
-    return common.finish_report(report, data_root / "reports" / "coco.json")
+    return common.finish_labels(
+        report, markers, root, mask_files(root), ALLOWED, converted_now, workers, progress
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,13 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overlaps: the smaller instance wins. Crowd regions: 255 (ignore) unless "
         "--crowd category.",
     )
-    add_common_arguments(parser)
-    parser.add_argument(
-        "--download", action="store_true", help="download missing archives (resumable)"
-    )
-    parser.add_argument(
-        "--skip-checksum", action="store_true", help="do not verify the archives' MD5"
-    )
+    common.add_common_arguments(parser)
     parser.add_argument(
         "--crowd",
         choices=CROWD_MODES,
@@ -453,17 +434,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_coco.py``."""
     args = build_parser().parse_args(argv)
     return prepare_coco(
-        args.data_root,
-        args.archives,
-        download=args.download,
-        workers=args.workers,
-        progress=not args.no_progress,
-        force=args.force,
-        verify=not args.skip_checksum,
-        crowd=args.crowd,
+        args.data_root, args.archives, crowd=args.crowd, **common.common_options(args)
     )
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Run :func:`main` as a command; returns the exit status."""
-    return common.run_cli(main, argv)

@@ -322,6 +322,22 @@ def verify_checksum(
     return True
 
 
+def verify_archive(
+    path: Path, archive: Archive, data_root: Path, *, progress: bool = False
+) -> bool:
+    """:func:`verify_checksum` of ``path`` against ``archive``'s known digests, remembered in
+    ``DATA_ROOT``'s checksum cache; a mismatch names where the digests come from."""
+    return verify_checksum(
+        path,
+        md5=archive.md5,
+        sha256=archive.sha256,
+        sha1=archive.sha1,
+        cache_dir=checksum_cache_dir(data_root),
+        progress=progress,
+        source=archive.checksum_source,
+    )
+
+
 # --------------------------------------------------------------------------- downloads
 
 _NETWORK_ERRORS = (
@@ -506,15 +522,16 @@ def extract(
     """
     archive, dest = Path(archive), Path(dest)
     desc = desc or f"extract {archive.name}"
+    members = _Members(archive, dest, select, overwrite)
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, dest, select, workers, progress, desc, overwrite)
+            return _extract_zip(members, workers, progress, desc)
         if looks_like_zip(archive):  # a zip without its central directory: truncated
             raise PrepareError(
                 f"archive {archive} is not a readable zip archive (its central directory is "
                 "missing: the file is truncated or corrupt); delete it and download it again"
             )
-        return _extract_tar(archive, dest, select, workers, progress, desc, overwrite)
+        return _extract_tar(members, workers, progress, desc)
     except _ARCHIVE_ERRORS as exc:
         raise _truncated(archive, exc) from exc
 
@@ -530,36 +547,40 @@ def looks_like_zip(path: Path) -> bool:
         return False
 
 
-def _target(dest: Path, archive: Path, name: str, select: Selector) -> Path | None:
-    safe_member_path(name, archive)
-    rel = select(name)
-    if rel is None:
-        return None
-    return dest / safe_member_path(rel, archive)
+@dataclass(frozen=True)
+class _Members:
+    """Which members of ``archive`` :func:`extract` writes, and where under ``dest``."""
+
+    archive: Path
+    dest: Path
+    select: Selector
+    overwrite: bool
+
+    def target(self, name: str) -> Path | None:
+        """The output path of member ``name``, ``None`` to skip it; unsafe names raise."""
+        safe_member_path(name, self.archive)
+        rel = self.select(name)
+        return None if rel is None else self.dest / safe_member_path(rel, self.archive)
+
+    def already_there(self, target: Path, size: int) -> bool:
+        """True when ``target`` holds a file of the member's ``size`` (an interrupted extraction
+        wrote it) and ``overwrite`` is off: the member is skipped, so extraction resumes."""
+        if self.overwrite:
+            return False
+        try:
+            return target.stat().st_size == size
+        except FileNotFoundError:
+            return False
 
 
-def _already_there(target: Path, size: int) -> bool:
-    try:
-        return target.stat().st_size == size
-    except FileNotFoundError:
-        return False
-
-
-def _extract_zip(
-    archive: Path,
-    dest: Path,
-    select: Selector,
-    workers: int,
-    progress: bool,
-    desc: str,
-    overwrite: bool,
-) -> int:
+def _extract_zip(members: _Members, workers: int, progress: bool, desc: str) -> int:
+    archive = members.archive
     with zipfile.ZipFile(archive) as zf:
         jobs: list[tuple[zipfile.ZipInfo, Path]] = []
         for info in zf.infolist():
             if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
                 continue
-            target = _target(dest, archive, info.filename, select)
+            target = members.target(info.filename)
             if target is not None:
                 jobs.append((info, target))
     local = threading.local()
@@ -568,7 +589,7 @@ def _extract_zip(
 
     def work(job: tuple[zipfile.ZipInfo, Path]) -> None:
         info, target = job
-        if not overwrite and _already_there(target, info.file_size):
+        if members.already_there(target, info.file_size):
             return
         zf = getattr(local, "zf", None)
         if zf is None:
@@ -614,15 +635,8 @@ def _write_member(target: Path, data: bytes) -> None:
     atomic_write_bytes(target, data)
 
 
-def _extract_tar(
-    archive: Path,
-    dest: Path,
-    select: Selector,
-    workers: int,
-    progress: bool,
-    desc: str,
-    overwrite: bool,
-) -> int:
+def _extract_tar(members: _Members, workers: int, progress: bool, desc: str) -> int:
+    archive = members.archive
     count = 0
     with (
         tarfile.open(archive, "r|*") as tar,
@@ -635,11 +649,11 @@ def _extract_tar(
                 if not member.isfile():
                     safe_member_path(member.name, archive)
                     continue
-                target = _target(dest, archive, member.name, select)
+                target = members.target(member.name)
                 if target is None:
                     continue
                 count += 1
-                if not overwrite and _already_there(target, member.size):
+                if members.already_there(target, member.size):
                     bar.update()
                     continue
                 src = tar.extractfile(member)
@@ -713,7 +727,8 @@ class Markers:
     """Marker files ``DATA_ROOT/.prepare/<dataset>/<step>.json`` recording finished steps."""
 
     def __init__(self, data_root: Path, dataset: str) -> None:
-        self.dir = Path(data_root) / STATE_DIRNAME / dataset
+        self.data_root, self.dataset = Path(data_root), dataset
+        self.dir = self.data_root / STATE_DIRNAME / dataset
 
     def path(self, step: str) -> Path:
         """Path of the marker of ``step``."""
@@ -759,12 +774,16 @@ def list_files(root: Path, suffix: str) -> set[str]:
     }
 
 
-def finish_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
+def finish_report(
+    report: dict[str, Any], path: Path, more_errors: Iterable[str] = ()
+) -> dict[str, Any]:
     """Write the validation report to ``path`` and raise if it lists errors.
 
-    ``report["errors"]`` holds problems that make the data unusable; the report is written anyway
-    (with ``"ok": false``) so the user can read all of them, then the first few are raised.
+    ``report["errors"]`` (extended by ``more_errors``) holds problems that make the data
+    unusable; the report is written anyway (with ``"ok": false``) so the user can read all of
+    them, then the first few are raised.
     """
+    report["errors"] = [*report.get("errors", []), *more_errors]
     report["ok"] = not report.get("errors")
     atomic_write_json(path, report)
     log.info("validation report written to %s", path)
@@ -848,6 +867,33 @@ def write_manifest(
     markers.mark(MANIFEST_STEP, algorithm="sha256", files=digests)
 
 
+def finish_labels(
+    report: dict[str, Any],
+    markers: Markers,
+    root: Path,
+    rels: Iterable[str],
+    allowed: np.ndarray,
+    converted_now: bool,
+    workers: int = 2,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """End a preparation: check the label maps' content, then :func:`finish_report`.
+
+    Labels this run converted get their manifest (:func:`write_manifest`); labels converted by
+    an earlier run are re-checked against theirs (:func:`verify_labels`), so a re-run notices a
+    label file edited or damaged since, and its errors join ``report``'s. The report goes to
+    ``DATA_ROOT/reports/<dataset>.json``.
+    """
+    if converted_now:
+        write_manifest(markers, root, rels, workers=workers, progress=progress)
+        errors: list[str] = []
+    else:
+        log.info("%s: labels already converted; re-checking (use --force to redo)", root)
+        errors = verify_labels(markers, root, rels, allowed, workers=workers, progress=progress)
+    path = markers.data_root / "reports" / f"{markers.dataset}.json"
+    return finish_report(report, path, errors)
+
+
 def verify_labels(
     markers: Markers,
     root: Path,
@@ -899,8 +945,14 @@ def verify_labels(
 # --------------------------------------------------------------------------- CLI helpers
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--data-root``, ``--archives``, ``--workers``, ``--force`` and ``--no-progress``."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    download: bool = True,
+    skip_checksum_help: str = "do not verify the archives' MD5",
+) -> None:
+    """Add ``--data-root``, ``--archives``, ``--workers``, ``--force``, ``--no-progress``,
+    ``--skip-checksum`` and (when the archives can be fetched by script) ``--download``."""
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -921,6 +973,25 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="redo every step, even finished ones")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    if download:  # Cityscapes sits behind a login: its archives cannot be fetched by script
+        parser.add_argument(
+            "--download", action="store_true", help="download missing archives (resumable)"
+        )
+    parser.add_argument("--skip-checksum", action="store_true", help=skip_checksum_help)
+
+
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of a ``prepare_*`` function that :func:`add_common_arguments`'s
+    flags set (all but the two folders, which are positional)."""
+    options = {
+        "workers": args.workers,
+        "progress": not args.no_progress,
+        "force": args.force,
+        "verify": not args.skip_checksum,
+    }
+    if hasattr(args, "download"):
+        options["download"] = args.download
+    return options
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

@@ -42,8 +42,6 @@ from brpg.prepare.common import (
     Archive,
     Markers,
     PrepareError,
-    add_common_arguments,
-    default_workers,
 )
 from brpg.prepare.splits import (
     PASCAL_BLENDED,
@@ -387,16 +385,16 @@ def prepare_pascal(
     """
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or default_workers()
+    workers = workers or common.default_workers()
     markers = Markers(data_root, "pascal")
     if force:
         markers.clear()
     voc_root = data_root / "VOC2012"
     staging = data_root / STATE_DIRNAME / "staging" / "sbd"
-    cache = common.checksum_cache_dir(data_root)
     paths = (archives_dir / voc.filename, archives_dir / sbd.filename)
 
-    if not markers.done("convert"):
+    converted_now = not markers.done("convert")
+    if converted_now:
         for archive, step, dest, select in (
             (voc, "extract-voc", voc_root, _select_voc),
             (sbd, "extract-sbd", staging, _select_sbd),
@@ -405,9 +403,7 @@ def prepare_pascal(
                 continue
             path = _obtain(archive, archives_dir, download, progress)
             if verify:
-                common.verify_checksum(
-                    path, md5=archive.md5, sha256=archive.sha256, cache_dir=cache, progress=progress
-                )
+                common.verify_archive(path, archive, data_root, progress=progress)
             n = common.extract(
                 path, dest, select, workers=workers, progress=progress, overwrite=force
             )
@@ -419,24 +415,15 @@ def prepare_pascal(
             markers.mark(step, archive=str(path), files=n)
         info = _convert(voc_root, staging, paths, workers=workers, progress=progress, force=force)
         markers.mark("convert", **info)
-        common.write_manifest(
-            markers, voc_root, mask_files(voc_root), workers=workers, progress=progress
-        )
-        content_errors: list[str] = []
-        if not keep_staging:
-            shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                staging.parent.rmdir()  # only if empty
-            markers.clear("extract-sbd")
-    else:
-        log.info("pascal masks already converted; re-checking (use --force to redo)")
-        content_errors = common.verify_labels(
-            markers, voc_root, mask_files(voc_root), ALLOWED, workers=workers, progress=progress
-        )
-    info = markers.info("convert")
-    report = build_report(data_root, info, check_counts=check_counts)
-    report["errors"] += content_errors
-    return common.finish_report(report, data_root / "reports" / "pascal.json")
+    if converted_now and not keep_staging:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only if empty
+        markers.clear("extract-sbd")
+    report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
+    return common.finish_labels(
+        report, markers, voc_root, mask_files(voc_root), ALLOWED, converted_now, workers, progress
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,13 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Archives: {VOC_ARCHIVE.filename} ({VOC_ARCHIVE.url}) and "
         f"{SBD_ARCHIVE.filename} ({SBD_ARCHIVE.url}).",
     )
-    add_common_arguments(parser)
-    parser.add_argument(
-        "--download", action="store_true", help="download missing archives (resumable)"
-    )
-    parser.add_argument(
-        "--skip-checksum", action="store_true", help="do not verify the archives' MD5"
-    )
+    common.add_common_arguments(parser)
     parser.add_argument(
         "--keep-staging", action="store_true", help="keep the extracted SBD files after conversion"
     )
@@ -464,17 +445,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_pascal.py``."""
     args = build_parser().parse_args(argv)
     return prepare_pascal(
-        args.data_root,
-        args.archives,
-        download=args.download,
-        workers=args.workers,
-        progress=not args.no_progress,
-        force=args.force,
-        verify=not args.skip_checksum,
-        keep_staging=args.keep_staging,
+        args.data_root, args.archives, keep_staging=args.keep_staging, **common.common_options(args)
     )
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Run :func:`main` as a command; returns the exit status."""
-    return common.run_cli(main, argv)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brpg.prepare.common import PrepareError, atomic_write_text, run_cli
+from brpg.prepare.common import PrepareError, atomic_write_text
 
 log = logging.getLogger("brpg.prepare")
 
@@ -366,8 +366,3 @@ def main(argv: list[str] | None = None) -> None:
             log.info(
                 "COCO unlabeled lists will be derived by prepare_coco.py (%s absent)", train_dir
             )
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Run :func:`main` as a command; returns the exit status."""
-    return run_cli(main, argv)
