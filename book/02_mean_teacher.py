@@ -265,6 +265,51 @@ print(f"L_u of an all-zero student (uniform prediction): {loss_u:.3f}")
 # three seeds.
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **How long does the start stay in the teacher?** At the first semi-supervised step the
+#    teacher is a copy of the student; after that, step $t$ keeps a fraction
+#    $d_t = \min(1 - 1/(t+1), 0.99)$ of the teacher. What weight does that first copy still
+#    have in the teacher after 10 steps, and after 100? (Hint: multiply the decays.)
+
+# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution: prod_{t=1}^{T} (1 - 1/(t+1)) = prod t/(t+1) = 1/(T+1) while the cap is not reached:
+# 1/11 after 10 steps. The cap 0.99 is reached at t = 99, so after 100 steps the weight is
+# 1/99 * 0.99^2 = 0.0099. Checked with the package's EMATeacher on a one-weight model whose
+# student is 1 when it is copied and 0 afterwards: the teacher's weight is the copy's share.
+one = torch.nn.Linear(1, 1, bias=False)
+with torch.no_grad():
+    one.weight.fill_(1.0)
+ema = EMATeacher(one)
+ema.update(one)  # t = 0: decay 0, the teacher is the copy
+with torch.no_grad():
+    one.weight.zero_()
+share = {}
+for t in range(1, 101):
+    ema.update(one)
+    share[t] = ema.module.weight.item()
+print(f"weight of the first copy after 10 steps: {share[10]:.4f}, after 100: {share[100]:.4f}")
+assert abs(share[10] - 1 / 11) < 1e-6 and abs(share[100] - 0.99**2 / 99) < 1e-6
+
+# %% [markdown]
+# 2. **What does $\mathcal L_u$ train on halfway through?** The entropy percentile starts at
+#    80 and rises linearly to 100. Halfway through training, what share of the unlabeled
+#    pixels passes the entropy filter?
+
+# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution: p = 100 - (100 - 80) * (1 - 1/2) = 90, so the pixels below the 90th entropy
+# percentile: about 90 %. Checked with the package's schedule and filter on random teacher
+# logits (4 x 32 x 32 pixels, 11 classes).
+p_half = drop_percent_schedule(0.5, 1.0, start=80.0)
+g = torch.Generator().manual_seed(0)
+t_logits = 3 * torch.randn(4, 11, 32, 32, generator=g)
+kept = entropy_keep_mask(t_logits, t_logits.argmax(1), p_half).float().mean().item()
+print(f"percentile {p_half:.0f}: {kept:.1%} of the pixels pass the filter")
+assert p_half == 90.0 and abs(kept - 0.90) < 0.005
+
+# %% [markdown]
 # ## Summary
 #
 # * A mean teacher trains a student by gradients and keeps a teacher that is an exponential

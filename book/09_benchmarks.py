@@ -55,9 +55,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from IPython.display import Markdown, display
+from IPython.display import display
 from torchvision import tv_tensors
 
+from brpg.book.tools import markdown_table as table
 from brpg.config import load_config
 from brpg.data.benchmarks import (
     BENCHMARKS,
@@ -75,13 +76,6 @@ from brpg.prepare.splits import read_lines
 
 torch.set_num_threads(2)
 VOC, CITYSCAPES, COCO = (BENCHMARKS[n] for n in ("pascal", "cityscapes", "coco"))
-
-
-def table(header: list[str], rows: list[list[object]]) -> Markdown:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return Markdown("\n".join(lines))
 
 
 # %% [markdown]
@@ -610,6 +604,45 @@ print(
 )
 assert summary["steps"] == 2 and len(summary["per_class_iou"]) == VOC.num_classes
 shutil.rmtree(WORK)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Sliding windows without overlap.** Set the Cityscapes sliding stride to the window
+#    size, 769. How many windows cover a 2048×1024 frame now, and is every pixel still seen?
+
+# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution: the windows start every 769 px, but the last one in each direction is moved back
+# to end at the border (window_starts), so 2 rows x 3 columns = 6 windows still cover every
+# pixel, and the moved ones overlap their neighbours.
+ys_no, xs_no = window_starts(1024, 769, 769), window_starts(2048, 769, 769)
+seen = np.zeros((1024, 2048), np.int64)
+for y in ys_no:
+    for x in xs_no:
+        seen[y : y + 769, x : x + 769] += 1
+print(
+    f"rows {ys_no}, columns {xs_no}: {len(ys_no) * len(xs_no)} windows, seen {seen.min()}-{seen.max()}x"
+)
+assert len(ys_no) * len(xs_no) == 6 and seen.min() == 1
+
+# %% [markdown]
+# 2. **A narrower scale range.** Draw the training scale from $U(0.5, 1)$ or $U(1, 1.5)$
+#    instead of $U(1, 2)$ for the second half. Are more or fewer Cityscapes crops padded?
+
+# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution: neither. A 1024-px frame is padded only when s < 769/1024 = 0.75, and only the
+# shrinking half U(0.5, 1) ever draws that; its probability, 1/2 * 0.25/0.5 = 25 %, does not
+# depend on the upper end. Checked with the package's RandomScale, 20,000 draws each:
+torch.manual_seed(1)
+frame = tv_tensors.Image(torch.zeros(1, 1024, 2048, dtype=torch.uint8))
+share = {}
+for hi in (2.0, 1.5):
+    draw = RandomScale((0.5, hi))
+    share[hi] = np.mean([draw.make_params([frame])["size"][0] < 769 for _ in range(20_000)])
+print(f"padded crops: scale up to 2.0 {share[2.0]:.1%}, up to 1.5 {share[1.5]:.1%}")
+assert abs(share[2.0] - share[1.5]) < 0.015 and abs(share[1.5] - 0.25) < 0.015
 
 # %% [markdown]
 # ## Summary

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Dataset and augmentation (spec §3)."""
+    """Dataset and augmentation (appendix: data)."""
 
     name: str = "digits"  # digits | pascal | cityscapes | coco
     root: str = "data/digits"
@@ -47,7 +47,7 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     ignore_index: int = 255
-    pad_label: int = 255  # the official code pads labels with 0 (spec §12 Q6); 255 is correct
+    pad_label: int = 255  # the official code pads labels with 0 (appendix Q6); 255 is correct
     num_workers: int = 0
     # DigitScenes generation (only used when name == "digits")
     digits_seed: int = 0
@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """DeepLabV3+ encoder/decoder (spec §2)."""
+    """DeepLabV3+ encoder/decoder (appendix: configurations)."""
 
     backbone: str = "small"  # small | resnet50 | resnet101 | xception65
     output_stride: int = 8
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and poly schedule (spec §9)."""
+    """Optimiser and poly schedule (appendix: optimiser)."""
 
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.001
@@ -91,7 +91,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Supervised loss: ce_weight * CE + ohem_weight * OHEM-CE (spec §4.3)."""
+    """Supervised loss: ce_weight * CE + ohem_weight * OHEM-CE (appendix: one step)."""
 
     ce_weight: float = 0.5
     ohem_weight: float = 0.5
@@ -103,7 +103,7 @@ class LossConfig:
 class TrainConfig:
     """Loop length, batch, precision, logging and checkpoint cadence."""
 
-    # suponly: the supervised baseline; meanteacher (U2PL/BRPG's EMA teacher, spec §4) or
+    # suponly: the supervised baseline; meanteacher (U2PL/BRPG's EMA teacher, appendix: one step) or
     # unimatch (brpg.frameworks.unimatch): a semi-supervised framework after the warm-up
     framework: Literal["suponly", "meanteacher", "unimatch"] = "suponly"
     brpg: bool = False  # attach the BRPG plug-in (CPG, APO, prototype EMA, L_pro) to the framework
@@ -130,22 +130,22 @@ class TrainConfig:
 
 @dataclass
 class SemiConfig:
-    """Semi-supervised framework settings (spec §1, §4); used unless ``train.framework`` is
-    suponly. Step counts replace the official epochs: ``sup_only_steps`` is S·L (one epoch
-    officially).
+    """Semi-supervised framework settings (appendix: timeline, one step); used unless
+    ``train.framework`` is suponly. Step counts replace the official epochs: ``sup_only_steps`` is
+    S·L (one epoch officially).
     """
 
-    sup_only_steps: int = 0  # supervised warm-up; then teacher := student (spec §1)
+    sup_only_steps: int = 0  # supervised warm-up; then teacher := student (appendix: timeline)
     unlabeled_batch_size: int = 0  # 0: the same as train.batch_size
-    ema_decay: float = 0.99  # cap of the teacher EMA decay min(1 - 1/(t+1), cap) (spec §4.8)
+    ema_decay: float = 0.99  # cap of the teacher EMA decay min(1 - 1/(t+1), cap) (appendix)
     ema_buffers: bool = False  # official: the teacher's BN statistics come from its own forwards
     copy_buffers: bool = False  # also copy BN statistics at teacher := student (official: no)
     teacher_bn_warmup: bool = True  # official: teacher train-mode forward on x_l in the warm-up
-    strong_aug: bool = True  # colour jitter, grayscale, blur (spec §3.4)
-    cutmix_p: float = 0.5  # one coin per batch (spec §4.2)
-    unsup_weight: float = 1.0  # lambda_u (spec §4.4)
-    drop_percent: float = 80.0  # entropy percentile at step 0, rising to 100 (spec §4.4)
-    faithful_unsup_scale: bool = True  # U2PL's extra B*H*W/#kept factor (spec §12 Q4)
+    strong_aug: bool = True  # colour jitter, grayscale, blur (appendix: data)
+    cutmix_p: float = 0.5  # one coin per batch (appendix: one step)
+    unsup_weight: float = 1.0  # lambda_u (appendix: one step)
+    drop_percent: float = 80.0  # entropy percentile at step 0, rising to 100 (appendix: one step)
+    faithful_unsup_scale: bool = True  # U2PL's extra B*H*W/#kept factor (appendix Q4)
     entropy_teacher: str = "train"  # train: official 2nd teacher forward | eval: weak-view logits
     # model evaluated after the warm-up: teacher | student. UniMatch with the self teacher has
     # no teacher: validate() asks for student rather than switching silently, so that the saved
@@ -163,32 +163,34 @@ class SemiConfig:
 
 @dataclass
 class ProtoConfig:
-    """BRPG prototypes: CPG memories, clustering + APO, EMA bank, L_pro (spec §5-§8).
+    """BRPG prototypes: CPG memories, clustering + APO, EMA bank, L_pro (appendix: CPG, L_pro,
+    clustering and APO, prototype EMA).
 
     Used when ``train.brpg`` is true. Step counts replace epochs: the sampling window is
     ``[sample_start_step, sample_start_step + sample_steps)`` (Ds·L and Dl·L officially), the
-    one-shot clustering runs at its end, and L_pro + prototype EMA from then on (spec §1).
+    one-shot clustering runs at its end, and L_pro + prototype EMA from then on (appendix:
+    timeline).
     """
 
     sample_start_step: int = 0  # Ds·L; must be >= semi.sup_only_steps
     sample_steps: int = 1  # Dl·L
     memory: str = "cpg"  # cpg: high + low memories | random: one memory, no split (ablation)
-    high_threshold: float = 0.8  # tau_h for labeled pixels (spec §5.1)
+    high_threshold: float = 0.8  # tau_h for labeled pixels (appendix: CPG)
     low_threshold: float = 0.0
     unlabeled_threshold: float = 0.8  # teacher confidence for unlabeled high rows
-    threshold_type: str = "fix"  # fix | csp (class-specific adaptive, spec §5.3)
+    threshold_type: str = "fix"  # fix | csp (class-specific adaptive, appendix: CPG)
     csp_momentum: float = 0.999
     csp_min: float = 0.0
     csp_max: float = 1.0
-    sample_pixel_num: int = 5000  # per-image row budget per step (spec §5.1)
+    sample_pixel_num: int = 5000  # per-image row budget per step (appendix: CPG)
     queue_len: int = 30000  # rows kept per class and memory
-    back_queue: bool = False  # COCO 'back' queue + clustering-time fallbacks (spec §5.5)
+    back_queue: bool = False  # COCO 'back' queue + clustering-time fallbacks (appendix: CPG)
     back_per_class: int = 5000  # back rows sampled per present GT class per step and process
     back_len: int = 0  # back rows kept per class (most confident p_gt); 0: 2·queue_len
-    min_rows: int = 10  # a memory with fewer rows falls back on the back queue (spec §5.5)
+    min_rows: int = 10  # a memory with fewer rows falls back on the back queue (appendix: CPG)
     num_high: int = 2  # base prototypes per class from the high memory
     num_low: int = 2
-    apo: bool = True  # adaptive prototype optimisation (spec §6)
+    apo: bool = True  # adaptive prototype optimisation (appendix: clustering and APO)
     add_num: int = 1
     add_proportion: float = 0.05
     dispersion: str = "cos_sim"  # cos_sim | l2 | l2_norm
@@ -196,15 +198,15 @@ class ProtoConfig:
     kmeans_n_init: int = 3
     kmeans_subsample: int = 0  # 0: full-batch k-means; N: seed and iterate on N points, refine
     recluster_every: int = 0  # 0: one-shot clustering (official); N: keep sampling, re-cluster
-    ema_momentum: float = 0.99  # alpha of the prototype EMA (spec §7)
-    tau: float = 0.1  # temperature of the prototype logits (spec §8)
+    ema_momentum: float = 0.99  # alpha of the prototype EMA (appendix: prototype EMA)
+    tau: float = 0.1  # temperature of the prototype logits (appendix: L_pro)
     loss_weight: float = 1.0  # lambda_pro
-    # official effective weight 1/4 (1/world_size on its 4 GPUs, spec §12 Q3): true multiplies
+    # official effective weight 1/4 (1/world_size on its 4 GPUs, appendix Q3): true multiplies
     # L_pro by 1/4 on any number of GPUs and with any batch policy
     faithful_loss_scale: bool = False
-    grid_num: int = 32  # labeled grid (grid_num + 1)^2 per image (spec §8)
+    grid_num: int = 32  # labeled grid (grid_num + 1)^2 per image (appendix: L_pro)
     unsup_sample_num: int = 1000  # unlabeled L_pro samples per image
-    thr_start: float = 0.8  # unlabeled L_pro threshold ramp (spec §1, §12 Q5)
+    thr_start: float = 0.8  # unlabeled L_pro threshold ramp (appendix: timeline, Q5)
     thr_end: float = 0.95
     thr_delay_steps: int = 0  # official: 5 epochs, hard-coded
     thr_clamp_low: bool = False  # official: below thr_start before the delay
@@ -212,7 +214,7 @@ class ProtoConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (spec §10): center_crop | full | sliding."""
+    """Evaluation protocol (appendix: evaluation): center_crop | full | sliding."""
 
     protocol: str = "full"
     crop_size: int = 513
@@ -529,7 +531,7 @@ def _check_ranges(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks: enumerated values, numeric ranges (:data:`_RANGES`) and the order of the
-    training phases (spec §1)."""
+    training phases (appendix: timeline)."""
     for path, choices in _CHOICES.items():
         section, key = path.split(".")
         value = getattr(getattr(cfg, section), key)

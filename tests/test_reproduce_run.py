@@ -70,6 +70,26 @@ def test_smoke_cells_run_end_to_end(smoke_root):
     assert cs["world_size"] == 2 and cs["processes"] == 2
 
 
+def test_run_evidence_reads_the_cells_log(smoke_root):
+    """Each loss term starts where the cell's config says its phase starts (log steps count from
+    1); a BRPG cell forms prototypes; a SupOnly cell has neither L_u nor prototypes."""
+    folder = cell_dir(smoke_root, "smoke", Cell("coco", "brpg", "1_128"))
+    brpg = dict(report.run_evidence(folder))
+    cfg = json.loads((folder / "summary.json").read_text())["config"]
+    s, p = cfg["semi"]["sup_only_steps"], cfg["proto"]
+    proto_start = p["sample_start_step"] + p["sample_steps"]
+    assert brpg["steps run"] == "8 of 8"
+    assert brpg["loss terms computed"] == (
+        f"loss_sup from step 1, loss_unsup from step {s + 1}, loss_proto from step {proto_start + 1}"
+    )
+    assert int(brpg["prototypes formed"].split()[0]) > 0
+    sup = dict(
+        report.run_evidence(cell_dir(smoke_root, "smoke", Cell("voc_blended", "suponly", "662")))
+    )
+    assert sup["loss terms computed"] == "loss_sup from step 1"
+    assert sup["prototypes formed"] == "— (no BRPG)"
+
+
 def load_protocol(cell: Cell) -> str:
     from brpg.config import load_config
 

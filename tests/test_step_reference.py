@@ -11,15 +11,14 @@ kept, so nothing else in the step is random.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from reference_step import (
+
+from brpg.book.reference_step import (
     RefSettings,
     bank_after,
     drop_percent_at,
@@ -27,268 +26,30 @@ from reference_step import (
     entropy_filtered,
     proto_ce,
     proto_threshold_at,
-    reference_step,
     supervised,
-    teacher_after,
 )
-
-from brpg.config import Config, load_config
+from brpg.book.step_check import (
+    CHECK_STEPS,
+    check_run,
+    check_step,
+    recording,
+    sharpen,
+    step_inputs,
+    tiny_overrides,
+)
+from brpg.config import load_config
 from brpg.engine.trainer import Trainer
-from brpg.frameworks import mean_teacher as semi_mod
 from brpg.frameworks.supervised import supervised_loss
 from brpg.frameworks.u2pl_loss import unsup_loss
 from brpg.method.prototype_ema import PrototypeBank
 from brpg.method.prototype_loss import prototype_loss
 
-STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11
-S, DS, DL = 3, 4, 3
-HW = 16  # image side: 4 x 4 maps at stride 4
-B = 2
-
-
-def overrides(data_root: Path, *extra: str) -> list[str]:
-    return [
-        f"data.root={data_root}",
-        "data.digits_train=16",
-        "data.digits_val=8",
-        "model.width=8",
-        "model.decoder_channels=16",
-        "model.rep_dim=8",
-        "model.rep_head=true",
-        "model.dropout=0.0",
-        "train.framework=meanteacher",
-        "train.brpg=true",
-        f"train.batch_size={B}",
-        f"train.steps={STEPS}",
-        "train.threads=1",
-        "optim.warmup_steps=2",
-        f"semi.sup_only_steps={S}",
-        "semi.unlabeled_batch_size=2",
-        "semi.cutmix_p=1.0",
-        f"proto.sample_start_step={DS}",
-        f"proto.sample_steps={DL}",
-        "proto.sample_pixel_num=1000",  # every routed row is pushed
-        "proto.queue_len=512",
-        "proto.grid_num=5",
-        f"proto.unsup_sample_num={HW * HW}",  # every confident pixel is sampled
-        "proto.num_high=1",
-        "proto.num_low=1",
-        "proto.apo=false",
-        "proto.kmeans_iters=3",
-        "proto.kmeans_n_init=1",
-        "proto.high_threshold=0.5",
-        "proto.unlabeled_threshold=0.3",
-        "proto.thr_start=0.05",
-        "proto.thr_end=0.25",
-        "proto.thr_delay_steps=2",
-        "proto.ema_momentum=0.9",
-        "loss.ohem_min_kept=100",
-        *extra,
-    ]
-
-
-def settings(cfg: Config) -> RefSettings:
-    s, p, lo = cfg.semi, cfg.proto, cfg.loss
-    return RefSettings(
-        total_steps=cfg.train.steps,
-        sup_only_steps=s.sup_only_steps,
-        ce_weight=lo.ce_weight,
-        ohem_weight=lo.ohem_weight,
-        ohem_thresh=lo.ohem_thresh,
-        ohem_min_kept=lo.ohem_min_kept,
-        unsup_weight=s.unsup_weight,
-        drop_percent=s.drop_percent,
-        faithful_unsup_scale=s.faithful_unsup_scale,
-        entropy_teacher=s.entropy_teacher,
-        ema_cap=s.ema_decay,
-        ema_buffers=s.ema_buffers,
-        copy_buffers=s.copy_buffers,
-        teacher_bn_warmup=s.teacher_bn_warmup,
-        brpg=cfg.train.brpg,
-        sample_start=p.sample_start_step,
-        sample_steps=p.sample_steps,
-        high_threshold=p.high_threshold,
-        low_threshold=p.low_threshold,
-        unlabeled_threshold=p.unlabeled_threshold,
-        grid_num=p.grid_num,
-        tau=p.tau,
-        loss_weight=p.loss_weight,
-        faithful_loss_scale=p.faithful_loss_scale,
-        thr_start=p.thr_start,
-        thr_end=p.thr_end,
-        thr_delay=p.thr_delay_steps,
-        thr_clamp_low=p.thr_clamp_low,
-        proto_momentum=p.ema_momentum,
-    )
+STEPS, S, DS, DL = CHECK_STEPS, 3, 4, 3
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("digits")
-
-
-def inputs(seed: int, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A labeled batch whose labels agree with the model's prediction on the left half (so that
-    CPG has correct pixels to route), random classes on the right, an ignored corner."""
-    g = torch.Generator().manual_seed(seed)
-    x_l = torch.randn(B, 3, HW, HW, generator=g)
-    x_u = torch.randn(B, 3, HW, HW, generator=g)
-    probe = copy.deepcopy(model).train()
-    with torch.no_grad():
-        logits = probe(torch.cat([x_l, x_u]))["logits"][:B]
-        pred = F.interpolate(logits, size=(HW, HW), mode="bilinear", align_corners=True)
-    y = torch.randint(0, 11, (B, HW, HW), generator=g)
-    y[:, :, : HW // 2] = pred.argmax(1)[:, :, : HW // 2]
-    y[:, :3, -3:] = 255
-    return x_l, y, x_u
-
-
-def sharpen(model: torch.nn.Module, factor: float) -> None:
-    """Scale the classifier so that a random model has a spread of confidences."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 11]
-    with torch.no_grad():
-        for m in last:
-            m.weight.mul_(factor)
-
-
-def canon(rows: torch.Tensor) -> torch.Tensor:
-    """Rows in a canonical order (the memory order within one push is random)."""
-    if rows.numel() == 0:
-        return rows
-    key = rows @ torch.linspace(1.0, 2.0, rows.shape[1])
-    return rows[torch.argsort(key)]
-
-
-class Recorder:
-    """Records what the package drew in a step and the loss it backpropagated."""
-
-    def __init__(self, tr: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.rec: dict[str, Any] = {}
-        method = tr.method
-        assert method is not None
-        strong = method.strong
-        if strong is not None:
-
-            def strong_spy(x: torch.Tensor) -> torch.Tensor:
-                self.rec["x_strong"] = out = strong(x)
-                return out
-
-            method.strong = strong_spy  # type: ignore[assignment]
-        orig_cutmix = semi_mod.maybe_cutmix
-
-        def cutmix_spy(x, maps, p=0.5, generator=None):
-            self.rec.setdefault("x_strong", x)
-            out = orig_cutmix(x, maps, p=p, generator=generator)
-            self.rec["mask"] = out[2]
-            return out
-
-        monkeypatch.setattr(semi_mod, "maybe_cutmix", cutmix_spy)
-        orig_scale = tr.scaler.scale
-
-        def scale_spy(loss):
-            self.rec["loss"] = loss.detach().clone()
-            return orig_scale(loss)
-
-        tr.scaler.scale = scale_spy  # type: ignore[method-assign]
-        orig_before = method.before_step
-
-        def before_spy(step, student):
-            logs = orig_before(step, student)
-            if method.plugin.bank is not None:  # the bank this step uses (after any clustering)
-                self.rec["protos"] = method.plugin.bank.prototypes.detach().clone()
-                self.rec["valid"] = method.plugin.bank.valid.clone()
-            return logs
-
-        method.before_step = before_spy  # type: ignore[method-assign]
-
-
-def memory_rows(tr: Trainer, kind: str) -> dict[int, torch.Tensor]:
-    mem = tr.method.plugin.memory
-    if mem is None:
-        return {}
-    feats, valid = mem.get(kind, ordered=True)
-    return {c: feats[c][valid[c]].clone() for c in range(feats.shape[0])}
-
-
-def check_step(
-    tr: Trainer, rec: Recorder, step: int, x_l, y_l, x_u, atol: float = 1e-5
-) -> dict[str, Any]:
-    """Run the package's step ``step`` and check it against the reference; returns facts."""
-    s = settings(tr.cfg)
-    method = tr.method
-    tr.step = step
-    student0 = copy.deepcopy(tr.model)
-    teacher0 = copy.deepcopy(method.teacher.module)
-    if step == s.sup_only_steps:  # teacher := student at the first semi-supervised step
-        with torch.no_grad():
-            for pt, ps in zip(teacher0.parameters(), student0.parameters(), strict=True):
-                pt.copy_(ps)
-            if s.copy_buffers:
-                for bt, bs in zip(teacher0.buffers(), student0.buffers(), strict=True):
-                    bt.copy_(bs)
-    mem_high0, mem_low0 = memory_rows(tr, "high"), memory_rows(tr, "low")
-    rec.rec.clear()
-    logs = tr.train_step({"image": x_l, "mask": y_l}, None if step < S else x_u)
-    r = rec.rec
-    ref = reference_step(
-        student0,
-        teacher0,
-        r.get("protos"),
-        r.get("valid"),
-        x_l,
-        y_l,
-        x_u,
-        r.get("x_strong"),
-        r.get("mask"),
-        step,
-        s,
-    )
-    # every loss term and the total that was backpropagated
-    for key, value in ref.terms.items():
-        if key in logs:
-            assert float(logs[key]) == pytest.approx(value, rel=1e-5, abs=atol), (step, key)
-    assert float(r["loss"]) == pytest.approx(float(ref.loss.detach()), rel=1e-5, abs=atol), step
-    # ... and its gradient
-    ref.loss.backward()
-    for (name, p_ref), p in zip(student0.named_parameters(), tr.model.parameters(), strict=True):
-        g_ref = torch.zeros_like(p_ref) if p_ref.grad is None else p_ref.grad
-        g = torch.zeros_like(p) if p.grad is None else p.grad
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"grad {name} @ {step}")
-    # the teacher: own BN statistics in the warm-up, EMA from the end of the warm-up on
-    got_t = method.teacher.module.state_dict()
-    if step < S:
-        want_t = teacher0.state_dict()
-    else:
-        names = {n for n, _ in teacher0.named_parameters()}
-        want_t = teacher_after(teacher0.state_dict(), tr.model.state_dict(), names, step - S, s)
-    for name, want in want_t.items():
-        torch.testing.assert_close(
-            got_t[name].float(), want.float(), rtol=1e-5, atol=1e-6, msg=f"teacher {name} @ {step}"
-        )
-    # the memories: the rows of this step appended to each class
-    if ref.memory_high or ref.memory_low:
-        for kind, before, new in (
-            ("high", mem_high0, ref.memory_high),
-            ("low", mem_low0, ref.memory_low),
-        ):
-            after = memory_rows(tr, kind)
-            for c, rows in after.items():
-                want = [before[c]] if c in before else []
-                want += [torch.stack(new[c])] if c in new else []
-                want_rows = torch.cat(want) if want else rows[:0]
-                torch.testing.assert_close(canon(rows), canon(want_rows), atol=1e-5, rtol=1e-5)
-    # the prototype bank after its EMA
-    if ref.ema_targets:
-        want_p = bank_after(
-            r["protos"], r["valid"], ref.ema_feats, ref.ema_targets, s.proto_momentum
-        )
-        torch.testing.assert_close(method.plugin.bank.prototypes, want_p, atol=1e-5, rtol=1e-5)
-    return {
-        "terms": ref.terms,
-        "n_u": ref.n_unlabeled_proto,
-        "n_mem": sum(len(v) for v in ref.memory_high.values())
-        + sum(len(v) for v in ref.memory_low.values()),
-    }
 
 
 @pytest.fixture(scope="module", params=["train", "eval"])
@@ -303,20 +64,7 @@ def run(request, data_root, tmp_path_factory) -> list[dict[str, Any]]:
     )
     if request.param == "eval":
         extra = ("semi.entropy_teacher=eval", "semi.ema_buffers=true", "semi.copy_buffers=true")
-    cfg = load_config("digits_brpg_1_16", overrides(data_root, *extra))
-    torch.manual_seed(0)
-    tr = Trainer(cfg, tmp_path_factory.mktemp("ref"), progress=False)
-    sharpen(tr.model, 20.0)
-    mp = pytest.MonkeyPatch()
-    rec = Recorder(tr, mp)
-    facts = []
-    try:
-        for step in range(STEPS):
-            x_l, y_l, x_u = inputs(100 + step, tr.model)
-            facts.append(check_step(tr, rec, step, x_l, y_l, x_u))
-    finally:
-        mp.undo()
-    return facts
+    return check_run(data_root, tmp_path_factory.mktemp("ref"), *extra)
 
 
 def test_every_step_matches_the_reference(run):
@@ -397,19 +145,34 @@ def test_smallest_case_by_hand():
     torch.testing.assert_close(bank.prototypes, want_bank)
 
 
-def test_faithful_loss_scale_and_loss_weight_reach_the_backpropagated_loss(
-    data_root, tmp_path, monkeypatch
-):
+def test_faithful_loss_scale_and_loss_weight_reach_the_backpropagated_loss(data_root, tmp_path):
     """One proto step with λ_pro = 2 and the official 1/4: the total loss and its gradient."""
     cfg = load_config(
         "digits_brpg_1_16",
-        overrides(data_root, "proto.loss_weight=2.0", "proto.faithful_loss_scale=true"),
+        tiny_overrides(data_root, "proto.loss_weight=2.0", "proto.faithful_loss_scale=true"),
     )
     torch.manual_seed(0)
     tr = Trainer(cfg, tmp_path, progress=False)
     sharpen(tr.model, 20.0)
-    rec = Recorder(tr, monkeypatch)
-    for step in range(DS + DL + 1):  # through the sampling window and one proto step
-        x_l, y_l, x_u = inputs(200 + step, tr.model)
-        facts = check_step(tr, rec, step, x_l, y_l, x_u)
+    with recording(tr) as rec:
+        for step in range(DS + DL + 1):  # through the sampling window and one proto step
+            x_l, y_l, x_u = step_inputs(200 + step, tr.model)
+            facts = check_step(tr, rec, step, x_l, y_l, x_u)
     assert facts["terms"]["pro_u"] > 0
+
+
+def test_a_wrong_step_is_caught(data_root, tmp_path, monkeypatch):
+    """The check is not vacuous: a package step whose L_pro skips its unlabeled term fails it."""
+    from brpg.method import plugin as plugin_mod
+
+    real = plugin_mod.prototype_loss
+    calls = {"n": 0}
+
+    def labeled_only(bank, feats, targets, tau):  # the unlabeled term is the second call
+        calls["n"] += 1
+        out = real(bank, feats, targets, tau)
+        return out * 0.0 if calls["n"] % 2 == 0 else out
+
+    monkeypatch.setattr(plugin_mod, "prototype_loss", labeled_only)
+    with pytest.raises(AssertionError, match="step 7"):
+        check_run(data_root, tmp_path)

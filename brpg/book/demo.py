@@ -1,16 +1,17 @@
 """Small helpers the book's method chapters share: a warm model, its features, CPG memories.
 
-The chapters on confidence (CPG routing, spec §5.1), separate clustering (spec §5.4) and APO
-(spec §6) all look at the same object: a segmentation model at the moment BRPG clusters its
-memories. This module trains that model once (cached under ``runs/book/``), gives a chapter a
-deterministic batch of its stride-4 outputs, and fills :class:`~brpg.method.memory.PrototypeMemory`
-the way the sampling window does, on the CPU and without a trainer.
+The chapters on confidence (CPG routing, appendix: CPG), separate clustering (appendix: clustering
+and APO) and APO (appendix: clustering and APO) all look at the same object: a segmentation model at
+the moment BRPG clusters its memories. This module trains that model once (cached under
+``runs/book/``), gives a chapter a deterministic batch of its stride-4 outputs, and fills
+:class:`~brpg.method.memory.PrototypeMemory` the way the sampling window does, on the CPU and
+without a trainer.
 
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
 - :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
 - :func:`appearance_modes` → solid / hollow mode of the multi-modal digits' pixels;
-- :func:`fill_memories` → the high / low memories of spec §5.1-§5.2;
+- :func:`fill_memories` → the high / low memories of the appendix (CPG);
 - :func:`cluster` → the trainer's one-shot clustering
   (:func:`brpg.method.clustering.cluster_prototypes`) of such memories.
 
@@ -64,8 +65,8 @@ __all__ = [
     "warm_model",
 ]
 
-# The DigitScenes BRPG presets' budgets (brpg/configs/_digits_semi.yaml, scaled from spec §5.1:
-# 64 rows per image and step instead of 5000, 10,000 rows per memory instead of 30,000).
+# The DigitScenes BRPG presets' budgets (brpg/configs/_digits_semi.yaml, scaled from the appendix
+# (CPG): 64 rows per image and step instead of 5000, 10,000 rows per memory instead of 30,000).
 DEMO_SAMPLE_PIXEL_NUM = 64
 DEMO_CAPACITY = 10_000
 
@@ -166,10 +167,10 @@ def warm_model(
     The representation head takes no part in the supervised loss, so it stays at its random
     initialisation (only its BatchNorm statistics follow the data). That is exactly the state
     of the faithful algorithm when it clusters: the sampling window and the one-shot
-    clustering come before ``L_pro`` ever trains the head (spec §1, §5.4), so the prototypes
-    are k-means centres of features that a *random* head computes from a decoder trained by
-    ``L_s`` (and, in a full run, ``L_u``). ``DemoRun.model`` is the trained model, on the CPU,
-    in eval mode.
+    clustering come before ``L_pro`` ever trains the head (appendix: timeline, clustering and APO),
+    so the prototypes are k-means centres of features that a *random* head computes from a decoder
+    trained by ``L_s`` (and, in a full run, ``L_u``). ``DemoRun.model`` is the trained model, on the
+    CPU, in eval mode.
     """
     extra = [f"train.steps={steps}", f"train.seed={seed}", "model.rep_head=true", *WARM_DATA]
     cfg = load_config(preset, [*extra, *(overrides or [])])
@@ -252,12 +253,12 @@ def feature_batch(
 
     - ``images_b3hw`` normalised images, ``labels_bhw`` full-resolution labels (255 = ignore);
     - ``labels_small_bhw``: the labels downsampled as the CPG routing does
-      (:func:`brpg.method.cpg.downsample_labels`, nearest, spec §5.1);
+      (:func:`brpg.method.cpg.downsample_labels`, nearest, appendix: CPG);
     - ``logits_bchw`` and ``rep_bdhw`` (raw representation features) at stride 4;
     - ``conf_bhw`` and ``pred_bhw``: softmax maximum and argmax (:func:`brpg.method.cpg.confidence`).
 
     ``train_mode=True`` runs the model as the student of the sampling window (dropout on,
-    BatchNorm on batch statistics, spec §5.1) on a copy, so the model's BN statistics stay
+    BatchNorm on batch statistics, appendix: CPG) on a copy, so the model's BN statistics stay
     as they are; dropout is seeded by ``seed``. The default is eval mode (as the teacher, and
     as at test time).
     """
@@ -355,7 +356,7 @@ def fill_memories(
     unlabeled_threshold: float = 0.8,
     sample_pixel_num: int = DEMO_SAMPLE_PIXEL_NUM,
 ) -> PrototypeMemory:
-    """Fill CPG memories as ``n_batches`` steps of the sampling window would (spec §5.1, §5.2).
+    """Fill CPG memories as ``n_batches`` steps of the sampling window would (appendix: CPG).
 
     Step ``s`` takes labeled items ``s·B … s·B + B − 1`` (wrapping around the labeled set),
     runs the model as the student (train mode, dropout seeded by ``(seed, s)``) and routes the
@@ -407,7 +408,7 @@ def fill_memories(
 def cluster(
     memory: PrototypeMemory, cfg: Config, apo: bool = False, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """The one-shot clustering (spec §5.4, with APO of spec §6 if ``apo``) of ``memory``.
+    """The one-shot clustering, with APO if ``apo``, of ``memory`` (appendix: clustering and APO).
 
     The trainer's :func:`brpg.method.clustering.cluster_prototypes` on the high / low memories, with
     the prototype settings of ``cfg.proto`` (2 + 2 base prototypes per class, ``add_num`` 1,

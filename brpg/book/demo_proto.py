@@ -1,7 +1,7 @@
 """Helpers of the prototype chapters (6: EMA updates, 7: L_pro) on top of :mod:`brpg.book.demo`.
 
 - :func:`build_bank` → a :class:`~brpg.method.prototype_ema.PrototypeBank` clustered from a warm model's
-  CPG memories, as the one-shot clustering leaves it (spec §5.4, §6, §7);
+  CPG memories, as the one-shot clustering leaves it (appendix: clustering and APO, prototype EMA);
 - :func:`pixel_rows` → the stride-4 pixels of a batch as rows ``(feats[N, D], targets[N])``;
 - :func:`class_means` → the per-class mean feature of such rows;
 - :func:`accuracies` → pixel accuracy and per-class accuracy of a prediction;

@@ -188,6 +188,15 @@ def show_source(obj: object) -> Markdown:
     return Markdown(f"```python\n{source.rstrip()}\n```")
 
 
+def markdown_table(header: list[str], rows: list[list[object]]) -> Markdown:
+    """A Markdown table (the book renders ``text/markdown`` outputs with MyST, tables included)."""
+    from IPython.display import Markdown
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["stamp"]:

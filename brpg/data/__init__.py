@@ -1,4 +1,4 @@
-"""Data: split-list datasets, joint transforms, resampling and the DigitScenes benchmark (spec §3)."""
+"""Data: split-list datasets, joint transforms, resampling and the DigitScenes benchmark (appendix: data)."""
 
 from brpg.data.digits import (
     APPEARANCE_MODES,

@@ -1,4 +1,5 @@
-"""The three real benchmarks as data, and their datasets (spec §3, §10, §11).
+"""The three real benchmarks as data, and their datasets (appendix: data, evaluation,
+configurations).
 
 PASCAL VOC 2012 (``data.name: pascal``), Cityscapes (``cityscapes``) and COCO 2017 (``coco``)
 are described by one :class:`Benchmark` each in :data:`BENCHMARKS`: class names and colours,
@@ -15,7 +16,7 @@ images and masks live in ``DATA_ROOT/<Benchmark.folder>`` (``VOC2012``, ``citysc
 :func:`brpg.data.build.build_datasets` first resolves it against the checkout.
 
 Padding label. Crops that are larger than the (rescaled) image pad the mask with
-``data.pad_label``: 255 (ignored) by default. The official code pads with 0 (spec §12 Q6), which
+``data.pad_label``: 255 (ignored) by default. The official code pads with 0 (appendix Q6), which
 trains and scores padded pixels as background (VOC, COCO) or road (Cityscapes);
 ``data.pad_label: 0`` is the ``faithful`` switch that reproduces it, also in the centre-cropped
 validation of VOC and COCO.
@@ -73,7 +74,7 @@ def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
 
 
 def sliding_stride(crop_size: int) -> int:
-    """The official sliding-window stride, ``ceil(2/3 · crop)`` (769 -> 513, spec §10)."""
+    """The official sliding-window stride, ``ceil(2/3 · crop)`` (769 -> 513, appendix: evaluation)."""
     return math.ceil(crop_size * 2 / 3)
 
 
@@ -105,9 +106,9 @@ class Benchmark:
     image_tpl: PathTemplate  # split line -> image path (relative to the prepared folder)
     mask_tpl: PathTemplate  # split line -> mask path, for one-token lines
     train_crop: int  # labeled random crop
-    unlabeled_crop: int  # hard-coded crop of the official unlabeled pipeline (spec §3.4)
-    in_training_eval: EvalProtocol  # the official validation during training (spec §3.5)
-    offline_eval: EvalProtocol  # the official eval.py (spec §10)
+    unlabeled_crop: int  # hard-coded crop of the official unlabeled pipeline (appendix: data)
+    in_training_eval: EvalProtocol  # the official validation during training (appendix: data)
+    offline_eval: EvalProtocol  # the official eval.py (appendix: evaluation)
     paper_eval: str  # "in_training" | "offline": which one the published numbers come from
     ignore_colour: tuple[int, int, int] = (224, 224, 192)  # of label 255 (and unknown values)
 
@@ -228,7 +229,7 @@ PASCAL = Benchmark(
     train_crop=513,
     unlabeled_crop=513,
     in_training_eval=EvalProtocol("center_crop", 513, 0, "validate() during training"),
-    offline_eval=EvalProtocol("full", 0, 0, "eval.py: predictions only, no mIoU (spec §12 Q8)"),
+    offline_eval=EvalProtocol("full", 0, 0, "eval.py: predictions only, no mIoU (appendix Q8)"),
     paper_eval="in_training",
 )
 
@@ -276,7 +277,7 @@ COCO = Benchmark(
     train_crop=513,
     unlabeled_crop=513,
     in_training_eval=EvalProtocol("center_crop", 641, 0, "validate() during training"),
-    offline_eval=EvalProtocol("full", 0, 0, "eval.py: predictions only, no mIoU (spec §12 Q8)"),
+    offline_eval=EvalProtocol("full", 0, 0, "eval.py: predictions only, no mIoU (appendix Q8)"),
     paper_eval="in_training",
 )
 
@@ -356,7 +357,7 @@ def eval_transform(cfg: Config) -> SegTransform:
 
 
 def labeled_dataset(cfg: Config, transform: SegTransform | None = None) -> SplitListDataset:
-    """The labeled list ``data.labeled_split`` with the labeled augmentation (spec §3.3)."""
+    """The labeled list ``data.labeled_split`` with the labeled augmentation (appendix: data)."""
     return _dataset(cfg, "labeled_split", transform or build_train_transform(cfg.data))
 
 
@@ -364,14 +365,14 @@ def unlabeled_dataset(cfg: Config, transform: SegTransform | None = None) -> Spl
     """The unlabeled list ``data.unlabeled_split``, images only.
 
     The default transform is the labeled one; the semi-supervised trainer passes its own
-    weak/strong pipeline (spec §3.4).
+    weak/strong pipeline (appendix: data).
     """
     t = transform or build_train_transform(cfg.data)
     return _dataset(cfg, "unlabeled_split", t, with_mask=False)
 
 
 def val_dataset(cfg: Config, transform: SegTransform | None = None) -> SplitListDataset:
-    """The val list under ``cfg.eval``'s protocol (spec §10).
+    """The val list under ``cfg.eval``'s protocol (appendix: evaluation).
 
     ``full`` and ``sliding`` keep every image at its own size, so images of different sizes
     (VOC, COCO) need ``eval.batch_size: 1``; this is checked here, not after hours of training.

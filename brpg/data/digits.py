@@ -31,7 +31,7 @@ How a scene is drawn (:func:`render_scene`), all from one seeded numpy ``Generat
 All knobs, with their defaults, are the fields of :class:`DigitKnobs`; they are keyword
 arguments of :func:`ensure_digit_scenes` and part of the cache key.
 
-**Multi-modal classes** (what the paper's APO is for, spec §6). The digits in
+**Multi-modal classes** (what the paper's APO is for, appendix: clustering and APO). The digits in
 :data:`MULTIMODAL_DIGITS` (1, 4 and 7, i.e. classes 2, 5 and 8) are drawn in one of the first
 ``n_modes`` :data:`APPEARANCE_MODES`, chosen uniformly per instance; every other digit is
 always ``"solid"``:

@@ -1,13 +1,13 @@
 """What a stride-``s`` prediction can resolve of a label map at best (DigitScenes v3, issue 13).
 
 DeepLabV3+ predicts logits on the stride-4 grid and upsamples them bilinearly
-(``align_corners=True``, spec §10) to the image. Even a perfect stride-4 predictor is then
-limited by the grid: a 64-px scene is a 16 × 16 map. :func:`stride_ceiling` measures that limit
-on ground truth alone: it area-averages the one-hot ground truth onto the model's stride-``s``
-grid (the best a cell can say is the share of each class inside it), upsamples these soft
-"logits" back the way the model's are, takes the argmax and scores it against the ground
-truth with the same mIoU and Boundary IoU as every evaluation. What it cannot reach no model of
-that stride reaches either, so it tells how much room the boundary metric has at a scene size.
+(``align_corners=True``, appendix: evaluation) to the image. Even a perfect stride-4 predictor is
+then limited by the grid: a 64-px scene is a 16 × 16 map. :func:`stride_ceiling` measures that limit
+on ground truth alone: it area-averages the one-hot ground truth onto the model's stride-``s`` grid
+(the best a cell can say is the share of each class inside it), upsamples these soft "logits" back
+the way the model's are, takes the argmax and scores it against the ground truth with the same mIoU
+and Boundary IoU as every evaluation. What it cannot reach no model of that stride reaches either,
+so it tells how much room the boundary metric has at a scene size.
 """
 
 from __future__ import annotations

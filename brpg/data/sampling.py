@@ -1,4 +1,4 @@
-"""Making the labeled set as long as the unlabeled set (spec §3.2).
+"""Making the labeled set as long as the unlabeled set (appendix: data).
 
 The official builder repeats the labeled list ``ceil(n / len)`` times and draws ``n`` entries
 from it without replacement (``random.sample``), so each labeled image appears
@@ -17,11 +17,12 @@ from torch.utils.data import Dataset, Subset
 
 def oversample_indices(n_items: int, target_len: int, seed: int) -> list[int]:
     """``target_len`` indices into ``range(n_items)``, drawn from the list repeated
-    ``ceil(target_len / n_items)`` times without replacement (spec §3.2).
+    ``ceil(target_len / n_items)`` times without replacement (appendix: data).
 
     When ``target_len`` is a multiple of ``n_items`` every item appears exactly
     ``target_len / n_items`` times; in general no item appears more than ``ceil`` times.
-    ``target_len < n_items`` gives a random subset (the Cityscapes 1488 quirk of spec §3.2).
+    ``target_len < n_items`` gives a random subset (the Cityscapes 1488 quirk of the appendix
+    (data)).
     """
     if n_items <= 0:
         raise ValueError(f"cannot oversample an empty list (n_items={n_items})")

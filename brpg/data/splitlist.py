@@ -1,4 +1,4 @@
-"""A segmentation dataset read from a split list (spec §3.1), shared by every benchmark.
+"""A segmentation dataset read from a split list (appendix: data), shared by every benchmark.
 
 A split file holds one item per line, in one of two forms:
 

@@ -1,4 +1,4 @@
-"""Joint image/mask transforms built on ``torchvision.transforms.v2`` (spec §3.3, §3.5).
+"""Joint image/mask transforms built on ``torchvision.transforms.v2`` (appendix: data).
 
 A :class:`SegTransform` runs three named stages on a ``tv_tensors.Image`` / ``tv_tensors.Mask``
 pair, in this order:
@@ -6,13 +6,13 @@ pair, in this order:
 1. ``to_float``: uint8 -> float32 in [0, 1] (the mask is untouched);
 2. ``geometric``: random scale, random crop with padding, optional horizontal flip;
 3. ``photometric``: colour changes of the image only (empty for labeled data; the strong
-   view of unlabeled images will plug ColorJitter / grayscale / blur in here, spec §3.4);
+   view of unlabeled images will plug ColorJitter / grayscale / blur in here, appendix: data);
 4. ``normalize``: ``(x - mean) / std``.
 
 Geometry runs on the [0, 1] image *before* normalisation, but pads it with the mean colour,
 so a padded pixel is exactly 0 after normalisation, as in the official pipeline (which
-normalises first and pads with 0, spec §3.3 step 5). The mask is padded with ``pad_label``:
-255 (ignored) by default; the official code pads with 0 (spec §12 Q6), reproducible with
+normalises first and pads with 0, appendix: data). The mask is padded with ``pad_label``:
+255 (ignored) by default; the official code pads with 0 (appendix Q6), reproducible with
 ``data.pad_label=0``. Resizing is bilinear for the image (``align_corners=False``, no
 antialias, as ``F.interpolate`` in the official code) and nearest for the mask; v2 picks the
 kernel from the tensor type.
@@ -39,7 +39,7 @@ def _size_hw(flat_inputs: list[Any]) -> tuple[int, int]:
 
 
 class RandomScale(v2.Transform):
-    """Resize by a random factor ``s`` keeping the aspect ratio (spec §3.3 step 3).
+    """Resize by a random factor ``s`` keeping the aspect ratio (appendix: data).
 
     ``mode="u2pl"`` (the official sampling) draws ``s ~ U(lo, 1)`` or ``s ~ U(1, hi)`` with
     probability 1/2 each when ``lo < 1 < hi``, so shrinking and growing are equally likely;
@@ -108,7 +108,7 @@ class _PadCrop(v2.Transform):
 
 
 class RandomCropPad(_PadCrop):
-    """Random ``size`` crop; smaller inputs are first padded symmetrically (spec §3.3 step 5)."""
+    """Random ``size`` crop; smaller inputs are first padded symmetrically (appendix: data)."""
 
     def _offset(self, free_h: int, free_w: int) -> tuple[int, int]:
         top = int(torch.randint(0, free_h + 1, ())) if free_h > 0 else 0
@@ -117,7 +117,7 @@ class RandomCropPad(_PadCrop):
 
 
 class CenterCropPad(_PadCrop):
-    """Center ``size`` crop with symmetric padding (the validation crop of spec §3.5)."""
+    """Center ``size`` crop with symmetric padding (the validation crop of the appendix (data))."""
 
     def _offset(self, free_h: int, free_w: int) -> tuple[int, int]:
         return free_h // 2, free_w // 2
@@ -166,7 +166,7 @@ class SegTransform:
 def build_train_transform(
     cfg: DataConfig, photometric: Sequence[v2.Transform] = (), scale_mode: str = "u2pl"
 ) -> SegTransform:
-    """Labeled-image augmentation (spec §3.3): scale, crop with pad, optional flip, normalise."""
+    """Labeled-image augmentation (appendix: data): scale, crop with pad, optional flip, normalise."""
     geometric: list[v2.Transform] = [
         RandomScale(cfg.scale_range, mode=scale_mode),
         RandomCropPad(cfg.crop_size, image_fill=cfg.mean, pad_label=cfg.pad_label),
@@ -178,7 +178,7 @@ def build_train_transform(
 
 def build_eval_transform(cfg: DataConfig, crop_size: int | None = None) -> SegTransform:
     """Validation transform: normalise only, or a padded center crop if ``crop_size`` is set
-    (the official in-training validation crop, spec §3.5)."""
+    (the official in-training validation crop, appendix: data)."""
     geometric = (
         [CenterCropPad(crop_size, image_fill=cfg.mean, pad_label=cfg.pad_label)]
         if crop_size

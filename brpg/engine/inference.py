@@ -1,21 +1,21 @@
-"""Inference protocols and the evaluation loop (spec §10).
+"""Inference protocols and the evaluation loop (appendix: evaluation).
 
 * ``center_crop``: the eval transform has already centre-cropped image and mask (in-training
-  validation, spec §3.5/§10); inference is a plain forward, i.e. the same as ``full``.
+  validation, appendix: data, evaluation); inference is a plain forward, i.e. the same as ``full``.
 * ``full``: one forward on the whole image at its own resolution.
 * ``sliding``: the image is zero-padded to at least ``crop_size`` on each side, square windows
   of ``crop_size`` are taken every ``stride`` pixels (the last window of a row/column is moved
   back to end at the border), each window's logits are upsampled to the window size, and the
   window **logits** (not probabilities) are summed and divided by the number of windows that
-  covered each pixel; the result is cropped back to ``H×W`` (Cityscapes eval.py, spec §10).
-  Where the padding goes is not fixed by the spec; we centre it (``pad//2`` before, the rest
-  after). Windows of the whole batch are stacked and run ``window_batch`` crops at a time.
+  covered each pixel; the result is cropped back to ``H×W`` (Cityscapes eval.py, appendix:
+  evaluation). Where the padding goes is not fixed by the spec; we centre it (``pad//2`` before, the
+  rest after). Windows of the whole batch are stacked and run ``window_batch`` crops at a time.
 
 Every protocol also accumulates Boundary IoU (Cheng et al., CVPR 2021) from the same argmax
 (:class:`brpg.engine.metrics.BoundaryIoU`), at the mask's resolution.
 
 In every protocol the model's logits (stride 4 for DeepLabV3+) are upsampled bilinearly with
-``align_corners=True`` (spec §10); the model must return a dict with key ``"logits"``.
+``align_corners=True`` (appendix: evaluation); the model must return a dict with key ``"logits"``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ PROTOCOLS = ("full", "center_crop", "sliding")
 
 
 def upsample_logits(logits_bchw: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize with ``align_corners=True`` (spec §10); a no-op at the same size."""
+    """Bilinear resize with ``align_corners=True`` (appendix: evaluation); a no-op at the same size."""
     if tuple(logits_bchw.shape[-2:]) == tuple(size):
         return logits_bchw
     return F.interpolate(logits_bchw, size=tuple(size), mode="bilinear", align_corners=True)
@@ -110,7 +110,8 @@ def predict_logits(
     num_classes: int | None = None,
     window_batch: int = 8,
 ) -> Tensor:
-    """Float32 logits ``[B, C, H, W]`` at the input resolution under ``protocol`` (spec §10).
+    """Float32 logits ``[B, C, H, W]`` at the input resolution under ``protocol`` (appendix:
+    evaluation).
 
     Args:
         model: returns ``{"logits": [N, C, h, w], ...}`` for an ``[N, 3, H', W']`` input; it is
@@ -164,7 +165,8 @@ def evaluate(
     progress: bool = True,
     window_batch: int = 8,
 ) -> dict[str, Any]:
-    """mIoU and Boundary IoU of ``model`` over ``loader`` (spec §10; Cheng et al., CVPR 2021).
+    """mIoU and Boundary IoU of ``model`` over ``loader`` (appendix: evaluation; Cheng et al., CVPR
+    2021).
 
     ``loader`` yields dicts with ``"image"`` ``[B,3,H,W]`` and ``"mask"`` ``[B,H,W]`` (or lists
     of per-image tensors for variable sizes; batch size 1 with variable sizes works as is).

@@ -1,4 +1,4 @@
-"""Segmentation metrics: confusion matrix, IoU and mIoU (spec §10).
+"""Segmentation metrics: confusion matrix, IoU and mIoU (appendix: evaluation).
 
 The official ``intersectionAndUnion`` sets predictions at ignore pixels to 255, then takes the
 class histograms (over 0..C-1) of the intersection, of the prediction and of the target;
@@ -42,7 +42,7 @@ BIOU_DILATION_RATIO = 0.02  # Cheng et al., CVPR 2021: d = 2 % of the image diag
 def intersection_and_union(
     pred_bhw: Tensor, target_bhw: Tensor, num_classes: int, ignore_index: int = 255
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(area_intersection, area_union, area_target)``, each int64 ``[C]`` (spec §10).
+    """``(area_intersection, area_union, area_target)``, each int64 ``[C]`` (appendix: evaluation).
 
     A direct transcription of the official semantics: predictions at ignore pixels become
     ``ignore_index``; values outside ``[0, C)`` fall out of every histogram.
@@ -128,7 +128,7 @@ class _IoUCounts:
 
 
 class ConfusionMatrix(_IoUCounts):
-    """A ``C×C`` int64 confusion matrix accumulated on ``device`` (spec §10)."""
+    """A ``C×C`` int64 confusion matrix accumulated on ``device`` (appendix: evaluation)."""
 
     _STATE_KEY = "matrix"
 

@@ -1,4 +1,4 @@
-"""Optimiser, parameter groups and the poly learning-rate schedule (spec §9).
+"""Optimiser, parameter groups and the poly learning-rate schedule (appendix: optimiser).
 
 Two parameter groups: the encoder (``model.backbone``) at the base LR and everything else (the
 decoder: ASPP, low-level conv, classifier, representation head) at ``base × head_lr_mult``
@@ -35,7 +35,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
-    """``[backbone group, head group]`` with an ``lr_mult`` key each (spec §9).
+    """``[backbone group, head group]`` with an ``lr_mult`` key each (appendix: optimiser).
 
     The backbone group holds ``model.backbone``'s parameters (``lr_mult = 1``), the head group
     every other parameter of the model (``model.decoder`` and anything outside both,
@@ -77,7 +77,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def poly_lr_lambda(step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
-    """LR factor at iteration ``step``: ``(1 − step/total)^power`` (spec §9).
+    """LR factor at iteration ``step``: ``(1 − step/total)^power`` (appendix: optimiser).
 
     ``step`` is clamped to ``[0, total]``, so the factor is 0 from ``total`` on. With
     ``warmup_steps > 0`` the factor is further multiplied by ``(step + 1) / warmup_steps`` for

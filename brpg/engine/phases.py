@@ -1,4 +1,4 @@
-"""The training timeline of spec §1, shared by every framework and the BRPG plug-in.
+"""The training timeline of the appendix (timeline), shared by every framework and the BRPG plug-in.
 
 One training run moves through four phases, decided by the global step ``s`` alone
 (:func:`phase_of`), so that a resumed run knows where it is without any saved flag:
@@ -6,11 +6,11 @@ One training run moves through four phases, decided by the global step ``s`` alo
 ========== ============================================= =====================================
 phase      steps                                         what happens
 ========== ============================================= =====================================
-warmup     ``s < S``                                     supervised only (spec §4.10)
+warmup     ``s < S``                                     supervised only (appendix: timeline)
 semi       ``S ≤ s``, outside the windows below          the framework's step (mean teacher
-                                                         of spec §4, or UniMatch)
-sampling   ``Ds ≤ s < Ds + Dl`` (BRPG)                   + CPG memory pushes (spec §5.1)
-proto      ``s ≥ Ds + Dl`` (BRPG)                        + L_pro and prototype EMA (spec §7-§8)
+                                                         of the appendix (one step), or UniMatch)
+sampling   ``Ds ≤ s < Ds + Dl`` (BRPG)                   + CPG memory pushes (appendix: CPG)
+proto      ``s ≥ Ds + Dl`` (BRPG)                        + L_pro and prototype EMA (appendix)
 ========== ============================================= =====================================
 
 with ``S = semi.sup_only_steps``, ``Ds = proto.sample_start_step`` and

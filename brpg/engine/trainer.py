@@ -322,7 +322,8 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
-        """The model evaluated now: the teacher once it exists (``semi.eval_model``, spec §4.9).
+        """The model evaluated now: the teacher once it exists (``semi.eval_model``, appendix: one
+        step).
 
         UniMatch with ``semi.unimatch_teacher: self`` has no EMA teacher; its config must say
         ``semi.eval_model: student`` (checked by :func:`brpg.config.validate`)."""

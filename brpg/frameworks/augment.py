@@ -1,6 +1,6 @@
-"""Batched strong augmentation and CutMix of the unlabeled images (spec §3.4 step 4, §4.2).
+"""Batched strong augmentation and CutMix of the unlabeled images (appendix: data, one step).
 
-Strong view (:class:`StrongAug`, spec §3.4), applied in this order to each image with its own
+Strong view (:class:`StrongAug`, appendix: data), applied in this order to each image with its own
 random parameters:
 
 1. ColorJitter(brightness 0.5, contrast 0.5, saturation 0.5, hue 0.25) with p = 0.8 — the four
@@ -21,8 +21,8 @@ to uint8 after each one), and the blur is torchvision's separable Gaussian with 
 ``2⌈3σ⌉ + 1`` and reflect padding instead of PIL's box-blur approximation. Both change pixel
 values by a few grey levels at most.
 
-CutMix (spec §4.2): one coin with p = 0.5 for the whole batch; if heads, image ``i`` takes the
-pixels of image ``(i + 1) mod B`` inside its own box of about half the image area
+CutMix (appendix: one step): one coin with p = 0.5 for the whole batch; if heads, image ``i`` takes
+the pixels of image ``(i + 1) mod B`` inside its own box of about half the image area
 (:func:`cutmix_boxes`), and so do the pseudo-labels and confidences (:func:`apply_cutmix`).
 :func:`maybe_cutmix` keeps the coin as a 0-dim tensor and blends with ``torch.where``: no
 data-dependent Python branch, no host sync.
@@ -66,7 +66,7 @@ class StrongAugParams(NamedTuple):
 
 
 class StrongAug:
-    """The strong colour augmentation of spec §3.4 on a batch ``[B, 3, H, W]``.
+    """The strong colour augmentation of the appendix (data) on a batch ``[B, 3, H, W]``.
 
     Args:
         brightness, contrast, saturation: jitter strengths ``s`` (factor ``U(1 − s, 1 + s)``).
@@ -177,7 +177,7 @@ def cutmix_boxes(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """One CutMix box per image as a mask ``BoolTensor[B, H, W]`` (True inside; spec §4.2).
+    """One CutMix box per image as a mask ``BoolTensor[B, H, W]`` (True inside; appendix: one step).
 
     Width ``w_b`` is a uniform integer in ``[⌊W/2⌋ + 1, W − 1]`` (numpy ``randint(W/2 + 1, W)``),
     height ``h_b = round(H·W/2 / w_b)`` (area ≈ 50 %), and the box lies entirely inside the
@@ -212,7 +212,7 @@ def _mask_like(mask_bhw: Tensor, t: Tensor) -> Tensor:
 def apply_cutmix(
     x_bchw: Tensor, maps: Sequence[Tensor], mask_bhw: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
-    """Mix image ``i`` with image ``(i + 1) mod B`` inside ``mask_bhw[i]`` (spec §4.2).
+    """Mix image ``i`` with image ``(i + 1) mod B`` inside ``mask_bhw[i]`` (appendix: one step).
 
     Every tensor of ``maps`` (``[B, H, W]`` or ``[B, C, H, W]``: pseudo-labels, confidences,
     …) is mixed with the same mask and partner. Returns ``(x_mixed, maps_mixed)``.
@@ -232,7 +232,7 @@ def maybe_cutmix(
     p: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """CutMix the whole batch with probability ``p`` (one coin per batch, spec §4.2).
+    """CutMix the whole batch with probability ``p`` (one coin per batch, appendix: one step).
 
     The coin and the boxes are always drawn (coin first), so the random stream does not depend
     on the outcome. Returns ``(x_out, maps_out, mask_bhw)``; ``mask_bhw`` is the mask actually

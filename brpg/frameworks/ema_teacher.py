@@ -1,4 +1,4 @@
-"""The EMA teacher of the mean-teacher framework (spec §1, §4.8, §12 Q14).
+"""The EMA teacher of the mean-teacher framework (appendix: timeline, one step, Q14).
 
 The teacher is a copy of the student that is never trained by gradients. After every
 semi-supervised optimiser step its parameters follow the student's by an exponential moving
@@ -10,11 +10,11 @@ average, ``θ_t ← d·θ_t + (1 − d)·θ_s``, with a decay that ramps up from
 teacher equal to the student, the second (t = 1) averages them half/half, and from t = 99 on
 the decay is 0.99.
 
-Timeline (spec §1): during the supervised warm-up the teacher only runs train-mode forwards on
-labeled batches (to move its BN running statistics); at the first semi-supervised step its
-*parameters* are set to the student's (:meth:`EMATeacher.copy_from`); buffers are not copied.
-Buffers are never averaged either (spec §4.8, §12 Q14): the teacher's BN statistics come from
-its own train-mode forwards (spec §4.4). ``ema_buffers=True`` / ``copy_from(buffers=True)``
+Timeline (appendix: timeline): during the supervised warm-up the teacher only runs train-mode
+forwards on labeled batches (to move its BN running statistics); at the first semi-supervised step
+its *parameters* are set to the student's (:meth:`EMATeacher.copy_from`); buffers are not copied.
+Buffers are never averaged either (appendix: one step, Q14): the teacher's BN statistics come from
+its own train-mode forwards (appendix: one step). ``ema_buffers=True`` / ``copy_from(buffers=True)``
 are opt-in variants.
 
 All arithmetic is done with ``torch._foreach_*`` over the whole parameter list (a few fused
@@ -36,7 +36,7 @@ __all__ = ["EMATeacher", "ema_decay", "unwrap_model"]  # unwrap_model re-exporte
 
 
 def ema_decay(step_since_start: int, max_decay: float = 0.99) -> float:
-    """``min(1 − 1/(t + 1), max_decay)`` (spec §4.8): 0 at t = 0, 0.5 at t = 1, 0.99 at t ≥ 99."""
+    """``min(1 − 1/(t + 1), max_decay)`` (appendix: one step): 0 at t = 0, 0.5 at t = 1, 0.99 at t ≥ 99."""
     if step_since_start < 0:
         raise ValueError(f"step_since_start must be ≥ 0, got {step_since_start}")
     return min(1.0 - 1.0 / (step_since_start + 1), max_decay)
@@ -51,14 +51,14 @@ def _other_buffers(module: nn.Module) -> list[Tensor]:
 
 
 class EMATeacher(nn.Module):
-    """A frozen deep copy of the student, updated by parameter EMA (spec §4.8).
+    """A frozen deep copy of the student, updated by parameter EMA (appendix: one step).
 
     Args:
         student: the student model, possibly wrapped in DDP (``.module`` is unwrapped).
         max_decay: the cap of :func:`ema_decay` (0.99 in every official config).
         ema_buffers: also average floating-point buffers (BN running mean/var) and copy the
             integer ones (``num_batches_tracked``). Off by default: the official code leaves
-            the teacher's buffers to its own train-mode forwards (spec §12 Q14).
+            the teacher's buffers to its own train-mode forwards (appendix Q14).
 
     ``teacher(x)`` calls the wrapped copy; ``teacher.module`` is that copy. ``step`` is the
     ``t`` that the next :meth:`update` uses when none is given.
@@ -91,7 +91,8 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def copy_from(self, student: nn.Module, buffers: bool = False, reset_step: bool = True) -> None:
-        """Teacher := student (spec §1, epoch S step 0): parameters, and buffers if asked.
+        """Teacher := student (appendix: timeline, epoch S step 0): parameters, and buffers if
+        asked.
 
         ``reset_step`` sets ``step = 0`` so that the next :meth:`update` uses decay 0.
         """

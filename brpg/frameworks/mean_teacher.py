@@ -1,16 +1,16 @@
-"""The mean-teacher training step, with BRPG attached through its plug-in (paper §3; spec §1,
-§4, §14).
+"""The mean-teacher training step, with BRPG attached through its plug-in (paper §3; appendix:
+timeline, one step).
 
-The phases of a run (warmup | semi | sampling | proto, spec §1) are in
+The phases of a run (warmup | semi | sampling | proto, appendix: timeline) are in
 :mod:`brpg.engine.phases`; everything BRPG adds (CPG memories, COCO back queue, clustering,
 prototype bank, L_pro, csp thresholds) is :class:`brpg.method.plugin.BRPGPlugin`, which the
 UniMatch framework (:mod:`brpg.frameworks.unimatch`) uses unchanged. At ``s == S`` the teacher
 takes the student's parameters. The run's state (teacher, plug-in) is
 :class:`brpg.frameworks.semi_method.SemiMethod`.
 
-:func:`semi_step` is the whole step of spec §4 in one function. It has no host sync and no
-Python loop over pixels, classes or prototypes; the only per-step Python branches depend on the
-step number.
+:func:`semi_step` is the whole step of the appendix (one step) in one function. It has no host sync
+and no Python loop over pixels, classes or prototypes; the only per-step Python branches depend on
+the step number.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def semi_step(
     image_u: Tensor,
     step: int,
 ) -> tuple[Tensor, dict[str, Tensor], EMARows | None]:
-    """One mean-teacher / BRPG step after the warm-up (spec §4, §14); returns
+    """One mean-teacher / BRPG step after the warm-up (appendix: one step); returns
     ``(loss, logs, ema_rows)`` where ``ema_rows = (feats[N, D], targets[N])`` feed the prototype
     EMA after the optimiser step (``None`` outside the proto phase)."""
     cfg, s = method.cfg, method.cfg.semi

@@ -1,5 +1,5 @@
 """The state of a semi-supervised run, for either framework: the EMA teacher and the BRPG
-plug-in, with ``state_dict()`` / ``load_state_dict()`` (spec §1, §4.8; paper §3).
+plug-in, with ``state_dict()`` / ``load_state_dict()`` (appendix: timeline, one step; paper §3).
 
 A checkpoint taken in any phase resumes exactly; its keys are ``teacher, memory, back, bank,
 csp`` (the last four the plug-in's, ``None`` without it).
@@ -50,8 +50,9 @@ class SemiMethod(nn.Module):
     # supervised step + warmup_step (warm-up phase) or the framework's step, then the optimiser,
     # then after_step. Everything a framework or BRPG keeps between steps changes only here.
     def before_step(self, step: int, student: nn.Module) -> dict[str, Any]:
-        """Phase changes at the start of ``step`` (spec §1): at ``s == S`` the teacher takes the
-        student's weights; the plug-in allocates memories / clusters. Returns log entries."""
+        """Phase changes at the start of ``step`` (appendix: timeline): at ``s == S`` the teacher
+        takes the student's weights; the plug-in allocates memories / clusters. Returns log entries.
+        """
         cfg, logs = self.cfg, {}
         if (
             self.teacher is not None
@@ -67,15 +68,15 @@ class SemiMethod(nn.Module):
     def warmup_step(self, image_l: Tensor) -> None:
         """After a warm-up micro-batch's supervised forward: the official code also runs the
         teacher in train mode on the labeled images, so its BN statistics follow the data before
-        it takes the student's weights (spec §4.10; ``semi.teacher_bn_warmup``)."""
+        it takes the student's weights (appendix: timeline; ``semi.teacher_bn_warmup``)."""
         if self.teacher is not None and self.cfg.semi.teacher_bn_warmup:
             self.teacher.train()
             self.teacher(image_l)
 
     def after_step(self, step: int, student: nn.Module, ema_rows: list[EMARows]) -> None:
-        """After the optimiser step of a semi-supervised ``step``: the teacher EMA (spec §4.8),
-        counted from the end of the warm-up, then the prototype EMA of each micro-batch's rows
-        in their order (spec §7)."""
+        """After the optimiser step of a semi-supervised ``step``: the teacher EMA (appendix: one
+        step), counted from the end of the warm-up, then the prototype EMA of each micro-batch's
+        rows in their order (appendix: prototype EMA)."""
         if self.teacher is not None:
             self.teacher.update(student, step=step - self.cfg.semi.sup_only_steps)
         if self.plugin is not None:

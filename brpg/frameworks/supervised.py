@@ -1,4 +1,4 @@
-"""Supervised losses: cross-entropy and OHEM cross-entropy (spec §4.3).
+"""Supervised losses: cross-entropy and OHEM cross-entropy (appendix: one step).
 
 ``L_s = ce_weight · CE(logits, y, ignore) + ohem_weight · OHEM(logits, y)``.
 
@@ -7,7 +7,7 @@ Both terms are computed from one per-pixel cross-entropy map, fully on device: t
 
 All-ignore targets (no valid pixel, or OHEM keeping nothing) give a loss of exactly ``0`` that
 still has a ``grad_fn`` (its gradient is zero), so ``backward()`` works and the step is a no-op
-for this term. The official code returns NaN there (spec §12 Q19); we deliberately do not.
+for this term. The official code returns NaN there (appendix Q19); we deliberately do not.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _masked_mean(values_bhw: Tensor, keep_bhw: Tensor) -> Tensor:
 
 
 def _ohem_keep_mask(ce_bhw: Tensor, valid_bhw: Tensor, thresh: float, min_kept: int) -> Tensor:
-    """The pixels OHEM keeps (spec §4.3), computed without a host sync.
+    """The pixels OHEM keeps (appendix: one step), computed without a host sync.
 
     ``p_gt = exp(-CE)`` is the softmax probability of the ground-truth class. If fewer than
     ``min_kept`` pixels are valid, every valid pixel is kept; otherwise
@@ -68,7 +68,7 @@ def ohem_ce(
     min_kept: int = 100_000,
     ignore_index: int = 255,
 ) -> Tensor:
-    """OHEM cross-entropy (OhemCrossEntropy2dTensor, spec §4.3).
+    """OHEM cross-entropy (OhemCrossEntropy2dTensor, appendix: one step).
 
     Args:
         logits_bchw: class scores at the label resolution (upsampled beforehand).
@@ -89,7 +89,8 @@ def ohem_ce(
 def supervised_loss(
     logits_bchw: Tensor, target_bhw: Tensor, cfg: LossConfig, ignore_index: int = 255
 ) -> Tensor:
-    """``ce_weight · CE(ignore) + ohem_weight · OHEM`` (spec §4.3); a zero-weight term is skipped.
+    """``ce_weight · CE(ignore) + ohem_weight · OHEM`` (appendix: one step); a zero-weight term is
+    skipped.
 
     Shares one per-pixel CE map between the two terms. With both weights 0 it returns a zero
     that is still connected to ``logits_bchw``.
@@ -107,14 +108,16 @@ def supervised_loss(
 
 def keep_in_graph(loss: Tensor, rep: Tensor | None) -> Tensor:
     """``loss + 0·Σ rep``: a representation head whose output no loss reads still gets a
-    (zero) gradient, DDP's every-parameter-used contract (spec §4.6). Bit-identical values."""
+    (zero) gradient, DDP's every-parameter-used contract (appendix: one step). Bit-identical
+    values."""
     return loss if rep is None else loss + 0.0 * rep.sum()
 
 
 def suponly_step(
     model: nn.Module, batch: dict[str, Tensor], cfg: Config, need_rep: bool = True
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (spec §4.10).
+    """One supervised step's loss: L_s = w_ce·CE + w_ohem·OHEM on the labeled batch (appendix:
+    timeline).
 
     ``need_rep=False`` skips the representation head, which this loss never reads."""
     image_b3hw, mask_bhw = batch["image"], batch["mask"]

@@ -1,16 +1,16 @@
-"""U2PL's entropy-filtered pseudo-label loss L_u (spec §4.4, §12 Q4, §13).
+"""U2PL's entropy-filtered pseudo-label loss L_u (appendix: one step, cost, Q4).
 
 Per step, with ``p`` from :func:`drop_percent_schedule`:
 
 1. ``H = −Σ_c q_c log(q_c + 1e−10)``, ``q = softmax(teacher logits)``: the entropy of the
-   *train-mode* teacher on the mixed strong images (spec §12 Q4), not of the eval-mode teacher
+   *train-mode* teacher on the mixed strong images (appendix Q4), not of the eval-mode teacher
    that made the pseudo-labels;
 2. ``t`` = the ``p``-th percentile of ``H`` over the pixels whose pseudo-label is not ignored
    (linear interpolation, as ``numpy.percentile``);
 3. pixels with ``H ≥ t`` get the ignore target (dropped), so about ``(100 − p) %`` are dropped;
 4. ``L_u = (B·H·W / #kept) · mean_{kept} CE(student logits, pseudo-label)``.
 
-The factor ``B·H·W / #kept`` comes on top of a mean (U2PL's normalisation, spec §12 Q4);
+The factor ``B·H·W / #kept`` comes on top of a mean (U2PL's normalisation, appendix Q4);
 ``faithful_scale=False`` gives the plain mean CE over the kept pixels instead.
 
 Everything stays on the device: the percentile is read from a full sort of the masked entropy
@@ -35,7 +35,7 @@ __all__ = [
 
 
 def drop_percent_schedule(epoch: float, total_epochs: float, start: float = 80.0) -> float:
-    """Entropy percentile ``p = 100 − (100 − start)·(1 − epoch/E)`` (spec §4.4 step 2).
+    """Entropy percentile ``p = 100 − (100 − start)·(1 − epoch/E)`` (appendix: one step).
 
     ``start`` (the config's ``drop_percent``, 80) at epoch 0, rising linearly to 100 at ``E``.
     """
@@ -79,7 +79,7 @@ def entropy_keep_mask(
     percent: float | Tensor,
     ignore_index: int = 255,
 ) -> Tensor:
-    """Pixels that keep their pseudo-label: valid and entropy below the percentile (§4.4)."""
+    """Pixels that keep their pseudo-label: valid and entropy below the percentile."""
     entropy_bhw = pixel_entropy(teacher_logits_bchw)
     valid_bhw = pseudo_bhw != ignore_index
     thresh = masked_percentile(entropy_bhw, valid_bhw, percent)
@@ -94,7 +94,7 @@ def unsup_loss(
     ignore_index: int = 255,
     faithful_scale: bool = True,
 ) -> Tensor:
-    """Entropy-filtered pseudo-label CE (U2PL ``compute_unsupervised_loss``, spec §4.4).
+    """Entropy-filtered pseudo-label CE (U2PL ``compute_unsupervised_loss``, appendix: one step).
 
     Args:
         logits_u_bchw: student logits on the (mixed) strong images, at label resolution.

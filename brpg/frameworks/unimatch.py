@@ -11,11 +11,11 @@ from that description (``train.framework: unimatch``):
    perturbation, FP);
 2. pseudo-labels and confidences: the weak-view predictions, detached
    (``semi.unimatch_teacher: self``), or the EMA teacher's in eval mode on ``x_w`` (``ema``;
-   the teacher then follows the model by the EMA of spec §4.8 after each step);
+   the teacher then follows the model by the EMA of the appendix (one step) after each step);
 3. two strong views of the weak image, independent :class:`~brpg.frameworks.augment.StrongAug` draws, each
    with its own CutMix (:func:`~brpg.frameworks.augment.maybe_cutmix`, independent coin and boxes) mixing
    the pseudo-labels and confidences with the same boxes; one forward on ``cat(x_s1, x_s2)``;
-4. ``L_x``: the supervised loss (``loss`` config, spec §4.3) on the labeled part; ``L_s1``,
+4. ``L_x``: the supervised loss (``loss`` config, appendix: one step) on the labeled part; ``L_s1``,
    ``L_s2``, ``L_fp``: the CE of each strong view and of the FP predictions against the
    pseudo-labels, counted where the confidence is ``≥ semi.conf_thresh`` (0.95), summed and
    divided by the number of pixels ``B·H·W``;
@@ -32,10 +32,10 @@ Differences from UniMatch, all deliberate:
 
 - **CutMix partner.** UniMatch mixes each strong view with images of a *second* unlabeled batch
   (with its own eval-mode forward for that batch's pseudo-labels). Here the partner is image
-  ``(i + 1) mod B`` of the same batch, as the mean teacher's CutMix of spec §4.2, whose
-  pseudo-labels this step has already computed: one unlabeled stream stays one step-indexed
-  stream (exact resume, :mod:`brpg.engine.batches`), and no extra forward is spent. The boxes
-  are those of spec §4.2 (one coin per batch, about half the image), not UniMatch's own.
+  ``(i + 1) mod B`` of the same batch, as the mean teacher's CutMix of the appendix (one step),
+  whose pseudo-labels this step has already computed: one unlabeled stream stays one step-indexed
+  stream (exact resume, :mod:`brpg.engine.batches`), and no extra forward is spent. The boxes are
+  those of the appendix (one step) (one coin per batch, about half the image), not UniMatch's own.
 - **Normaliser.** UniMatch divides by the pixels that are not padding (its loader marks them
   with 255); our unlabeled loader returns no ignore mask, so the divisor is ``B·H·W``.
 - **Supervised loss.** ``supervised_loss`` with the run's ``loss`` config (0.5 CE + 0.5 OHEM by

@@ -1,5 +1,6 @@
-"""APO — adaptive prototype optimisation (paper §"APO"; spec §6): how many prototypes each class
-gets at the one-shot clustering (:mod:`brpg.method.clustering`, spec §5.4).
+"""APO — adaptive prototype optimisation (paper §"APO"; appendix: clustering and APO): how many
+prototypes each class gets at the one-shot clustering (:mod:`brpg.method.clustering`, appendix:
+clustering and APO).
 
 APO gives ``add_num`` (= 1) extra prototype to the ``n_add = max(1, round(0.05·C))`` classes
 whose feature memory is most dispersed. Dispersion is judged separately for the high- and the
@@ -10,7 +11,7 @@ to the mean of raw / normalised rows) are provided too: for them LARGE means dis
 
 Classes with an empty memory have an undefined dispersion (NaN): they are never selected and
 keep the base count; the clustering then marks all their prototypes invalid (the official code
-would crash there, spec §5.4, §12 Q13).
+would crash there, appendix: clustering and APO, Q13).
 
 APO runs once per training run; it is batched over classes but may sync with the host.
 """
@@ -55,7 +56,8 @@ def _masked_mean_vec(x_bnd: Tensor, valid_bn: Tensor) -> Tensor:
 
 
 def dispersion_cos(x: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Official APO score "cos_sim" (spec §6): ``s_b = mean_n cos(x_{b,n}, normalize(mean_n x_{b,n}))``.
+    """Official APO score "cos_sim" (appendix: clustering and APO): ``s_b = mean_n cos(x_{b,n},
+    normalize(mean_n x_{b,n}))``.
 
     The mean is taken over the raw valid rows of memory ``b``. Returns float32 ``[B]`` in
     ``[-1, 1]``; LOW means dispersed; NaN for an empty memory.
@@ -80,7 +82,7 @@ def higher_is_dispersed(metric: str) -> bool:
 
 
 def dispersion(x: Tensor, valid: Tensor | None = None, metric: str = "cos_sim") -> Tensor:
-    """Dispersion score ``[B]`` of each memory under ``metric`` (spec §6).
+    """Dispersion score ``[B]`` of each memory under ``metric`` (appendix: clustering and APO).
 
     "cos_sim": :func:`dispersion_cos` (low = dispersed). "l2": mean L2 distance of the raw rows
     to their mean; "l2_norm": the same on L2-normalised rows (large = dispersed). NaN for an
@@ -104,7 +106,7 @@ def n_add_classes(num_classes: int, proportion: float = 0.05) -> int:
 def dispersed_mask(
     scores: Tensor, proportion: float = 0.05, higher_is_dispersed: bool = False
 ) -> Tensor:
-    """Classes selected by APO, BoolTensor ``[C]`` (spec §6).
+    """Classes selected by APO, BoolTensor ``[C]`` (appendix: clustering and APO).
 
     ``threshold`` = the ``n_add``-th most dispersed finite score; every class at least as
     dispersed as the threshold is selected, so ties can select more than ``n_add`` classes.
@@ -140,6 +142,6 @@ def apo_counts(
     """Number of prototypes per class for ONE memory kind: ``base`` (+ ``add_num``), ``[C]``.
 
     Call it once with the high-memory scores and once with the low-memory scores: the two
-    selections are independent (spec §6).
+    selections are independent (appendix: clustering and APO).
     """
     return base + select_classes(scores, proportion, add_num, higher_is_dispersed(metric))

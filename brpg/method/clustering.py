@@ -1,10 +1,10 @@
 """The one-shot clustering: APO + k-means of the CPG memories into the prototype bank (paper
-§"CPG", §"APO"; spec §5.4, §5.6, §6).
+§"CPG", §"APO"; appendix: clustering and APO, CPG).
 
 At the end of the sampling window (and every ``proto.recluster_every`` steps after it, if set)
 each memory kind is clustered per class with the batched k-means of :mod:`brpg.method.kmeans`:
 ``proto.memory = "cpg"`` clusters the high and the low memory separately (``num_high`` and
-``num_low`` base prototypes); ``"random"`` (the CPG ablation of spec §5.6) clusters its one
+``num_low`` base prototypes); ``"random"`` (the CPG ablation of the appendix (CPG)) clusters its one
 memory into ``num_high + num_low``. With ``proto.apo`` the most dispersed classes of every
 memory get ``add_num`` more (:func:`brpg.method.apo.apo_counts`). Both modes go through
 :func:`cluster_memory`, so the APO metric and the slot budgets are decided in one place.
@@ -53,9 +53,9 @@ def cluster_memory(
 ) -> tuple[KMeansResult, int]:
     """APO counts + k-means of one memory kind ``feats[C, N, D]`` (``valid[C, N]``): ``base``
     clusters per class, ``base + add_num`` for the classes APO finds most dispersed by
-    ``metric`` (spec §6). Returns the k-means result and the kind's slot budget in the bank.
-    ``n_init = 3`` seedings, as the official ``MiniBatchKMeans`` defaults; a memory with fewer
-    rows than clusters gets fewer valid centres."""
+    ``metric`` (appendix: clustering and APO). Returns the k-means result and the kind's slot budget
+    in the bank. ``n_init = 3`` seedings, as the official ``MiniBatchKMeans`` defaults; a memory
+    with fewer rows than clusters gets fewer valid centres."""
     k_c = torch.full((feats.shape[0],), base, dtype=torch.long)
     if apo:
         k_c = apo_counts(dispersion(feats, valid, metric), base, proportion, add_num, metric)
@@ -81,7 +81,7 @@ def cluster_memories(
     subsample``; Euclidean k-means on raw features, all classes at once), then
     :func:`~brpg.method.prototype_ema.pack_high_low` packs them into ``K = K_h + K_l`` slots,
     ``K_h = base_high + add_num`` and ``K_l = base_low + add_num`` with APO, else the bases
-    (spec §5.4, §6).
+    (appendix: clustering and APO).
     """
     hi, k_high = cluster_memory(high, high_valid, base_high, **settings)
     lo, k_low = cluster_memory(low, low_valid, base_low, **settings)

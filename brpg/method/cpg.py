@@ -1,9 +1,9 @@
-"""CPG — confidence-based prototype generation: sampling and memories (paper §"CPG"; spec
-§5.1–5.3, §5.5, §13).
+"""CPG — confidence-based prototype generation: sampling and memories (paper §"CPG"; appendix:
+CPG, cost).
 
-During the sampling window (spec §1) every step routes stride-4 pixel features into per-class
-FIFO memories that the one-shot clustering (:func:`brpg.method.clustering.cluster_memories`)
-reads later:
+During the sampling window (appendix: timeline) every step routes stride-4 pixel features into
+per-class FIFO memories that the one-shot clustering
+(:func:`brpg.method.clustering.cluster_memories`) reads later:
 
 - labeled pixels (student features): correctly classified (``pred == gt``, gt not ignored)
   with confidence ``≥ τ_h`` go to the *high* memory, those with ``low_threshold < conf < τ_h``
@@ -15,12 +15,12 @@ reads later:
 - under ``torch.distributed`` the rows of all ranks are gathered, so every rank holds the same
   memories, and each class keeps its most recent ``capacity`` (30000) rows
   (:class:`PrototypeMemory`);
-- COCO only (``proto.back_queue``, spec §5.5): at most ``back_per_class`` random labeled pixels
+- COCO only (``proto.back_queue``, appendix: CPG): at most ``back_per_class`` random labeled pixels
   of every class in the ground truth, correct or not, with their p_gt (:func:`route_back`),
   feed a per-class *back* queue that keeps the ``2·queue_len`` most confident rows
   (:class:`BackQueue`); at clustering time a memory with fewer than ``min_rows`` rows is
   refilled from it (:func:`apply_back_fallbacks`; the official ``ValueError`` when only the
-  low memory is short is replaced by a fallback, spec §12 Q13).
+  low memory is short is replaced by a fallback, appendix Q13).
 
 Fixed-size rows, no host sync. Routing does not compact anything: it returns the features of
 *all* ``N = B·h·w`` pixels, ``[N, D]``, with a class vector ``[N]`` that holds the class of a
@@ -30,15 +30,15 @@ scores, invalid rows scored −inf, ``topk`` of a size known from shapes alone) 
 never depend on the data, which is what lets ``all_gather`` use plain tensors.
 
 The memories live on the device as one ring buffer ``[C, capacity, D]`` per kind with
-per-class write pointers and fill counts (spec §13), instead of the official per-class CPU
+per-class write pointers and fill counts (appendix: cost), instead of the official per-class CPU
 tensors re-concatenated every step. Memory cost: ``C·capacity·D·4`` bytes per kind in
 float32 (VOC: 21·30000·256·4 ≈ 0.65 GB).
 
 The official memory rows also carry the confidence (257 columns); it is used only by the
-unused "prob" prototype type and by the COCO path (spec §5.4, §5.5), so high/low rows here are
-features only and :class:`BackQueue` keeps its p_gt beside the features. The class-specific
-"csp" thresholds of spec §5.3 are provided as :class:`AdaptiveThreshold`; no official config
-uses them.
+unused "prob" prototype type and by the COCO path (appendix: clustering and APO, CPG), so high/low
+rows here are features only and :class:`BackQueue` keeps its p_gt beside the features. The
+class-specific "csp" thresholds of the appendix (CPG) are provided as :class:`AdaptiveThreshold`; no
+official config uses them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def confidence(logits_bchw: Tensor) -> tuple[Tensor, Tensor]:
 
 def downsample_labels(labels_bhw: Tensor, size: int | Sequence[int]) -> Tensor:
     """Nearest-neighbour label downsampling as the official code: ``F.interpolate`` with
-    ``mode="nearest"`` on the float label map (spec §5.1). Returns ``long [B, h, w]``."""
+    ``mode="nearest"`` on the float label map (appendix: CPG). Returns ``long [B, h, w]``."""
     size_hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
     small = F.interpolate(labels_bhw[:, None].float(), size=size_hw, mode="nearest")
     return small[:, 0].long()
@@ -139,7 +139,7 @@ def route_labeled(
     low_threshold: float = 0.0,
     ignore_index: int = 255,
 ) -> LabeledRoutes:
-    """Labeled routing of spec §5.1 (student features at stride 4).
+    """Labeled routing (appendix: CPG), on student features at stride 4.
 
     A pixel is *correct* if its prediction equals the (downsampled) label and the label is not
     ``ignore_index``. Correct pixels with ``conf ≥ tau_h`` are high, correct pixels with
@@ -166,7 +166,8 @@ def route_labeled(
 
 
 def route_unlabeled(rep_t_bdhw: Tensor, logits_t_bchw: Tensor, thr: float | Tensor = 0.8) -> Rows:
-    """Unlabeled routing of spec §5.1: teacher ``conf ≥ thr`` → high, class = teacher argmax.
+    """Unlabeled routing of the appendix (CPG): teacher ``conf ≥ thr`` → high, class = teacher
+    argmax.
 
     ``thr`` may be a per-class tensor ``[C]``, read at the teacher's prediction.
     """
@@ -201,13 +202,13 @@ def route_back(
     ignore_index: int = 255,
     generator: torch.Generator | None = None,
 ) -> BackRows:
-    """Labeled rows of the COCO back queue (spec §5.5): for every class present in the
+    """Labeled rows of the COCO back queue (appendix: CPG): for every class present in the
     downsampled labels, at most ``per_class`` uniformly random pixels of that class, **whether
     or not they are correctly classified**, with ``conf = p_gt`` (the softmax probability of the
     ground-truth class at stride 4).
 
     Pixels labeled ``ignore_index`` or outside ``[0, C)`` are never selected (the official
-    ``np.unique`` would pick up 255 and crash, spec §12 Q15). Fixed shapes, no host sync: the
+    ``np.unique`` would pick up 255 and crash, appendix Q15). Fixed shapes, no host sync: the
     pixels are shuffled (argsort of uniform scores drawn on ``generator``'s device), grouped by
     class with a stable sort, and a row is kept if its rank within its class is below
     ``per_class``. Returns all ``N = B·h·w`` rows with class −1 for the others.
@@ -239,7 +240,7 @@ def subsample_indices(
 ) -> tuple[Tensor, Tensor]:
     """A random subset of at most ``cap`` selected rows (``cls ≥ 0``), fixed size ``min(cap, N)``.
 
-    Equivalent to the official "shuffle the selected rows, keep the first ``cap``" (spec §5.1):
+    Equivalent to the official "shuffle the selected rows, keep the first ``cap``" (appendix: CPG):
     every selected row gets a uniform score, unselected rows −inf, and ``topk`` keeps the
     ``min(cap, N)`` best in score order (a uniformly random order of the selected rows first).
     Returns ``(idx[k], cls[k])``; slots beyond the number of selected rows get class −1.
@@ -284,7 +285,7 @@ def memory_rows(
     sample_pixel_num: int = 5000,
     generator: torch.Generator | None = None,
 ) -> tuple[Rows, Rows]:
-    """The rows one step pushes (spec §5.1 "per-iteration budget"): ``(high, low)``.
+    """The rows one step pushes (appendix: CPG "per-iteration budget"): ``(high, low)``.
 
     high = a random subset of at most ``sample_pixel_num·2B`` rows of
     ``cat(labeled high, unlabeled high)``; low = at most ``sample_pixel_num·B`` random rows of
@@ -310,7 +311,7 @@ def cpg_rows(
     sample_pixel_num: int = 5000,
     generator: torch.Generator | None = None,
 ) -> tuple[Rows, Rows]:
-    """CPG sampling of one step (spec §5.1): ``(high, low)`` rows to push into the memories.
+    """CPG sampling of one step (appendix: CPG): ``(high, low)`` rows to push into the memories.
 
     :func:`route_labeled` on the student's labeled outputs, :func:`route_unlabeled` on the
     pseudo-label producer's unlabeled outputs (none when ``rep_u_bdhw`` is ``None``), then the
@@ -328,7 +329,7 @@ def cpg_rows(
 def class_mean_gt_prob(
     logits_bchw: Tensor, labels_bhw: Tensor, num_classes: int, ignore_index: int = 255
 ) -> tuple[Tensor, Tensor]:
-    """Mean softmax probability of the true class over the pixels of each class (spec §5.3).
+    """Mean softmax probability of the true class over the pixels of each class (appendix: CPG).
 
     Returns ``(mean[C] float32, present[C] bool)``; ``mean`` is 0 for absent classes.
     """
@@ -346,12 +347,12 @@ def class_mean_gt_prob(
 
 
 class AdaptiveThreshold:
-    """Class-specific adaptive thresholds, threshold type "csp" (spec §5.3).
+    """Class-specific adaptive thresholds, threshold type "csp" (appendix: CPG).
 
     ``ema_c ← momentum·ema_c + (1 − momentum)·mean_pgt_c`` for the classes present in the
     labeled batch; the threshold of class ``c`` is ``clip(ema_c, thre_min, thre_max)``, or
     ``fixed_value`` for the classes in ``fix_class``. Every official config uses threshold type
-    "fix" and has the csp keys commented out (spec §5.3, §12 Q9), so the defaults of
+    "fix" and has the csp keys commented out (appendix: CPG, Q9), so the defaults of
     ``thre_min``/``thre_max`` here (no clipping) are ours, not the authors'.
     """
 

@@ -1,10 +1,11 @@
-"""Batched k-means for the one-shot prototype clustering (spec §5.4, §13 "one-time clustering").
+"""Batched k-means for the one-shot prototype clustering (appendix: clustering and APO, cost
+"one-time clustering").
 
 The official code runs sklearn ``MiniBatchKMeans(n_clusters=k, random_state=0)`` on the CPU
 once per class and per memory (high / low): Euclidean k-means on the raw 256-d features,
 k-means++ initialisation. Here all ``B = C`` memories of one kind are clustered at once on the
 device: ``x[B, N, D]`` with a ``valid[B, N]`` mask for padding rows and a per-row cluster count
-``k[B]`` (APO gives some classes one more cluster, spec §6).
+``k[B]`` (APO gives some classes one more cluster, appendix: clustering and APO).
 
 Algorithm (per row, all rows in parallel):
 
@@ -21,12 +22,12 @@ Algorithm (per row, all rows in parallel):
    ones of its stopping iteration (the assignments always belong to the returned centres),
    so every row's result is the same whether it is clustered alone or in a batch.
 
-Deviation (accepted in spec §13): full-batch Lloyd instead of sklearn's mini-batch updates
-(batch 100, n_init 3), so centres differ numerically from the official ones. The inertia is
+Deviation (accepted in the appendix (cost)): full-batch Lloyd instead of sklearn's mini-batch
+updates (batch 100, n_init 3), so centres differ numerically from the official ones. The inertia is
 close to sklearn's but not always lower. Measured on synthetic memories (per-class ratio ours /
 ``MiniBatchKMeans``, ``n_init=3``): an outside check found a median of 0.9995-0.9998 with single
-classes up to 2.6 % worse; 126 class memories of Gaussian blobs (2000 x 64, k = 2 and 3) gave
-a median of 0.9987, 4 % of the classes worse and the worst 1.7 % worse.
+classes up to 2.6 % worse; 126 class memories of Gaussian blobs (2000 x 64, k = 2 and 3) gave a
+median of 0.9987, 4 % of the classes worse and the worst 1.7 % worse.
 
 Rows with fewer valid points than ``k``: only ``min(k, n_valid)`` centres are valid (each is a
 distinct point at seeding time); the others are marked invalid in ``center_valid`` and, like
@@ -264,7 +265,7 @@ def batched_kmeans_full(
     tol: float = DEFAULT_TOL,
     subsample: int | None = None,
 ) -> KMeansResult:
-    """Batched Euclidean k-means with per-row ``k`` and a point mask (spec §5.4).
+    """Batched Euclidean k-means with per-row ``k`` and a point mask (appendix: clustering and APO).
 
     Args:
         x: ``[B, N, D]`` points (raw features; computed in float32).

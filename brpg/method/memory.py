@@ -1,5 +1,5 @@
 """CPG memories: per-class FIFO ring buffers of pixel features and COCO's back queue (paper
-§"CPG"; spec §5.2, §5.5, §13).
+§"CPG"; appendix: CPG, cost).
 
 The routed and sub-sampled rows of :mod:`brpg.method.cpg` are pushed here during the sampling
 window; the one-shot clustering (:func:`brpg.method.clustering.cluster_prototypes`) reads them.
@@ -10,10 +10,10 @@ window; the one-shot clustering (:func:`brpg.method.clustering.cluster_prototype
 - :class:`BackQueue` (COCO only, ``proto.back_queue``): per class the ``2·queue_len`` most
   confident labeled rows with their p_gt, and :func:`apply_back_fallbacks`, which refills a
   memory with fewer than ``min_rows`` rows from it at clustering time (the official
-  ``ValueError`` when only the low memory is short is replaced by a fallback, spec §12 Q13).
+  ``ValueError`` when only the low memory is short is replaced by a fallback, appendix Q13).
 
 The memories live on the device as one ring buffer ``[C, capacity, D]`` per kind with
-per-class write pointers and fill counts (spec §13), instead of the official per-class CPU
+per-class write pointers and fill counts (appendix: cost), instead of the official per-class CPU
 tensors re-concatenated every step. Memory cost: ``C·capacity·D·4`` bytes per kind in
 float32 (VOC: 21·30000·256·4 ≈ 0.65 GB). No host sync.
 """
@@ -59,7 +59,7 @@ def _queue_shape(num_classes: int, dim: int, capacity: int) -> tuple[int, int, i
 
 
 class PrototypeMemory:
-    """Per-class FIFO feature memories as device ring buffers (spec §5.2, §13).
+    """Per-class FIFO feature memories as device ring buffers (appendix: CPG, cost).
 
     Args:
         num_classes: ``C``.
@@ -211,7 +211,7 @@ class PrototypeMemory:
 
 # --------------------------------------------------------------------------- COCO back queue
 class BackQueue:
-    """Per-class COCO 'back' queue: the ``capacity`` most confident rows (spec §5.5, §13).
+    """Per-class COCO 'back' queue: the ``capacity`` most confident rows (appendix: CPG, cost).
 
     Args:
         num_classes: ``C``.
@@ -364,14 +364,14 @@ FALLBACK_SPLIT = 3  # both short: low := less confident half of back, high := th
 
 @torch.no_grad()
 def apply_back_fallbacks(memory: PrototypeMemory, back: BackQueue, min_rows: int = 10) -> Tensor:
-    """COCO clustering-time fallbacks (spec §5.5), in place on ``memory``; returns the case of
+    """COCO clustering-time fallbacks (appendix: CPG), in place on ``memory``; returns the case of
     each class, ``[C]`` long (:data:`FALLBACK_NONE` … :data:`FALLBACK_SPLIT`).
 
     With ``n`` the fill of class ``c``'s back queue in increasing p_gt order and ``half = n // 2``:
 
     - high ≥ ``min_rows`` and low ≥ ``min_rows``: unchanged;
     - high ≥ ``min_rows``, low short: low := the ``half`` least confident back rows.
-      **Deliberate fix** (spec §12 Q13): the official code raises ``ValueError`` here;
+      **Deliberate fix** (appendix Q13): the official code raises ``ValueError`` here;
     - high short, low ≥ ``min_rows``: high := the ``min(n, queue_len)`` most confident rows;
     - both short: low := the first (less confident) ``half`` rows, high := the other
       ``n − half`` rows (as the official split of the ascending queue at half its fill).

@@ -1,10 +1,11 @@
-"""BRPG as a plug-in of a semi-supervised framework (paper title and abstract; spec §5-§8, §15).
+"""BRPG as a plug-in of a semi-supervised framework (paper title and abstract; appendix: CPG, L_pro,
+clustering and APO, prototype EMA).
 
 The paper calls BRPG "a general end-to-end paradigm" and claims robustness "across diverse
 datasets, segmentation networks, and semi-supervised frameworks" (arXiv 2307.10097v2 abstract,
-spec §15); the official code has only the mean-teacher framework (spec §2.4). Here everything
-BRPG adds lives in one object, :class:`BRPGPlugin`, and a framework only has to hand it tensors
-it already computes:
+the paper's tables); the official code has only the mean-teacher framework (appendix:
+configurations). Here everything BRPG adds lives in one object, :class:`BRPGPlugin`, and a framework
+only has to hand it tensors it already computes:
 
 =========================================== ===================================================
 call (once per step unless noted)           what the plug-in does
@@ -12,16 +13,17 @@ call (once per step unless noted)           what the plug-in does
 ``before_step(step) -> logs``               at the sampling window's start: fresh memories (and
                                             the COCO back queue); at its end: back-queue
                                             fallbacks, APO + k-means into the bank, memories
-                                            freed (spec §5.4-§5.5, §6); periodic re-clustering
+                                            freed (appendix: clustering and APO, CPG); periodic
+                                            re-clustering
 ``observe(step, rep_l, logits_l,            sampling window only: CPG routing and memory push
-labels_l, rep_u, logits_u)``                (spec §5.1, §5.3). Labeled rows come from the
+labels_l, rep_u, logits_u)``                (appendix: CPG). Labeled rows come from the
                                             student, unlabeled rows from whatever makes the
                                             framework's pseudo-labels (mean teacher: the EMA
                                             teacher; UniMatch: the model itself on the weak view)
 ``loss(step, rep_l, labels_l, rep_u,        proto phase only: ``λ_pro·L_pro`` on the labeled grid
 conf_u, pseudo_u)``                         and the confident unlabeled pixels of the view the
-``-> (loss or None, logs, ema_rows)``       student saw (spec §8), and the rows of the EMA
-``after_step([ema_rows, ...])``             after the optimiser step: the prototype EMA (§7)
+``-> (loss or None, logs, ema_rows)``       student saw (appendix: L_pro), and the rows of the EMA
+``after_step([ema_rows, ...])``             after the optimiser step: the prototype EMA
 ``step(step, ...)``                         ``observe`` then ``loss``, as a framework calls them
 ``state_dict()`` / ``load_state_dict()``    memories, back queue, bank, csp thresholds
 =========================================== ===================================================
@@ -65,17 +67,19 @@ from brpg.method.prototype_loss import (
 
 __all__ = ["PLUGIN_STATE_KEYS", "BRPGPlugin", "EMARows"]
 
-EMARows = tuple[Tensor, Tensor]  # (feats[N, D], targets[N]) of the prototype EMA (spec §7)
+EMARows = tuple[
+    Tensor, Tensor
+]  # (feats[N, D], targets[N]) of the prototype EMA (appendix: prototype EMA)
 PLUGIN_STATE_KEYS = ("memory", "back", "bank", "csp")  # checkpoint keys of the plug-in
-OFFICIAL_WORLD_SIZE = 4  # the official runs train on 4 GPUs: effective λ_pro 1/4 (spec §12 Q3)
+OFFICIAL_WORLD_SIZE = 4  # the official runs train on 4 GPUs: effective λ_pro 1/4 (appendix Q3)
 
 
 class BRPGPlugin(nn.Module):
     """Everything BRPG adds to a framework: CPG memories, back queue, bank, csp (module docstring).
 
     ``memory`` is ``None`` outside the sampling window (freed after the one-shot clustering, as
-    the official ``del``), ``back`` is the COCO back queue (spec §5.5) alongside it when
-    ``proto.back_queue``, and ``csp`` is the class-specific threshold of spec §5.3 when
+    the official ``del``), ``back`` is the COCO back queue (appendix: CPG) alongside it when
+    ``proto.back_queue``, and ``csp`` is the class-specific threshold of the appendix (CPG) when
     ``proto.threshold_type == "csp"``. Only for ``train.brpg: true``.
     """
 
@@ -114,7 +118,7 @@ class BRPGPlugin(nn.Module):
         )
 
     def new_back(self) -> BackQueue | None:
-        """The COCO back queue (spec §5.5), ``None`` unless ``proto.back_queue``."""
+        """The COCO back queue (appendix: CPG), ``None`` unless ``proto.back_queue``."""
         p = self.cfg.proto
         if not p.back_queue:
             return None
@@ -123,21 +127,23 @@ class BRPGPlugin(nn.Module):
 
     # ------------------------------------------------------------------ the interface
     def before_step(self, step: int) -> dict[str, Any]:
-        """Memory allocation and (re-)clustering at the start of ``step`` (spec §1, §5.4-§5.5)."""
+        """Memory allocation and (re-)clustering at the start of ``step`` (appendix: timeline, clustering and APO, CPG)."""
         cfg, logs = self.cfg, {}
         if sampling_active(step, cfg) and self.memory is None:
             self.memory = self.new_memory()
             self.back = self.new_back()
         if cluster_due(step, cfg):
             assert self.memory is not None, "the sampling window left no memory"
-            if self.back is not None:  # before APO and k-means (spec §5.5)
+            if self.back is not None:  # before APO and k-means (appendix: CPG)
                 cases = apply_back_fallbacks(self.memory, self.back, cfg.proto.min_rows)
                 logs["back_fallback"] = cases.tolist()  # per class, once: host sync ok
             protos, valid = cluster_prototypes(self.memory, cfg, seed=cfg.train.seed + step)
             self.bank.set_prototypes(protos, valid)
             logs["prototypes_per_class"] = self.bank.num_valid().tolist()  # once: host sync ok
             if cfg.proto.recluster_every <= 0:
-                self.memory = None  # the official code deletes the memories (spec §5.4)
+                self.memory = (
+                    None  # the official code deletes the memories (appendix: clustering and APO)
+                )
                 self.back = None
         return logs
 
@@ -151,7 +157,8 @@ class BRPGPlugin(nn.Module):
         rep_u: Tensor | None,
         logits_u: Tensor,
     ) -> None:
-        """CPG sampling of one step (spec §5.1): route, sub-sample, push (all-gathered under DDP).
+        """CPG sampling of one step (appendix: CPG): route, sub-sample, push (all-gathered under
+        DDP).
 
         ``rep_l [B, D, h, w]``, ``logits_l [B, C, h, w]``: the student on the labeled images;
         ``labels_l [B, H, W]``; ``rep_u [B_u, D, h, w]``, ``logits_u [B_u, C, h, w]``: the
@@ -185,7 +192,7 @@ class BRPGPlugin(nn.Module):
             )
             memory.push("high", *high)
             memory.push("low", *low)
-            if self.back is not None:  # COCO (spec §5.5): p_gt-ranked rows, 255 excluded
+            if self.back is not None:  # COCO (appendix: CPG): p_gt-ranked rows, 255 excluded
                 back = route_back(
                     rep_l, logits_l, labels_small, p.back_per_class, cfg.data.ignore_index
                 )
@@ -208,15 +215,16 @@ class BRPGPlugin(nn.Module):
         conf_u: Tensor,
         pseudo_u: Tensor,
     ) -> tuple[Tensor | None, dict[str, Tensor], EMARows | None]:
-        """``λ_pro·L_pro`` of one step (spec §8), ``(None, {}, None)`` outside the proto phase.
+        """``λ_pro·L_pro`` of one step (appendix: L_pro), ``(None, {}, None)`` outside the proto
+        phase.
 
         ``rep_l [B, D, h, w]`` (student, labeled, with grad), ``labels_l [B, H, W]``;
         ``rep_u [B_u, D, h, w]``: the student on the unlabeled view it is trained on, with that
         view's pseudo-labels ``pseudo_u [B_u, H, W]`` and confidences ``conf_u [B_u, H, W]``
         (mixed by the same CutMix). Labeled grid + unlabeled pixels above the ramped threshold
-        (spec §1, §12 Q5). ``proto.faithful_loss_scale`` multiplies by
+        (appendix: timeline, Q5). ``proto.faithful_loss_scale`` multiplies by
         ``1/OFFICIAL_WORLD_SIZE`` = 1/4: the official code divides L_pro by its world size and DDP
-        averages the gradients, so its effective λ_pro is 1/4 on its 4 GPUs (spec §12 Q3). The
+        averages the gradients, so its effective λ_pro is 1/4 on its 4 GPUs (appendix Q3). The
         factor is a constant, not this run's process count: the weight of L_pro relative to the
         other losses is then the official one on any number of GPUs and with any batch policy
         (gradient accumulation and DDP average every loss alike). Returns ``(weighted loss, {"loss_proto": L_pro}, ema_rows)`` with
@@ -259,8 +267,9 @@ class BRPGPlugin(nn.Module):
         return self.loss(step, rep_l, labels_l, *view_u)
 
     def after_step(self, ema_rows: list[EMARows]) -> None:
-        """After the optimiser step: the prototype EMA of spec §7 with the rows :meth:`loss` gave
-        for each micro-batch, in micro-batch order (the bank moves after the step)."""
+        """After the optimiser step: the prototype EMA of the appendix (prototype EMA) with the rows
+        :meth:`loss` gave for each micro-batch, in micro-batch order (the bank moves after the
+        step)."""
         for feats, targets in ema_rows:
             self.bank.ema_update(feats, targets)
 

@@ -1,15 +1,16 @@
-"""The prototype bank: multi-prototype cosine classifier and its EMA update (spec §7, §8).
+"""The prototype bank: multi-prototype cosine classifier and its EMA update (appendix: prototype
+EMA, L_pro).
 
 Paper: the prototypes r_{c,k} of class c (high- and low-confidence ones, §"CPG") score a
 pixel feature f by ``s(f, c) = max_k cos(f, r_{c,k})``; the prototype classifier's logits are
 ``s(f, ·) / τ``. After each step every prototype moves towards the mean of the features
-assigned to it, ``r_{c,k} ← α r_{c,k} + (1 − α) f̄_{c,k}`` (spec §7, α = 0.99).
+assigned to it, ``r_{c,k} ← α r_{c,k} + (1 − α) f̄_{c,k}`` (appendix: prototype EMA, α = 0.99).
 
 Layout. The official code rebuilds, every step, a padded tensor ``C × 6 × 256`` by repeating a
-class's last high (or low) prototype until it has 3 of each (spec §7). We keep one persistent
-``prototypes[C, K, D]`` plus a ``valid[C, K]`` mask instead (spec §13): invalid slots are
-excluded from every max. A repeated prototype never changes a max, and the official code maps
-a padded slot back to the prototype it copies, so masking gives the same logits and the same
+class's last high (or low) prototype until it has 3 of each (appendix: prototype EMA). We keep one
+persistent ``prototypes[C, K, D]`` plus a ``valid[C, K]`` mask instead (appendix: cost): invalid
+slots are excluded from every max. A repeated prototype never changes a max, and the official code
+maps a padded slot back to the prototype it copies, so masking gives the same logits and the same
 EMA assignments as repeat-padding.
 
 Nothing in the per-step path (:meth:`PrototypeBank.logits`, :meth:`PrototypeBank.ema_update`)
@@ -41,10 +42,11 @@ class PrototypeBank(nn.Module):
     Args:
         num_classes: ``C``.
         dim: feature dimension ``D`` (256 in the paper).
-        max_per_class: slot budget ``K`` per class (``K_h + K_l = 3 + 3`` with APO, spec §6).
-        momentum: EMA decay α of spec §7 (``prototype_ema_decay`` = 0.99).
+        max_per_class: slot budget ``K`` per class (``K_h + K_l = 3 + 3`` with APO, appendix:
+            clustering and APO).
+        momentum: EMA decay α (appendix: prototype EMA; ``prototype_ema_decay`` = 0.99).
         sync: default for :meth:`ema_update`'s ``sync`` (all-reduce sums and counts across
-            ranks when ``torch.distributed`` is initialised; fixes spec §12 Q2).
+            ranks when ``torch.distributed`` is initialised; fixes appendix Q2).
 
     Buffers ``prototypes`` (float32 ``[C, K, D]``, unnormalised as in the official code) and
     ``valid`` (bool ``[C, K]``) follow ``.to(device)`` and are in ``state_dict()``; so is the
@@ -100,7 +102,7 @@ class PrototypeBank(nn.Module):
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def set_prototypes(self, protos: Tensor, valid: Tensor) -> None:
-        """Replace all prototypes ``protos[C, K, D]`` and the mask ``valid[C, K]`` (spec §5.4)."""
+        """Replace all prototypes ``protos[C, K, D]`` and the mask ``valid[C, K]`` (appendix: clustering and APO)."""
         protos_ckd, valid_ck = protos, valid
         if tuple(protos_ckd.shape) != self.shape:
             raise ValueError(f"prototypes must have shape {self.shape}, got {protos_ckd.shape}")
@@ -118,7 +120,7 @@ class PrototypeBank(nn.Module):
         """``cos(f_n, r_{c,k})`` for every slot, float32 ``[N, C, K]``; invalid slots = -inf.
 
         Computed as ``normalize(f) @ normalize(P)ᵀ`` in float32 (autocast off), never as the
-        ``N × C·K × D`` broadcast of the official code (spec §13). Gradient flows to
+        ``N × C·K × D`` broadcast of the official code (appendix: cost). Gradient flows to
         ``feats`` (``[N, D]``) only.
         """
         feats_nd = feats
@@ -131,7 +133,8 @@ class PrototypeBank(nn.Module):
         return cos_nck.masked_fill(~self.valid, float("-inf"))
 
     def logits(self, feats: Tensor, tau: float) -> Tensor:
-        """Prototype-classifier logits ``max_{valid k} cos(f_n, r_{c,k}) / τ``, ``[N, C]`` (spec §8).
+        """Prototype-classifier logits ``max_{valid k} cos(f_n, r_{c,k}) / τ``, ``[N, C]``
+        (appendix: L_pro).
 
         A hard max over the class's valid slots (not a logsumexp). A class without any valid
         prototype gets :data:`EMPTY_CLASS_LOGIT` (finite, so no NaN appears in the CE).
@@ -144,7 +147,7 @@ class PrototypeBank(nn.Module):
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def assign(self, feats: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Nearest valid prototype of each feature's OWN target class (spec §7 step 1).
+        """Nearest valid prototype of each feature's OWN target class (appendix: prototype EMA).
 
         Returns ``(slot_n, use_n)``: the global slot id ``c·K + k*`` (LongTensor ``[N]``) and
         whether the feature takes part (target in ``[0, C)`` and its class has a valid slot).
@@ -162,15 +165,16 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, feats: Tensor, targets: Tensor, sync: bool | None = None) -> None:
-        """One EMA step ``r ← α r + (1 − α) f̄`` for every prototype with ≥ 1 feature (spec §7).
+        """One EMA step ``r ← α r + (1 − α) f̄`` for every prototype with ≥ 1 feature (appendix:
+        prototype EMA).
 
         ``f̄`` is the plain mean of the raw (unnormalised) features assigned to the slot
-        (``fault_weight`` is effectively 1, spec §12 Q22). Targets outside ``[0, C)``
+        (``fault_weight`` is effectively 1, appendix Q22). Targets outside ``[0, C)``
         (255 = ignore) are skipped; prototypes with no assigned feature are unchanged.
         Vectorised over all ``C·K`` slots with ``index_add_``. With ``sync`` (default
         ``self.sync``) and an initialised process group of more than one rank, the per-slot
         sums and counts are all-reduced first, so all ranks apply the same update and keep
-        identical prototypes (the official code lets them drift apart, spec §12 Q2).
+        identical prototypes (the official code lets them drift apart, appendix Q2).
         """
         c, k, d = self.shape
         slot_n, use_n = self.assign(feats, targets)
@@ -240,7 +244,7 @@ def pack_high_low(
     k_high: int | None = None,
     k_low: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Build the bank's slot layout from per-class high and low centres (spec §7).
+    """Build the bank's slot layout from per-class high and low centres (appendix: prototype EMA).
 
     ``high`` / ``low`` are either padded tensors ``[C, k, D]`` — with ``*_valid`` a BoolTensor
     ``[C, k]`` (e.g. ``batched_kmeans_full(...).center_valid``) or a LongTensor ``[C]`` of

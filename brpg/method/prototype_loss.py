@@ -1,4 +1,5 @@
-"""Prototype loss L_pro and its pixel sampling (paper Eq. for L_pro; spec §8, §1, §12 Q5, Q19).
+"""Prototype loss L_pro and its pixel sampling (paper Eq. for L_pro; appendix: L_pro, timeline, Q5,
+Q19).
 
 ``L_pro = CE(s(f, ·)/τ, y)`` with ``s(f, c) = max_k cos(f, r_{c,k})`` and τ = 0.1, on two sets
 of student features from the stride-4 representation map:
@@ -8,10 +9,10 @@ of student features from the stride-4 representation map:
   threshold :func:`pseudo_threshold`, with the teacher pseudo-labels (:func:`sample_unlabeled`).
 
 The official code upsamples the whole representation map to the crop size (bilinear,
-``align_corners=True``) only to read these pixels (spec §13). Here the values are read from the
-stride-4 map directly: exactly at feature pixels when the grid lands on them (spec §8, e.g.
-513 → 129 and 769 → 193), otherwise by bilinear interpolation of the 4 neighbours at the
-same source coordinates the upsampling would use, which gives the same values.
+``align_corners=True``) only to read these pixels (appendix: cost). Here the values are read from
+the stride-4 map directly: exactly at feature pixels when the grid lands on them (appendix: L_pro,
+e.g. 513 → 129 and 769 → 193), otherwise by bilinear interpolation of the 4 neighbours at the same
+source coordinates the upsampling would use, which gives the same values.
 
 The sampling and the loss are fixed-size and sync-free: no ``.item()``, no boolean indexing
 with a data-dependent size; unselected positions simply carry the ignore target 255.
@@ -37,7 +38,7 @@ __all__ = [
 
 def grid_positions(n_full: int, grid_num: int = 32) -> list[int]:
     """Full-resolution grid rows (or columns) ``{0, d, …, (grid_num−1)·d} ∪ {n_full − 1}``,
-    ``d = (n_full − 1) // grid_num`` (spec §8; 33 positions for ``grid_num = 32``)."""
+    ``d = (n_full − 1) // grid_num`` (appendix: L_pro; 33 positions for ``grid_num = 32``)."""
     if n_full < 1 or grid_num < 1:
         raise ValueError("n_full and grid_num must be positive")
     d = (n_full - 1) // grid_num
@@ -70,9 +71,9 @@ def _to_feature_index(pos_full: Tensor, n_feat: int, n_full: int) -> Tensor:
 def grid_indices(
     h_feat: int, w_feat: int, crop: int | tuple[int, int], grid_num: int = 32
 ) -> Tensor:
-    """Stride-4 feature indices on which the official 33×33 labeled grid lands (spec §8).
+    """Stride-4 feature indices on which the official 33×33 labeled grid lands (appendix: L_pro).
 
-    The official grid uses the same indices for rows and columns (square crops, spec §12 Q11),
+    The official grid uses the same indices for rows and columns (square crops, appendix Q11),
     so this returns one LongTensor ``[grid_num + 1]`` shared by both axes, e.g.
     ``0, 4, …, 128`` for a 513 crop and a 129 map, ``0, 6, …, 192`` for 769 / 193.
 
@@ -83,7 +84,7 @@ def grid_indices(
     """
     h_full, w_full = (crop, crop) if isinstance(crop, int) else crop
     if h_feat != w_feat or h_full != w_full:
-        raise ValueError("the official grid assumes square crops and maps (spec §12 Q11)")
+        raise ValueError("the official grid assumes square crops and maps (appendix Q11)")
     if not _grid_is_exact(h_feat, h_full, grid_num):
         raise ValueError(
             f"grid of a {h_full} crop does not land exactly on a {h_feat} feature map "
@@ -117,7 +118,7 @@ def _bilinear_points(rep_bdhw: Tensor, b_m: Tensor, sy_m: Tensor, sx_m: Tensor) 
 
 
 def sample_labeled_grid(rep: Tensor, labels: Tensor, grid_num: int = 32) -> tuple[Tensor, Tensor]:
-    """Labeled term's samples: the 33×33 grid of every image (spec §8 "sup_sample: grid").
+    """Labeled term's samples: the 33×33 grid of every image (appendix: L_pro "sup_sample: grid").
 
     Features are read from the stride-4 map at the grid pixels' source coordinates (direct
     indexing when exact, else bilinear; no full-resolution upsampling); targets are the labels
@@ -156,7 +157,7 @@ def sample_unlabeled(
     generator: torch.Generator | None = None,
     ignore_index: int = 255,
 ) -> tuple[Tensor, Tensor]:
-    """Unlabeled term's samples (spec §8 "unsup_sample: random"), without a host sync.
+    """Unlabeled term's samples (appendix: L_pro "unsup_sample: random"), without a host sync.
 
     Candidates are the pixels of ``conf`` (full resolution or stride 4) with ``conf ≥ thr``.
     If there are at least ``M = num_per_image·B`` candidates over the whole batch, a uniformly
@@ -205,12 +206,12 @@ def prototype_loss(
     targets: Tensor,
     tau: float = 0.1,
 ) -> Tensor:
-    """Mean ``CE(bank.logits(f, τ), y)`` over the usable targets (spec §8).
+    """Mean ``CE(bank.logits(f, τ), y)`` over the usable targets (appendix: L_pro).
 
     A target is usable if it lies in ``[0, C)`` (255 and other out-of-range values are
     ignored) and its class has at least one valid prototype (only possible when a memory was
     empty at clustering time, where the official code would crash). With no usable target it
-    returns 0, still connected to ``feats``, instead of NaN (spec §12 Q19).
+    returns 0, still connected to ``feats``, instead of NaN (appendix Q19).
     """
     logits_nc = bank.logits(feats, tau)
     targets_n = targets.to(logits_nc.device).long()
@@ -232,7 +233,8 @@ def pseudo_threshold(
     delay_epochs: int = 5,
     clamp_low: bool = False,
 ) -> float:
-    """Confidence threshold of the unlabeled L_pro term at global step ``step`` (spec §1, Q5).
+    """Confidence threshold of the unlabeled L_pro term at global step ``step`` (appendix: timeline,
+    Q5).
 
     ``thr = start + (end − start)·(step − delay·L)/((E − delay)·L)``: ``start`` at epoch
     ``delay`` (hard-coded 5 in the official code), ``end`` at the end of training, and below

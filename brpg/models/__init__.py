@@ -1,10 +1,11 @@
-"""Segmentation models: encoders + DeepLabV3+ decoder (spec §2), and optional SegFormer (MiT).
+"""Segmentation models: encoders + DeepLabV3+ decoder (appendix: configurations), and optional
+SegFormer (MiT).
 
 ``build_model(cfg.model, num_classes)`` is the only entry point the rest of ``brpg`` needs::
 
     model = build_model(cfg.model, num_classes=21)
     out = model(images)            # {"logits": [B,C,h,w], "rep": [B,rep_dim,h,w]} at stride 4
-    model.backbone, model.decoder  # parameter groups: the decoder gets the ×10 LR (spec §9)
+    model.backbone, model.decoder  # parameter groups: the decoder gets the ×10 LR (appendix: optimiser)
 
 ``model.backbone: mit_b0`` … ``mit_b5`` builds a SegFormer instead (``segformer.py``: MiT
 encoder from ``transformers``, all-MLP decoder + rep head; ``pip install 'brpg[segformer]'``).
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """The encoder named by ``cfg.backbone``, randomly initialised (spec §2.1, §2.2)."""
+    """The encoder named by ``cfg.backbone``, randomly initialised (appendix: configurations)."""
     if cfg.backbone in ("resnet50", "resnet101"):
         return build_resnet(
             cfg.backbone,

@@ -1,4 +1,5 @@
-"""DeepLabV3+ decoder with a representation head, and the encoder-decoder ``SegModel`` (spec §2.3).
+"""DeepLabV3+ decoder with a representation head, and the encoder-decoder ``SegModel`` (appendix:
+configurations).
 
 Shapes for a 513×513 crop with ResNet-101 at OS8 (``C`` classes, ``D`` = decoder width 256)::
 
@@ -39,7 +40,8 @@ def _conv_bn_relu(
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (spec §2.3): pool, 1×1 and three atrous 3×3 branches.
+    """Atrous spatial pyramid pooling (appendix: configurations): pool, 1×1 and three atrous 3×3
+    branches.
 
     Each branch is conv (no bias) → BN → ReLU with ``channels`` outputs; the output is the
     concatenation, ``5 * channels`` channels, at the input's resolution.
@@ -62,7 +64,7 @@ class ASPP(nn.Module):
 def _stride4_head(
     in_channels: int, channels: int, out_channels: int, dropout: float
 ) -> nn.Sequential:
-    """classifier / representation head of spec §2.3: two 3×3 conv-BN-ReLU-dropout, then 1×1."""
+    """classifier / representation head of the appendix (configurations): two 3×3 conv-BN-ReLU-dropout, then 1×1."""
     return nn.Sequential(
         *_conv_bn_relu(in_channels, channels, 3, bias=True),
         nn.Dropout2d(dropout),
@@ -73,7 +75,7 @@ def _stride4_head(
 
 
 class DeepLabV3PlusDecoder(nn.Module):
-    """Everything after the encoder (spec §2.3); it gets the ×10 learning rate.
+    """Everything after the encoder (appendix: configurations); it gets the ×10 learning rate.
 
     Args:
         low_channels: channels of the encoder's stride-4 feature.
@@ -122,13 +124,13 @@ class DeepLabV3PlusDecoder(nn.Module):
 
 
 class SegModel(nn.Module):
-    """Encoder + DeepLabV3+ decoder (spec §2).
+    """Encoder + DeepLabV3+ decoder (appendix: configurations).
 
     ``forward(x [B,3,H,W])`` returns ``{"logits": [B,C,h,w]}`` plus ``"rep": [B,rep_dim,h,w]``
     when the representation head exists, where ``h, w`` is the encoder's stride-4 size
     (ceil rule: 513 → 129). ``backbone`` and ``decoder`` split the parameters for the ×10
-    decoder learning rate (spec §9). ``need_fp=True`` adds ``"logits_fp": [B,C,h,w]``, the
-    feature-perturbed pass of UniMatch (:meth:`forward`).
+    decoder learning rate (appendix: optimiser). ``need_fp=True`` adds ``"logits_fp": [B,C,h,w]``,
+    the feature-perturbed pass of UniMatch (:meth:`forward`).
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Dilated ResNet-50/101 encoder with the optional deep stem and multi-grid (spec §2.1).
+"""Dilated ResNet-50/101 encoder with the optional deep stem and multi-grid (appendix:
+configurations).
 
 The blocks are torchvision's ``Bottleneck``; this file only changes what the official
 (U2PL) encoder changes:
@@ -13,7 +14,8 @@ The blocks are torchvision's ``Bottleneck``; this file only changes what the off
   [False, False, True] for OS16 (torchvision convention: the first block of a dilated stage
   keeps the previous dilation).
 * **multi-grid** — the 3×3 convs of ``layer4`` get dilation ``base × (1, 2, 4)`` where
-  ``base`` is the stage dilation (4 at OS8, 2 at OS16), i.e. (4, 8, 16) at OS8 as in spec §2.1.
+  ``base`` is the stage dilation (4 at OS8, 2 at OS16), i.e. (4, 8, 16) at OS8 as in the appendix
+  (configurations).
 
 The encoder returns the stride-4 ``layer1`` feature (256 ch) and the final ``layer4``
 feature (2048 ch, stride 8 or 16).
@@ -35,7 +37,8 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 
 def deep_stem_conv1() -> nn.Sequential:
-    """The deep stem's ``conv1`` (spec §2.1): indices 0..6 match the community checkpoint.
+    """The deep stem's ``conv1`` (appendix: configurations): indices 0..6 match the community
+    checkpoint.
 
     The final conv (index 6) outputs 128 channels; its BN and ReLU are the encoder's
     ``bn1`` / ``relu`` so that the parameter names are ``conv1.{0,1,3,4,6}`` and ``bn1``.
@@ -52,7 +55,7 @@ def deep_stem_conv1() -> nn.Sequential:
 
 
 class ResNetEncoder(nn.Module):
-    """ResNet-50/101 trunk without ``avgpool``/``fc`` (spec §2.1).
+    """ResNet-50/101 trunk without ``avgpool``/``fc`` (appendix: configurations).
 
     Attributes:
         low_channels: channels of the stride-4 feature (256).
@@ -104,7 +107,7 @@ class ResNetEncoder(nn.Module):
         self.layer3, self.layer4 = tv.layer3, tv.layer4
 
         if multi_grid:
-            base = 4 if output_stride == 8 else 2  # dilation of layer4 (spec §2.1)
+            base = 4 if output_stride == 8 else 2  # dilation of layer4 (appendix: configurations)
             for block, grid in zip(self.layer4, MULTI_GRID, strict=True):
                 d = base * grid
                 block.conv2.dilation = (d, d)

@@ -1,6 +1,6 @@
 """SegFormer: a Mix Transformer (MiT-B0…B5) encoder with an all-MLP decoder and a rep head.
 
-Not part of the BRPG paper (which uses DeepLabV3+, spec §2); an optional extra
+Not part of the BRPG paper (which uses DeepLabV3+, appendix: configurations); an optional extra
 (``pip install 'brpg[segformer]'``). The encoder is Hugging Face ``transformers``'
 ``SegformerModel`` (randomly initialised unless ``model.pretrained`` is set); the decoder is
 written here. ``model.backbone: mit_b0`` … ``mit_b5`` selects it in :func:`brpg.models.build_model`.
@@ -18,7 +18,7 @@ Shapes for an ``H×W`` input (``Ci`` = the variant's hidden sizes, ``D`` = decod
 Sizes use the ceil rule like the other encoders (65 → 17 at stride 4). The model keeps the
 ``SegModel`` contract: ``forward`` returns ``{"logits", "rep"?}`` at stride 4,
 ``model.backbone`` is the encoder (base LR) and ``model.decoder`` everything else (the ×10
-head LR of spec §9 applies to the all-MLP decoder and the rep head only).
+head LR of the appendix (optimiser) applies to the all-MLP decoder and the rep head only).
 
 Variants (:data:`MIT_VARIANTS`): the B0 numbers are ``SegformerConfig()``'s defaults (its
 docstring: "nvidia/segformer-b0-finetuned-ade-512-512 style configuration"); B1–B5 follow

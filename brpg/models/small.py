@@ -1,9 +1,9 @@
 """A small residual encoder for the 64×64 DigitScenes benchmark on a CPU.
 
-Not part of the paper: it stands in for ResNet-101 (spec §2.1) where a real backbone is
-too slow. It keeps the interface that matters to the rest of BRPG — a stride-4 low-level
-feature and an output-stride-8 final feature with a little dilation in the last stage — so
-the DeepLabV3+ decoder (spec §2.3) and every prototype module run unchanged.
+Not part of the paper: it stands in for ResNet-101 (appendix: configurations) where a real backbone
+is too slow. It keeps the interface that matters to the rest of BRPG — a stride-4 low-level feature
+and an output-stride-8 final feature with a little dilation in the last stage — so the DeepLabV3+
+decoder (appendix: configurations) and every prototype module run unchanged.
 
 Layout for base width ``w`` (64×64 input → sizes in brackets):
 
@@ -85,7 +85,7 @@ class SmallEncoder(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual:  # last BN of every block starts at 0 (as in spec §2.1)
+        if zero_init_residual:  # last BN of every block starts at 0 (the official ResNets do)
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)

@@ -1,4 +1,4 @@
-"""Loading ImageNet backbone weights from a local file (spec §2.1, §2.2).
+"""Loading ImageNet backbone weights from a local file (appendix: configurations).
 
 Nothing is downloaded. Accepted layouts (auto-detected from the keys):
 

@@ -1,4 +1,4 @@
-"""Aligned Xception-65 encoder for COCO, built from ``timm`` (spec §2.2).
+"""Aligned Xception-65 encoder for COCO, built from ``timm`` (appendix: configurations).
 
 The official code returns ``c1`` (256 ch, stride 4) — the entry-flow block-2 feature taken
 *before* that block's strided separable conv — and the final 2048-ch feature at output
@@ -6,7 +6,7 @@ stride 8. timm's ``xception65`` is the same DeepLab "aligned" Xception; this wra
 its ``stem``/``blocks`` (so a timm ``xception65`` state dict loads by name) and reads the
 same stride-4 tap.
 
-Deviation: the official Xception uses plain BN with momentum 0.0003 (spec §12 Q14), which
+Deviation: the official Xception uses plain BN with momentum 0.0003 (appendix Q14), which
 only makes sense on top of pretrained statistics; timm's default (0.1) is kept unless
 ``bn_momentum`` is given. ``timm`` is an optional dependency (``pip install brpg[xception]``)
 and is imported only when this encoder is built.
@@ -32,7 +32,8 @@ def _import_timm() -> ModuleType:
 
 
 class XceptionEncoder(nn.Module):
-    """timm ``xception65`` trunk returning (stride-4 256-ch, final 2048-ch) features (spec §2.2).
+    """timm ``xception65`` trunk returning (stride-4 256-ch, final 2048-ch) features (appendix:
+    configurations).
 
     Attributes:
         low_channels: 256. high_channels: 2048. output_stride: 8 or 16.

@@ -6,7 +6,7 @@ One module per job:
   writes, parallel conversion, markers and the validation report;
 - :mod:`brpg.prepare.splits`: fetch, verify, parse and derive the BRPG split lists;
 - :mod:`brpg.prepare.pascal`, :mod:`brpg.prepare.cityscapes`, :mod:`brpg.prepare.coco`: one
-  preparation pipeline per dataset (spec §3.1).
+  preparation pipeline per dataset (appendix: data).
 
 The command-line wrappers live in ``data_scripts/``; see ``data_scripts/README.md``.
 """

@@ -1,4 +1,4 @@
-"""Cityscapes preparation (spec §3.1): fine labels mapped to the 19 training classes.
+"""Cityscapes preparation (appendix: data): fine labels mapped to the 19 training classes.
 
 Cityscapes needs a (free) login, so this script cannot download it. Get, from
 https://www.cityscapes-dataset.com/downloads/ :

@@ -1,4 +1,4 @@
-"""COCO 2017 preparation (spec §3.1): 81-class semantic masks from the instance annotations.
+"""COCO 2017 preparation (appendix: data): 81-class semantic masks from the instance annotations.
 
 Inputs, in ``--archives`` (default ``DATA_ROOT/archives``), from http://images.cocodataset.org:
 ``train2017.zip``, ``val2017.zip`` and ``annotations_trainval2017.zip`` (which holds
@@ -15,7 +15,7 @@ Output, in ``DATA_ROOT/coco``: ``train2017/``, ``val2017/``, ``annotations/insta
 - **crowd** regions (``iscrowd=1``) are painted first, with 255 (ignore) by default; individual
   instances painted afterwards win over them. ``crowd="category"`` paints crowds with their class
   instead, which keeps 255 out of the masks (the official BRPG COCO sampling path crashes on 255,
-  spec §12 Q15).
+  appendix Q15).
 
 The masks the BRPG README links to (a Google-Drive archive from UniMatch) cannot be downloaded
 here, so equality with them has not been checked; other codebases may order overlaps or treat

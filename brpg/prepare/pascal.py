@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 + SBD ("VOC aug") preparation (spec §3.1).
+"""PASCAL VOC 2012 + SBD ("VOC aug") preparation (appendix: data).
 
 Inputs, in ``--archives`` (default ``DATA_ROOT/archives``):
 

@@ -8,7 +8,7 @@ SHA-256 sums embedded below and writes them to ``DATA_ROOT/splits/<dataset>/...`
 The COCO unlabeled lists are not published; :func:`derive_coco_unlabeled` builds them as
 "train2017 minus labeled" and checks the count (118,287 - labeled).
 
-Line formats (spec §3.1):
+Line formats (appendix: data):
 
 - pascal: one image id per line (``2007_000033``);
 - cityscapes: one image path per line (``leftImg8bit/train/<city>/<name>_leftImg8bit.png``);
@@ -80,7 +80,7 @@ SPLIT_SHA256: dict[str, str] = {
     "pascal/val.txt": "6f8edc37993764f6e212237d39546fb595246244147e8a050813c520aac0ade1",
 }
 
-#: Labeled-set sizes of the published splits (spec §3.1), per dataset and split folder.
+#: Labeled-set sizes of the published splits (appendix: data), per dataset and split folder.
 LABELED_COUNTS: dict[str, dict[str, int]] = {
     "pascal": {
         "92": 92,
@@ -263,7 +263,7 @@ def check_split_lists(
 
 
 def expected_count_warnings(dataset: str, summary: dict[str, dict[str, Any]]) -> list[str]:
-    """Warnings for published splits whose sizes differ from the paper's (spec §3.1)."""
+    """Warnings for published splits whose sizes differ from the paper's (appendix: data)."""
     warnings = []
     for name, want in LABELED_COUNTS[dataset].items():
         got = summary.get(name, {}).get("labeled")

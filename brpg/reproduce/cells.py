@@ -1,6 +1,6 @@
 """The paper's tables as data: every cell, its preset, and how its step counts are derived.
 
-A *table* is one of the four result tables of the paper (spec §15): ``voc_classic``,
+A *table* is one of the four result tables of the paper (the paper's tables): ``voc_classic``,
 ``voc_blended``, ``cityscapes`` and ``coco``. A *cell* is one published split of that table
 (``"366"``, ``"1_32"``, …: the split folder under ``DATA_ROOT/splits/<dataset>/``), and every
 cell has two presets, BRPG and SupOnly, named by :func:`preset_name`.
@@ -12,7 +12,7 @@ of a shared ``_<dataset>_<method>.yaml``) written by this module::
     python -m brpg.reproduce.cells check     # exit 1 if a committed preset differs
 
 so their arithmetic lives in one place. The official code counts epochs; the presets count
-optimiser steps of the official 4-GPU run (spec §1, §3.2):
+optimiser steps of the official 4-GPU run (appendix: timeline, data):
 
 - BRPG (``train_semi.py``): one epoch is one pass over the unlabeled list, which holds
   ``n = pool − n_sup`` images. ``u2pl/dataset/*.py`` wrap it in ``DistributedSampler(dset)``
@@ -112,14 +112,14 @@ def get_table(name: str) -> Table:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The official schedule of one (dataset, method): spec §11."""
+    """The official schedule of one (dataset, method): appendix: configurations."""
 
     epochs: int
     batch_size: int  # per GPU (labeled; the unlabeled batch is the same)
     sample_delay: int = 1  # Ds (BRPG)
     sample_last: int = 1  # Dl (BRPG)
     eval_epochs: int = 10  # our validation cadence (the official one is every 150 it)
-    thr_delay_epochs: int = 5  # hard-coded start of the unlabeled L_pro ramp (spec §12 Q5)
+    thr_delay_epochs: int = 5  # hard-coded start of the unlabeled L_pro ramp (appendix Q5)
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
@@ -229,7 +229,7 @@ class Cell:
             phases = (
                 f"Warm-up 1 epoch ({L} steps); sampling window {window}; one-shot clustering,"
                 f" then L_pro from epoch {last + 1}; the unlabeled L_pro threshold ramps from"
-                f" epoch {r.thr_delay_epochs} (spec §1, §12 Q5)."
+                f" epoch {r.thr_delay_epochs} (appendix: timeline, Q5)."
             )
         else:
             epoch = (
@@ -241,7 +241,7 @@ class Cell:
         method = "BRPG" if self.method == "brpg" else "SupOnly"
         col = self.t.column_names[self.t.cells.index(self.cell)]
         about = (
-            f"{method}, {self.t.title}, {col}. Paper: {paper} mIoU (spec §15). Steps: "
+            f"{method}, {self.t.title}, {col}. Paper: {paper} mIoU. Steps: "
             f"{r.epochs} epochs x {L} = {self.steps}; one epoch = {epoch}. {phases}"
         )
         lines = [

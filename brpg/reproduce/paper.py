@@ -1,10 +1,10 @@
-"""The paper's published numbers, in one place (spec §15).
+"""The paper's published numbers, in one place (the paper's tables).
 
 Source: the "Results" section of the official repository's README (djh-dzxw/BRPG at commit
 8693114), mIoU in %. The paper's body (its own tables, the SupOnly protocol, the backbone of
 each table) was not available; the spec infers ResNet-101 for VOC and Cityscapes, Xception-65
-for COCO, and the evaluation protocols of spec §10. Note the printed blended 1/2 BRPG number
-(80.78) is *below* blended 1/4 (81.83); it is recorded as printed.
+for COCO, and the evaluation protocols of the appendix (evaluation). Note the printed blended 1/2
+BRPG number (80.78) is *below* blended 1/4 (81.83); it is recorded as printed.
 
 ``PAPER[table][method][cell]`` where ``cell`` is the published split folder
 (:mod:`brpg.reproduce.cells`): ``"92"`` … ``"1464"``, ``"662"`` … ``"5291"``, ``"186"`` …
@@ -14,7 +14,7 @@ for COCO, and the evaluation protocols of spec §10. Note the printed blended 1/
 from __future__ import annotations
 
 PAPER_SOURCE = (
-    "official BRPG repository README, 'Results' (djh-dzxw/BRPG @ 8693114); spec §15. "
+    "official BRPG repository README, 'Results' (djh-dzxw/BRPG @ 8693114); the paper's tables. "
     "The paper body was not available."
 )
 

@@ -247,6 +247,37 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, d
     return report
 
 
+def run_evidence(folder: str | Path) -> list[list[str]]:
+    """What a finished cell's run shows beyond its mIoU, as ``[what, measured]`` rows: steps run,
+    the first step of each loss term, prototypes formed, the protocol, the mIoU as a by-product.
+
+    For a smoke cell these are the result (its mIoU means nothing); ``folder`` holds the cell's
+    ``summary.json`` and ``run/log.jsonl``.
+    """
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    log = [json.loads(ln) for ln in (folder / "run" / "log.jsonl").read_text().splitlines()]
+    steps = summary["config"]["train"]["steps"]
+    terms = [k for k in ("loss_sup", "loss_unsup", "loss_proto") if any(k in r for r in log)]
+    first = {k: min(r["step"] for r in log if k in r) for k in terms}
+    events = [r for r in log if r.get("event") == "prototypes_per_class"]
+    protos = events[-1]["prototypes_per_class"] if events else []
+    proto = summary.get("protocol") or {}
+    return [
+        ["steps run", f"{summary['steps']} of {steps}"],
+        ["loss terms computed", ", ".join(f"{k} from step {v}" for k, v in first.items())],
+        [
+            "prototypes formed",
+            f"{sum(protos)} in {sum(n > 0 for n in protos)} classes" if events else "— (no BRPG)",
+        ],
+        [
+            "evaluation protocol",
+            f"{proto.get('protocol', '?')} {proto.get('crop_size', '')}".strip(),
+        ],
+        ["val mIoU (a by-product for a smoke run, not a result)", f"{summary['val_miou']:.2f} %"],
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="brpg results", description=__doc__)
     p.add_argument("--root", default="runs/reproduce", help="folder searched for summary.json")

@@ -1,4 +1,5 @@
-"""A slow, loop-based reference of one mean-teacher / BRPG training step (spec §1, §4-§8).
+"""A slow, loop-based reference of one mean-teacher / BRPG training step (appendix: timeline, one
+step, L_pro, CPG, clustering and APO, prototype EMA).
 
 Written from the paper and the spec, not from the package: nothing here imports ``brpg``.
 Every selection (OHEM, the entropy filter, CPG routing, the L_pro samples, the prototype EMA)
@@ -6,7 +7,7 @@ is a Python loop over pixels, classes or prototypes, so a reader can check it li
 Only torch primitives are used (``F.softmax``, ``F.interpolate``, ``F.normalize``).
 
 Conventions this reference shares with the package, because the official code has none there
-(spec §12 Q19): an empty selection gives a loss of 0, and a class without any prototype gets
+(appendix Q19): an empty selection gives a loss of 0, and a class without any prototype gets
 the prototype-classifier logit ``EMPTY_LOGIT``.
 
 The random draws of a step (strong augmentation, CutMix box) are not re-drawn here: the test
@@ -75,7 +76,7 @@ class RefResult:
 
 # --------------------------------------------------------------------------- small pieces
 def up(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling with aligned corners (spec §4.3)."""
+    """Bilinear upsampling with aligned corners (appendix: one step)."""
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
@@ -111,7 +112,7 @@ def drop_percent_at(step: int, s: RefSettings) -> float:
 
 
 def proto_threshold_at(step: int, s: RefSettings) -> float:
-    """The confidence ramp of the unlabeled L_pro samples (spec §1, §12 Q5)."""
+    """The confidence ramp of the unlabeled L_pro samples (appendix: timeline, Q5)."""
     thr = s.thr_start + (s.thr_end - s.thr_start) * (step - s.thr_delay) / (
         s.total_steps - s.thr_delay
     )
@@ -120,7 +121,7 @@ def proto_threshold_at(step: int, s: RefSettings) -> float:
 
 # --------------------------------------------------------------------------- losses
 def supervised(logits: Tensor, labels: Tensor, s: RefSettings) -> Tensor:
-    """``ce_weight·CE + ohem_weight·OHEM`` with loops over pixels (spec §4.3)."""
+    """``ce_weight·CE + ohem_weight·OHEM`` with loops over pixels (appendix: one step)."""
     b, _, h, w = logits.shape
     ces, pgt = [], []
     for i in range(b):
@@ -146,7 +147,8 @@ def supervised(logits: Tensor, labels: Tensor, s: RefSettings) -> Tensor:
 def entropy_filtered(
     logits_u: Tensor, pseudo: Tensor, t_logits: Tensor, percent: float, faithful: bool
 ) -> tuple[Tensor, int]:
-    """U2PL's L_u: drop the pixels whose teacher entropy reaches the percentile (spec §4.4).
+    """U2PL's L_u: drop the pixels whose teacher entropy reaches the percentile (appendix: one
+    step).
 
     Returns the loss and the number of kept pixels.
     """
@@ -195,7 +197,7 @@ def proto_ce(
 
 
 def grid_positions(n: int, grid_num: int) -> list[int]:
-    """The labeled grid of spec §8: ``0, d, …, (grid_num−1)·d`` and the last pixel."""
+    """The labeled grid of the appendix (L_pro): ``0, d, …, (grid_num−1)·d`` and the last pixel."""
     d = (n - 1) // grid_num
     return [i * d for i in range(grid_num)] + [n - 1]
 
@@ -225,8 +227,8 @@ def teacher_after(
 def bank_after(
     protos: Tensor, valid: Tensor, feats: list[Tensor], targets: list[int], momentum: float
 ) -> Tensor:
-    """Prototype EMA (spec §7): each feature goes to the nearest prototype of its own class;
-    every prototype with at least one feature moves to ``α·r + (1 − α)·mean``."""
+    """Prototype EMA (appendix: prototype EMA): each feature goes to the nearest prototype of its
+    own class; every prototype with at least one feature moves to ``α·r + (1 − α)·mean``."""
     c_num, k_num, _ = protos.shape
     assigned: dict[tuple[int, int], list[Tensor]] = {}
     for f, t in zip(feats, targets, strict=True):
@@ -383,7 +385,7 @@ def _route(
     logits_u: Tensor,
     s: RefSettings,
 ) -> None:
-    """CPG routing (spec §5.1) at the stride of the maps: labeled pixels predicted right are
+    """CPG routing (appendix: CPG) at the stride of the maps: labeled pixels predicted right are
     high (``conf ≥ τ_h``) or low (``low < conf < τ_h``); unlabeled pixels with teacher
     ``conf ≥ τ_u`` are high with the teacher's class."""
     h, w = logits_l.shape[-2:]
