@@ -30,37 +30,43 @@ EMPTY_LOGIT = -1.0e4
 
 @dataclass
 class RefSettings:
-    """The hyper-parameters the step reads (names as in the spec)."""
+    """The hyper-parameters the step reads (named as the package's config fields, where the
+    names differ :func:`brpg.book.step_check.settings` maps them)."""
 
+    # the schedule
     total_steps: int
     sup_only_steps: int  # S: warm-up length
+    # L_s: 0.5 CE + 0.5 OHEM
     ce_weight: float = 0.5
     ohem_weight: float = 0.5
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100
-    unsup_weight: float = 1.0
-    drop_percent: float = 80.0
-    faithful_unsup_scale: bool = True
+    # L_u and the mean teacher
+    unsup_weight: float = 1.0  # λ_u
+    drop_percent: float = 80.0  # entropy percentile at step 0, rising to 100
+    faithful_unsup_scale: bool = True  # U2PL's B·H·W/|K| factor (appendix Q4)
     entropy_teacher: str = "train"  # train | eval
-    ema_cap: float = 0.99
-    ema_buffers: bool = False
-    copy_buffers: bool = False
-    teacher_bn_warmup: bool = True
+    ema_cap: float = 0.99  # teacher decay min(1 − 1/(t+1), ema_cap)
+    ema_buffers: bool = False  # average BN statistics too
+    copy_buffers: bool = False  # copy them at teacher := student
+    teacher_bn_warmup: bool = True  # teacher train-mode forwards in the warm-up
+    # BRPG: the sampling window and CPG routing
     brpg: bool = False
     sample_start: int = 0  # Ds
     sample_steps: int = 1  # Dl
     high_threshold: float = 0.8
     low_threshold: float = 0.0
     unlabeled_threshold: float = 0.8
-    grid_num: int = 32
-    tau: float = 0.1
-    loss_weight: float = 1.0
-    faithful_loss_scale: bool = False
-    thr_start: float = 0.8
-    thr_end: float = 0.95
-    thr_delay: int = 0
-    thr_clamp_low: bool = False
-    proto_momentum: float = 0.99
+    # BRPG: L_pro and the prototype EMA
+    grid_num: int = 32  # labeled L_pro samples: a (grid_num + 1)² grid
+    tau: float = 0.1  # temperature of the prototype logits
+    loss_weight: float = 1.0  # λ_pro
+    faithful_loss_scale: bool = False  # the official 1/4 (appendix Q3)
+    thr_start: float = 0.8  # unlabeled L_pro confidence ramp ...
+    thr_end: float = 0.95  # ... to this value at the end
+    thr_delay: int = 0  # step where the ramp is at thr_start (appendix Q5)
+    thr_clamp_low: bool = False  # no value below thr_start before the delay
+    proto_momentum: float = 0.99  # α of the prototype EMA
 
 
 @dataclass

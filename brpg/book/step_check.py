@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import operator
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,40 +96,34 @@ def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
     ]
 
 
+# RefSettings fields whose config field has another name; every other field is looked up by
+# its own name in cfg.loss, cfg.semi and cfg.proto
+_RENAMED = {
+    "total_steps": "train.steps",
+    "brpg": "train.brpg",
+    "ema_cap": "semi.ema_decay",
+    "sample_start": "proto.sample_start_step",
+    "thr_delay": "proto.thr_delay_steps",
+    "proto_momentum": "proto.ema_momentum",
+}
+
+
 def settings(cfg: Config) -> RefSettings:
-    """The reference's settings, read from the package's config."""
-    s, p, lo = cfg.semi, cfg.proto, cfg.loss
-    return RefSettings(
-        total_steps=cfg.train.steps,
-        sup_only_steps=s.sup_only_steps,
-        ce_weight=lo.ce_weight,
-        ohem_weight=lo.ohem_weight,
-        ohem_thresh=lo.ohem_thresh,
-        ohem_min_kept=lo.ohem_min_kept,
-        unsup_weight=s.unsup_weight,
-        drop_percent=s.drop_percent,
-        faithful_unsup_scale=s.faithful_unsup_scale,
-        entropy_teacher=s.entropy_teacher,
-        ema_cap=s.ema_decay,
-        ema_buffers=s.ema_buffers,
-        copy_buffers=s.copy_buffers,
-        teacher_bn_warmup=s.teacher_bn_warmup,
-        brpg=cfg.train.brpg,
-        sample_start=p.sample_start_step,
-        sample_steps=p.sample_steps,
-        high_threshold=p.high_threshold,
-        low_threshold=p.low_threshold,
-        unlabeled_threshold=p.unlabeled_threshold,
-        grid_num=p.grid_num,
-        tau=p.tau,
-        loss_weight=p.loss_weight,
-        faithful_loss_scale=p.faithful_loss_scale,
-        thr_start=p.thr_start,
-        thr_end=p.thr_end,
-        thr_delay=p.thr_delay_steps,
-        thr_clamp_low=p.thr_clamp_low,
-        proto_momentum=p.ema_momentum,
-    )
+    """The reference's settings, read from the package's config (an unknown field raises)."""
+    values = {}
+    for f in dataclasses.fields(RefSettings):
+        path = _RENAMED.get(f.name) or next(
+            (
+                f"{sec}.{f.name}"
+                for sec in ("loss", "semi", "proto")
+                if hasattr(getattr(cfg, sec), f.name)
+            ),
+            None,
+        )
+        if path is None:
+            raise AttributeError(f"RefSettings.{f.name} has no config field; add it to _RENAMED")
+        values[f.name] = operator.attrgetter(path)(cfg)
+    return RefSettings(**values)
 
 
 def step_inputs(
