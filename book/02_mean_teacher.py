@@ -274,7 +274,7 @@ print(f"L_u of an all-zero student (uniform prediction): {loss_u:.3f}")
 #    $d_t = \min(1 - 1/(t+1), 0.99)$ of the teacher. What weight does that first copy still
 #    have in the teacher after 10 steps, and after 100? (Hint: multiply the decays.)
 
-# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution: prod_{t=1}^{T} (1 - 1/(t+1)) = prod t/(t+1) = 1/(T+1) while the cap is not reached:
 # 1/11 after 10 steps. The cap 0.99 is reached at t = 99, so after 100 steps the weight is
 # 1/99 * 0.99^2 = 0.0099. Checked with the package's EMATeacher on a one-weight model whose
@@ -298,7 +298,7 @@ assert abs(share[10] - 1 / 11) < 1e-6 and abs(share[100] - 0.99**2 / 99) < 1e-6
 #    80 and rises linearly to 100. Halfway through training, what share of the unlabeled
 #    pixels passes the entropy filter?
 
-# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution: p = 100 - (100 - 80) * (1 - 1/2) = 90, so the pixels below the 90th entropy
 # percentile: about 90 %. Checked with the package's schedule and filter on random teacher
 # logits (4 x 32 x 32 pixels, 11 classes).

@@ -613,7 +613,7 @@ shutil.rmtree(WORK)
 # 1. **Sliding windows without overlap.** Set the Cityscapes sliding stride to the window
 #    size, 769. How many windows cover a 2048×1024 frame now, and is every pixel still seen?
 
-# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution: the windows start every 769 px, but the last one in each direction is moved back
 # to end at the border (window_starts), so 2 rows x 3 columns = 6 windows still cover every
 # pixel, and the moved ones overlap their neighbours.
@@ -631,7 +631,7 @@ assert len(ys_no) * len(xs_no) == 6 and seen.min() == 1
 # 2. **A narrower scale range.** Draw the training scale from $U(0.5, 1)$ or $U(1, 1.5)$
 #    instead of $U(1, 2)$ for the second half. Are more or fewer Cityscapes crops padded?
 
-# %% tags=["hide-cell"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution: neither. A 1024-px frame is padded only when s < 769/1024 = 0.75, and only the
 # shrinking half U(0.5, 1) ever draws that; its probability, 1/2 * 0.25/0.5 = 25 %, does not
 # depend on the upper end. Checked with the package's RandomScale, 20,000 draws each:
