@@ -390,6 +390,47 @@ print(
 print("(the 'train s' column above was measured while other jobs shared the CPU, so it is longer)")
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **The void band on larger scenes.** Version 2's 1-px band (3 × 3 test) removed about half
+#    of every digit's pixels. On 96-px scenes with 1.5× larger digits (as in the reference
+#    above), would it remove a larger or a smaller share of each digit, and roughly how much?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: smaller, by about a third. The band is as wide at every scale (one pixel on each
+# side of an edge), so it takes about perimeter x 1 px from an area that grows with the square
+# of the scale: 1.5x larger digits lose about 1/1.5 = 2/3 of the share they lost at 64 px.
+# Measured on 200 scenes of each size:
+band_share = {}
+for size, glyphs in ((64, (20, 32)), (96, (30, 48))):
+    knobs = DigitKnobs(glyph_size=glyphs)
+    scenes = [
+        render_scene(np.random.default_rng([6, i]), pool_val, size, knobs)[1] for i in range(200)
+    ]
+    masks_s = np.stack(scenes)
+    digit = (masks_s >= 1) & (masks_s <= 10)
+    band = np.stack([boundary_band(m) for m in masks_s])
+    band_share[size] = (band & digit).sum() / digit.sum()
+ratio = band_share[96] / band_share[64]
+print(f"band share of digit pixels: 64 px {band_share[64]:.0%}, 96 px {band_share[96]:.0%}")
+print(f"ratio {ratio:.2f} (perimeter / area predicts about 0.67)")
+assert 0.55 < ratio < 0.8
+
+# %% [markdown]
+# 2. **A coarser grid.** The reference predictor above speaks on the model's grid. At stride
+#    8 instead of 4, which falls further on the 64-px scenes: the best mIoU or the best mBIoU?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: mBIoU. A coarser grid misplaces edges by up to twice as many pixels; that costs a
+# few region pixels of each digit but a large share of its 2-px boundary band. From the
+# measurements above:
+drop = {k: ceiling[64, 4][k] - ceiling[64, 8][k] for k in ("miou", "mbiou")}
+print(f"stride 4 -> 8 on 64-px scenes: mIoU -{drop['miou']:.1f}, mBIoU -{drop['mbiou']:.1f} points")
+assert drop["mbiou"] > drop["miou"] > 0
+
+# %% [markdown]
 # ## Summary
 #
 # * DigitScenes is a benchmark of 64-px scenes of real handwritten digits, generated in

@@ -44,6 +44,7 @@ if "google.colab" in sys.modules:
 
 # %%
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ from brpg.data.build import PROJECT_ROOT
 from brpg.reproduce import report
 from brpg.reproduce.cells import TABLES, Cell, all_cells, stale_presets
 from brpg.reproduce.paper import PAPER_HARDWARE, PAPER_SOURCE
-from brpg.reproduce.profiles import gpu_overrides
+from brpg.reproduce.profiles import ProfileError, gpu_overrides
 from brpg.reproduce.runner import cell_dir
 
 RESULTS = PROJECT_ROOT / "results" / "reproduce"
@@ -331,6 +332,40 @@ else:
 #   parameters at the end of the warm-up ({ref}`appendix <authors-timeline>`). What differs is the random draw of the
 #   layers that are not loaded from ImageNet weights (ours: the student's own initial values),
 #   and with it the statistics gathered during the warm-up.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Three GPUs.** The paper's 4 GPUs do not divide into 3. What does
+#    `brpg reproduce --gpus 3` do for a VOC BRPG cell with the default `accumulate` policy?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: it refuses before any training. 4 / 3 micro-batches is not an integer, so the
+# policy falls back to spreading the paper's 16 images per step over the GPUs, and 16 does not
+# split over 3 either; the error names the way out.
+try:
+    gpu_overrides(voc, 3, "accumulate")
+    three_gpus = "accepted"
+except ProfileError as exc:
+    three_gpus = str(exc)
+print(three_gpus)
+assert "does not split over 3" in three_gpus and "linear" in three_gpus
+
+# %% [markdown]
+# 2. **Eight GPUs, `linear`.** With `--batch-policy linear` and 8 GPUs, what happens to the
+#    learning rate and to the number of optimiser steps of a VOC BRPG cell?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: each GPU keeps its 4 + 4 images, so a step sees twice the paper's batch; the linear
+# rule doubles the learning rate and halves every step count (so the images seen stay the same).
+eight = load_config("voc_brpg_classic_366", gpu_overrides(voc, 8, "linear"))
+print(f"lr {voc.optim.lr} -> {eight.optim.lr}, steps {voc.train.steps} -> {eight.train.steps}")
+assert (
+    math.isclose(eight.optim.lr, 2 * voc.optim.lr)
+    and abs(2 * eight.train.steps - voc.train.steps) <= 1
+)
 
 # %% [markdown]
 # ## Summary
