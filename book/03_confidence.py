@@ -255,6 +255,36 @@ assert d_low.mean() < d_high.mean(), (d_low.mean(), d_high.mean())
 assert closer > len(per_class) / 2, per_class
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **A stricter high threshold.** Raise $\tau_h$ from 0.8 to 0.95 on the same scenes. What
+#    happens to the number of high and of low pixels, and to their sum?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: pixels with 0.8 <= c < 0.95 move from high to low; nothing else changes, because
+# which pixels are correct does not depend on tau_h. So low grows by exactly what high loses.
+strict = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.95)
+n_high = {0.8: int((routes.high_cls >= 0).sum()), 0.95: int((strict.high_cls >= 0).sum())}
+n_low = {0.8: int((routes.low_cls >= 0).sum()), 0.95: int((strict.low_cls >= 0).sum())}
+moved = int((valid & ~wrong & (conf >= 0.8) & (conf < 0.95)).sum())
+print(f"high {n_high[0.8]} -> {n_high[0.95]}, low {n_low[0.8]} -> {n_low[0.95]}, moved {moved}")
+assert n_high[0.8] - n_high[0.95] == n_low[0.95] - n_low[0.8] == moved > 0
+
+# %% [markdown]
+# 2. **No threshold at all.** What would the low memory receive with $\tau_h = 0$?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: nothing. A low pixel needs low_threshold < c < tau_h, and no confidence is below 0,
+# so every correct pixel is high: CPG then degenerates to one memory of correct pixels, close
+# to the "CPG off" ablation of chapter 8 (which also pools the confident unlabeled pixels).
+none = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.0)
+print(f"tau_h = 0: {int((none.high_cls >= 0).sum())} high, {int((none.low_cls >= 0).sum())} low")
+assert int((none.low_cls >= 0).sum()) == 0
+assert int((none.high_cls >= 0).sum()) == int((valid & ~wrong).sum())
+
+# %% [markdown]
 # ## Summary
 #
 # * CPG keeps only the correctly classified labeled pixels and routes them by confidence: at

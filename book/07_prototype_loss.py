@@ -444,6 +444,36 @@ assert losses_np[-20:, 0].mean() < losses_np[:20, 0].mean()
 print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Max or log-sum-exp over a class's prototypes?** The class logit is the *maximum*
+#    cosine over the class's prototypes, divided by $\tau$. Give class 0 three copies of one
+#    prototype and class 1 a single copy of the same vector. With the max, which class wins
+#    for a feature? With $\log\sum_k \exp(\cos_k/\tau)$ instead?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: with the max, a tie: copies change nothing (which is why the official code can pad
+# a class's prototype list with copies). With log-sum-exp, class 0 gains ln 3 = 1.10 logits
+# just for having three slots, so the number of prototypes (APO's choice) would bias the
+# classifier. Checked with the package's bank (tau = 0.1):
+bank3 = PrototypeBank(2, 2, 3, momentum=0.99)
+r = torch.tensor([1.0, 1.0])
+protos3 = torch.stack([r.expand(3, 2), r.expand(3, 2)])  # [2 classes, 3 slots, 2]
+valid3 = torch.tensor([[True, True, True], [True, False, False]])
+bank3.set_prototypes(protos3.clone(), valid3)
+f = torch.tensor([[1.0, 0.5]])
+by_max = bank3.logits(f, 0.1)[0]
+cos = F.cosine_similarity(f, r[None]).item() / 0.1
+by_lse = torch.tensor(
+    [torch.logsumexp(torch.full((3,), cos), 0), torch.logsumexp(torch.full((1,), cos), 0)]
+)
+print(f"max: {by_max.tolist()}, log-sum-exp: {by_lse.tolist()}")
+assert torch.allclose(by_max[0], by_max[1])
+assert abs(float(by_lse[0] - by_lse[1]) - np.log(3)) < 1e-5
+
+# %% [markdown]
 # ## Summary
 #
 # * $\mathcal L_{pro}$ is a cross-entropy over the cosine of each feature to its best
