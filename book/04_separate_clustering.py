@@ -73,7 +73,7 @@ from brpg.book.demo import cluster, fill_memories, warm_model
 from brpg.book.tools import show_source
 from brpg.data.digits import DIGIT_CLASSES
 from brpg.method.clustering import cluster_memories
-from brpg.method.cpg import memory_rows
+from brpg.method.cpg import LabeledRoutes, Rows, memory_rows
 from brpg.method.memory import PrototypeMemory
 
 torch.set_num_threads(2)
@@ -276,6 +276,32 @@ plt.show()
 # %%
 assert mean_low < mean_high, (mean_low, mean_high)
 assert closer > n_counted / 2, (closer, n_counted)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **The per-step budget.** With `sample_pixel_num` $= 64$ and a batch of $B = 16$ labeled
+#    images, at most how many rows can one step push into the high memories, and into the
+#    low ones, however many pixels are routed? And if only 500 pixels are routed high?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: high takes at most sample_pixel_num x 2B = 2,048 rows (labeled and unlabeled high
+# rows share it), low at most sample_pixel_num x B = 1,024; with 500 high candidates all 500
+# go in. Checked with the package's memory_rows on synthetic routes of 20,000 pixels:
+n_px, b = 20_000, 16
+g = torch.Generator().manual_seed(0)
+feats_nd = torch.randn(n_px, 8, generator=g)
+cls_n = torch.randint(0, 11, (n_px,), generator=g)
+for n_high in (n_px, 500):
+    high_cls = torch.where(torch.arange(n_px) < n_high, cls_n, -1)
+    routes_syn = LabeledRoutes(feats_nd, high_cls, feats_nd, cls_n)
+    none_u = Rows(feats_nd[:0], cls_n[:0])
+    high_rows, low_rows = memory_rows(routes_syn, none_u, b, sample_pixel_num=64, generator=g)
+    pushed = int((high_rows.cls >= 0).sum()), int((low_rows.cls >= 0).sum())
+    print(f"{n_high} high candidates: {pushed[0]} high rows, {pushed[1]} low rows pushed")
+    assert pushed == (min(n_high, 64 * 2 * b), 64 * b)
 
 # %% [markdown]
 # ## Summary

@@ -262,6 +262,38 @@ assert all(m["s_both"] > s_background for m in mode_stats.values()), (mode_stats
 assert all(m["s_both"] > min(m["s_solid"], m["s_hollow"]) - 0.02 for m in mode_stats.values())
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Which class gets the extra prototype?** Three classes' memories: (a) features
+#    scattered around one direction, (b) two tight groups pointing in opposite directions,
+#    (c) two tight groups at right angles. With the "cos_sim" score and one extra prototype to
+#    give, which class does APO pick?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: (b). The score is the mean cosine of the rows to their normalised mean: about 0.95
+# for (a), cos 45 deg = 0.71 for (c), and about 0 for (b): with two equal, opposite groups half
+# the rows point along the mean direction and half against it. The lowest score is the most
+# dispersed, so (b) gets the extra prototype. Checked with the package's score and selection:
+g = torch.Generator().manual_seed(0)
+e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+mems = torch.stack(
+    [
+        e0 + 0.3 * torch.randn(200, 2, generator=g),  # (a) one direction
+        torch.cat([e0.expand(100, 2), -e0.expand(100, 2)])
+        + 0.05 * torch.randn(200, 2, generator=g),
+        torch.cat([e0.expand(100, 2), e1.expand(100, 2)]) + 0.05 * torch.randn(200, 2, generator=g),
+    ]
+)
+scores = dispersion_cos(mems)
+pick = dispersed_mask(scores, proportion=0.05)
+print(
+    f"cos_sim scores (a, b, c): {[round(v, 2) for v in scores.tolist()]}; APO picks {pick.tolist()}"
+)
+assert pick.tolist() == [False, True, False] and scores[2] < scores[0]
+
+# %% [markdown]
 # ## Summary
 #
 # * APO scores each class's high and low memory by the mean cosine of its rows to their
