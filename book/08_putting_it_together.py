@@ -391,6 +391,25 @@ for split in SPLITS:
         assert mt[0] > sup[0], (split, sup, mt)
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Resuming mid-run.** A `digits_brpg_1_16` run is killed after its step 550 and resumed.
+#    Which phase does the resumed step 550 belong to, what must the checkpoint hold for the
+#    run to continue exactly, and from which step on does L_pro train?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: the phase depends on the step number alone: 500 warm-up steps, then the sampling
+# window 500-599, so step 550 samples, and the checkpoint must hold the half-filled CPG
+# memories (it does; the prototypes do not exist yet). The clustering runs before step 600,
+# and L_pro trains from step 600 on.
+cfg8 = load_config("digits_brpg_1_16")
+first_proto = next(s for s in range(cfg8.train.steps) if phase_of(s, cfg8) == "proto")
+print(f"step 550: {phase_of(550, cfg8)}; L_pro from step {first_proto}")
+assert phase_of(550, cfg8) == "sampling" and first_proto == 600
+
+# %% [markdown]
 # ## Summary
 #
 # * `semi_step` composes the mean teacher and the BRPG plug-in in the order of the official
