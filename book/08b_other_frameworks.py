@@ -67,7 +67,7 @@ from brpg.book.tools import show_source
 from brpg.config import load_config
 from brpg.data.build import PROJECT_ROOT
 from brpg.engine.trainer import Trainer
-from brpg.frameworks.unimatch import unimatch_step
+from brpg.frameworks.unimatch import confident_ce, unimatch_step
 from brpg.method import plugin as plugin_mod
 
 torch.set_num_threads(2)
@@ -371,6 +371,33 @@ background_only = [
 ]
 print("SegFormer runs that predict no digit at all:", "; ".join(sorted(background_only)))
 assert background_only
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict the answer first; each solution is hidden under its cell and checks itself.
+#
+# 1. **Two normalisers.** UniMatch divides its confident-pixel cross-entropy by *all* pixels,
+#    U2PL's $\mathcal L_u$ by the kept ones (times its factor). Early in training, when the
+#    teacher is confident on a quarter of the pixels, how does UniMatch's loss compare with
+#    the plain mean over the confident pixels?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: it is a quarter of it. Summing over the confident pixels and dividing by all of
+# them scales the mean by the confident share, so UniMatch's unlabeled terms start weak and
+# grow as the teacher becomes sure of more pixels. Checked with the package's confident_ce:
+g = torch.Generator().manual_seed(0)
+logits_x = torch.randn(2, 11, 16, 16, generator=g)
+pseudo_x = torch.randint(0, 11, (2, 16, 16), generator=g)
+conf_x = torch.zeros(2, 16, 16)
+conf_x[:, :8, :8] = 0.99  # a quarter of the pixels confident
+ce_x = torch.nn.functional.cross_entropy(logits_x, pseudo_x, reduction="none")
+uni = float(confident_ce(logits_x, pseudo_x, conf_x, 0.95))
+mean_conf = float(ce_x[conf_x >= 0.95].mean())
+print(
+    f"UniMatch {uni:.4f} = {uni / mean_conf:.3f} x the mean over confident pixels {mean_conf:.4f}"
+)
+assert abs(uni / mean_conf - 0.25) < 1e-6
 
 # %% [markdown]
 # ## Summary
