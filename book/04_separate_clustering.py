@@ -74,6 +74,7 @@ from brpg.book.tools import show_source
 from brpg.data.digits import DIGIT_CLASSES
 from brpg.method.clustering import cluster_memories
 from brpg.method.cpg import LabeledRoutes, Rows, memory_rows
+from brpg.method.kmeans import batched_kmeans_full
 from brpg.method.memory import PrototypeMemory
 
 torch.set_num_threads(2)
@@ -302,6 +303,20 @@ for n_high in (n_px, 500):
     pushed = int((high_rows.cls >= 0).sum()), int((low_rows.cls >= 0).sum())
     print(f"{n_high} high candidates: {pushed[0]} high rows, {pushed[1]} low rows pushed")
     assert pushed == (min(n_high, 64 * 2 * b), 64 * b)
+
+# %% [markdown]
+# 2. **More prototypes than rows.** Early in a sampling window a rare class may have only 3
+#    rows in its low memory while the clustering asks for 4 low prototypes. What comes back?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: 3 valid centres, one per row, and the 4th slot marked invalid; the bank then masks
+# that slot out of every max, so the class is classified with what it has.
+rows3 = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # one memory, 3 rows
+res3 = batched_kmeans_full(rows3, 4, seed=0)
+print(
+    f"valid centres: {res3.center_valid[0].tolist()}; assignment of the rows: {res3.assign[0].tolist()}"
+)
+assert res3.center_valid[0].sum() == 3 and sorted(res3.assign[0].tolist()) == [0, 1, 2]
 
 # %% [markdown]
 # ## Summary

@@ -76,7 +76,14 @@ from brpg.book.demo import appearance_modes, cluster, feature_batch, fill_memori
 from brpg.book.tools import show_source
 from brpg.data import MULTIMODAL_DIGITS
 from brpg.data.digits import DIGIT_CLASSES
-from brpg.method.apo import apo_counts, dispersed_mask, dispersion_cos, n_add_classes
+from brpg.method.apo import (
+    apo_counts,
+    dispersed_mask,
+    dispersion,
+    dispersion_cos,
+    higher_is_dispersed,
+    n_add_classes,
+)
 
 torch.set_num_threads(2)
 
@@ -292,6 +299,23 @@ print(
     f"cos_sim scores (a, b, c): {[round(v, 2) for v in scores.tolist()]}; APO picks {pick.tolist()}"
 )
 assert pick.tolist() == [False, True, False] and scores[2] < scores[0]
+
+# %% [markdown]
+# 2. **Another dispersion metric.** The official code also has an "l2" score: the mean
+#    Euclidean distance of the rows to their mean. On the same three memories, is a high or
+#    a low l2 score dispersed, and does APO pick the same class?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: high is dispersed for l2 (the direction is opposite to cos_sim's), and it picks
+# the same class (b): its rows sit about 1 away from their mean, (c)'s about 0.71, (a)'s about
+# 0.37. apo_counts needs the metric to know the direction; without it an l2 run would give the
+# extra prototype to the *least* dispersed class, a bug the package once had (issue 14).
+scores_l2 = dispersion(mems, metric="l2")
+counts_l2 = apo_counts(scores_l2, base=2, proportion=0.05, add_num=1, metric="l2")
+print(
+    f"l2 scores (a, b, c): {[round(v, 2) for v in scores_l2.tolist()]}; prototypes {counts_l2.tolist()}"
+)
+assert higher_is_dispersed("l2") and counts_l2.tolist() == [2, 3, 2]
 
 # %% [markdown]
 # ## Summary

@@ -483,6 +483,21 @@ print(f"half of the way after {half} steps (ln 2 / -ln 0.99 = {np.log(2) / -np.l
 assert half == 69
 
 # %% [markdown]
+# 2. **A tie.** A feature lies exactly between two prototypes of its class (the same cosine to
+#    both). Which one moves?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: the first one only. Each feature goes to one prototype, the nearest by cosine, and
+# a tie goes to the lower slot (as in the official argmax); the other slot keeps its value.
+bank2 = PrototypeBank(1, 2, 2, momentum=0.5)
+start2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+bank2.set_prototypes(start2.clone(), torch.ones(1, 2, dtype=torch.bool))
+bank2.ema_update(torch.tensor([[1.0, 1.0]]), torch.zeros(1, dtype=torch.long))
+moved = (bank2.prototypes[0] != start2[0]).any(1).tolist()
+print(f"slot 0 -> {bank2.prototypes[0, 0].tolist()}, slot 1 -> {bank2.prototypes[0, 1].tolist()}")
+assert moved == [True, False] and torch.allclose(bank2.prototypes[0, 0], torch.tensor([1.0, 0.5]))
+
+# %% [markdown]
 # ## Summary
 #
 # * After every step each prototype that received features of its own class moves 1 % of the

@@ -474,6 +474,21 @@ assert torch.allclose(by_max[0], by_max[1])
 assert abs(float(by_lse[0] - by_lse[1]) - np.log(3)) < 1e-5
 
 # %% [markdown]
+# 2. **The clamp.** With `proto.thr_clamp_low: true`, what is the unlabeled threshold on VOC
+#    when L_pro starts (epoch 2), and when does it first rise above 0.8?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: 0.8 until the delay of 5 epochs ends, then the same ramp as before: the clamp
+# only removes the dip below 0.8 before the delay.
+clamped = [
+    pseudo_threshold(e * voc_steps_per_epoch, voc_steps_per_epoch, voc_epochs, clamp_low=True)
+    for e in range(voc_epochs + 1)
+]
+first_above = next(e for e, t in enumerate(clamped) if t > 0.8)
+print(f"epoch 2: {clamped[2]:.3f}; first above 0.8 at epoch {first_above}")
+assert clamped[2] == 0.8 and first_above == 6
+
+# %% [markdown]
 # ## Summary
 #
 # * $\mathcal L_{pro}$ is a cross-entropy over the cosine of each feature to its best

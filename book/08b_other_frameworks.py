@@ -400,6 +400,23 @@ print(
 assert abs(uni / mean_conf - 0.25) < 1e-6
 
 # %% [markdown]
+# 2. **Nothing confident.** At the very start the teacher may be confident on no pixel at all.
+#    What does UniMatch's unlabeled term return then, and can the step still backpropagate?
+
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# Solution: exactly 0, still connected to the logits, so backward() runs and gives zero
+# gradients (no NaN from an empty mean, unlike the official L_pro on an empty selection, Q19).
+logits_0 = torch.randn(2, 11, 16, 16, generator=g, requires_grad=True)
+loss_0 = confident_ce(logits_0, pseudo_x, torch.zeros(2, 16, 16), 0.95)
+loss_0.backward()
+print(f"loss {float(loss_0.detach())}, gradient max {float(logits_0.grad.abs().max())}")
+assert (
+    float(loss_0.detach()) == 0.0
+    and logits_0.grad is not None
+    and float(logits_0.grad.abs().max()) == 0.0
+)
+
+# %% [markdown]
 # ## Summary
 #
 # * BRPG attaches to a framework through one plug-in class called four times per step; the
