@@ -1,12 +1,6 @@
-"""The package's training step against the loop-based reference of ``reference_step.py``.
-
-For a tiny model and fixed inputs, ``Trainer.train_step`` runs one step at a chosen global
-step; the reference recomputes every loss term on copies of the student and the teacher taken
-before the step, and the state the step must leave: the teacher's EMA (decay counted from the
-end of the warm-up), the CPG memories, the prototype bank. The random draws of the step (strong
-augmentation, CutMix box) are recorded from the package and handed to the reference; the
-model has no dropout, and the sampling budgets are large enough that every candidate row is
-kept, so nothing else in the step is random.
+"""The package's training step against the loop-based reference (``brpg.book.reference_step``)
+through the harness of ``brpg.book.step_check`` (its docstring says what is compared), plus
+hand-worked values for the smallest cases and a check that a wrong step is caught.
 """
 
 from __future__ import annotations
