@@ -322,8 +322,8 @@ assert res3.center_valid[0].sum() == 3 and sorted(res3.assign[0].tolist()) == [0
 # ## Summary
 #
 # * During the sampling window the routed features fill per-class first-in-first-out
-#   memories; at its end k-means runs once on each class's high and low memory separately, 2
-#   + 2 prototypes per class before APO.
+#   memories; at its end k-means runs once on each class's high and low memory separately:
+#   2 + 2 prototypes per class before APO.
 # * Measured by the margin to the nearest-centre decision boundary, the low-confidence
 #   prototypes lie closer to the boundary than the high-confidence ones, on average and in
 #   most classes with at least 20 rows in both memories (asserted).
