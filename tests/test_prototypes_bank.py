@@ -191,3 +191,64 @@ def test_ddp_sync_gives_identical_prototypes_equal_to_union(tmp_path):
     single.ema_update(feats, targets)
     torch.testing.assert_close(p0, single.prototypes)
     assert not torch.equal(p0, protos)  # the update did something
+
+
+# ------------------------------------------------ edges found by mutation testing (issue 18)
+def test_constructor_bounds_and_messages():
+    PrototypeBank(1, 1, 1, momentum=0.0)  # the smallest bank and both momentum ends are valid
+    PrototypeBank(1, 1, 1, momentum=1.0)
+    for bad in [(0, 1, 1), (1, 0, 1), (1, 1, 0)]:
+        with pytest.raises(ValueError, match="num_classes, dim and max_per_class must be positive"):
+            PrototypeBank(*bad)
+    for m in (-0.01, 1.01, 1.5):
+        with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\]"):
+            PrototypeBank(2, 2, 2, momentum=m)
+    assert repr(PrototypeBank(3, 4, 6, momentum=0.9)) == (
+        "PrototypeBank(num_classes=3, max_per_class=6, dim=4, momentum=0.9)"
+    )
+    with pytest.raises(ValueError, match=r"checkpoint bank has shape \(4, 3, 8\)"):
+        PrototypeBank(4, 8, 2).load_state_dict(PrototypeBank(4, 8, 3).state_dict())
+
+
+def test_pack_high_low_default_masks_and_budgets():
+    g = torch.Generator().manual_seed(1)
+    hi, lo = torch.randn(2, 2, 5, generator=g), torch.randn(2, 1, 5, generator=g)
+    protos, valid = pack_high_low(hi, lo)  # no masks, no budgets: every slot valid, widths kept
+    assert valid.dtype == torch.bool and valid.all() and valid.shape == (2, 3)
+    assert torch.equal(protos, torch.cat([hi, lo], 1))
+    # a bool mask, a larger high budget (padded, invalid) and a low budget that truncates
+    mask = torch.tensor([[True, False], [True, True]])
+    lo4 = torch.randn(2, 4, 5, generator=g)
+    protos, valid = pack_high_low(hi, lo4, mask, torch.tensor([1, 2]), k_high=3, k_low=2)
+    assert valid.tolist() == [[True, False, False, True, False], [True, True, False, True, True]]
+    assert torch.equal(protos[:, :2], hi) and torch.equal(protos[:, 2], torch.zeros(2, 5))
+    assert torch.equal(protos[:, 3:], lo4[:, :2])
+    with pytest.raises(ValueError, match="a class has more than 1 valid centres"):
+        pack_high_low(hi, lo, k_high=1)
+
+
+def test_pack_high_low_lists_take_their_widths_from_the_rows():
+    g = torch.Generator().manual_seed(2)
+    # one class, 7-d features, 2 high and 3 low centres: widths are row counts, not the dim
+    hi, lo = [torch.randn(2, 7, generator=g)], [torch.randn(3, 7, generator=g)]
+    protos, valid = pack_high_low(hi, lo)
+    assert protos.shape == (1, 5, 7) and valid.dtype == torch.bool and valid.all()
+    assert torch.equal(protos[0], torch.cat([hi[0], lo[0]]))
+    with pytest.raises(ValueError, match="pass per-class lists without a mask or counts"):
+        pack_high_low(hi, lo, high_valid=torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="need at least one class"):
+        pack_high_low([], lo)
+
+
+def test_pack_high_low_checks_classes_and_dim_not_slot_counts():
+    g = torch.Generator().manual_seed(3)
+    # C = 2 with 3 high and 1 low slots: slot counts differ from C, which is fine
+    protos, _ = pack_high_low(torch.randn(2, 3, 4, generator=g), torch.randn(2, 1, 4, generator=g))
+    assert protos.shape == (2, 4, 4)
+    protos, _ = pack_high_low(torch.randn(2, 1, 4, generator=g), torch.randn(2, 3, 4, generator=g))
+    assert protos.shape == (2, 4, 4)
+    msg = "high and low must have the same number of classes and feature dim"
+    with pytest.raises(ValueError, match=msg):
+        pack_high_low(torch.randn(2, 1, 4), torch.randn(3, 1, 4))
+    with pytest.raises(ValueError, match=msg):
+        pack_high_low(torch.randn(2, 1, 4), torch.randn(2, 1, 5))

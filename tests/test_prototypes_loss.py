@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -182,3 +184,118 @@ def test_per_step_path_never_syncs_with_host(monkeypatch):
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(loss) and rep.grad is not None
+
+
+# ------------------------------------------------ edges found by mutation testing (issue 18)
+def _exact_oracle(n_feat: int, n_full: int, grid_num: int) -> list[int] | None:
+    """Feature indices of the grid if every grid pixel's align_corners source coordinate
+    ``p·(n_feat−1)/(n_full−1)`` is an integer, else None (exact rational arithmetic)."""
+    if n_full == 1:
+        return [0] * (grid_num + 1)  # PyTorch uses scale 0 for a 1-pixel output
+    coords = [Fraction(p * (n_feat - 1), n_full - 1) for p in grid_positions(n_full, grid_num)]
+    return [int(c) for c in coords] if all(c.denominator == 1 for c in coords) else None
+
+
+@pytest.mark.parametrize("grid_num", [1, 2, 3, 32])
+def test_grid_indices_agree_with_exact_arithmetic_on_all_small_sizes(grid_num):
+    for n_full in range(1, 14):
+        for n_feat in range(1, 14):
+            expected = _exact_oracle(n_feat, n_full, grid_num)
+            if expected is None:
+                with pytest.raises(ValueError, match="does not land exactly on a"):
+                    grid_indices(n_feat, n_feat, n_full, grid_num)
+            else:
+                got = grid_indices(n_feat, n_feat, (n_full, n_full), grid_num).tolist()
+                assert got == expected, (n_feat, n_full, grid_num)
+
+
+@pytest.mark.parametrize("grid_num", [1, 3, 32])
+def test_labeled_grid_equals_upsampling_on_all_small_and_rectangular_sizes(grid_num):
+    """Exact and bilinear paths, square and not (e.g. rows exact, columns not: 17 → 65 × 16 → 64
+    with 16 grid steps), against F.interpolate(align_corners=True) + indexing."""
+    g = torch.Generator().manual_seed(grid_num)
+    sizes = [(1, 1), (2, 2), (3, 3), (3, 5), (5, 9), (4, 13), (7, 7), (2, 11)]
+    for (h, hf), (w, wf) in itertools.product(sizes, repeat=2):
+        rep = torch.randn(2, 3, h, w, generator=g)
+        labels = torch.randint(0, 4, (2, hf, wf), generator=g)
+        feats, targets = sample_labeled_grid(rep, labels, grid_num)
+        rows = torch.tensor(grid_positions(hf, grid_num))
+        cols = torch.tensor(grid_positions(wf, grid_num))
+        up = F.interpolate(rep, size=(hf, wf), mode="bilinear", align_corners=True)
+        expected = up[:, :, rows][:, :, :, cols].permute(0, 2, 3, 1).reshape(-1, 3)
+        torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5, msg=str((h, hf, w, wf)))
+        assert torch.equal(targets, labels[:, rows][:, :, cols].reshape(-1))
+    rep = torch.randn(1, 2, 17, 16, generator=g)
+    labels = torch.zeros(1, 65, 64, dtype=torch.long)
+    up = F.interpolate(rep, size=(65, 64), mode="bilinear", align_corners=True)
+    rows, cols = torch.tensor(grid_positions(65, 16)), torch.tensor(grid_positions(64, 16))
+    expected = up[:, :, rows][:, :, :, cols].permute(0, 2, 3, 1).reshape(-1, 2)
+    torch.testing.assert_close(sample_labeled_grid(rep, labels, 16)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_grid_arguments_are_checked_with_clear_messages():
+    assert grid_positions(1) == [0] * 33 and grid_positions(7, 1) == [0, 6]
+    for bad in [(0, 32), (5, 0)]:
+        with pytest.raises(ValueError, match="n_full and grid_num must be positive"):
+            grid_positions(*bad)
+    with pytest.raises(ValueError, match=r"square crops and maps \(appendix Q11\)"):
+        grid_indices(129, 129, (513, 385))
+    assert torch.equal(grid_indices(129, 129, (513, 513)), grid_indices(129, 129, 513))
+
+
+@pytest.mark.parametrize("conf_hw,rep_hw", [((1, 1), (3, 3)), ((2, 3), (3, 2)), ((5, 4), (2, 3))])
+def test_unlabeled_reads_every_pixel_like_upsampling_on_small_sizes(conf_hw, rep_hw):
+    g = torch.Generator().manual_seed(3)
+    rep = torch.randn(2, 3, *rep_hw, generator=g)
+    n = conf_hw[0] * conf_hw[1]
+    conf = torch.ones(2, *conf_hw)
+    pseudo = torch.arange(2 * n).view(2, *conf_hw)  # target = flat pixel index
+    feats, targets = sample_unlabeled(rep, conf, pseudo, 0.5, num_per_image=n)
+    assert sorted(targets.tolist()) == list(range(2 * n))  # all pixels, each once
+    up = F.interpolate(rep, size=conf_hw, mode="bilinear", align_corners=True)
+    expected = up.permute(0, 2, 3, 1).reshape(-1, 3)[targets]
+    torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5)
+
+
+def test_unlabeled_threshold_is_inclusive_and_default_budget_is_1000_per_image():
+    conf = torch.full((2, 64, 48), 0.25)
+    conf[0, :3, :] = 0.5  # exactly the threshold: candidates (conf ≥ thr)
+    pseudo = torch.zeros(2, 64, 48, dtype=torch.long)
+    _, targets = sample_unlabeled(torch.zeros(2, 1, 64, 48), conf, pseudo, 0.5)
+    assert targets.shape == (2000,)  # default 1000 per image, 2 images
+    assert (targets == 0).sum() == 3 * 48
+    _, all_targets = sample_unlabeled(torch.zeros(2, 1, 64, 48), conf, pseudo, 0.25)
+    assert (all_targets == 0).all()  # 6144 candidates ≥ 2000: 2000 chosen
+
+
+def test_unlabeled_draws_come_from_the_given_generator_only():
+    conf, pseudo = _unlabeled_case(30)
+    rep = torch.randn(2, 3, 8, 8)
+    picks = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        gen = torch.Generator().manual_seed(7)
+        _, t = sample_unlabeled(rep, conf, pseudo, 0.8, num_per_image=5, generator=gen)
+        assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+        picks.append(set(t.tolist()))
+    assert picks[0] == picks[1]
+
+
+def test_loss_defaults_and_edges():
+    bank = _bank()
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0]])
+    # τ defaults to the paper's 0.1
+    assert prototype_loss(bank, feats, torch.tensor([0, 1, 255])) == prototype_loss(
+        bank, feats, torch.tensor([0, 1, 255]), tau=0.1
+    )
+    # one usable target: the mean is that target's CE (f0 with target 0, hand value)
+    one = prototype_loss(bank, feats, torch.tensor([0, 255, 2]), tau=0.1)  # 2 == C: ignored
+    assert one.item() == pytest.approx(math.log(1 + math.exp(10 * R2 - 10)), rel=1e-5)
+
+
+def test_pseudo_threshold_rejects_a_zero_span_and_accepts_one_step():
+    with pytest.raises(ValueError, match="total_epochs must exceed delay_epochs"):
+        pseudo_threshold(0, 10, 5, delay_epochs=5)
+    assert pseudo_threshold(0, 1, 6, start=0.8, end=0.9, delay_epochs=5) == pytest.approx(0.3)
+    assert pseudo_threshold(6, 1, 6, start=0.8, end=0.9, delay_epochs=5) == pytest.approx(0.9)

@@ -51,8 +51,8 @@ def _grid_is_exact(n_feat: int, n_full: int, grid_num: int) -> bool:
     With ``align_corners=True`` full-res pixel ``p`` reads source coordinate
     ``p·(n_feat−1)/(n_full−1)``; it is exact iff that number is an integer.
     """
-    if n_full == 1 or n_feat == 1:
-        return n_feat == 1
+    if n_full == 1:
+        return True  # a 1-pixel output reads source coordinate 0 (scale 0 in PyTorch)
     return all(p * (n_feat - 1) % (n_full - 1) == 0 for p in grid_positions(n_full, grid_num))
 
 
