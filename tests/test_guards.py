@@ -93,3 +93,100 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_checkpointed(tmp_path, mon
     state = torch.load(Path(tmp_path / "run" / CKPT_NAME), weights_only=False)
     assert state["step"] == 2
     assert all(math.isfinite(float(v.float().abs().sum())) for v in state["model"].values())
+
+
+# The allowed ranges, spelled out (and reviewed) here: a bound is a decision (e.g. an EMA momentum of 1
+# would freeze the teacher), and the range tests above read the bounds from the table itself,
+# so an edited bound would move their probe with it. Change both on purpose.
+DOCUMENTED_RANGES = {
+    ">= 1": [
+        "data.num_classes",
+        "data.crop_size",
+        "data.digits_size",
+        "data.digits_train",
+        "data.digits_val",
+        "model.aspp_rates",
+        "model.decoder_channels",
+        "model.rep_dim",
+        "model.width",
+        "train.steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.log_every",
+        "proto.sample_steps",
+        "proto.sample_pixel_num",
+        "proto.queue_len",
+        "proto.back_per_class",
+        "proto.num_high",
+        "proto.kmeans_iters",
+        "proto.kmeans_n_init",
+        "proto.grid_num",
+        "eval.crop_size",
+        "eval.stride",
+        "eval.batch_size",
+    ],
+    "> 0": [
+        "data.scale_range",
+        "data.std",
+        "optim.lr",
+        "optim.head_lr_mult",
+        "proto.tau",
+    ],
+    ">= 0": [
+        "data.num_workers",
+        "data.digits_seed",
+        "optim.weight_decay",
+        "optim.poly_power",
+        "optim.warmup_steps",
+        "loss.ce_weight",
+        "loss.ohem_weight",
+        "train.seed",
+        "train.eval_every",
+        "train.ckpt_every",
+        "train.threads",
+        "semi.sup_only_steps",
+        "semi.unlabeled_batch_size",
+        "semi.unsup_weight",
+        "semi.unimatch_weights",
+        "proto.sample_start_step",
+        "proto.back_len",
+        "proto.min_rows",
+        "proto.num_low",
+        "proto.add_num",
+        "proto.kmeans_subsample",
+        "proto.recluster_every",
+        "proto.loss_weight",
+        "proto.unsup_sample_num",
+        "proto.thr_delay_steps",
+    ],
+    "in [0, 1)": [
+        "model.dropout",
+        "optim.momentum",
+        "optim.betas",
+        "semi.ema_decay",
+        "semi.fp_dropout",
+        "proto.csp_momentum",
+        "proto.ema_momentum",
+    ],
+    "in [0, 1]": [
+        "loss.ohem_thresh",
+        "semi.cutmix_p",
+        "semi.conf_thresh",
+        "proto.high_threshold",
+        "proto.low_threshold",
+        "proto.unlabeled_threshold",
+        "proto.csp_min",
+        "proto.csp_max",
+        "proto.add_proportion",
+        "proto.thr_start",
+        "proto.thr_end",
+    ],
+    "in [0, 100]": [
+        "semi.drop_percent",
+    ],
+}
+
+
+def test_the_range_table_is_the_documented_one():
+    got = {path: str(r) for path, r in C._RANGES.items()}
+    assert got == {p: r for r, paths in DOCUMENTED_RANGES.items() for p in paths}

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from brpg.method.apo import apo_counts, dispersion, dispersion_cos, n_add_classes, select_classes
+from brpg.method.apo import (
+    apo_counts,
+    dispersed_mask,
+    dispersion,
+    dispersion_cos,
+    n_add_classes,
+    select_classes,
+)
 from brpg.method.clustering import cluster_memories
 from brpg.method.prototype_ema import PrototypeBank
 
@@ -142,3 +149,38 @@ def test_apo_gives_the_extra_prototype_to_the_most_dispersed_class_in_both_memor
     assert n_add_classes(c, p.add_proportion) == 1
     assert per_class[3] == base + (2 if memory == "cpg" else 1) * p.add_num
     assert (per_class[torch.arange(c) != 3] == base).all()
+
+
+# ------------------------------------------------ edges found by mutation testing (issue 18)
+def test_dispersion_defaults_and_mask_forms():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.equal(dispersion(x), dispersion(x, full, metric="cos_sim"))  # default metric
+    assert torch.equal(dispersion_cos(x), dispersion_cos(x, full))
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    mask[:, 0] = True
+    for metric in ("cos_sim", "l2", "l2_norm"):
+        assert torch.equal(dispersion(x, mask.long(), metric), dispersion(x, mask, metric))
+        assert torch.equal(dispersion(x, mask.float(), metric), dispersion(x, mask, metric))
+    # "l2_norm" normalises each row (over D), then measures like "l2"
+    unit = x / x.norm(dim=2, keepdim=True)
+    torch.testing.assert_close(dispersion(x, mask, "l2_norm"), dispersion(unit, mask, "l2"))
+    with pytest.raises(ValueError, match="unknown APO metric 'cos'"):
+        dispersion(x, metric="cos")
+
+
+def test_a_one_row_memory_is_perfectly_concentrated():
+    x = torch.tensor([[[3.0, 4.0], [9.0, 9.0]]])
+    one = torch.tensor([[True, False]])
+    assert dispersion(x, one, "cos_sim").tolist() == [pytest.approx(1.0)]
+    assert dispersion(x, one, "l2").tolist() == [0.0]
+    assert dispersion(x, one, "l2_norm").tolist() == [0.0]
+
+
+def test_apo_default_proportion_is_five_percent():
+    assert [n_add_classes(c) for c in (19, 21, 29, 30, 81)] == [1, 1, 1, 2, 4]
+    scores = torch.linspace(0.0, 1.0, 21)  # cos_sim: lowest = most dispersed
+    assert dispersed_mask(scores).nonzero().flatten().tolist() == [0]
+    assert dispersed_mask(scores, higher_is_dispersed=True).nonzero().flatten().tolist() == [20]
+    assert dispersed_mask(scores[:10], 0.2).nonzero().flatten().tolist() == [0, 1]

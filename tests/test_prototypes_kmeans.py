@@ -12,9 +12,12 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from brpg.method import kmeans as km_module
 from brpg.method.kmeans import (
     _cluster_sums,
+    _kmeanspp,
     _lloyd,
+    _sq_dist,
     _sq_norm,
     _tolerance,
+    _update,
     batched_kmeans_full,
 )
 
@@ -326,3 +329,211 @@ def test_inertia_against_minibatch_kmeans_is_close_not_always_lower():
         sk_inertia = ((row[:, None] - sk.cluster_centers_[None]) ** 2).sum(-1).min(1).sum()
         ratios.append(inertia / sk_inertia)
     assert np.median(ratios) <= 1.0 and max(ratios) <= 1.1, ratios
+
+
+# --------------------------------------------------------------------------- edges (mutation)
+
+
+def test_sq_dist_without_precomputed_norm_keeps_distances_below_one():
+    x = torch.tensor([[[0.0, 0.0], [0.5, 0.0], [0.25, 0.5]]])
+    c = torch.tensor([[[0.0, 0.0], [0.5, 0.5]]])
+    # hand-computed squared distances; values below 1 must not be clamped up
+    want = torch.tensor([[[0.0, 0.5], [0.25, 0.25], [0.3125, 0.0625]]])
+    assert torch.equal(_sq_dist(x, c), want)
+    assert torch.equal(_sq_dist(x, c, _sq_norm(x)), want)
+
+
+def _seeding_oracle(x, valid, k, seed, n_trials):
+    """Plain-loop greedy k-means++ with the documented random draws: one ``rand[B, N]`` for
+    the first centre, then per further centre ``Exp(1)[B, T, N]`` for the d² race."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n, _ = x.shape
+    u = torch.rand(b, n, generator=gen)
+    e = [torch.empty(b, n_trials, n).exponential_(generator=gen) for _ in range(k - 1)]
+    xs = x.double().tolist()
+    out = []
+    for r in range(b):
+        pts = [i for i in range(n) if valid[r, i]]
+
+        def d2(i, j, r=r):
+            return sum((a - c) ** 2 for a, c in zip(xs[r][i], xs[r][j], strict=True))
+
+        chosen = [max(pts, key=lambda i, r=r: (u[r, i].item(), -i))]
+        near = {i: d2(i, chosen[0]) for i in pts}
+        for s in range(k - 1):
+            cands = [
+                max(pts, key=lambda i, t=t, r=r: (near[i] / e[s][r, t, i].item(), -i))
+                for t in range(n_trials)
+            ]
+            pots = [sum(min(near[i], d2(i, c)) for i in pts) for c in cands]
+            chosen.append(cands[pots.index(min(pots))])
+            near = {i: min(near[i], d2(i, chosen[-1])) for i in pts}
+        out.append(chosen)
+    return out
+
+
+def test_kmeanspp_seeds_match_a_plain_loop_oracle_and_skip_padding():
+    """Each row draws its own uniforms and exponentials, candidates are d²-weighted, the best
+    candidate has the lowest potential over the valid points only, padding is never a seed."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 16, (3, 12, 2), generator=g).float() / 4  # exact d² in float32
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, 8:] = False
+    valid[2, 10:] = False
+    for seed in range(4):
+        got = _kmeanspp(x, valid, 4, torch.Generator().manual_seed(seed), 3)
+        want = _seeding_oracle(x, valid, 4, seed, 3)
+        for r in range(3):
+            assert torch.equal(got[r], x[r, want[r]]), (seed, r)
+
+
+def test_kmeanspp_rows_are_seeded_independently():
+    """Identical rows (classes) must not share their random draws."""
+    x = torch.randn(1, 30, 2, generator=torch.Generator().manual_seed(0)).expand(16, -1, -1)
+    valid = torch.ones(16, 30, dtype=torch.bool)
+    seeds = _kmeanspp(x, valid, 1, torch.Generator().manual_seed(0), 2)[:, 0]
+    assert torch.unique(seeds, dim=0).shape[0] > 4
+
+
+def _spy(monkeypatch, name):
+    """Record the arguments of every call of ``kmeans.<name>`` (the real one still runs)."""
+    calls, real = [], getattr(km_module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(km_module, name, wrapper)
+    return calls
+
+
+def test_defaults_candidates_iterations_seed_and_runs(monkeypatch):
+    """sklearn's greedy k-means++ uses ``2 + ⌊ln k⌋`` candidates; defaults: 100 Lloyd
+    iterations, one seeding (``n_init < 1`` still runs once), seed 0."""
+    x, valid = _mixed_rows(seed=1, n=30)
+    seeding, lloyd = _spy(monkeypatch, "_kmeanspp"), _spy(monkeypatch, "_lloyd")
+    for k, trials in ((1, 2), (2, 2), (3, 3), (7, 3), (8, 4), (20, 4)):
+        seeding.clear()
+        batched_kmeans_full(x, k, valid=valid)
+        assert [c[4] for c in seeding] == [trials], k
+    assert lloyd[-1][4] == 100
+    for n_init, runs in ((None, 1), (0, 1), (1, 1), (3, 3)):
+        seeding.clear()
+        kw = {} if n_init is None else {"n_init": n_init}
+        batched_kmeans_full(x, 3, valid=valid, **kw)
+        assert len(seeding) == runs, n_init
+    default = batched_kmeans_full(x, 3, valid=valid)
+    zero = batched_kmeans_full(x, 3, valid=valid, seed=0)
+    one = batched_kmeans_full(x, 3, valid=valid, seed=1)
+    assert torch.equal(default.centers, zero.centers)
+    assert not torch.equal(one.centers, zero.centers)  # the seed matters on these rows
+
+
+def test_tol_stop_is_inclusive_per_row_and_ignores_invalid_centres():
+    """sklearn stops once the centre shift is ``<= tol``; each row compares its own shift
+    with its own tolerance, and an invalid (unused) centre adds nothing to the shift."""
+    x = torch.tensor([[0.0, 1.0, 2.0, 9.0, 12.0, 33.0]]).T.unsqueeze(0)
+    x = torch.cat([x, 100 * x])  # row 1: the same problem, 10⁴ times larger shifts
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    init = torch.tensor([[[0.0], [12.0], [5.0]], [[0.0], [1200.0], [500.0]]])
+    cvalid = torch.tensor([[True, True, False], [True, True, False]])
+    # row 0, first update: seeds 0, 12 → means 1, 18: shift 1² + 6² = 37, exactly its tol
+    c, a, _ = _lloyd(x, valid, init, cvalid, iters=50, tol_b=torch.tensor([37.0, 0.0]))
+    assert c[0, :, 0].tolist() == [1.0, 18.0, 5.0]
+    assert a[0].tolist() == [0, 0, 0, 0, 1, 1]
+    assert c[1, :2, 0].tolist() == [480.0, 3300.0]  # row 1 (tol 0) runs to its fixed point
+    assert a[1].tolist() == [0, 0, 0, 0, 0, 1]
+    c, _, _ = _lloyd(x, valid, init, cvalid, iters=50, tol_b=torch.tensor([36.9, 0.0]))
+    # 37 > 36.9: one more update, 1, 18 → 3, 22.5, whose shift 2² + 4.5² = 24.25 stops it
+    assert c[0, :2, 0].tolist() == [3.0, 22.5]
+
+
+@pytest.mark.parametrize("subsample", [None, 40])
+def test_a_huge_tol_stops_every_run_after_one_update(subsample):
+    """The tolerance reaches every Lloyd run (the seedings' and the refinement's): with a tol
+    no shift can exceed, each run makes exactly one update, as with ``iters=1``."""
+    x, valid = _mixed_rows(seed=5, n=300, d=8)
+    kw = {"valid": valid, "seed": 0, "n_init": 2, "subsample": subsample}
+    huge = batched_kmeans_full(x, 3, tol=1e12, **kw)
+    one = batched_kmeans_full(x, 3, tol=0.0, iters=1, **kw)
+    full = batched_kmeans_full(x, 3, tol=0.0, **kw)
+    assert torch.equal(huge.centers, one.centers) and torch.equal(huge.assign, one.assign)
+    assert not torch.equal(full.centers, one.centers)  # one update is not converged here
+
+
+def test_tolerance_of_single_point_and_low_variance_rows():
+    # row 0: one valid point (variance 0); row 1: {0, 0.5} (variance 0.0625); row 2: empty
+    x = torch.tensor([[[3.0], [100.0]], [[0.0], [0.5]], [[7.0], [9.0]]])
+    valid = torch.tensor([[True, False], [True, True], [False, False]])
+    tol = _tolerance(x, valid, _sq_norm(x), 1.0)
+    assert tol.tolist() == [0.0, 0.0625, 0.0]
+
+
+def test_update_reseeds_empty_clusters_with_the_farthest_valid_points_in_order():
+    x = torch.tensor([[[0.0], [1.0], [3.0], [10.0], [50.0]]])
+    valid = torch.tensor([[True, True, True, True, False]])  # 50 is padding
+    c = torch.tensor([[[1.0], [100.0], [200.0], [7.0]]])
+    cvalid = torch.tensor([[True, True, True, False]])
+    assign = torch.zeros(1, 5, dtype=torch.long)
+    d2 = torch.tensor([[1.0, 0.0, 4.0, 81.0, 2401.0]])  # to centre 0
+    new = _update(x, valid, assign, d2, c, cvalid)
+    # cluster 0: mean of 0, 1, 3, 10; the 1st empty one takes 10, the 2nd one 3; the empty
+    # invalid centre stays where it was
+    assert new[0, :, 0].tolist() == [3.5, 10.0, 3.0, 7.0]
+
+
+def test_argument_checks_at_their_bounds():
+    x = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"x must be \[B, N, D\], got \(6, 3\)"):
+        batched_kmeans_full(x[0], 2)
+    for bad in (0, torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match="k must be ≥ 1"):
+            batched_kmeans_full(x, bad)
+    one = batched_kmeans_full(x, 1)  # k = 1: the centre is the mean
+    torch.testing.assert_close(one.centers[:, 0], x.mean(1))
+    sub = batched_kmeans_full(x, 1, subsample=1)  # the smallest subset allowed
+    torch.testing.assert_close(sub.centers[:, 0], x.mean(1))
+
+
+def test_subsample_seeds_each_row_on_its_own_random_valid_subset(monkeypatch):
+    base = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(0))
+    x = base.expand(6, -1, -1).clone()
+    valid = torch.ones(6, 40, dtype=torch.bool)
+    valid[0, 25:] = False
+    x[0, 25:] = 1e3  # padding
+    seeding, lloyd = _spy(monkeypatch, "_kmeanspp"), _spy(monkeypatch, "_lloyd")
+    batched_kmeans_full(x, 3, valid=valid, subsample=10, n_init=2)
+    assert len(seeding) == 2
+    for xs, vs, *_ in seeding:
+        assert xs.shape == (6, 10, 2) and bool(vs.all()) and bool((xs < 1e3).all())
+    # identical rows (1 to 5, no padding) draw different subsets
+    subsets = {tuple(sorted(map(tuple, xs.tolist()))) for xs in seeding[0][0][1:]}
+    assert len(subsets) > 1
+    # two runs on the subset, then one refinement on all points
+    assert [c[0].shape[1] for c in lloyd] == [10, 10, 40]
+    seeding.clear()
+    batched_kmeans_full(x, 3, valid=valid, subsample=2)  # room for every centre: 3 points
+    assert seeding[0][0].shape == (6, 3, 2)
+
+
+def test_n_init_keeps_the_first_of_equally_good_runs(monkeypatch):
+    """The corners of a square split into two pairs two ways with the same inertia (4); of
+    the runs reaching it, the first is kept (a later tie does not replace it)."""
+    x = torch.tensor([[[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0]]])
+    runs, real = [], km_module._lloyd
+
+    def record(*args, **kwargs):
+        out = real(*args, **kwargs)
+        runs.append(out[0][0])
+        return out
+
+    monkeypatch.setattr(km_module, "_lloyd", record)
+    res = batched_kmeans_full(x, 2, n_init=6, seed=3)
+    pts = x[0].double().tolist()
+    inertia = [
+        sum(min((p[0] - c[0]) ** 2 + (p[1] - c[1]) ** 2 for c in r.tolist()) for p in pts)
+        for r in runs
+    ]
+    best = [i for i, v in enumerate(inertia) if v == pytest.approx(min(inertia))]
+    assert len(best) > 1 and not torch.equal(runs[best[0]], runs[best[-1]])  # a real tie
+    assert torch.equal(res.centers[0], runs[best[0]])

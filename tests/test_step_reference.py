@@ -5,12 +5,14 @@ hand-worked values for the smallest cases and a check that a wrong step is caugh
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from brpg.book.reference_step import (
     RefSettings,
@@ -33,6 +35,8 @@ from brpg.book.step_check import (
 )
 from brpg.config import load_config
 from brpg.engine.trainer import Trainer
+from brpg.frameworks import mean_teacher as mt_mod
+from brpg.frameworks.mean_teacher import semi_step
 from brpg.frameworks.supervised import supervised_loss
 from brpg.frameworks.u2pl_loss import unsup_loss
 from brpg.method.prototype_ema import PrototypeBank
@@ -117,8 +121,8 @@ def test_smallest_case_by_hand():
     pseudo = torch.tensor([[[0, 0, 0, 0]]])
     ref, kept = entropy_filtered(stud, pseudo, t, 80.0, faithful=True)
     assert kept == 3
-    assert float(ref) == pytest.approx(ln2 * 4 / 3, rel=1e-5)
-    assert float(unsup_loss(stud, pseudo, t, 80.0)) == pytest.approx(ln2 * 4 / 3, rel=1e-5)
+    assert float(ref.detach()) == pytest.approx(ln2 * 4 / 3, rel=1e-5)
+    assert float(unsup_loss(stud, pseudo, t, 80.0).detach()) == pytest.approx(ln2 * 4 / 3, rel=1e-5)
     # L_pro: prototypes e0 (class 0), e1 (class 1), τ = 1; f = e0 → logits (1, 0):
     # CE = ln(1 + e^-1) for target 0, 1 + ln(1 + e^-1) for target 1; 255 ignored
     protos = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
@@ -170,3 +174,119 @@ def test_a_wrong_step_is_caught(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(plugin_mod, "prototype_loss", labeled_only)
     with pytest.raises(AssertionError, match="step 7"):
         check_run(data_root, tmp_path)
+
+
+# ------------------------------------- wiring of the step, found by mutation testing (issue 18)
+def _mt_trainer(data_root: Path, run_dir: Path, *extra: str) -> Trainer:
+    """A tiny mean-teacher trainer (no BRPG) whose step is called directly at step S."""
+    cfg = load_config("digits_brpg_1_16", tiny_overrides(data_root, "train.brpg=false", *extra))
+    torch.manual_seed(0)
+    return Trainer(cfg, run_dir, progress=False)
+
+
+def _one_step(tr: Trainer, seed: int = 300):
+    x_l, y_l, x_u = step_inputs(seed, tr.model)
+    y_l[y_l == 255] = tr.cfg.data.ignore_index  # the ignored corner, in the config's value
+    assert tr.method is not None
+    tr.method.before_step(S, tr.model)  # the teacher takes the student's weights
+    return semi_step(tr.model, tr.method, {"image": x_l, "mask": y_l}, x_u, S), x_l, x_u
+
+
+def test_the_step_passes_its_config_values_to_every_loss(data_root, tmp_path, monkeypatch):
+    """Non-default settings reach the callee (a dropped argument would silently use the
+    callee's default, which equals the presets' value, so no preset run could tell)."""
+    seen: dict[str, inspect.BoundArguments] = {}
+
+    def spy(name: str) -> None:
+        real = getattr(mt_mod, name)
+
+        def wrapper(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen[name] = bound
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mt_mod, name, wrapper)
+
+    for name in ("supervised_loss", "unsup_loss", "drop_percent_schedule", "maybe_cutmix"):
+        spy(name)
+    extra = ("semi.drop_percent=37", "semi.faithful_unsup_scale=false", "semi.cutmix_p=0.25")
+    tr = _mt_trainer(data_root, tmp_path, *extra)
+    tr.cfg.data.ignore_index = 254  # no preset uses another value; the step must still read it
+    _one_step(tr)
+    assert seen["supervised_loss"].arguments["ignore_index"] == 254
+    unsup = seen["unsup_loss"].arguments
+    assert unsup["ignore_index"] == 254 and unsup["faithful_scale"] is False
+    assert seen["drop_percent_schedule"].args[2] == 37
+    assert seen["maybe_cutmix"].arguments["p"] == 0.25
+
+
+@pytest.mark.filterwarnings("error")  # e.g. a softmax without its dim warns
+@pytest.mark.parametrize("strong_aug", [True, False])
+def test_the_student_sees_the_strong_view_and_logs_the_step(
+    data_root, tmp_path, monkeypatch, strong_aug
+):
+    tr = _mt_trainer(data_root, tmp_path, f"semi.strong_aug={str(strong_aug).lower()}")
+    tr.cfg.semi.cutmix_p = 0.0  # no box: the unlabeled half is the strong view itself
+    assert tr.method is not None and (tr.method.strong is not None) == strong_aug
+    if strong_aug:
+        monkeypatch.setattr(tr.method, "strong", lambda x: -x)  # a view we can recognise
+    inputs = []
+    tr.model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    teacher_rep = []
+    assert tr.method.teacher is not None
+    tr.method.teacher.module.decoder.rep_head.register_forward_hook(
+        lambda *_: teacher_rep.append(1)
+    )
+    (loss, logs, ema_rows), x_l, x_u = _one_step(tr)
+    b = x_l.shape[0]
+    assert torch.equal(
+        inputs[-1][:b], x_l
+    )  # the last forward is the step's (step_inputs probes a copy)
+    assert torch.equal(inputs[-1][b:], -x_u if strong_aug else x_u)
+    assert not teacher_rep  # the mean teacher alone never computes the teacher's rep head
+    assert ema_rows is None and set(logs) == {"loss_sup", "loss_unsup", "pseudo_conf"}
+    torch.testing.assert_close(loss.detach(), logs["loss_sup"] + logs["loss_unsup"])
+    with torch.no_grad():  # the logged confidence is the eval teacher's on the weak view
+        tr.method.teacher.eval()
+        logits = tr.method.teacher(x_u)["logits"]
+        logits = F.interpolate(logits, size=x_u.shape[-2:], mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logs["pseudo_conf"], logits.softmax(1).amax(1).mean())
+
+
+def test_an_unread_rep_head_still_gets_a_zero_gradient(data_root, tmp_path):
+    """With a train-mode teacher forward the mean teacher computes rep without reading it; it
+    must stay in the graph (DDP requires every parameter to receive a gradient)."""
+    tr = _mt_trainer(data_root, tmp_path, "semi.entropy_teacher=train")
+    (loss, _, _), _, _ = _one_step(tr)
+    loss.backward()
+    rep = [p.grad for n, p in tr.model.named_parameters() if "rep_head" in n]
+    assert rep and all(g is not None and not g.any() for g in rep)
+    assert all(p.grad is not None for p in tr.model.parameters())
+
+
+def test_the_step_needs_a_teacher(data_root, tmp_path):
+    tr = _mt_trainer(data_root, tmp_path)
+    assert tr.method is not None
+    tr.method.teacher = None
+    x_l, y_l, x_u = step_inputs(0, tr.model)
+    with pytest.raises(AssertionError, match="the mean teacher needs its EMA teacher"):
+        semi_step(tr.model, tr.method, {"image": x_l, "mask": y_l}, x_u, S)
+
+
+def test_the_teacher_computes_its_rep_head_only_in_the_sampling_window(data_root, tmp_path):
+    """Its rep feeds the unlabeled memory rows only: elsewhere the head is skipped (speed)."""
+    quiet = ("semi.entropy_teacher=eval", "semi.teacher_bn_warmup=false")
+    cfg = load_config("digits_brpg_1_16", tiny_overrides(data_root, *quiet))
+    torch.manual_seed(0)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    assert tr.method is not None and tr.method.teacher is not None
+    calls: list[int] = []
+    tr.method.teacher.module.decoder.rep_head.register_forward_hook(
+        lambda *_: calls.append(tr.step)
+    )
+    for step in range(CHECK_STEPS):
+        tr.step = step
+        x_l, y_l, x_u = step_inputs(400 + step, tr.model)
+        tr.train_step({"image": x_l, "mask": y_l}, None if step < S else x_u)
+    assert calls == list(range(DS, DS + DL))

@@ -57,6 +57,34 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "proto_loss": ("brpg/method/prototype_loss.py", ["tests/test_prototypes_loss.py"]),
     "bank": ("brpg/method/prototype_ema.py", ["tests/test_prototypes_bank.py"]),
+    "cpg": (
+        "brpg/method/cpg.py",
+        ["tests/test_cpg.py", "tests/test_plugin.py", "tests/test_back_queue.py"],
+    ),
+    "apo": ("brpg/method/apo.py", ["tests/test_prototypes_apo.py"]),
+    "step": (
+        "brpg/frameworks/mean_teacher.py",
+        ["tests/test_semi.py", "tests/test_step_reference.py"],
+    ),
+    "config": ("brpg/config.py", ["tests/test_config.py", "tests/test_guards.py"]),
+    "memory": (
+        "brpg/method/memory.py",
+        [
+            "tests/test_cpg.py",
+            "tests/test_back_queue.py",
+            "tests/test_prototypes_apo.py",
+            "tests/test_memory_clustering_edges.py",
+        ],
+    ),
+    "clustering": (
+        "brpg/method/clustering.py",
+        [
+            "tests/test_prototypes_apo.py",
+            "tests/test_plugin.py",
+            "tests/test_memory_clustering_edges.py",
+        ],
+    ),
+    "kmeans": ("brpg/method/kmeans.py", ["tests/test_prototypes_kmeans.py"]),
 }
 
 PYPROJECT = """[tool.mutmut]
