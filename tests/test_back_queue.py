@@ -374,3 +374,68 @@ def test_distributed_push_gives_identical_back_queues(tmp_path):
     loaded.load_state_dict(s0["back"])
     _check(loaded, ref)
     assert int(loaded.count.sum()) > 3  # rows of both ranks arrived
+
+
+# ------------------------------------------------ edges found by mutation testing (issue 18)
+def test_route_back_checks_the_label_shape():
+    rep, logits = torch.zeros(1, 2, 2, 2), torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="labels_small_bhw must be at the logits' resolution"):
+        route_back(rep, logits, torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_route_back_takes_the_last_class_whatever_the_map_size():
+    # C = 3 classes on a 1×4 map (h < C): label 2 is a class, label 3 is not
+    probs = [[[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]]]
+    rows = route_back(torch.zeros(1, 2, 1, 4), _logits_from(probs), torch.tensor([[[0, 1, 2, 3]]]))
+    assert rows.cls.tolist() == [0, 1, 2, -1]
+    torch.testing.assert_close(rows.conf[:3], torch.tensor([0.7, 0.3, 0.6]))
+
+
+def test_route_back_defaults_ignore_255_and_keep_5000_per_class():
+    # 256 classes: label 255 is still ignored by default (it is a class only with another index)
+    logits = torch.zeros(1, 256, 1, 2)
+    labels = torch.tensor([[[255, 3]]])
+    assert route_back(torch.zeros(1, 2, 1, 2), logits, labels).cls.tolist() == [-1, 3]
+    rows = route_back(torch.zeros(1, 2, 1, 2), logits, labels, ignore_index=0)
+    assert rows.cls.tolist() == [255, 3]
+    # 5001 pixels of one class: the official per-class cap of 5000 drops exactly one
+    n = 5001
+    rows = route_back(
+        torch.zeros(1, 1, 1, n), torch.zeros(1, 2, 1, n), torch.zeros(1, 1, n, dtype=torch.long)
+    )
+    assert int((rows.cls == 0).sum()) == 5000 and int((rows.cls >= 0).sum()) == 5000
+
+
+def test_route_back_with_a_single_class_and_ignore_pixels():
+    # C = 1: an ignored pixel must read its (unused) p_gt at a class that exists
+    rows = route_back(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2), torch.tensor([[[0, 255]]]))
+    assert rows.cls.tolist() == [0, -1]
+    assert rows.conf.tolist() == [1.0, 1.0]
+
+
+def test_route_back_keeps_the_lowest_scores_of_its_generator_per_class():
+    """The documented draw, checked with a plain loop: one uniform score per pixel from the
+    generator, and per class the ``per_class`` pixels with the lowest scores (i.e. a uniform
+    random subset). The global RNG is neither used nor needed."""
+    b, c, h, w, per_class = 1, 3, 12, 12, 5
+    labels = torch.randint(0, c, (b, h, w), generator=_gen(0))
+    labels[0, 0, :4] = 255
+    logits = torch.randn(b, c, h, w, generator=_gen(1))
+    rep = torch.zeros(b, 2, h, w)
+    flat = labels.flatten().tolist()
+    for seed in range(5):
+        scores = torch.rand(b * h * w, generator=_gen(seed)).tolist()
+        want = [-1] * len(flat)
+        for k in range(c):
+            pixels = sorted(
+                (s, i) for i, (s, y) in enumerate(zip(scores, flat, strict=True)) if y == k
+            )
+            for _, i in pixels[:per_class]:
+                want[i] = k
+        outs = []
+        for global_seed in (10, 11):
+            torch.manual_seed(global_seed)
+            state = torch.get_rng_state()
+            outs.append(route_back(rep, logits, labels, per_class, generator=_gen(seed)).cls)
+            assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+        assert outs[0].tolist() == outs[1].tolist() == want

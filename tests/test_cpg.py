@@ -15,6 +15,7 @@ from brpg.method.cpg import (
     Rows,
     class_mean_gt_prob,
     confidence,
+    cpg_rows,
     downsample_labels,
     memory_rows,
     route_labeled,
@@ -300,3 +301,245 @@ def test_step_path_runs_on_meta_device():
     mem.push("low", *low)
     feats, valid = mem.get("high", ordered=True)
     assert feats.shape == (c, 4, d) and valid.shape == (c, 4)
+
+
+# ------------------------------------------------ edges found by mutation testing (issue 18)
+def test_shape_checks_reject_each_mismatch_with_a_message():
+    rep = torch.zeros(1, 2, 2, 2)
+    # only w differs, then only B: each alone is an error (not only both together)
+    with pytest.raises(
+        ValueError, match=r"rep \(1, 2, 2, 2\) and logits \(1, 3, 2, 3\) must share"
+    ):
+        route_labeled(rep, torch.zeros(1, 3, 2, 3), torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"rep \(1, 2, 2, 2\) and logits \(2, 3, 2, 2\) must share"
+    ):
+        route_unlabeled(rep, torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="must be at the logits' resolution"):
+        route_labeled(rep, torch.zeros(1, 3, 2, 2), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_route_labeled_threshold_boundaries_are_exact():
+    # two equal logits: softmax is exactly 0.5 and the tie predicts class 0 (first maximum)
+    logits = torch.zeros(1, 2, 1, 1)
+    rep = torch.ones(1, 3, 1, 1)
+    labels = torch.zeros(1, 1, 1, dtype=torch.long)
+    # conf == τ_h is high ("≥ τ_h") and therefore not low ("< τ_h")
+    r = route_labeled(rep, logits, labels, tau_h=0.5)
+    assert r.high_cls.tolist() == [0] and r.low_cls.tolist() == [-1]
+    r = route_labeled(rep, logits, labels, tau_h=torch.tensor([0.5, 0.9]))
+    assert r.high_cls.tolist() == [0] and r.low_cls.tolist() == [-1]
+    # conf == low_threshold is not low ("low_threshold < conf"); default low_threshold 0 keeps it
+    r = route_labeled(rep, logits, labels, low_threshold=0.5)
+    assert r.high_cls.tolist() == [-1] and r.low_cls.tolist() == [-1]
+    assert route_labeled(rep, logits, labels).low_cls.tolist() == [0]
+
+
+def test_per_class_thresholds_read_the_last_class_and_survive_far_labels():
+    # pixel 0: gt 2 = pred, conf .7; τ of class 2 is .6 → high (class 1's .9 would make it low)
+    # pixel 1: gt -100 (PyTorch's usual ignore index), must not index the threshold tensor
+    probs = [[[[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]]]]
+    rep = torch.zeros(1, 2, 1, 2)
+    labels = torch.tensor([[[2, -100]]])
+    tau = torch.tensor([0.5, 0.9, 0.6])
+    r = route_labeled(rep, _logits_from(probs), labels, tau_h=tau)
+    assert r.high_cls.tolist() == [2, -1] and r.low_cls.tolist() == [-1, -1]
+    r = route_labeled(rep, _logits_from(probs), labels, tau_h=tau, ignore_index=-100)
+    assert r.high_cls.tolist() == [2, -1]
+
+
+def test_route_labeled_ignores_255_by_default_even_when_it_is_a_class():
+    # 256 classes: pixel 0 is predicted 255 with p ≈ .99 and labeled 255, pixel 1 the same for 3
+    logits = torch.zeros(1, 256, 1, 2)
+    logits[0, 255, 0, 0] = logits[0, 3, 0, 1] = 10.0
+    labels = torch.tensor([[[255, 3]]])
+    rep = torch.zeros(1, 2, 1, 2)
+    assert route_labeled(rep, logits, labels).high_cls.tolist() == [-1, 3]
+    assert route_labeled(rep, logits, labels, ignore_index=0).high_cls.tolist() == [255, 3]
+    mean, present = class_mean_gt_prob(logits, labels, num_classes=256)
+    assert not bool(present[255]) and bool(present[3]) and int(present.sum()) == 1
+    # p = e^10 / (e^10 + 255)
+    e10 = 22026.465794806718
+    torch.testing.assert_close(mean[3], torch.tensor(e10 / (e10 + 255)))
+
+
+def test_route_unlabeled_default_and_per_class_thresholds():
+    # teacher predictions 0 (.9), 1 (.6), 2 (.85), 0 (.7)
+    probs = [[[[0.9, 0.05, 0.05], [0.2, 0.6, 0.2]], [[0.1, 0.05, 0.85], [0.7, 0.2, 0.1]]]]
+    rep = torch.zeros(1, 2, 2, 2)
+    assert route_unlabeled(rep, _logits_from(probs)).cls.tolist() == [0, -1, 2, -1]  # τ .8
+    # per class, read at the teacher's prediction: class 1 at .5, class 0 at .95
+    thr = torch.tensor([0.95, 0.5, 0.8])
+    assert route_unlabeled(rep, _logits_from(probs), thr).cls.tolist() == [-1, 1, 2, -1]
+
+
+def test_subsample_pads_with_not_selected_whatever_the_unselected_class():
+    # any negative class means "not selected"; the padding slots still say exactly −1
+    cls = torch.tensor([-7, 3, -2, -1, -100])
+    idx, cls_k = subsample_indices(cls, 4, _gen(0))
+    assert cls_k.tolist() == [3, -1, -1, -1] and int(idx[0]) == 1
+
+
+def test_gather_two_picks_rows_of_the_concatenation():
+    from brpg.method.cpg import _gather_two
+
+    a = torch.tensor([[0.0], [1.0], [2.0]])
+    b = torch.tensor([[10.0]])
+    # index 3 is b's first row (not a's last); b has fewer rows than a
+    got = _gather_two(a, b, torch.tensor([0, 1, 2, 3, 3, 0]))
+    assert got[:, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 10.0, 0.0]
+    # a single row in a, several in b
+    got = _gather_two(a[2:], torch.tensor([[10.0], [11.0]]), torch.tensor([2, 0, 1]))
+    assert got[:, 0].tolist() == [11.0, 2.0, 10.0]
+
+
+def test_gather_two_with_an_empty_side_and_mixed_dtypes():
+    from brpg.method.cpg import _gather_two
+
+    half = torch.tensor([[1.5, 2.5], [3.5, 4.5]], dtype=torch.float16)
+    empty32 = torch.zeros(0, 2)
+    # the result has the promoted dtype of both inputs, even when one of them is empty
+    got = _gather_two(empty32, half, torch.tensor([1, 0]))
+    assert got.dtype == torch.float32 and got.tolist() == [[3.5, 4.5], [1.5, 2.5]]
+    got = _gather_two(half, empty32, torch.tensor([1, 1]))
+    assert got.dtype == torch.float32 and got.tolist() == [[3.5, 4.5], [3.5, 4.5]]
+    got = _gather_two(half, torch.tensor([[9.0, 8.0]]), torch.tensor([2, 0]))
+    assert got.dtype == torch.float32 and got.tolist() == [[9.0, 8.0], [1.5, 2.5]]
+
+
+def _only_the_generator_draws(fn):
+    """``fn()`` under two global seeds: equal results, global RNG state left untouched."""
+    outs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        outs.append(fn())
+        assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+    return outs
+
+
+def test_sampling_draws_only_from_the_generator():
+    cls = torch.arange(12) % 3
+    feats = torch.arange(12.0)[:, None]
+    a, b = _only_the_generator_draws(lambda: subsample(feats, cls, 3, _gen(4)))
+    assert torch.equal(a.feats, b.feats) and torch.equal(a.cls, b.cls)
+    labeled = route_like(feats, cls, cls.flip(0))
+    unl = Rows(100 + feats, cls)
+    (ha, la), (hb, lb) = _only_the_generator_draws(
+        lambda: memory_rows(labeled, unl, 1, sample_pixel_num=1, generator=_gen(4))
+    )
+    assert ha.cls.shape == (2,) and la.cls.shape == (1,)
+    assert torch.equal(ha.feats, hb.feats) and torch.equal(la.feats, lb.feats)
+    # and the generator's seed does matter (these seeds give several different subsets)
+    lows = {
+        tuple(memory_rows(labeled, unl, 1, 1, _gen(s))[1].feats[:, 0].tolist()) for s in range(8)
+    }
+    assert len(lows) > 1
+
+
+def _cpg_inputs():
+    """B = 1, C = 2, D = 3, 2×4 pixels: labeled pixels 0–3 correct with conf .9, 4–7 correct
+    with conf .6; unlabeled pixels 0–3 predicted 1 with conf .85, 4–7 predicted 0 with conf .7.
+    Features: the row id (labeled) or 100 + the row id (unlabeled)."""
+    p_l = torch.tensor([0.9] * 4 + [0.6] * 4)
+    logits_l = torch.stack([p_l, 1 - p_l]).log().view(1, 2, 2, 4)
+    p_u = torch.tensor([0.15] * 4 + [0.7] * 4)
+    logits_u = torch.stack([p_u, 1 - p_u]).log().view(1, 2, 2, 4)
+    rep_l = torch.arange(8.0).expand(3, 8).reshape(1, 3, 2, 4)
+    labels = torch.zeros(1, 2, 4, dtype=torch.long)
+    return rep_l, logits_l, labels, 100 + rep_l, logits_u
+
+
+def _ids_by_class(rows):
+    sel = rows.cls >= 0
+    return sorted(zip(rows.feats[sel, 0].long().tolist(), rows.cls[sel].tolist(), strict=True))
+
+
+def test_cpg_rows_defaults_and_forwarded_keywords():
+    rep_l, logits_l, labels, rep_u, logits_u = _cpg_inputs()
+    # defaults: τ_h = .8, low_threshold = 0, unlabeled threshold = .8, budget 5000·2B / 5000·B
+    high, low = cpg_rows(rep_l, logits_l, labels, rep_u, logits_u)
+    assert high.cls.shape == (16,) and low.cls.shape == (8,)
+    assert _ids_by_class(high) == [(i, 0) for i in range(4)] + [(100 + i, 1) for i in range(4)]
+    assert _ids_by_class(low) == [(4, 0), (5, 0), (6, 0), (7, 0)]
+    # the keywords reach the routing: no low row at .6 < .65, no unlabeled row at .85 < .9
+    high, low = cpg_rows(
+        rep_l, logits_l, labels, rep_u, logits_u, low_threshold=0.65, unlabeled_threshold=0.9
+    )
+    assert _ids_by_class(high) == [(0, 0), (1, 0), (2, 0), (3, 0)] and _ids_by_class(low) == []
+    # a per-class unlabeled threshold, read at the teacher's class: class 0 at .5 takes 104–107
+    # (conf .7), class 1 at .9 drops 100–103 (conf .85)
+    high, _ = cpg_rows(
+        rep_l, logits_l, labels, rep_u, logits_u, unlabeled_threshold=torch.tensor([0.5, 0.9])
+    )
+    assert [i for i, _ in _ids_by_class(high)] == [0, 1, 2, 3, 104, 105, 106, 107]
+    # the budget is per image of the *batch* (B = 1 here, not D = 3)
+    high, low = cpg_rows(rep_l, logits_l, labels, rep_u, logits_u, sample_pixel_num=1)
+    assert high.cls.shape == (2,) and low.cls.shape == (1,)
+    assert bool((high.cls >= 0).all()) and bool((low.cls >= 0).all())
+    (ha, la), (hb, lb) = _only_the_generator_draws(
+        lambda: cpg_rows(
+            rep_l, logits_l, labels, rep_u, logits_u, sample_pixel_num=1, generator=_gen(2)
+        )
+    )
+    assert torch.equal(ha.feats, hb.feats) and torch.equal(la.feats, lb.feats)
+
+
+def test_cpg_rows_without_unlabeled_outputs():
+    rep_l, logits_l, labels, rep_u, logits_u = _cpg_inputs()
+    # either missing input means "no unlabeled rows": only the labeled rows, N = 8 of them
+    for u in ((None, None), (rep_u, None), (None, logits_u)):
+        high, low = cpg_rows(rep_l, logits_l, labels, *u)
+        assert high.cls.shape == (8,) and high.feats.shape == (8, 3)
+        assert _ids_by_class(high) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+        assert _ids_by_class(low) == [(4, 0), (5, 0), (6, 0), (7, 0)]
+        assert high.feats.dtype == rep_l.dtype
+
+
+def test_memory_rows_and_cpg_rows_default_budget_is_5000_per_image():
+    n = 5001
+    feats = torch.zeros(n, 1)
+    every = torch.zeros(n, dtype=torch.long)
+    high, low = memory_rows(route_like(feats, every, every), Rows(feats, every), batch_size=1)
+    # sample_pixel_num 5000 (official): 5000·2B of 10002 high rows, 5000·B of 5001 low rows
+    assert high.cls.shape == (10000,) and low.cls.shape == (5000,)
+    # the same default in cpg_rows: 5001 correct labeled pixels at conf .6 are all low
+    logits = torch.tensor([0.6, 0.4]).log().view(1, 2, 1, 1).expand(1, 2, 1, n)
+    high, low = cpg_rows(
+        torch.zeros(1, 1, 1, n), logits, torch.zeros(1, 1, n, dtype=torch.long), None, None
+    )
+    assert int((low.cls == 0).sum()) == 5000 and int((high.cls >= 0).sum()) == 0
+
+
+def test_class_mean_gt_prob_skips_labels_outside_the_classes():
+    probs = [
+        [
+            [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]],
+            [[0.3, 0.3, 0.4], [0.8, 0.1, 0.1], [0.3, 0.4, 0.3]],
+        ]
+    ]
+    labels = torch.tensor([[[0, -1, 3], [2, 0, 255]]])  # -1, C = 3 and 255 count nowhere
+    mean, present = class_mean_gt_prob(_logits_from(probs), labels, num_classes=3)
+    torch.testing.assert_close(mean, torch.tensor([0.7, 0.0, 0.4]))  # (.6 + .8) / 2, -, .4
+    assert present.tolist() == [True, False, True]
+
+
+def test_class_mean_gt_prob_with_a_single_class_and_ignore_pixels():
+    # C = 1: the placeholder class of an ignored pixel must be a class that exists (0)
+    mean, present = class_mean_gt_prob(
+        torch.tensor([[[[0.3, -2.0]]]]), torch.tensor([[[0, 255]]]), 1
+    )
+    torch.testing.assert_close(mean, torch.tensor([1.0]))
+    assert present.tolist() == [True]
+
+
+def test_adaptive_threshold_defaults():
+    th = AdaptiveThreshold(2)
+    torch.testing.assert_close(th.ema, torch.tensor([0.8, 0.8]))  # init 0.8
+    torch.testing.assert_close(th.thresholds(), torch.tensor([0.8, 0.8]))  # no clipping in [0, 1]
+    th.update(torch.tensor([0.0, 1.0]), torch.tensor([True, True]))
+    # momentum 0.999: .8·.999 = .7992 and .7992 + .001 = .8002
+    torch.testing.assert_close(th.ema, torch.tensor([0.7992, 0.8002]))
+    # the default clip range is [0, 1]
+    torch.testing.assert_close(AdaptiveThreshold(1, init=1.2).thresholds(), torch.tensor([1.0]))
+    torch.testing.assert_close(AdaptiveThreshold(1, init=-0.1).thresholds(), torch.tensor([0.0]))

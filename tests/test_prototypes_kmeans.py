@@ -537,3 +537,26 @@ def test_n_init_keeps_the_first_of_equally_good_runs(monkeypatch):
     best = [i for i, v in enumerate(inertia) if v == pytest.approx(min(inertia))]
     assert len(best) > 1 and not torch.equal(runs[best[0]], runs[best[-1]])  # a real tie
     assert torch.equal(res.centers[0], runs[best[0]])
+
+
+def test_lloyd_does_not_stop_when_every_point_changes_cluster():
+    """Found by a random search: 3 points and 4 centres, every point in cluster 1 at first; the
+    update re-seeds the three empty clusters and every point moves. Only a repeat (or a zero
+    shift) may stop a row, so the result must equal a plain loop that follows that rule."""
+    x = torch.tensor([[[0.4864, -0.4785], [-1.1095, -1.2542], [-0.4849, -0.1189]]])
+    c = torch.tensor([[[0.0467, 1.5880], [0.3277, 1.2047], [2.6458, -3.4802], [-3.2142, -3.2695]]])
+    valid, cvalid = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)
+    x2 = (x * x).sum(2, keepdim=True)
+    d2, first = km_module._assign(x, c, cvalid, x2)
+    c1 = km_module._update(x, valid, first, d2, c, cvalid)
+    assert first.tolist() == [[1, 1, 1]]
+    assert (km_module._assign(x, c1, cvalid, x2)[1] != first).all()  # the case is the one meant
+    prev, cw = None, c
+    for _ in range(50):  # the stopping rule, written plainly
+        d2, assign = km_module._assign(x, cw, cvalid, x2)
+        if prev is not None and torch.equal(assign, prev):
+            break
+        prev, cw = assign, km_module._update(x, valid, assign, d2, cw, cvalid)
+    got_c, got_a, _ = _lloyd(x, valid, c, cvalid, iters=50)
+    assert torch.equal(got_a, assign)
+    torch.testing.assert_close(got_c, cw, rtol=0, atol=0)
