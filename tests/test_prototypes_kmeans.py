@@ -560,3 +560,26 @@ def test_lloyd_does_not_stop_when_every_point_changes_cluster():
     got_c, got_a, _ = _lloyd(x, valid, c, cvalid, iters=50)
     assert torch.equal(got_a, assign)
     torch.testing.assert_close(got_c, cw, rtol=0, atol=0)
+
+
+def test_a_row_stops_on_its_own_repeat_whatever_the_other_rows_do():
+    """Points on a small integer grid (duplicates, ties, an empty cluster re-seeded): found by a
+    random search as a batch where row 1 repeats its assignment while row 0 still moves. Each
+    row's result must be the one it gets alone."""
+    x = torch.tensor(
+        [
+            [[-1.0, -2.0], [2.0, -1.0], [2.0, 0.0], [-2.0, 1.0]],
+            [[2.0, -1.0], [-2.0, -2.0], [-2.0, -1.0], [-2.0, 0.0]],
+        ]
+    )
+    c = torch.tensor(
+        [
+            [[2.0, 1.0], [2.0, 0.0], [1.0, 2.0], [0.0, 1.0]],
+            [[-1.0, -2.0], [1.0, -2.0], [-2.0, 1.0], [1.0, -2.0]],
+        ]
+    )
+    valid, cvalid = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    got_c, got_a, _ = _lloyd(x, valid, c, cvalid, iters=20)
+    for r in range(2):
+        alone_c, alone_a, _ = _lloyd(x[r : r + 1], valid[:1], c[r : r + 1], cvalid[:1], iters=20)
+        assert torch.equal(got_c[r], alone_c[0]) and torch.equal(got_a[r], alone_a[0]), r

@@ -85,6 +85,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "kmeans": ("brpg/method/kmeans.py", ["tests/test_prototypes_kmeans.py"]),
+    "unimatch": ("brpg/frameworks/unimatch.py", ["tests/test_unimatch.py"]),
 }
 
 PYPROJECT = """[tool.mutmut]
