@@ -14,6 +14,7 @@ from ddp_helpers import run_torchrun
 from test_semi import _run, tiny
 
 from brpg.config import ConfigError, ModelConfig, load_config
+from brpg.engine import trainer as trainer_mod
 from brpg.engine.trainer import Trainer
 from brpg.frameworks import unimatch as unimatch_mod
 from brpg.frameworks.semi_method import SemiMethod
@@ -310,3 +311,88 @@ def test_two_process_gloo_ddp_unimatch_brpg(data_root, tmp_path):
     by_step = {r["step"]: r for r in _records(out) if "loss_sup" in r}
     assert "loss_proto" in by_step[12]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+# ------------------------------------------- wiring found by mutation testing (issue 18)
+@pytest.mark.filterwarnings("error")  # e.g. a softmax without its dim warns
+def test_the_step_passes_its_config_values_on(data_root, monkeypatch):
+    """Non-default settings reach the callees: a dropped argument would fall back to the
+    callee's default, which the presets share, so no preset run could tell."""
+    cfg, model, method, batch, x_u = _step_setup(data_root, "semi.fp_dropout=0.3")
+    cfg.data.ignore_index = 254
+    batch["mask"][batch["mask"] == 255] = 254
+    seen = {}
+    real_sup = unimatch_mod.supervised_loss
+
+    def sup_spy(logits, target, loss_cfg, ignore_index=255):
+        seen["ignore_index"] = ignore_index
+        return real_sup(logits, target, loss_cfg, ignore_index)
+
+    monkeypatch.setattr(unimatch_mod, "supervised_loss", sup_spy)
+
+    def fp_spy(_m, _args, kwargs):
+        seen.setdefault("fp_dropout", kwargs.get("fp_dropout"))  # the first (FP) forward
+
+    model.register_forward_pre_hook(fp_spy, with_kwargs=True)
+    unimatch_step(model, method, batch, x_u, step=1)
+    assert seen == {"ignore_index": 254, "fp_dropout": 0.3}
+
+
+def test_without_strong_augmentation_or_rep_head_the_views_are_the_weak_image(data_root):
+    cfg, model, method, batch, x_u = _step_setup(
+        data_root, "semi.strong_aug=false", "semi.cutmix_p=0.0", "model.rep_head=false"
+    )
+    assert method.strong is None
+    inputs = []
+    model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    loss, _, _ = unimatch_step(model, method, batch, x_u, step=1)
+    assert torch.isfinite(loss)
+    assert torch.equal(inputs[1], torch.cat([x_u, x_u]))  # both "strong" views: no augmentation
+
+
+def test_pseudo_ratio_counts_pixels_at_the_threshold(data_root):
+    """A zeroed classifier gives every class probability exactly 1/C: at a threshold of 1/C
+    every pixel is confident (conf ≥ thr, as the loss mask)."""
+    cfg, model, method, batch, x_u = _step_setup(data_root)
+    last = [m for m in model.decoder.classifier.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+    cfg.semi.conf_thresh = 1 / cfg.data.num_classes
+    _, logs, _ = unimatch_step(model, method, batch, x_u, step=1)
+    assert logs["pseudo_ratio"] == 1.0
+
+
+def test_the_ema_variant_needs_its_teacher(data_root):
+    cfg, model, method, batch, x_u = _step_setup(data_root, *UM_EMA[len(UM) :])
+    method.teacher = None
+    with pytest.raises(AssertionError, match="semi.unimatch_teacher=ema needs the EMA teacher"):
+        unimatch_step(model, method, batch, x_u, step=1)
+
+
+def test_a_proto_step_adds_the_prototype_loss(data_root, tmp_path, monkeypatch):
+    """Through a run's proto phase: the returned loss is the UniMatch formula + L_pro."""
+    extra = (*UM, "proto.loss_weight=1.0", "proto.faithful_loss_scale=false")
+    cfg = load_config("digits_suponly_1_16", tiny(data_root, "brpg", extra))
+    real, steps = unimatch_mod.unimatch_step, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        steps.append(out)
+        return out
+
+    monkeypatch.setattr(trainer_mod, "unimatch_step", spy)  # the trainer's own reference
+    _run(cfg, tmp_path)
+    proto = [(loss, logs) for loss, logs, _ in steps if "loss_proto" in logs]
+    assert proto, "the run reached no proto step"
+    w_x, w_s1, w_s2, w_fp = cfg.semi.unimatch_weights
+    for loss, logs in proto:
+        base = (
+            w_x * logs["loss_sup"]
+            + w_s1 * logs["loss_s1"]
+            + w_s2 * logs["loss_s2"]
+            + w_fp * logs["loss_fp"]
+        ) / 2.0
+        assert logs["loss_proto"] > 0
+        torch.testing.assert_close(loss.detach(), base + logs["loss_proto"], rtol=1e-6, atol=0.0)
