@@ -328,7 +328,11 @@ def translate_legacy_method(data: dict[str, Any]) -> dict[str, Any]:
     """``train.method`` (suponly | semi | meanteacher | brpg) and ``semi.framework``, the keys
     before issue 14, as ``train.framework`` + ``train.brpg``, with a :class:`ConfigWarning`
     that names the new keys (old presets, run directories and checkpoints still load)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {data!r}")
     train, semi = data.get("train") or {}, data.get("semi") or {}
+    if not isinstance(train, dict) or not isinstance(semi, dict):
+        return data  # _build names the section that is not a mapping
     if "method" not in train and "framework" not in semi:
         return data
     data = json.loads(json.dumps(data))  # deep copy of plain data
