@@ -102,7 +102,7 @@ def test_small_model_trains() -> None:
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
-    assert float(loss) < 0.9 * float(first)  # a few SGD steps fit the fixed batch
+    assert loss.item() < 0.9 * first.item()  # a few SGD steps fit the fixed batch
 
 
 def test_unknown_backbone() -> None:
