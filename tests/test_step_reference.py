@@ -143,14 +143,18 @@ def test_smallest_case_by_hand():
     torch.testing.assert_close(bank.prototypes, want_bank)
 
 
+def _tiny_trainer(data_root: Path, run_dir: Path, *extra: str) -> Trainer:
+    """The tiny BRPG trainer of :func:`tiny_overrides`, ``extra`` overrides last."""
+    cfg = load_config("digits_brpg_1_16", tiny_overrides(data_root, *extra))
+    torch.manual_seed(0)
+    return Trainer(cfg, run_dir, progress=False)
+
+
 def test_faithful_loss_scale_and_loss_weight_reach_the_backpropagated_loss(data_root, tmp_path):
     """One proto step with λ_pro = 2 and the official 1/4: the total loss and its gradient."""
-    cfg = load_config(
-        "digits_brpg_1_16",
-        tiny_overrides(data_root, "proto.loss_weight=2.0", "proto.faithful_loss_scale=true"),
+    tr = _tiny_trainer(
+        data_root, tmp_path, "proto.loss_weight=2.0", "proto.faithful_loss_scale=true"
     )
-    torch.manual_seed(0)
-    tr = Trainer(cfg, tmp_path, progress=False)
     sharpen(tr.model, 20.0)
     with recording(tr) as rec:
         for step in range(DS + DL + 1):  # through the sampling window and one proto step
@@ -179,9 +183,7 @@ def test_a_wrong_step_is_caught(data_root, tmp_path, monkeypatch):
 # ------------------------------------- wiring of the step, found by mutation testing (issue 18)
 def _mt_trainer(data_root: Path, run_dir: Path, *extra: str) -> Trainer:
     """A tiny mean-teacher trainer (no BRPG) whose step is called directly at step S."""
-    cfg = load_config("digits_brpg_1_16", tiny_overrides(data_root, "train.brpg=false", *extra))
-    torch.manual_seed(0)
-    return Trainer(cfg, run_dir, progress=False)
+    return _tiny_trainer(data_root, run_dir, "train.brpg=false", *extra)
 
 
 def _one_step(tr: Trainer, seed: int = 300):
@@ -277,9 +279,7 @@ def test_the_step_needs_a_teacher(data_root, tmp_path):
 def test_the_teacher_computes_its_rep_head_only_in_the_sampling_window(data_root, tmp_path):
     """Its rep feeds the unlabeled memory rows only: elsewhere the head is skipped (speed)."""
     quiet = ("semi.entropy_teacher=eval", "semi.teacher_bn_warmup=false")
-    cfg = load_config("digits_brpg_1_16", tiny_overrides(data_root, *quiet))
-    torch.manual_seed(0)
-    tr = Trainer(cfg, tmp_path, progress=False)
+    tr = _tiny_trainer(data_root, tmp_path, *quiet)
     assert tr.method is not None and tr.method.teacher is not None
     calls: list[int] = []
     tr.method.teacher.module.decoder.rep_head.register_forward_hook(
