@@ -1,7 +1,7 @@
 # brpg-book: the two commands of the README.
 #   make book   executes the CPU chapters on DigitScenes and builds _build/html/index.html
-#   make test   unit tests (with the rendered-page check) + pytest --nbval over the book +
-#               paired-notebook sync check
+#   make test   unit tests (with the rendered-page check; the precision tests once more with
+#               BRPG_NATIVE_BF16=1 and =0) + pytest --nbval over the book + paired-notebook sync check
 # Both fetch MathJax once (npm, into the git-ignored _vendor/mathjax/, served as
 # _static/mathjax/) so that the book's math is typeset without a network connection.
 SHELL := /bin/bash
@@ -57,6 +57,10 @@ test: venv mathjax
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest tests -q
+	# the autocast tests again, as if this CPU had native bf16 and as if it had not, so that
+	# every machine checks what `train.amp: auto` does on the other kind (tests/README.md)
+	BRPG_NATIVE_BF16=1 $(VENV)/bin/pytest tests -q -m precision -p no:cacheprovider
+	BRPG_NATIVE_BF16=0 $(VENV)/bin/pytest tests -q -m precision -p no:cacheprovider
 	$(VENV)/bin/pytest --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider book -q
 
 lint: venv

@@ -114,9 +114,10 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    # auto | off | bf16 | fp16: bf16 autocast on CUDA and on CPUs with native bf16, fp32 on
-    # other CPUs (brpg.engine.runtime.amp_dtype); fp16 (+ GradScaler) is CUDA only
-    amp: str = "auto"
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16, fp32 on other CPUs
+    # (brpg.engine.runtime.amp_dtype); off: fp32 everywhere (the DigitScenes presets, so that a
+    # number does not depend on the CPU); bf16: bf16 autocast on any CPU; fp16 (+ GradScaler): CUDA
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = False  # NHWC weights and activations (faster convolutions on CPUs)
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 200
@@ -266,8 +267,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], where)
     if origin is typing.Literal:
+        if value is False and "off" in args:  # YAML reads an unquoted off/no/false as False
+            return "off"  # so `--set train.amp=off` means what it says
         if value not in args:
-            raise ConfigError(f"{where}={value!r} is not one of: {', '.join(map(str, args))}")
+            # an unquoted on/yes/true is a YAML boolean too; say so, or `True` looks like a typo
+            hint = (
+                " (YAML reads an unquoted on/off, yes/no, true/false as a boolean)"
+                if isinstance(value, bool)
+                else ""
+            )
+            raise ConfigError(f"{where}={value!r} is not one of: {', '.join(map(str, args))}{hint}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

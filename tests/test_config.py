@@ -229,6 +229,25 @@ def test_a_value_of_the_wrong_type_names_the_key_and_the_expected_type(data, mes
         config_from_dict(data)
 
 
+def test_yaml_off_means_off_for_a_choice_that_has_it():
+    """`--set train.amp=off` is what a user types; YAML reads the unquoted word as False."""
+    assert load_config("digits_brpg_1_8", ["train.amp=off"]).train.amp == "off"
+    assert load_config("digits_brpg_1_8", ["train.amp=no"]).train.amp == "off"
+    assert load_config("digits_brpg_1_8", ['train.amp="off"']).train.amp == "off"
+    assert config_from_dict({"train": {"amp": False}}).train.amp == "off"
+    # `on` has no meaning here: the error lists the choices and says why it saw True
+    with pytest.raises(ConfigError, match=r"^train\.amp=True is not one of: auto, off, bf16, fp16 "
+                       r"\(YAML reads an unquoted on/off, yes/no, true/false as a boolean\)$"):  # fmt: skip
+        load_config("digits_brpg_1_8", ["train.amp=on"])
+    # a choice without `off` does not turn False into a word
+    with pytest.raises(ConfigError, match=r"^train\.framework=False is not one of"):
+        config_from_dict({"train": {"framework": False}})
+    with pytest.raises(
+        ConfigError, match=r"^train\.amp='fp8' is not one of: auto, off, bf16, fp16$"
+    ):
+        config_from_dict({"train": {"amp": "fp8"}})
+
+
 def test_optional_path_keeps_a_string_and_accepts_null():
     assert config_from_dict({"model": {"pretrained": "r50.pth"}}).model.pretrained == "r50.pth"
     assert config_from_dict({"model": {"pretrained": None}}).model.pretrained is None

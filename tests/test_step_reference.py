@@ -1,6 +1,10 @@
 """The package's training step against the loop-based reference (``brpg.book.reference_step``)
 through the harness of ``brpg.book.step_check`` (its docstring says what is compared), plus
 hand-worked values for the smallest cases and a check that a wrong step is caught.
+
+Precision: fp32 on every CPU. The loops compute in fp32 and the comparison has fp32 tolerances,
+so ``tiny_overrides`` states ``train.amp=off``; the ``precision`` mark has ``make test`` run
+this file again as if the CPU had native bf16 and as if it had not (tests/README.md).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from brpg.frameworks.supervised import supervised_loss
 from brpg.frameworks.u2pl_loss import unsup_loss
 from brpg.method.prototype_ema import PrototypeBank
 from brpg.method.prototype_loss import prototype_loss
+
+pytestmark = pytest.mark.precision
 
 STEPS, S, DS, DL = CHECK_STEPS, 3, 4, 3
 

@@ -223,6 +223,7 @@ def accum_sets(data_root: Path, method: str, steps: int, grad_accum: int) -> lis
         f"train.framework={'suponly' if method == 'suponly' else 'meanteacher'}",
         f"train.brpg={str(method == 'brpg').lower()}",
         "train.device=cpu",
+        "train.amp=off",  # fp32 on every CPU: the by-hand references run outside autocast
         "train.batch_size=2",
         f"train.grad_accum={grad_accum}",
         f"train.steps={steps}",
@@ -289,6 +290,7 @@ def test_grad_accum_below_one_is_rejected(data_root):
         load_config("digits_suponly_1_8", accum_sets(data_root, "suponly", 1, 0))
 
 
+@pytest.mark.precision
 def test_grad_accum_step_averages_the_micro_batch_gradients(data_root, tmp_path):
     """k = 2: the trainer's gradient is the mean of two by-hand backward passes on the same
     model, the same two batches (stream positions 0 and 1) and the same RNG stream (one seed per

@@ -69,6 +69,7 @@ def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
         f"train.batch_size={B}",
         f"train.steps={CHECK_STEPS}",
         "train.threads=1",
+        "train.amp=off",  # the loop reference computes in fp32: so must the package, on every CPU
         "train.tensorboard=never",
         "optim.warmup_steps=2",
         f"semi.sup_only_steps={S}",

@@ -86,9 +86,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+NATIVE_BF16_ENV = "BRPG_NATIVE_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """True if this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, read from
-    ``/proc/cpuinfo``); False elsewhere, including every non-Linux host."""
+    ``/proc/cpuinfo``); False elsewhere, including every non-Linux host.
+
+    ``BRPG_NATIVE_BF16=1`` (or ``0``) overrides the answer. It is for the tests: a machine
+    without native bf16 can then check what ``train.amp: auto`` does on one that has it, and
+    the other way round (``make test`` runs the precision tests both ways; tests/README.md).
+    """
+    forced = os.environ.get(NATIVE_BF16_ENV, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{NATIVE_BF16_ENV}={forced!r}: use 1 (native bf16), 0 (none) or unset")
+        return forced == "1"
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

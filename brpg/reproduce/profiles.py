@@ -5,8 +5,11 @@
 decides *how long it takes*: the small CPU encoder, 33-px crops, 8 steps (warm-up, sampling
 window and prototype phase get two or more steps each), tiny memories; and it lowers the
 unlabeled confidence thresholds of BRPG to 0, since an untrained model is never confident and
-the memories, the clustering and L_pro would otherwise see no pixel. A smoke result checks the
-pipeline end to end; its mIoU means nothing and is never reported next to the paper's.
+the memories, the clustering and L_pro would otherwise see no pixel. It also runs in fp32
+(``train.amp=off``): the presets' ``auto`` would use bf16 autocast on CPUs with native bf16 and
+fp32 on the others, so the same smoke cell would print other numbers on another machine. A
+smoke result checks the pipeline end to end; its mIoU means nothing and is never reported next
+to the paper's.
 
 The presets are written for the paper's 4 GPUs (``train.batch_size`` per process). On ``G``
 GPUs, :func:`gpu_overrides` keeps the paper's effective batch of ``4·B`` images per step with
@@ -60,6 +63,7 @@ def smoke_overrides(cfg: Config, fixture_split: str | None = None) -> list[str]:
         "model.aspp_rates=[1, 2, 3]",
         "model.pretrained=null",
         f"train.steps={SMOKE_STEPS}",
+        "train.amp=off",  # the same numbers on every CPU (module docstring)
         "train.batch_size=2",
         "train.eval_every=4",
         "train.ckpt_every=2",
