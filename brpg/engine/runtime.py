@@ -100,7 +100,9 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get(NATIVE_BF16_ENV, "")
     if forced:
         if forced not in ("0", "1"):
-            raise ValueError(f"{NATIVE_BF16_ENV}={forced!r}: use 1 (native bf16), 0 (none) or unset")
+            raise ValueError(
+                f"{NATIVE_BF16_ENV}={forced!r}: use 1 (native bf16), 0 (none) or unset"
+            )
         return forced == "1"
     try:
         with open("/proc/cpuinfo") as fh:
