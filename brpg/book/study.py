@@ -1,0 +1,182 @@
+"""The DigitScenes v3 study (``results/digits_v3/PLAN.md``): its rules and its analysis.
+
+One function per rule of the plan, the same code for every stage, so that chapter 8, the
+README and the tests read one implementation:
+
+* :func:`choose_budget`: the smallest budget B of the ladder whose final mean-teacher mIoU is
+  within ``tol`` points of the run with budget 2B;
+* :func:`study_splits`: the two smallest label fractions where the mean teacher beats SupOnly
+  by at least ``min_gain`` points;
+* :func:`paired`: the paired differences a − b over the seeds both have, with a 95 % t interval
+  (n − 1 degrees of freedom) and the sign count, in mIoU or mBIoU, overall or per class;
+* :func:`verdict`: the plan's wording of an interval;
+* :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
+  before comparing them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+BUDGET_LADDER = (2000, 3000, 4000, 6000, 8000)
+#: The plan's comparisons at a split: (a, b, what it answers, primary). Presets are
+#: ``digits_<variant>_<split>``.
+COMPARISONS: tuple[tuple[str, str, str, bool], ...] = (
+    ("meanteacher", "suponly", "does the mean teacher help at all", False),
+    ("plainproto", "meanteacher", "does any prototype loss help", True),
+    ("brpg", "meanteacher", "does BRPG help", True),
+    ("brpg", "plainproto", "do BRPG's ideas add to plain prototypes", True),
+    ("brpg", "brpg_nocpg", "the confidence split (CPG)", False),
+    ("brpg", "brpg_noapo", "APO", False),
+)
+METRICS = {"miou": ("val_miou", "per_class_iou"), "mbiou": ("val_mbiou", "per_class_biou")}
+
+
+def choose_budget(
+    final_miou: dict[int, float], ladder: tuple[int, ...] = BUDGET_LADDER, tol: float = 1.5
+) -> dict[str, Any]:
+    """The plan's budget rule on ``{steps: final val mIoU}`` of the mean teacher (seed 0).
+
+    Returns ``{"budget": B or None, "checks": [(B, 2B, |Δ|, within) ...], "missing": [...]}``:
+    the checks made in ladder order up to the first B that passes; ``budget`` is ``None`` while a
+    run that the rule still needs is missing (``missing`` names the step counts to run), and
+    ``ladder[-1]`` when no B of the ladder passes (the curves had not flattened).
+    """
+    checks = []
+    for b in ladder:
+        if b not in final_miou or 2 * b not in final_miou:
+            missing = [s for s in (b, 2 * b) if s not in final_miou]
+            return {"budget": None, "checks": checks, "missing": missing}
+        gap = abs(final_miou[2 * b] - final_miou[b])
+        checks.append((b, 2 * b, gap, gap <= tol))
+        if gap <= tol:
+            return {"budget": b, "checks": checks, "missing": []}
+    return {"budget": ladder[-1], "checks": checks, "missing": []}
+
+
+def study_splits(
+    meanteacher: dict[str, float], suponly: dict[str, float], min_gain: float = 3.0, k: int = 2
+) -> list[str]:
+    """The ``k`` smallest label fractions (``"1_16"``, ``"1_8"``, …) where the mean teacher's
+    mIoU is at least ``min_gain`` points above SupOnly's (the plan's study splits)."""
+
+    def fraction(split: str) -> float:
+        num, den = split.split("_")
+        return int(num) / int(den)
+
+    ok = [s for s in meanteacher if s in suponly and meanteacher[s] - suponly[s] >= min_gain]
+    return sorted(ok, key=fraction)[:k]
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the ``level`` t interval of the mean, n − 1 degrees of freedom
+    (``low`` and ``high`` are NaN for a single value: no interval)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Paired differences a − b of one metric over the seeds both runs have."""
+
+    a: str
+    b: str
+    metric: str
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]
+    mean: float
+    low: float
+    high: float
+    wins: int  # seeds with a > b
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def runs_by_seed(dest: str | Path, config: str) -> dict[int, dict[str, Any]]:
+    """``{seed: summary}`` of the committed runs of ``config`` under ``dest``."""
+    out = {}
+    for path in sorted(Path(dest).glob(f"{config}/seed*/summary.json")):
+        s = json.loads(path.read_text())
+        out[int(s["config"]["train"]["seed"])] = s
+    return out
+
+
+def paired(
+    dest: str | Path, a: str, b: str, metric: str = "miou", cls: int | None = None
+) -> Paired:
+    """Paired differences of ``metric`` (``"miou"`` or ``"mbiou"``; of class ``cls`` when
+    given) between configs ``a`` and ``b`` under ``dest``, seeds paired; 95 % t interval."""
+    overall, per_class = METRICS[metric]
+    ra, rb = runs_by_seed(dest, a), runs_by_seed(dest, b)
+    seeds = tuple(sorted(set(ra) & set(rb)))
+    if not seeds:
+        raise ValueError(f"no seed has both {a} and {b} under {dest}")
+
+    def value(s: dict[str, Any]) -> float:
+        return float(s[overall] if cls is None else s[per_class][cls])
+
+    diffs = tuple(value(ra[s]) - value(rb[s]) for s in seeds)
+    mean, low, high = t_interval(list(diffs))
+    return Paired(a, b, metric, seeds, diffs, mean, low, high, sum(d > 0 for d in diffs))
+
+
+def verdict(p: Paired) -> str:
+    """The plan's wording: "helps" (interval above 0), "hurts" (below 0), else the interval."""
+    if p.n < 2:
+        return f"one seed only ({p.mean:+.1f} points): no interval"
+    if p.low > 0:
+        return f"helps: +{p.low:.1f} to +{p.high:.1f} points"
+    if p.high < 0:
+        return f"hurts: {p.low:.1f} to {p.high:.1f} points"
+    return f"no effect resolved: between {p.low:+.1f} and {p.high:+.1f} points"
+
+
+def check_fp32(dest: str | Path) -> int:
+    """Assert that every summary under ``dest`` was computed in fp32 on DigitScenes v3;
+    returns how many were read (the plan compares no run made in another precision)."""
+    paths = sorted(Path(dest).rglob("summary.json"))
+    for path in paths:
+        s = json.loads(path.read_text())
+        if s.get("amp_dtype") != "fp32" or s.get("dataset_version") != 3:
+            raise AssertionError(
+                f"{path}: amp_dtype={s.get('amp_dtype')!r}, dataset_version="
+                f"{s.get('dataset_version')!r}; the study reads fp32 DigitScenes v3 runs only"
+            )
+    return len(paths)
+
+
+def _loss_sup(log: Path, until: int) -> dict[int, float]:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return {r["step"]: r["loss_sup"] for r in rows if "loss_sup" in r and r["step"] <= until}
+
+
+def warmup_identical(dest: str | Path, configs: list[str], seed: int, until: int = 500) -> bool:
+    """True if every config's run of ``seed`` logged the same ``loss_sup`` at every logged step
+    ``≤ until`` (the plan's check that paired runs share weights, data and draws up to the
+    point where the variants differ); configs without that seed are skipped."""
+    logs = [Path(dest) / c / f"seed{seed}" / "log.jsonl" for c in configs]
+    losses = [_loss_sup(p, until) for p in logs if p.exists()]
+    if len(losses) < 2:
+        return True
+    if not losses[0]:
+        raise ValueError(f"no loss_sup logged at steps <= {until} in {logs[0]}")
+    return all(x == losses[0] for x in losses[1:])

@@ -1,0 +1,132 @@
+"""The study's rules and analysis (brpg.book.study) on hand-worked cases.
+
+Machine: exact (pure arithmetic on given numbers and small JSON files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from brpg.book import study
+
+
+def test_t_interval_matches_hand_worked_values():
+    # [1, 2, 3]: mean 2, s = 1, t(0.975, 2 df) = 4.303 (printed tables) -> 2 ± 4.303 / sqrt(3)
+    mean, low, high = study.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert (high - mean) == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert (mean - low) == pytest.approx(high - mean)
+    # five values 0.5 ... 2.5: s^2 = 2.5 / 4, t(0.975, 4 df) = 2.776 (not the normal 1.96)
+    mean, low, high = study.t_interval([0.5, 1.0, 1.5, 2.0, 2.5])
+    assert mean == pytest.approx(1.5)
+    assert high - mean == pytest.approx(2.776 * math.sqrt(0.625) / math.sqrt(5), abs=1e-3)
+    one = study.t_interval([4.0])
+    assert one[0] == 4.0 and math.isnan(one[1]) and math.isnan(one[2])
+    with pytest.raises(ValueError):
+        study.t_interval([])
+
+
+def test_budget_rule_takes_the_smallest_budget_within_tolerance_of_twice_it():
+    # 2000 -> 4000 gains 10 points; 3000 -> 6000 gains 6; 4000 -> 8000 gains 1.0: B = 4000
+    finals = {2000: 48.0, 3000: 55.0, 4000: 58.0, 6000: 61.0, 8000: 59.0}
+    got = study.choose_budget(finals)
+    assert got["budget"] == 4000
+    assert [c[0] for c in got["checks"]] == [2000, 3000, 4000]
+    assert [c[3] for c in got["checks"]] == [False, False, True]
+    # the tolerance is inclusive and absolute: a loss of 1.5 at 2B also passes
+    assert study.choose_budget({2000: 50.0, 4000: 48.5})["budget"] == 2000
+    assert study.choose_budget({2000: 50.0, 4000: 51.6})["budget"] is None  # 3000 missing
+    # a smaller budget that the rule still needs is named, even when a larger one passes
+    got = study.choose_budget({2000: 48.0, 4000: 58.0, 8000: 59.0})
+    assert got["budget"] is None and got["missing"] == [3000, 6000]
+    # nothing passes up to 8000 (vs 16000): B = 8000, the curves had not flattened
+    finals = {b: float(b) / 100 for b in (2000, 3000, 4000, 6000, 8000, 12000, 16000)}
+    got = study.choose_budget(finals)
+    assert got["budget"] == 8000 and not any(c[3] for c in got["checks"])
+
+
+def test_study_splits_are_the_two_smallest_where_the_mean_teacher_helps():
+    mt = {"1_16": 20.0, "1_8": 55.0, "1_4": 62.0}
+    sup = {"1_16": 21.0, "1_8": 45.0, "1_4": 58.0}
+    assert study.study_splits(mt, sup) == ["1_8", "1_4"]
+    # 3 points exactly counts; ordering is by label fraction, not by name
+    assert study.study_splits({"1_4": 61.0, "1_16": 30.0}, {"1_4": 58.0, "1_16": 27.0}) == [
+        "1_16",
+        "1_4",
+    ]
+    assert study.study_splits({"1_8": 46.0}, {"1_8": 45.0}) == []
+
+
+def _write(dest: Path, config: str, seed: int, miou: float, biou: float, **extra) -> None:
+    run = dest / config / f"seed{seed}"
+    run.mkdir(parents=True)
+    summary = {
+        "val_miou": miou,
+        "val_mbiou": biou,
+        "per_class_iou": [miou + 10, miou - 10],
+        "per_class_biou": [biou, biou],
+        "amp_dtype": "fp32",
+        "dataset_version": 3,
+        "config": {"train": {"seed": seed}},
+        **extra,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_paired_differences_use_only_seeds_both_runs_have(tmp_path: Path):
+    for seed, (a, b) in enumerate([(50.0, 48.0), (52.0, 49.0), (51.0, 50.0)]):
+        _write(tmp_path, "digits_brpg_1_8", seed, a, a - 20)
+        _write(tmp_path, "digits_meanteacher_1_8", seed, b, b - 21)
+    _write(tmp_path, "digits_brpg_1_8", 7, 90.0, 90.0)  # no partner: left out
+    p = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8")
+    assert p.seeds == (0, 1, 2) and p.diffs == (2.0, 3.0, 1.0) and p.wins == 3
+    assert p.mean == 2.0 and p.half_width == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert study.verdict(p) == "no effect resolved: between -0.5 and +4.5 points"
+    q = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", "mbiou")
+    assert q.diffs == (3.0, 4.0, 2.0)
+    c1 = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", cls=1)
+    assert c1.diffs == p.diffs  # class 1 is miou - 10 in both
+    with pytest.raises(ValueError, match="no seed has both"):
+        study.paired(tmp_path, "digits_brpg_1_8", "digits_suponly_1_8")
+
+
+def test_verdict_words():
+    def p(low: float, high: float, n: int = 5) -> study.Paired:
+        return study.Paired("a", "b", "miou", tuple(range(n)), (0.0,) * n, 0.0, low, high, 0)
+
+    assert study.verdict(p(0.2, 1.4)) == "helps: +0.2 to +1.4 points"
+    assert study.verdict(p(-2.0, -0.1)) == "hurts: -2.0 to -0.1 points"
+    assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between -0.6 and +0.9 points"
+    assert study.verdict(p(math.nan, math.nan, 1)).startswith("one seed only")
+
+
+def test_fp32_check_refuses_a_bf16_or_older_run(tmp_path: Path):
+    _write(tmp_path, "digits_meanteacher_1_8", 0, 50.0, 30.0)
+    assert study.check_fp32(tmp_path) == 1
+    _write(tmp_path, "digits_brpg_1_8", 0, 50.0, 30.0, amp_dtype="bfloat16")
+    with pytest.raises(AssertionError, match="amp_dtype='bfloat16'"):
+        study.check_fp32(tmp_path)
+    other = tmp_path / "v2"
+    _write(other, "digits_brpg_1_8", 0, 50.0, 30.0, dataset_version=2)
+    with pytest.raises(AssertionError, match="dataset_version=2"):
+        study.check_fp32(other)
+
+
+def test_warmup_identity_compares_the_logged_supervised_losses(tmp_path: Path):
+    def log(config: str, losses: dict[int, float]) -> None:
+        run = tmp_path / config / "seed0"
+        run.mkdir(parents=True)
+        rows = [{"step": s, "loss_sup": v} for s, v in losses.items()]
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+    log("mt", {250: 1.0, 500: 0.5, 550: 0.4})
+    log("brpg", {250: 1.0, 500: 0.5, 550: 0.3})  # differs only after the warm-up
+    log("plain", {250: 1.0, 500: 0.5000001, 550: 0.4})
+    assert study.warmup_identical(tmp_path, ["mt", "brpg"], 0)
+    assert not study.warmup_identical(tmp_path, ["mt", "brpg"], 0, until=550)
+    assert not study.warmup_identical(tmp_path, ["mt", "brpg", "plain"], 0)
+    assert study.warmup_identical(tmp_path, ["mt", "absent"], 0)  # nothing to compare yet
