@@ -130,3 +130,34 @@ def test_warmup_identity_compares_the_logged_supervised_losses(tmp_path: Path):
     assert not study.warmup_identical(tmp_path, ["mt", "brpg"], 0, until=550)
     assert not study.warmup_identical(tmp_path, ["mt", "brpg", "plain"], 0)
     assert study.warmup_identical(tmp_path, ["mt", "absent"], 0)  # nothing to compare yet
+
+
+def test_compare_split_lists_the_comparisons_that_have_both_variants(tmp_path: Path):
+    for seed, (mt, br, sup) in enumerate([(50.0, 51.0, 40.0), (52.0, 52.5, 41.0)]):
+        _write(tmp_path, "digits_meanteacher_1_8", seed, mt, mt - 20)
+        _write(tmp_path, "digits_brpg_1_8", seed, br, br - 19)
+        _write(tmp_path, "digits_suponly_1_8", seed, sup, sup - 20)
+    _write(tmp_path, "digits_brpg_1_16", 0, 30.0, 10.0)  # another split: not read
+    rows = study.compare_split(tmp_path, "1_8")
+    assert [(r["a"], r["b"]) for r in rows] == [("meanteacher", "suponly"), ("brpg", "meanteacher")]
+    assert rows[1]["primary"] and not rows[0]["primary"]
+    assert rows[1]["miou"].diffs == (1.0, 0.5) and rows[1]["mbiou"].diffs == (2.0, 1.5)
+    table = study.format_comparisons(rows)
+    assert "| brpg − meanteacher | does BRPG help (primary) | 2 | +0.8 [" in table
+    assert ", 2 of 2 |" in table
+
+
+def test_val_curve_and_budget_runs_read_what_the_trainer_writes(tmp_path: Path):
+    for steps, final in ((4000, 58.0), (8000, 60.0)):
+        run = tmp_path / f"steps{steps}" / "digits_meanteacher_1_8" / "seed0"
+        run.mkdir(parents=True)
+        rows = [{"step": 50, "loss_sup": 1.0}, {"step": 500, "val_miou": 20.0, "val_mbiou": 9.0}]
+        rows.append({"step": steps, "val_miou": final, "val_mbiou": 30.0, "final": True})
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (run / "summary.json").write_text(json.dumps({"steps": steps, "val_miou": final}))
+    runs = study.budget_runs(tmp_path, "digits_meanteacher_1_8")
+    assert sorted(runs) == [4000, 8000] and runs[8000]["val_miou"] == 60.0
+    curve = study.val_curve(
+        tmp_path / "steps4000" / "digits_meanteacher_1_8" / "seed0" / "log.jsonl"
+    )
+    assert curve == [(500, 20.0, 9.0), (4000, 58.0, 30.0)]

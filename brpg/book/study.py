@@ -180,3 +180,71 @@ def warmup_identical(dest: str | Path, configs: list[str], seed: int, until: int
     if not losses[0]:
         raise ValueError(f"no loss_sup logged at steps <= {until} in {logs[0]}")
     return all(x == losses[0] for x in losses[1:])
+
+
+def val_curve(log: str | Path) -> list[tuple[int, float, float]]:
+    """``[(step, val mIoU, val mBIoU)]`` of the evaluations a run logged (every
+    ``train.eval_every`` steps and the final one)."""
+    out = []
+    for line in Path(log).read_text().splitlines():
+        r = json.loads(line)
+        if "val_miou" in r:
+            out.append((int(r["step"]), float(r["val_miou"]), float(r.get("val_mbiou", math.nan))))
+    return out
+
+
+def budget_runs(budget_dir: str | Path, config: str, seed: int = 0) -> dict[int, dict[str, Any]]:
+    """``{steps: summary}`` of the budget calibration's runs of ``config`` (folders
+    ``steps<N>/<config>/seed<k>``)."""
+    out = {}
+    for path in sorted(Path(budget_dir).glob(f"steps*/{config}/seed{seed}/summary.json")):
+        s = json.loads(path.read_text())
+        out[int(s["steps"])] = s
+    return out
+
+
+def variant_preset(variant: str, split: str) -> str:
+    """``digits_<variant>_<split>``, e.g. ``variant_preset("brpg_nocpg", "1_8")``."""
+    return f"digits_{variant}_{split}"
+
+
+def compare_split(dest: str | Path, split: str) -> list[dict[str, Any]]:
+    """Every comparison of :data:`COMPARISONS` at ``split`` that has runs of both variants:
+    ``{"a", "b", "question", "primary", "miou": Paired, "mbiou": Paired}``."""
+    out = []
+    for a, b, question, primary in COMPARISONS:
+        pa, pb = variant_preset(a, split), variant_preset(b, split)
+        if not (set(runs_by_seed(dest, pa)) & set(runs_by_seed(dest, pb))):
+            continue
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "question": question,
+                "primary": primary,
+                "miou": paired(dest, pa, pb, "miou"),
+                "mbiou": paired(dest, pa, pb, "mbiou"),
+            }
+        )
+    return out
+
+
+def format_comparisons(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`compare_split`: per comparison, n, the mean paired
+    difference with its 95 % interval and the sign count, in mIoU and in mBIoU."""
+    lines = [
+        "| a − b | question | seeds | mIoU: mean [95 % CI], a ahead | mBIoU: mean [95 % CI], a ahead |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(p: Paired) -> str:
+        ci = "no interval" if p.n < 2 else f"[{p.low:+.1f}, {p.high:+.1f}]"
+        return f"{p.mean:+.1f} {ci}, {p.wins} of {p.n}"
+
+    for r in rows:
+        star = " (primary)" if r["primary"] else ""
+        lines.append(
+            f"| {r['a']} − {r['b']} | {r['question']}{star} | {r['miou'].n} | {cell(r['miou'])} "
+            f"| {cell(r['mbiou'])} |"
+        )
+    return "\n".join(lines)
