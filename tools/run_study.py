@@ -10,7 +10,10 @@ Issue 26's runs take many hours on a 2-core CPU and span sessions; this driver m
   runs side by side (two runs at one thread each did more steps per hour than one at two
   threads: results/digits_v3/README.md);
 * the moment a run's ``summary.json`` exists, its folder (summary, log, config, provenance)
-  is committed in the main checkout, with the run's mIoU and mBIoU in the message.
+  is committed in the main checkout, with the run's mIoU and mBIoU in the message;
+* the jobs file is read again whenever a lane frees, so jobs can be appended while runs
+  train (``--follow`` keeps waiting for them); a lock file per job keeps two drivers from
+  training the same run, and ``--lanes`` counts every driver's runs.
 
 Jobs file: one job a line, ``DEST PRESET SEED [KEY=VALUE ...]``; ``#`` starts a comment.
 DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000``.
@@ -29,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MAIN = Path(__file__).resolve().parents[1]
@@ -63,47 +65,97 @@ def _git(*args: str) -> None:
     raise RuntimeError(f"git {' '.join(args)}: index.lock held for minutes")
 
 
-def run_job(job: tuple[str, str, int, list[str]], worktree: Path, python: str) -> str:
-    dest, preset, seed, sets = job
-    target = MAIN / dest / preset / f"seed{seed}"
-    logs = worktree / "runs" / "study_logs"  # runs/ is git-ignored
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{Path(dest).name}__{preset}__seed{seed}.log"
-    cmd = [python, "-m", "brpg", "seeds", "--configs", preset, "--seeds", str(seed)]
-    cmd += ["--dest", str(MAIN / dest)]
-    for s in ["train.threads=1", *sets]:
-        cmd += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(worktree), "OMP_NUM_THREADS": "1"}
-    print(f"[{time.strftime('%H:%M:%S')}] start {dest} {preset} seed {seed}", flush=True)
-    with open(log, "a") as fh:
-        rc = subprocess.run(
-            cmd, cwd=worktree, env=env, stdout=fh, stderr=subprocess.STDOUT
-        ).returncode
+def _key(job: tuple[str, str, int, list[str]]) -> str:
+    dest, preset, seed, _ = job
+    return f"{dest.replace('/', '_')}__{preset}__seed{seed}"
+
+
+def _target(job: tuple[str, str, int, list[str]]) -> Path:
+    dest, preset, seed, _ = job
+    return MAIN / dest / preset / f"seed{seed}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _claim(job: tuple[str, str, int, list[str]]) -> Path | None:
+    """A lock file for ``job`` (so that two drivers never train the same run), or ``None``
+    when a live process holds it."""
+    locks = MAIN / "runs" / "study_locks"  # runs/ is git-ignored
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = locks / f"{_key(job)}.lock"
+    if lock.exists():
+        try:
+            if _alive(int(lock.read_text().strip() or 0)):
+                return None
+        except ValueError:
+            pass
+        lock.unlink()  # stale: its process is gone
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def _commit_finished(job: tuple[str, str, int, list[str]]) -> str | None:
+    """Commit the run folder of ``job`` if its summary exists and is not committed yet;
+    returns the commit message (``None`` if there was nothing to commit)."""
+    target = _target(job)
     summary = target / "summary.json"
-    if rc != 0 or not summary.exists():
-        msg = f"FAILED {dest} {preset} seed {seed} (rc {rc}, log {log})"
-        print(msg, flush=True)
-        return msg
+    rel = str(target.relative_to(MAIN))
+    if not summary.exists():
+        return None
+    tracked = subprocess.run(
+        ["git", "-C", str(MAIN), "ls-files", "--error-unmatch", f"{rel}/summary.json"],
+        capture_output=True,
+    )
+    if tracked.returncode == 0:
+        return None
     s = json.loads(summary.read_text())
     msg = (
-        f"{dest}: {preset} seed {seed}: {s['val_miou']:.2f} % mIoU, {s['val_mbiou']:.2f} % mBIoU,"
-        f" {s['steps']} steps, {s['amp_dtype']}, {s['wall_s']:.0f} s"
+        f"{job[0]}: {job[1]} seed {job[2]}: {s['val_miou']:.2f} % mIoU, {s['val_mbiou']:.2f} %"
+        f" mBIoU, {s['steps']} steps, {s['amp_dtype']}, {s['wall_s']:.0f} s"
     )
-    rel = str(target.relative_to(MAIN))
     _git("add", rel)
     _git("commit", "-q", "-m", f"study run: {msg}", "--", rel)
     print(f"[{time.strftime('%H:%M:%S')}] committed {msg}", flush=True)
     return msg
 
 
+def _start(job: tuple[str, str, int, list[str]], worktree: Path, python: str):
+    dest, preset, seed, sets = job
+    logs = worktree / "runs" / "study_logs"  # runs/ is git-ignored
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{_key(job)}.log"
+    cmd = [python, "-m", "brpg", "seeds", "--configs", preset, "--seeds", str(seed)]
+    cmd += ["--dest", str(MAIN / dest)]
+    for s in ["train.threads=1", *sets]:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": str(worktree), "OMP_NUM_THREADS": "1"}
+    print(f"[{time.strftime('%H:%M:%S')}] start {dest} {preset} seed {seed}", flush=True)
+    fh = open(log, "a")  # noqa: SIM115 (closed when the run ends)
+    proc = subprocess.Popen(cmd, cwd=worktree, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    return proc, fh, log
+
+
+def _training_runs() -> int:
+    """Training runs of this study now running, of every driver (``brpg seeds`` processes)."""
+    out = subprocess.run(["pgrep", "-f", "--", "-m brpg seeds"], capture_output=True, text=True)
+    return len(out.stdout.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--jobs", required=True, type=Path)
+    ap.add_argument("--jobs", required=True, type=Path, help="re-read whenever a lane frees")
     ap.add_argument("--worktree", required=True, type=Path, help="git worktree the runs import")
-    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--lanes", type=int, default=2, help="runs side by side, all drivers together")
+    ap.add_argument("--follow", action="store_true", help="wait for more jobs instead of exiting")
     ap.add_argument("--python", default=str(MAIN / ".venv" / "bin" / "python"))
     args = ap.parse_args(argv)
-    jobs = parse_jobs(args.jobs.read_text())
+    parse_jobs(args.jobs.read_text())  # a malformed file is an error before anything starts
     wt = args.worktree.resolve()
     if not (wt / "brpg" / "__init__.py").exists():
         raise SystemExit(f"{wt} is not a checkout of this repository (git worktree add ...)")
@@ -117,10 +169,44 @@ def main(argv: list[str] | None = None) -> None:
     data = wt / "data"
     if not data.exists() and (MAIN / "data").exists():
         data.symlink_to(MAIN / "data")  # the generated DigitScenes cache, shared
-    with ThreadPoolExecutor(args.lanes) as pool:
-        results = list(pool.map(lambda j: run_job(j, wt, args.python), jobs))
-    print("\n".join(results))
-    sys.exit(1 if any(r.startswith("FAILED") for r in results) else 0)
+    running: dict[str, tuple] = {}  # key -> (job, proc, log file, log path, lock)
+    failed: set[str] = set()
+    while True:
+        for key, (job, proc, fh, log, lock) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del running[key]
+            if _commit_finished(job) is None and not (_target(job) / "summary.json").exists():
+                failed.add(key)
+                print(f"FAILED {key} (rc {proc.returncode}, log {log})", flush=True)
+            lock.unlink(missing_ok=True)
+        try:
+            jobs = parse_jobs(args.jobs.read_text())
+        except SystemExit as err:  # an edit in progress: keep the running jobs, retry
+            print(err, flush=True)
+            jobs = []
+        for job in jobs:
+            _commit_finished(job)  # a run that finished under a killed driver
+        pending = [
+            j
+            for j in jobs
+            if _key(j) not in running
+            and _key(j) not in failed
+            and not (_target(j) / "summary.json").exists()
+        ]
+        while pending and len(running) < args.lanes and _training_runs() < args.lanes:
+            job = pending.pop(0)
+            lock = _claim(job)
+            if lock is None:
+                continue  # another driver trains it
+            proc, fh, log = _start(job, wt, args.python)
+            running[_key(job)] = (job, proc, fh, log, lock)
+            time.sleep(2)  # let the new process show up in _training_runs
+        if not running and not pending and not args.follow:
+            break
+        time.sleep(15)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
