@@ -34,7 +34,7 @@ def test_budget_rule_takes_the_smallest_budget_within_tolerance_of_twice_it():
     # 2000 -> 4000 gains 10 points; 3000 -> 6000 gains 6; 4000 -> 8000 gains 1.0: B = 4000
     finals = {2000: 48.0, 3000: 55.0, 4000: 58.0, 6000: 61.0, 8000: 59.0}
     got = study.choose_budget(finals)
-    assert got["budget"] == 4000
+    assert got["budget"] == 4000 and got["flattened"] is True
     assert [c[0] for c in got["checks"]] == [2000, 3000, 4000]
     assert [c[3] for c in got["checks"]] == [False, False, True]
     # the tolerance is inclusive and absolute: a loss of 1.5 at 2B also passes
@@ -47,6 +47,15 @@ def test_budget_rule_takes_the_smallest_budget_within_tolerance_of_twice_it():
     finals = {b: float(b) / 100 for b in (2000, 3000, 4000, 6000, 8000, 12000, 16000)}
     got = study.choose_budget(finals)
     assert got["budget"] == 8000 and not any(c[3] for c in got["checks"])
+    assert got["flattened"] is False
+    assert study.choose_budget({**finals, 16000: 81.0})["flattened"] is True  # 8000 passes
+    # every B below 8000 failed and there is no 16000 run: B = 8000 all the same
+    del finals[16000]
+    got = study.choose_budget(finals)
+    assert (got["budget"], got["flattened"], got["missing"]) == (8000, None, [16000])
+    # ... but not while the 8000 run itself is missing
+    del finals[8000]
+    assert study.choose_budget(finals)["budget"] is None
 
 
 def test_study_splits_are_the_two_smallest_where_the_mean_teacher_helps():

@@ -44,21 +44,24 @@ def choose_budget(
 ) -> dict[str, Any]:
     """The plan's budget rule on ``{steps: final val mIoU}`` of the mean teacher (seed 0).
 
-    Returns ``{"budget": B or None, "checks": [(B, 2B, |Δ|, within) ...], "missing": [...]}``:
-    the checks made in ladder order up to the first B that passes; ``budget`` is ``None`` while a
-    run that the rule still needs is missing (``missing`` names the step counts to run), and
-    ``ladder[-1]`` when no B of the ladder passes (the curves had not flattened).
+    Returns ``{"budget", "flattened", "checks": [(B, 2B, |Δ|, within) ...], "missing"}``: the
+    checks made in ladder order up to the first B that passes. ``budget`` is ``None`` while a
+    run that the rule still needs is missing (``missing`` names the step counts to run). Once
+    every smaller B has failed, the last B of the ladder is the budget whether or not it passes
+    itself: ``flattened`` says whether its check passed (``None`` while its 2B run is missing).
     """
-    checks = []
+    checks: list[tuple[int, int, float, bool]] = []
     for b in ladder:
-        if b not in final_miou or 2 * b not in final_miou:
-            missing = [s for s in (b, 2 * b) if s not in final_miou]
-            return {"budget": None, "checks": checks, "missing": missing}
+        missing = [s for s in (b, 2 * b) if s not in final_miou]
+        if missing:
+            if b == ladder[-1] and b not in missing:  # decided; only "flattened" is unknown
+                return {"budget": b, "flattened": None, "checks": checks, "missing": missing}
+            return {"budget": None, "flattened": None, "checks": checks, "missing": missing}
         gap = abs(final_miou[2 * b] - final_miou[b])
         checks.append((b, 2 * b, gap, gap <= tol))
         if gap <= tol:
-            return {"budget": b, "checks": checks, "missing": []}
-    return {"budget": ladder[-1], "checks": checks, "missing": []}
+            return {"budget": b, "flattened": True, "checks": checks, "missing": []}
+    return {"budget": ladder[-1], "flattened": False, "checks": checks, "missing": []}
 
 
 def study_splits(
@@ -248,3 +251,26 @@ def format_comparisons(rows: list[dict[str, Any]]) -> str:
             f"| {cell(r['mbiou'])} |"
         )
     return "\n".join(lines)
+
+
+def plot_comparisons(rows: list[dict[str, Any]], axes: Any, title: str = "") -> None:
+    """One row per comparison of :func:`compare_split`, one panel per metric (``axes[0]``:
+    mIoU, ``axes[1]``: mBIoU): every seed's paired difference as a dot, the mean and its
+    95 % t interval as a bar, and zero as a line."""
+    labels = [f"{r['a']} − {r['b']}" for r in rows]
+    for ax, metric in zip(axes, ("miou", "mbiou"), strict=True):
+        for y, r in enumerate(rows):
+            p: Paired = r[metric]
+            ax.plot(p.diffs, [y] * p.n, "o", color="0.6", ms=4, zorder=2)
+            if p.n >= 2:
+                ax.errorbar(p.mean, y, xerr=[[p.mean - p.low], [p.high - p.mean]], fmt="D",
+                            color="C3" if r["primary"] else "C0", capsize=4, zorder=3)  # fmt: skip
+            else:
+                ax.plot(p.mean, y, "D", color="C0", zorder=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(rows)), labels if metric == "miou" else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"paired difference, {'mIoU' if metric == 'miou' else 'mBIoU'} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        axes[0].set_title(title, fontsize=9, loc="left")
