@@ -1,4 +1,11 @@
-"""Strong augmentation and CutMix of unlabeled images (spec §3.4, §4.2)."""
+"""Strong augmentation and CutMix of unlabeled images (spec §3.4, §4.2).
+
+Machine: exact, same-machine, fp32-tolerance, bound. The CutMix boxes, the mixing, the coin flips
+and StrongAug's sampled parameters are integer, boolean or seeded results (exact). A strong view is
+compared with itself under the same generator (same-machine) and with its formula for brightness,
+grey channels and normalised input (fp32-tolerance, atol 1e-5 / 1e-4); the blur only has to lower
+the standard deviation (bound).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""COCO 'back' queue of CPG and its clustering-time fallbacks (spec §5.5, §12 Q13, Q15)."""
+"""COCO 'back' queue of CPG and its clustering-time fallbacks (spec §5.5, §12 Q13, Q15).
+
+Machine: exact, same-machine, fp32-tolerance, bound. The queue against a brute-force reference,
+seeded routing, the fallbacks by hand and the two-process gather (seeded rows, against one process
+pushing them all) are exact; p_gt against hand-worked probabilities is fp32-tolerance. The resume
+tests compare a crashed and resumed tiny run with the straight run bit for bit (same-machine).
+Which fallback cases the tiny training run meets depends on its trained confidences (bound).
+"""
 
 from __future__ import annotations
 

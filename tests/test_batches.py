@@ -1,4 +1,7 @@
-"""SeededSamples: a sample's random transform runs under its own seed and leaves the training RNG alone."""
+"""SeededSamples: a sample's random transform runs under its own seed and leaves the training RNG alone.
+
+Machine: exact. Seeded draws of torch, random and numpy, and restored RNG states.
+"""
 
 import random
 

@@ -4,6 +4,11 @@ Checks the CLI, the JSON schema (P1, P2, P3), the P2 step variants, and that the
 official-style prototype step computes the same loss, gradients and EMA'd prototypes as
 ``brpg.method``. No timing is asserted anywhere: timings depend on the machine and its
 load.
+
+Machine: exact, fp32-tolerance, bound. The report's schema, the CLI, the step variants' phases and
+the padding of official-style prototypes are exact; the official-style prototype step against
+brpg.method is fp32-tolerance (loss, gradients and prototypes within 1e-5); timings, memory peaks
+and inertias are only checked to be positive and finite (bound). No timing is compared. One thread.
 """
 
 import json

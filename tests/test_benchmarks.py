@@ -2,6 +2,11 @@
 
 The fixtures run the real preparation (``brpg.prepare.<dataset>``) on miniature archives, so the
 loaders read exactly the layout ``data_scripts/`` produce.
+
+Machine: exact, fp32-tolerance. Benchmark facts, presets, prepared folders and their loaders are
+exact. The two training steps on the VOC fixture check bookkeeping, and that the mIoU is the mean
+of the per-class IoUs (fp32-tolerance); they keep the VOC preset's train.amp=auto, on which nothing
+they assert depends.
 """
 
 import math

@@ -1,4 +1,7 @@
-"""The book's paired notebooks: every chapter has both files, in sync, with current Colab links."""
+"""The book's paired notebooks: every chapter has both files, in sync, with current Colab links.
+
+Machine: exact. Notebook text, links and the table of contents.
+"""
 
 import shutil
 import xml.etree.ElementTree as ET

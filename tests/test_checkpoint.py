@@ -1,4 +1,8 @@
-"""Atomic checkpoints, weights_only loading and RNG capture/restore."""
+"""Atomic checkpoints, weights_only loading and RNG capture/restore.
+
+Machine: exact. Tensors saved and loaded are the same; a restored RNG state repeats the same seeded
+draws.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Typed YAML configs: presets load, unknown keys fail with a suggestion, overrides coerce."""
+"""Typed YAML configs: presets load, unknown keys fail with a suggestion, overrides coerce.
+
+Machine: exact. Configs, their messages and their hash.
+"""
 
 import dataclasses
 import typing

@@ -1,4 +1,10 @@
-"""CPG sampling, memories and thresholds (spec §5.1–5.3)."""
+"""CPG sampling, memories and thresholds (spec §5.1–5.3).
+
+Machine: exact, fp32-tolerance. Routing, sub-sampling from seeded generators, the memories (against
+a deque reference, also after a two-process gather) and the threshold decisions are exact;
+confidences, class means and the adaptive thresholds' EMA against hand-worked values are
+fp32-tolerance (assert_close's float32 defaults).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Split-list dataset, joint transforms and oversampling (brpg.data, spec §3)."""
+"""Split-list dataset, joint transforms and oversampling (brpg.data, spec §3).
+
+Machine: exact, fp32-tolerance. Split lists, files, masks, seeded crops, scales and flips, and
+oversampling are exact; the eval transform's normalisation against its formula is fp32-tolerance
+(atol 1e-5).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""brpg.book.demo: the warm model, its features and the CPG memories the method chapters use."""
+"""brpg.book.demo: the warm model, its features and the CPG memories the method chapters use.
+
+Machine: exact, same-machine, bound. The warm model of a 3-step run (one thread) is reused, and its
+features, memory fills and class counts routed by hand from the same features are compared with a
+second computation in the same process (same-machine). Run folder names, boundary distances,
+budgets, shapes and the annotation modes are exact; that the memories receive rows is bound.
+"""
 
 import json
 

@@ -1,4 +1,9 @@
-"""brpg.book.demo_proto: the helpers of the prototype chapters (bank, pixel rows, accuracies)."""
+"""brpg.book.demo_proto: the helpers of the prototype chapters (bank, pixel rows, accuracies).
+
+Machine: exact, same-machine, fp32-tolerance. The bank of build_bank equals the memories clustered
+directly, and a second build (same-machine); pixel rows, class means and accuracies are exact; the
+rep head recomputed from its captured input is fp32-tolerance.
+"""
 
 import math
 

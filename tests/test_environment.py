@@ -1,4 +1,7 @@
-"""environment.yml (conda users) must list the same packages as pyproject.toml."""
+"""environment.yml (conda users) must list the same packages as pyproject.toml.
+
+Machine: exact. Package lists.
+"""
 
 import re
 import tomllib

@@ -6,6 +6,11 @@
 - the confusion matrix drops ``ignore_index`` also when it is a class id in ``[0, C)``;
 - an evaluation during training equals a separate ``brpg eval`` of the same checkpoint;
 - every DigitScenes preset pads labels with the ignore value, and ignores 255.
+
+Machine: exact, same-machine, fp32-tolerance. Sliding-window placement against a loop written from
+the authors' rule is fp32-tolerance (assert_close's float32 defaults); the confusion matrix and the
+presets' label padding are exact; the evaluation during training equals a later brpg eval of its
+checkpoint in the same process (same-machine, abs 1e-9).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Presets of issue 6: BRPG in the UniMatch framework and with SegFormer (DigitScenes and VOC)."""
+"""Presets of issue 6: BRPG in the UniMatch framework and with SegFormer (DigitScenes and VOC).
+
+Machine: exact. Preset values; the slow smoke runs check bookkeeping only (steps, profile, a proto
+phase that ran).
+"""
 
 import json
 

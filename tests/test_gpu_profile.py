@@ -1,4 +1,8 @@
-"""benchmarks/gpu_profile.py runs end to end (on the CPU, with --quick shapes)."""
+"""benchmarks/gpu_profile.py runs end to end (on the CPU, with --quick shapes).
+
+Machine: bound. The quick profile must run and write its JSON: timings positive, values finite,
+prototypes formed. No timing is compared.
+"""
 
 import json
 import math

@@ -1,4 +1,8 @@
-"""Guards: every config range rejects the first value outside it; a non-finite loss stops a run."""
+"""Guards: every config range rejects the first value outside it; a non-finite loss stops a run.
+
+Machine: exact, bound. The range table and its rejections are exact; the non-finite-loss run checks
+where it stops (exact) and that the saved weights are finite (bound).
+"""
 
 from __future__ import annotations
 

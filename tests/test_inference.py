@@ -1,4 +1,10 @@
-"""Inference protocols and the evaluation loop (spec §10), with tiny fake models."""
+"""Inference protocols and the evaluation loop (spec §10), with tiny fake models.
+
+Machine: exact, fp32-tolerance. Window starts and the metrics of perfect and hand-counted
+predictions come from integer counts (exact, also under the bf16 autocast the test asks for
+explicitly, which does not depend on the CPU); logits of the protocols against upsampling and
+full-image references are fp32-tolerance (allclose defaults, atol 1e-6 for overlapping windows).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Inference details that mutation testing found unpinned (issue 18, ``make mutate``): the
 model-output and argument checks and their messages, list and ``[B, 1, H, W]`` masks, the
-default ignore value and protocol, the class-count check, autocast only when asked."""
+default ignore value and protocol, the class-count check, autocast only when asked.
+
+Machine: exact. Argument checks, messages, mask layouts, metrics from integer counts, and the
+autocast dtype the model sees (float16, asked explicitly: not what the CPU offers).
+"""
 
 from __future__ import annotations
 

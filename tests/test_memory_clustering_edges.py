@@ -3,6 +3,11 @@
 ``brpg.method.clustering``: the slot budgets of both memory modes, the settings that must reach
 the k-means and APO (config values, not their defaults), empty memories keeping the layout.
 ``brpg.method.memory``: see the second half.
+
+Machine: exact, fp32-tolerance, bound. Slot budgets, the settings that reach k-means and APO, the
+memory ring and the back queue are exact; a one-row cluster's centre equals its row
+(fp32-tolerance); that APO gives the dispersed class its extra cluster and that k-means fills at
+least three slots are properties of a clustering of seeded, well-separated data (bound).
 """
 
 from __future__ import annotations

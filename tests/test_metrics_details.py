@@ -1,6 +1,9 @@
 """Metric details that mutation testing found unpinned (issue 18, ``make mutate``): default and
 negative ignore values, absent top classes, a one-pixel accuracy, exact integer counts, the
-state-dict format and its errors, the all-reduce under a (one-process) process group."""
+state-dict format and its errors, the all-reduce under a (one-process) process group.
+
+Machine: exact. Integer counts, state dicts and messages.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Parameter groups, optimisers and the poly schedule (spec §9)."""
+"""Parameter groups, optimisers and the poly schedule (spec §9).
+
+Machine: exact. Parameter groups and the poly schedule in Python float arithmetic; pytest.approx
+only absorbs the rounding of the hand-written expected values.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The BRPG plug-in: one code path for both frameworks, SemiMethod's delegating attributes."""
+"""The BRPG plug-in: one code path for both frameworks, SemiMethod's delegating attributes.
+
+Machine: exact, bound. Checkpoint keys, the order of the plug-in's calls and the loss scale are
+exact; that the sampling steps of the tiny runs push rows and that prototypes form depends on
+trained confidences (bound).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""End-to-end tests of prepare_coco on miniature zips (masks rendered with pycocotools)."""
+"""End-to-end tests of prepare_coco on miniature zips (masks rendered with pycocotools).
+
+Machine: exact. Files, masks rendered by pycocotools, and checksums.
+"""
 
 from __future__ import annotations
 

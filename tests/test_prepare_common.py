@@ -1,4 +1,7 @@
-"""Tests of brpg.prepare.common: downloads, checksums, extraction, atomic writes, markers."""
+"""Tests of brpg.prepare.common: downloads, checksums, extraction, atomic writes, markers.
+
+Machine: exact. Downloads, checksums, extraction and file operations.
+"""
 
 from __future__ import annotations
 

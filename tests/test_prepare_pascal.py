@@ -1,4 +1,7 @@
-"""End-to-end tests of prepare_pascal on miniature VOC + SBD archives."""
+"""End-to-end tests of prepare_pascal on miniature VOC + SBD archives.
+
+Machine: exact. Files, masks and checksums.
+"""
 
 from __future__ import annotations
 

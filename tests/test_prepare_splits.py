@@ -1,5 +1,8 @@
 """Split lists: the real published lists in ../shared/splits (counts, SHA-256), fetching
-(local folder and HTTP), verification and the derived COCO unlabeled lists."""
+(local folder and HTTP), verification and the derived COCO unlabeled lists.
+
+Machine: exact. Split lists and their SHA-256 sums.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""APO: dispersion scores, extra-prototype selection, clustering into the bank layout (spec §6)."""
+"""APO: dispersion scores, extra-prototype selection, clustering into the bank layout (spec §6).
+
+Machine: exact, same-machine, fp32-tolerance, bound. Dispersion scores against hand-computed values
+are fp32-tolerance; counts and class selection from given scores are exact; the default metric and
+the mask forms are compared with each other exactly (same-machine); the clustering of seeded
+synthetic memories (the bimodal class gets the extra prototype, which sits near its modes) is
+bound.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""PrototypeBank: logits, EMA update, state, DDP sync; pack_high_low (spec §7, §8, §12 Q2)."""
+"""PrototypeBank: logits, EMA update, state, DDP sync; pack_high_low (spec §7, §8, §12 Q2).
+
+Machine: exact, same-machine, fp32-tolerance. Logits and the EMA against hand-computed values and a
+loop, and the two-process update against one process over all rows, are fp32-tolerance; both ranks
+end with the same prototypes (same-machine); state dicts and packing are exact.
+"""
 
 from __future__ import annotations
 

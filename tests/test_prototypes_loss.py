@@ -1,4 +1,9 @@
-"""L_pro and its sampling: grid indices, labeled/unlabeled samples, CE, threshold ramp (spec §8)."""
+"""L_pro and its sampling: grid indices, labeled/unlabeled samples, CE, threshold ramp (spec §8).
+
+Machine: exact, fp32-tolerance. Grid indices (against exact rational arithmetic), targets, seeded
+sampling and its uniformity, and the threshold ramp are exact; features read at the grid against
+bilinear upsampling (atol 1e-5) and L_pro against hand-worked values (rel 1e-5) are fp32-tolerance.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ Chromium is the Debian package ``chromium`` (``.ci/run`` installs it; ``make tes
 nothing system-wide): without it these tests are skipped. ``BRPG_CHROMIUM`` names another
 Chromium/Chrome binary. The browser is driven over the DevTools protocol on a pipe
 (``--remote-debugging-pipe``), one browser for all pages, no extra Python package.
+
+Machine: exact. The book is rendered from stored outputs; no number is computed.
 """
 
 from __future__ import annotations

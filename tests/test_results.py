@@ -1,4 +1,8 @@
-"""Committed-results helpers: loading, mean ± std, the Markdown table."""
+"""Committed-results helpers: loading, mean ± std, the Markdown table.
+
+Machine: exact. Arithmetic on given numbers, the tables, and the seeds command's bookkeeping (the
+numbers of its two-step runs are not checked).
+"""
 
 import json
 import math

@@ -5,6 +5,10 @@ logs (data root and workers, device, threads, log/checkpoint/eval intervals, eva
 Everything else, ``train.steps`` included (it moves the LR schedule and every ramp), needs
 ``--allow-config-change`` / ``Trainer(allow_config_change=True)``. Evaluation-only users of a
 checkpoint (``brpg eval``, the reproduce figures) may override anything.
+
+Machine: exact. Which config changes a resume refuses. train.threads is free to change on resume:
+the run continues correctly, but after a change of thread count it is no longer bit-identical to a
+straight run (tests/README.md).
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 The autocast tests are marked ``precision``: ``make test`` runs them again with
 ``BRPG_NATIVE_BF16=1`` and ``=0``, so that every machine checks both what ``train.amp: auto``
 does on a CPU with native bf16 and on one without (tests/README.md).
+
+Machine: exact, same-machine, fp32-tolerance, bound, precision. The autocast tests are precision;
+the parser of the CPU flags is exact. channels_last: a crashed and resumed run equals the straight
+run bit for bit (same-machine), and its first loss matches NCHW's within rel 1e-5 (fp32-tolerance,
+train.amp=off stated). That a SupOnly run moves the rep head's BN statistics is bound.
 """
 
 import json

@@ -1,4 +1,9 @@
-"""SegFormer (MiT encoder from transformers + all-MLP decoder + rep head): contract and weights."""
+"""SegFormer (MiT encoder from transformers + all-MLP decoder + rep head): contract and weights.
+
+Machine: exact, fp32-tolerance, bound. Shapes, parameter counts and groups, and weight loading are
+exact; the clean half of the feature-perturbation pass matches the plain forward within atol 1e-5
+(fp32-tolerance), and its perturbed half differs by more than 1e-3 (bound).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""Mean teacher + BRPG training: phases, exact resume in every phase, DDP-identical prototypes."""
+"""Mean teacher + BRPG training: phases, exact resume in every phase, DDP-identical prototypes.
+
+Machine: exact, same-machine, bound. The phase timeline, the config checks, the teacher's copy of
+the student and weights loaded from a checkpoint are exact. A crash and resume in every phase, the
+two gloo ranks' prototypes, and runs that skip the rep head against runs that always compute it are
+compared bit for bit on the same machine at train.threads=1 (same-machine). That the tiny BRPG run
+forms prototypes is bound.
+"""
 
 import json
 import textwrap

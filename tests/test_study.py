@@ -1,6 +1,6 @@
 """The study's rules and analysis (brpg.book.study) on hand-worked cases.
 
-Machine: exact (pure arithmetic on given numbers and small JSON files).
+Machine: exact. Pure arithmetic on given numbers and small JSON files.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 from BRPG at the same split only where the plan says, and "plain prototypes" is one
 prototype per class, the mean of its memory.
 
-Machine: exact for the config checks; fp32-tolerance for the prototype-equals-mean check
-(a k-means centre against torch's mean, rel 1e-5).
+Machine: exact, fp32-tolerance. Exact for the config checks; fp32-tolerance for the
+prototype-equals-mean check (a k-means centre against torch's mean, rel 1e-5).
 """
 
 from __future__ import annotations

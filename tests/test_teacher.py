@@ -1,4 +1,8 @@
-"""EMA teacher (spec §4.8, §1, §12 Q14)."""
+"""EMA teacher (spec §4.8, §1, §12 Q14).
+
+Machine: exact, fp32-tolerance. EMA updates against their formula are fp32-tolerance; copies,
+untouched buffers and state dicts are exact.
+"""
 
 from __future__ import annotations
 

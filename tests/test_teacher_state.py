@@ -1,6 +1,10 @@
 """EMA teacher details that mutation testing found unpinned (issue 18, ``make mutate``):
 defaults, keyword forwarding, the extra state round trip, decay 0 over a non-finite teacher,
-and the messages of its errors."""
+and the messages of its errors.
+
+Machine: exact, fp32-tolerance. Defaults, the extra state and messages are exact; the forward's
+keywords and the decay-0 copy are compared with assert_close (fp32-tolerance).
+"""
 
 from __future__ import annotations
 

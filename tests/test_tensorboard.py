@@ -1,4 +1,9 @@
-"""TensorBoard event files beside log.jsonl (issue 14): same numbers, one curve after a resume."""
+"""TensorBoard event files beside log.jsonl (issue 14): same numbers, one curve after a resume.
+
+Machine: exact, same-machine. Which steps the event file holds after a crash and resume is exact;
+its losses equal log.jsonl's of the same run (same-machine; pytest.approx absorbs TensorBoard's
+float32 storage).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""The supervised trainer end to end through the CLI: summary, exact resume after SIGKILL, DDP."""
+"""The supervised trainer end to end through the CLI: summary, exact resume after SIGKILL, DDP.
+
+Machine: exact, same-machine, fp32-tolerance, bound, precision. CLI errors, summary keys,
+evaluation steps and the grad-accum step order are exact. Same-machine, all at one thread: the
+weights after SIGKILL and resume, and after a grad-accum resume, equal the straight run's; the two
+gloo ranks end with equal parameters; brpg eval equals the in-training evaluation (abs 1e-6). The
+grad-accum gradient and update against two by-hand backward passes are fp32-tolerance (rtol 1e-6,
+train.amp=off stated) and marked precision; the mIoU as the mean of the per-class IoUs is
+fp32-tolerance too. The mIoU's range and per-class IoUs that differ are bound.
+"""
 
 import json
 import os

@@ -1,4 +1,12 @@
-"""UniMatch-style framework: the FP forward, the step's losses, config checks, exact resume, DDP."""
+"""UniMatch-style framework: the FP forward, the step's losses, config checks, exact resume, DDP.
+
+Machine: exact, same-machine, fp32-tolerance, bound. Config checks, the wiring and the views fed to
+the model are exact. need_fp=False against the decoder written out by hand, resume, and the two
+gloo ranks are compared bit for bit (same-machine). The loss formulas of the logged parts (rtol
+1e-6), confident_ce by hand (rel 1e-6), the teacher's confidence and the clean half of the FP
+forward (1e-5) are fp32-tolerance. Non-zero losses in the tiny runs and an FP half that differs by
+more than 1e-3 are bound.
+"""
 
 from __future__ import annotations
 
