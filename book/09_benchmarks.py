@@ -24,8 +24,9 @@
 # real thing. It covers:
 #
 # * what each data set is, and which published split lists define "1/16 of the labels";
-# * how the official code scores a model. The three data sets use three different protocols,
-#   and the protocol moves the numbers;
+# * how the official code scores a model. The published numbers come from two protocols, a
+#   centre crop (VOC, COCO) and a sliding window (Cityscapes), and the protocol moves the
+#   numbers;
 # * how to prepare each data set with `data_scripts/`, and how a preset turns the prepared
 #   folder into datasets.
 #
@@ -50,6 +51,7 @@ import importlib.util
 import math
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -67,12 +69,13 @@ from brpg.data.benchmarks import (
     sliding_stride,
 )
 from brpg.data.build import PROJECT_ROOT, build_datasets
-from brpg.data.transforms import RandomScale
+from brpg.data.transforms import RandomScale, build_eval_transform
 from brpg.engine.inference import window_starts
 from brpg.engine.metrics import ConfusionMatrix
 from brpg.engine.trainer import Trainer
 from brpg.prepare import fixtures
-from brpg.prepare.splits import read_lines
+from brpg.prepare.coco import render_mask
+from brpg.prepare.splits import fetch_splits, read_lines
 
 torch.set_num_threads(2)
 VOC, CITYSCAPES, COCO = (BENCHMARKS[n] for n in ("pascal", "cityscapes", "coco"))
@@ -88,11 +91,20 @@ VOC, CITYSCAPES, COCO = (BENCHMARKS[n] for n in ("pascal", "cityscapes", "coco")
 #   training pool of every semi-supervised VOC paper. The masks are palette PNGs whose values
 #   are class indices; VOC marks object borders with 255 (ignored), SBD does not.
 # * **Cityscapes** is 19 classes of street scenes: 2,975 finely annotated 2048×1024 training
-#   frames from German cities and 500 for val. The raw label ids are mapped to the 19
-#   "train ids", and everything else becomes 255.
+#   frames and 500 for val. Most cities are German; the training frames also come from
+#   Strasbourg (France) and Zürich (Switzerland), as the published lists below show. The raw
+#   label ids are mapped to the 19 "train ids", and everything else becomes 255.
 # * **COCO 2017** has 81 classes here: background and the 80 "thing" categories. There are
-#   118,287 training and 5,000 val images of at most 640 px. The semantic masks are not
-#   distributed; `prepare_coco.py` paints them from the instance annotations.
+#   118,287 training and 5,000 val images of at most 640 px. COCO itself ships instance
+#   annotations, not semantic masks. The authors' README links an archive of ready-made
+#   masks, which could not be downloaded here. `prepare_coco.py` paints its own from the
+#   instance annotations, and **they have not been compared with the authors' masks**. Two
+#   choices can make them differ (shown at the end of "Preparing the data"): where instances
+#   overlap, the smaller one wins; and crowd regions are ignored (255) by default. Another
+#   tool may paint instances in file order, or give crowds their class or background. The
+#   official COCO sampling code would crash on a 255 ({ref}`Q15 <authors-quirks>`), so the
+#   authors' masks most likely hold none: crowds are one place where ours surely differ, and
+#   `--crowd category` removes the 255.
 
 # %%
 display(
@@ -124,8 +136,10 @@ display(
 )
 for b in BENCHMARKS.values():
     assert len(b.class_names) == len(b.palette) == b.num_classes
-# The pool sizes above are checked against a second, independent source: the paper labels
-# ⌈pool / k⌉ images in its 1/k splits, so each pool must reproduce the published counts.
+# A consistency check, not an independent one: the pool sizes and the labeled counts are both
+# typed into one module (brpg.prepare.splits). Every published 1/k split labels ⌈pool / k⌉
+# images, so a typo in either constant breaks this rule. The counts are checked against the
+# published lists themselves further down, where the lists are available.
 fractions = {"pascal": ("blended", (16, 8, 4, 2)), "cityscapes": ("fine", (16, 8, 4, 2))}
 fractions["coco"] = ("fraction", (128, 64, 32, 16))
 for b in BENCHMARKS.values():
@@ -192,8 +206,8 @@ assert 2 * VOC.splits["blended"]["5291"] == VOC.train_size
 #
 # `data_scripts/fetch_splits.py` downloads the lists from the authors' repository at a pinned
 # commit and checks their SHA-256. The project keeps a reference copy beside the checkout in
-# `../shared/splits`. When it is there, the next cell checks the sizes against the lists and
-# verifies a fact that changes how the VOC numbers read. **The blended 662 and 1,323 lists lie
+# `../shared/splits`. When it is there, the next cell checks the sizes against the lists,
+# counts the Cityscapes cities, and verifies a fact that changes how the VOC numbers read. **The blended 662 and 1,323 lists lie
 # entirely inside the 1,464 fine set**, while the 2,646 and 5,291 lists contain all of it.
 # "Blended 1/16" therefore trains on 662 *finely* annotated images, not on coarse SBD masks:
 # it is the same kind of experiment as "classic 1/2" (732 fine images) with 70 fewer labels,
@@ -225,6 +239,15 @@ if SHARED.is_dir():
     n_cs = len(read_lines(SHARED / "cityscapes" / "1488" / "unlabeled.txt"))
     print(f"Cityscapes 1488: {n_cs} unlabeled images")
     assert n_cs == 1487  # one fewer unlabeled than labeled: the official loader drops one
+    # A line is leftImg8bit/<split>/<city>/<frame>: labeled + unlabeled of one split = the pool.
+    cs_train = [
+        *labeled["cityscapes", "1488"],
+        *read_lines(SHARED / "cityscapes/1488/unlabeled.txt"),
+    ]
+    cities = Counter(line.split("/")[2] for line in cs_train)
+    print(f"Cityscapes training frames: {len(cs_train):,} from {len(cities)} cities;", end=" ")
+    print(f"Strasbourg {cities['strasbourg']}, Zürich {cities['zurich']}")
+    assert len(cs_train) == CITYSCAPES.train_size and cities["strasbourg"] and cities["zurich"]
 else:
     print(f"{SHARED} is absent: the published lists are not checked here.")
 
@@ -255,21 +278,23 @@ plt.show()
 # %% [markdown]
 # ## Evaluation protocols, and why they move the numbers
 #
-# `brpg.engine.inference` implements the three protocols of the official code ({ref}`appendix <authors-data>`):
+# `brpg.engine.inference` implements three ways to score a model. The official code has all
+# three, but only two of them produce the published numbers ({ref}`appendix <authors-data>`):
 #
 # * **center crop**: the val image is padded symmetrically to at least the crop size, then
 #   centre-cropped to it, and scored at that size. The official code validates like this
 #   during training (513 for VOC, 769 for Cityscapes, 641 for COCO). It keeps the best value
 #   over many evaluations, which is optimistic ({ref}`Q7 <authors-quirks>`).
-# * **full**: one forward on the whole image at its own resolution.
+# * **full**: one forward on the whole image at its own resolution. The official `eval.py`
+#   does this for VOC and COCO, but only to save predictions.
 # * **sliding**: square windows slide over the full image; each window's logits are averaged
 #   where windows overlap. The official `eval.py` does this for Cityscapes, with 769×769
 #   windows and stride ⌈2/3·769⌉ = 513 over the full 2048×1024 frames.
 #
-# `eval.py` computes no mIoU for VOC and COCO (it only saves predictions, {ref}`Q8 <authors-quirks>`). The
-# published VOC and COCO numbers therefore most likely come from the in-training centre crop,
-# and the Cityscapes numbers from the sliding window. These are the protocols the presets
-# use. What each protocol sees:
+# Because `eval.py` computes no mIoU for VOC and COCO ({ref}`Q8 <authors-quirks>`), the
+# published VOC and COCO numbers most likely come from the in-training centre crop, and the
+# Cityscapes numbers from the sliding window: two protocols, not three. These are the
+# protocols the presets use. What each protocol sees:
 #
 # * **VOC**: an image is at most 500 px per side, so a 513 crop holds the *whole* image plus a
 #   padded border. The official code pads the label with 0 ("background", {ref}`Q6 <authors-quirks>`), so
@@ -290,25 +315,36 @@ print(f"VOC 500x375 in a 513 crop: {pad_share:.1%} of the crop is padding")
 print(f"Cityscapes 769 centre crop: {crop_share:.1%} of the 2048x1024 frame")
 assert 640 < COCO.in_training_eval.crop_size  # the COCO crop holds any COCO image
 
-# Measured with the package's own scoring: a VOC-sized prediction with a 10-px band of
-# background taken for the object, centre-padded to 513 with label 0 as the official code
-# does, or with 255 as our default. ConfusionMatrix ignores 255; 0 scores the border as easy
-# background, which the model (seeing zeros there) predicts.
+# Measured with the presets' own val crop and scoring: a VOC-sized prediction with a 10-px
+# band of background taken for the object. The val transform pads the label with
+# data.pad_label, 255 (our default, ignored) or 0 (the official value, scored as background).
+# The prediction is padded with 0: the model sees the mean colour there and says background.
 target_hw = torch.zeros(voc_h, voc_w, dtype=torch.long)
 target_hw[100:300, 100:400] = 1  # an object
 pred_hw = target_hw.clone()
 pred_hw[90:100, 100:400] = 1  # a 10-px band of background predicted as the object
-top_p, left_p = (513 - voc_h) // 2, (513 - voc_w) // 2
-pad = (left_p, 513 - voc_w - left_p, top_p, 513 - voc_h - top_p)
+image = tv_tensors.Image(torch.zeros(3, voc_h, voc_w, dtype=torch.uint8))
+voc_sup = "voc_suponly_classic_1464"
+crop = {
+    pl: build_eval_transform(load_config(voc_sup, [f"data.pad_label={pl}"]).data, 513)
+    for pl in (255, 0)
+}
+pad_p = crop[0](image, tv_tensors.Mask(pred_hw))[1]
 bg_iou = {}
 for pad_label in (255, 0):
     cm = ConfusionMatrix(2)
-    pad_t = torch.nn.functional.pad(target_hw, pad, value=pad_label)
-    pad_p = torch.nn.functional.pad(pred_hw, pad, value=0)  # the model sees zeros: background
-    cm.update(pad_p, pad_t)
+    cm.update(pad_p, crop[pad_label](image, tv_tensors.Mask(target_hw))[1])
     bg_iou[pad_label] = cm.iou()[0].item()
 print(f"background IoU, label padded with 255: {bg_iou[255]:.4f}; with 0: {bg_iou[0]:.4f}")
-assert bg_iou[0] > bg_iou[255]
+# That 0 raises the IoU is arithmetic: the border adds the same correct pixels to the
+# intersection and to the union. The check is on the exact values, which a crop that loses or
+# shifts pixels, a pad_label that does not reach the val crop, or a metric that counts 255
+# would each change: with 255 the score is the unpadded image's, with 0 the border joins both.
+n_bg = int((target_hw == 0).sum())
+n_wrong = int(((pred_hw == 1) & (target_hw == 0)).sum())
+n_border = 513**2 - voc_h * voc_w
+expected = {255: (n_bg - n_wrong) / n_bg, 0: (n_bg - n_wrong + n_border) / (n_bg + n_border)}
+assert all(math.isclose(bg_iou[k], expected[k], rel_tol=1e-6) for k in expected), expected
 
 cs = CITYSCAPES.offline_eval
 assert (cs.protocol, cs.crop_size, cs.stride) == ("sliding", 769, 513)
@@ -379,8 +415,10 @@ for name, preset, (h, w), crop, p_formula in (
 # %% [markdown]
 # ## Preparing the data
 #
-# Four scripts do it (details, checksums and guarantees in `data_scripts/README.md`). Each is
-# resumable and writes a validation report to `DATA_ROOT/reports/<data set>.json`:
+# Four scripts do it (details, checksums and guarantees in `data_scripts/README.md`). The three
+# `prepare_*.py` scripts are resumable and write a validation report to
+# `DATA_ROOT/reports/<data set>.json`. `fetch_splits.py` only checks each list's SHA-256, skips
+# the lists already in place, and writes no report:
 #
 # ```bash
 # python data_scripts/fetch_splits.py                  # split lists (or --from-dir ../shared/splits)
@@ -421,14 +459,67 @@ if not have_coco:
 for name in prepared:
     bench = BENCHMARKS[name]
     assert all((DATA_ROOT / bench.folder / sub).is_dir() for sub in bench.subfolders)
+    assert (DATA_ROOT / "reports" / f"{name}.json").is_file()  # each prepare script reports
+if SHARED.is_dir():  # fetch_splits copies and checks the lists, and writes nothing else
+    split_root = WORK / "splits_only"
+    fetch_splits(split_root, from_dir=SHARED, datasets=("pascal",))
+    assert (split_root / "splits" / "pascal" / "val.txt").is_file()
+    assert not (split_root / "reports").exists()
+
+# %% [markdown]
+# How `prepare_coco.py` paints a mask decides what the COCO labels are, so here are its two
+# choices on a toy image: a large person (annotated last), a small dog in front of it, and a
+# crowd of people in a corner. Our rule paints crowds first and then instances from the
+# largest to the smallest, so the dog keeps the overlap and the crowd is 255 unless
+# `--crowd category` is given. A tool that paints in file order with crowds as their class,
+# which is one plausible alternative, labels the same pixels differently:
+
+
+# %%
+def box(x0: int, y0: int, x1: int, y1: int) -> list[list[int]]:
+    """A COCO polygon segmentation of the rectangle [x0, x1] x [y0, y1]."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+PERSON, DOG = COCO.class_names.index("person"), COCO.class_names.index("dog")
+anns = (  # (mask value, iscrowd, area, annotation id, segmentation), in file order
+    (DOG, 0, 36.0, 1, box(6, 6, 12, 12)),
+    (PERSON, 0, 81.0, 2, box(2, 2, 11, 11)),
+    (PERSON, 1, 9.0, 3, box(13, 0, 16, 3)),
+)
+if have_coco:
+    from brpg.prepare.coco import decode_segmentation
+
+    file_order = np.zeros((16, 16), np.uint8)
+    for value, _, _, _, seg in anns:  # the alternative: later annotations overwrite earlier ones
+        file_order[decode_segmentation(seg, 16, 16) > 0] = value
+    masks = {
+        "ours (crowd ignore)": render_mask(16, 16, anns, "ignore"),
+        "ours, --crowd category": render_mask(16, 16, anns, "category"),
+        "file order, crowd = class": file_order,
+    }
+    overlap, crowd_px = (8, 8), (1, 14)  # (row, column) inside both boxes / inside the crowd
+    rows = [
+        [rule, COCO.class_names[m[overlap]], m[crowd_px], f"{(m == DOG).sum()}"]
+        for rule, m in masks.items()
+    ]
+    display(table(["rule", "overlap pixel", "crowd pixel", "dog pixels"], rows))
+    assert masks["ours (crowd ignore)"][overlap] == DOG and file_order[overlap] == PERSON
+    assert masks["ours (crowd ignore)"][crowd_px] == 255
+    assert masks["ours, --crowd category"][crowd_px] == file_order[crowd_px] == PERSON
+else:
+    print("pycocotools is not installed: the COCO painting example is skipped")
+
 
 # %% [markdown]
 # ## From a preset to datasets
 #
 # A preset names the data set, the split and the paper's settings for it. The SupOnly presets
 # take the official "suponly" configurations ({ref}`appendix <authors-data>`). The paper trained for a number of
-# *epochs* on 4 GPUs; a preset counts *steps*, converted with the official loader arithmetic:
-# one epoch is ⌊⌈n_labeled / 4⌉ / batch⌋ iterations. `train.batch_size` is per process, so
+# *epochs* on 4 GPUs; a preset counts *steps*, converted with the official loader arithmetic.
+# A SupOnly epoch, the kind in the table below, is one pass over the labeled list,
+# ⌊⌈n_labeled / 4⌉ / batch⌋ iterations. A BRPG epoch is one pass over the *unlabeled* list
+# instead, so n_labeled becomes pool − n_labeled (chapter 10). `train.batch_size` is per process, so
 # `torchrun --nproc_per_node 4 -m brpg train --config <preset>` matches the paper. On one GPU
 # the same steps see a quarter of the images. The ImageNet weights are passed with
 # `--set model.pretrained=<file>`.
@@ -473,6 +564,11 @@ display(
         rows,
     )
 )
+# The SupOnly rule above does not hold for BRPG: its epoch counts the unlabeled images.
+voc_brpg = load_config("voc_brpg_classic_366")
+n_unlabeled = VOC.train_size - VOC.split_sizes["366"]
+assert voc_brpg.train.steps == 80 * (math.ceil(n_unlabeled / 4) // voc_brpg.train.batch_size)
+assert voc_brpg.train.steps != 80 * (math.ceil(366 / 4) // voc_brpg.train.batch_size)
 
 # %% [markdown]
 # The official COCO "suponly" configuration is a copy of the VOC one ({ref}`Q17 <authors-quirks>`), so the
@@ -662,6 +758,7 @@ assert abs(share[2.0] - share[1.5]) < 0.015 and abs(share[1.5] - 0.25) < 0.015
 # The preparation scripts and loaders ran only on miniature archives with the official
 # internal layouts; downloading and converting the real PASCAL VOC + SBD, Cityscapes and COCO
 # archives (several GB each), and their checksums, are untested here, as is the size of the
-# protocol effects (centre crop vs sliding window, label padding) on a trained model. The split
-# lists were checked against the project's reference copy only where `../shared/splits` exists.
+# protocol effects (centre crop vs sliding window, label padding) on a trained model. Our COCO
+# masks have not been compared with the masks the authors link. The split lists were checked
+# against the project's reference copy only where `../shared/splits` exists.
 # ```

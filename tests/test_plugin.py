@@ -107,3 +107,23 @@ def test_faithful_loss_scale_gives_the_official_quarter(data_root, monkeypatch, 
     faithful, logs, _ = plugin.loss(step, *args)
     assert plugin_module.OFFICIAL_WORLD_SIZE == 4
     assert faithful == plain / 4 and logs["loss_proto"] == 3.0  # the logged L_pro is unscaled
+
+
+def test_the_clustering_logs_high_and_low_prototypes_per_class(data_root):
+    """``prototypes_high_low`` splits ``prototypes_per_class`` by memory kind, so a run can show
+    that a class got both kinds and not only that some class got some prototype."""
+    m = _method(data_root, "brpg")
+    plugin, p = m.plugin, m.cfg.proto
+    plugin.memory = plugin.new_memory()
+    torch.manual_seed(0)
+    rows = torch.randn(20, m.cfg.model.rep_dim)
+    for kind, cls in (("high", 0), ("low", 0), ("high", 1), ("low", 2)):
+        plugin.memory.push(kind, rows + cls, torch.full((20,), cls))
+    logs = plugin.before_step(p.sample_start_step + p.sample_steps)  # the clustering step
+    high_low, total = logs["prototypes_high_low"], logs["prototypes_per_class"]
+    assert [h + lo for h, lo in high_low] == total
+    (h0, l0), (h1, l1), (h2, l2) = high_low[:3]
+    assert h0 >= p.num_high and l0 >= p.num_low  # class 0: both memories filled
+    assert h1 >= p.num_high and l1 == 0  # class 1: high memory only
+    assert h2 == 0 and l2 >= p.num_low  # class 2: low memory only
+    assert all(h == lo == 0 for h, lo in high_low[3:])  # empty memories: no prototype

@@ -171,3 +171,24 @@ def test_calibration_checks_pair_seeds_and_grade(tmp_path):
     assert (
         "| SupOnly full >= 70 % mIoU | seed 0: 72.0, seed 1: 71.0, seed 2: 69.0 | missed |" in table
     )
+
+
+def test_run_evidence_counts_classes_by_prototype_kind(tmp_path):
+    """The evidence table says how many classes got high, low and both kinds of prototype; a
+    log without the split (no BRPG, or an older run) shows a dash."""
+    (tmp_path / "run").mkdir()
+    summary = {"steps": 8, "config": {"train": {"steps": 8}}, "val_miou": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    log = [
+        {"step": 1, "loss_sup": 1.0},
+        {"step": 5, "event": "prototypes_per_class", "prototypes_per_class": [5, 3, 0, 2]},
+        {"step": 5, "event": "prototypes_high_low", "prototypes_high_low": [[3, 2], [3, 0], [0, 0], [0, 2]]},
+    ]  # fmt: skip
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    rows = dict(report.run_evidence(tmp_path))
+    assert rows["prototypes formed"] == "10 in 3 classes"
+    assert rows["classes with high / low / both kinds of prototype"] == "2 / 2 / 1"
+    (tmp_path / "run" / "log.jsonl").write_text(json.dumps(log[0]) + "\n")
+    rows = dict(report.run_evidence(tmp_path))
+    assert rows["prototypes formed"] == "— (no BRPG)"
+    assert rows["classes with high / low / both kinds of prototype"] == "—"

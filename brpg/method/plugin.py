@@ -32,7 +32,7 @@ Shapes: ``rep_* [B, D, h, w]`` and ``logits_* [B, C, h, w]`` at the model's stri
 ``labels_l [B, H, W]``, ``conf_u [B, H, W]`` (float) and ``pseudo_u [B, H, W]`` (long) at label
 resolution. The step number decides what each call does (:mod:`brpg.engine.phases`), so the
 plug-in keeps no phase flag and a checkpoint taken in any phase resumes exactly. The calls add
-no host sync (the two one-off logs of the clustering aside).
+no host sync (the one-off logs of the clustering aside).
 """
 
 from __future__ import annotations
@@ -140,6 +140,12 @@ class BRPGPlugin(nn.Module):
             protos, valid = cluster_prototypes(self.memory, cfg, seed=cfg.train.seed + step)
             self.bank.set_prototypes(protos, valid)
             logs["prototypes_per_class"] = self.bank.num_valid().tolist()  # once: host sync ok
+            # [high, low] per class: a class can end with one kind only (an empty memory)
+            k_high = slot_budgets(cfg.proto)[0]  # slots 0 … k_high-1 are high (pack_high_low)
+            v = self.bank.valid
+            logs["prototypes_high_low"] = torch.stack(
+                [v[:, :k_high].sum(1), v[:, k_high:].sum(1)], dim=1
+            ).tolist()
             if cfg.proto.recluster_every <= 0:
                 self.memory = (
                     None  # the official code deletes the memories (appendix: clustering and APO)

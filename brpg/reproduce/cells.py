@@ -1,9 +1,11 @@
 """The paper's tables as data: every cell, its preset, and how its step counts are derived.
 
 A *table* is one of the four result tables of the paper (the paper's tables): ``voc_classic``,
-``voc_blended``, ``cityscapes`` and ``coco``. A *cell* is one published split of that table
-(``"366"``, ``"1_32"``, …: the split folder under ``DATA_ROOT/splits/<dataset>/``), and every
-cell has two presets, BRPG and SupOnly, named by :func:`preset_name`.
+``voc_blended``, ``cityscapes`` and ``coco``. A *cell* is one number of such a table, a
+:class:`Cell` ``(table, method, split)``: one method (BRPG or SupOnly, a row of the table) at
+one published split (a column: ``"366"``, ``"1_32"``, …, the split folder under
+``DATA_ROOT/splits/<dataset>/``). Each cell has one preset, named by :func:`preset_name`; the
+17 splits and two methods make 34 cells.
 
 The per-cell presets in ``brpg/configs/`` are thin files (split lists and step counts on top
 of a shared ``_<dataset>_<method>.yaml``) written by this module::

@@ -5,11 +5,15 @@
 decides *how long it takes*: the small CPU encoder, 33-px crops, 8 steps (warm-up, sampling
 window and prototype phase get two or more steps each), tiny memories; and it lowers the
 unlabeled confidence thresholds of BRPG to 0, since an untrained model is never confident and
-the memories, the clustering and L_pro would otherwise see no pixel. It also runs in fp32
-(``train.amp=off``): the presets' ``auto`` would use bf16 autocast on CPUs with native bf16 and
-fp32 on the others, so the same smoke cell would print other numbers on another machine. A
-smoke result checks the pipeline end to end; its mIoU means nothing and is never reported next
-to the paper's.
+the memories, the clustering and L_pro would otherwise see no pixel. The low memories are not
+helped by this: they take labeled pixels that the student classifies *correctly* below
+``proto.high_threshold``, and a model trained for two steps on the fixtures' noise images
+classifies few or none. A VOC or Cityscapes smoke cell can therefore end with no class that
+has both kinds of prototype; on COCO the back-queue fallback fills the low memories. It also
+runs in fp32 (``train.amp=off``): the presets' ``auto`` would use bf16 autocast on CPUs with
+native bf16 and fp32 on the others, so the same smoke cell would print other numbers on another
+machine. A smoke result checks the pipeline end to end; its mIoU means nothing and is never
+reported next to the paper's.
 
 The presets are written for the paper's 4 GPUs (``train.batch_size`` per process). On ``G``
 GPUs, :func:`gpu_overrides` keeps the paper's effective batch of ``4·B`` images per step with
@@ -18,7 +22,8 @@ one of three policies (users of U2PL and UniMatch report lower numbers when they
 
 - ``accumulate`` (default): ``train.grad_accum = 4 / G`` micro-batches of ``B`` per optimiser
   step. Same images per step and same schedule; BatchNorm sees ``B`` images per forward (4·B
-  with the paper's SyncBN), and a step takes ``4 / G`` times as long.
+  with the paper's SyncBN), and a step takes ``4 / G`` times as long. When ``G`` does not
+  divide 4 (3 or 8 GPUs) it falls back to ``batch``.
 - ``batch``: ``train.batch_size = 4·B / G`` per GPU. Closest to the paper (BN sees 4·B images
   on one GPU) when the memory allows it; measure before a long run.
 - ``linear``: keep ``B`` per GPU, scale the LR linearly by ``G / 4`` and every step count by

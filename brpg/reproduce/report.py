@@ -249,7 +249,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> dict[str, d
 
 def run_evidence(folder: str | Path) -> list[list[str]]:
     """What a finished cell's run shows beyond its mIoU, as ``[what, measured]`` rows: steps run,
-    the first step of each loss term, prototypes formed, the protocol, the mIoU as a by-product.
+    the first step of each loss term, prototypes formed (and how many classes have high, low and
+    both kinds), the protocol, the mIoU as a by-product.
 
     For a smoke cell these are the result (its mIoU means nothing); ``folder`` holds the cell's
     ``summary.json`` and ``run/log.jsonl``.
@@ -262,6 +263,15 @@ def run_evidence(folder: str | Path) -> list[list[str]]:
     first = {k: min(r["step"] for r in log if k in r) for k in terms}
     events = [r for r in log if r.get("event") == "prototypes_per_class"]
     protos = events[-1]["prototypes_per_class"] if events else []
+    kinds = [r["prototypes_high_low"] for r in log if r.get("event") == "prototypes_high_low"]
+    if kinds:  # a class may get high prototypes only, or low only (an empty memory)
+        hl = kinds[-1]
+        by_kind = (
+            f"{sum(h > 0 for h, _ in hl)} / {sum(lo > 0 for _, lo in hl)} /"
+            f" {sum(h > 0 and lo > 0 for h, lo in hl)}"
+        )
+    else:  # no BRPG, or a run logged before the split was recorded
+        by_kind = "—"
     proto = summary.get("protocol") or {}
     return [
         ["steps run", f"{summary['steps']} of {steps}"],
@@ -270,6 +280,7 @@ def run_evidence(folder: str | Path) -> list[list[str]]:
             "prototypes formed",
             f"{sum(protos)} in {sum(n > 0 for n in protos)} classes" if events else "— (no BRPG)",
         ],
+        ["classes with high / low / both kinds of prototype", by_kind],
         [
             "evaluation protocol",
             f"{proto.get('protocol', '?')} {proto.get('crop_size', '')}".strip(),
