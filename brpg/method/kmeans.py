@@ -24,10 +24,11 @@ Algorithm (per row, all rows in parallel):
 
 Deviation (accepted in the appendix (cost)): full-batch Lloyd instead of sklearn's mini-batch
 updates (batch 100, n_init 3), so centres differ numerically from the official ones. The inertia is
-close to sklearn's but not always lower. Measured on synthetic memories (per-class ratio ours /
-``MiniBatchKMeans``, ``n_init=3``): an outside check found a median of 0.9995-0.9998 with single
-classes up to 2.6 % worse; 126 class memories of Gaussian blobs (2000 x 64, k = 2 and 3) gave a
-median of 0.9987, 4 % of the classes worse and the worst 1.7 % worse.
+close to sklearn's but not always lower. Benchmark P3 (``results/benchmarks/cpu.json``: 42
+synthetic memories of 30,000 x 256 rows, Gaussian mixtures) measured the per-memory ratio ours /
+``MiniBatchKMeans`` (``n_init=3``): median 0.99993 and the worst memory 0.74 % worse (1 of 42
+worse) against sklearn's default batch size, median 0.99986 and none worse against the official
+batch of 100.
 
 Rows with fewer valid points than ``k``: only ``min(k, n_valid)`` centres are valid (each is a
 distinct point at seeding time); the others are marked invalid in ``center_valid`` and, like
