@@ -39,8 +39,8 @@ from benchmarks.common import summarize, time_interleaved, write_json
 from benchmarks.p2_training_step import Variant, fill_memory
 from brpg.config import Config, load_config
 from brpg.engine import runtime
-from brpg.engine.phases import phase_of
 from brpg.method.clustering import cluster_prototypes
+from brpg.timeline import phase_of
 
 PRESET = "voc_brpg_classic_366"
 QUICK_OVERRIDES = (

@@ -53,12 +53,12 @@ from torch import Tensor
 from benchmarks.common import loadavg, summarize, target, time_interleaved, write_json
 from brpg.config import Config, load_config
 from brpg.engine.optim import build_optimizer, build_scheduler
-from brpg.engine.phases import phase_of
 from brpg.frameworks.mean_teacher import semi_step
 from brpg.frameworks.semi_method import SemiMethod
 from brpg.method.clustering import cluster_prototypes
 from brpg.method.memory import PrototypeMemory
 from brpg.models import build_model
+from brpg.timeline import phase_of
 
 TITLE = "P2 BRPG training step vs mean-teacher step"
 AVAILABLE = True

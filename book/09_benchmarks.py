@@ -71,8 +71,8 @@ from brpg.data.benchmarks import (
 from brpg.data.build import PROJECT_ROOT, build_datasets
 from brpg.data.transforms import RandomScale, build_eval_transform
 from brpg.engine.inference import window_starts
-from brpg.engine.metrics import ConfusionMatrix
 from brpg.engine.trainer import Trainer
+from brpg.metrics import ConfusionMatrix
 from brpg.prepare import fixtures
 from brpg.prepare.coco import render_mask
 from brpg.prepare.splits import fetch_splits, read_lines

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brpg.prepare.cityscapes import main  # noqa: E402
-from brpg.prepare.common import run_cli  # noqa: E402
+from brpg.prepare.cli import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -132,7 +132,7 @@ def test_p2_schema(quick_report: dict) -> None:
 def test_p2_variants_run_the_trainer_phases() -> None:
     """The step numbers put ``brpg`` in the proto phase, ``brpg_sampling`` in the sampling
     window and the mean teacher in its semi phase; a sampling step fills the memory."""
-    from brpg.engine.phases import phase_of
+    from brpg.timeline import phase_of
 
     cfg_b = p2.make_config(p2.QUICK, "brpg")
     x, y = p2.make_batch(cfg_b, 2, 32, seed=0)

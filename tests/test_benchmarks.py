@@ -31,7 +31,7 @@ from brpg.data.build import build_datasets
 from brpg.data.splitlist import DatasetError
 from brpg.engine.trainer import Trainer
 from brpg.prepare import fixtures as fx
-from brpg.prepare.common import read_label_png, save_label_png
+from brpg.prepare.label_png import read_label_png, save_label_png
 from brpg.prepare.splits import read_lines
 
 ROOT = Path(__file__).resolve().parents[1]

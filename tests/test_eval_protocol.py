@@ -26,8 +26,8 @@ from brpg.config import list_presets, load_config
 from brpg.data.transforms import build_eval_transform, build_train_transform
 from brpg.engine.evaluate_run import evaluate_run
 from brpg.engine.inference import predict_logits
-from brpg.engine.metrics import ConfusionMatrix
 from brpg.engine.trainer import CKPT_NAME, Trainer
+from brpg.metrics import ConfusionMatrix
 
 
 class WhereModel(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brpg.engine.inference import evaluate, predict_logits, window_starts
-from brpg.engine.metrics import BoundaryIoU
+from brpg.metrics import BoundaryIoU
 
 
 class LocalModel(nn.Module):

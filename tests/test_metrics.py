@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy import ndimage
 
-from brpg.engine.metrics import (
+from brpg.metrics import (
     BoundaryIoU,
     ConfusionMatrix,
     boundary_width,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from brpg.engine.metrics import (
+from brpg.metrics import (
     BoundaryIoU,
     ConfusionMatrix,
     inner_boundary,

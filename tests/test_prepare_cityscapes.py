@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brpg.prepare import cityscapes, common
-from brpg.prepare.common import PrepareError
+from brpg.prepare import cityscapes, extraction, label_png
+from brpg.prepare.base import PrepareError
 
 try:
     from tests import fixtures_prepare as fx
@@ -57,7 +57,7 @@ def test_prepare_cityscapes_end_to_end(tmp_path: Path) -> None:
             assert (root / f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png").is_file()
             out = root / f"gtFine/{split}/{city}/{stem}_gtFine_labelTrainIds.png"
             np.testing.assert_array_equal(
-                common.read_label_png(out), lut[fx.cityscapes_label_ids(seed)]
+                label_png.read_label_png(out), lut[fx.cityscapes_label_ids(seed)]
             )
             seed += 1
     assert not (root / "leftImg8bit/test").exists()  # test split not extracted
@@ -76,7 +76,7 @@ def test_prepare_cityscapes_end_to_end(tmp_path: Path) -> None:
 def test_rerun_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fx.make_cityscapes_archives(tmp_path / "archives")
     _prepare(tmp_path)
-    monkeypatch.setattr(common, "extract", lambda *a, **k: pytest.fail("re-extracted"))
+    monkeypatch.setattr(extraction, "extract", lambda *a, **k: pytest.fail("re-extracted"))
     monkeypatch.setattr(cityscapes, "convert_label", lambda *a: pytest.fail("re-converted"))
     assert _prepare(tmp_path)["ok"]
 
@@ -178,7 +178,7 @@ def test_rerun_catches_a_changed_label(tmp_path: Path) -> None:
     _prepare(tmp_path)
     rel = next(r for r in cityscapes.label_files(tmp_path / "cityscapes") if "/val/" in r)
     out = tmp_path / "cityscapes" / rel
-    common.save_label_png(out, np.full_like(common.read_label_png(out), 99))
+    label_png.save_label_png(out, np.full_like(label_png.read_label_png(out), 99))
     with pytest.raises(PrepareError, match="changed since it was converted"):
         _prepare(tmp_path)
     assert json.loads((tmp_path / "reports/cityscapes.json").read_text())["ok"] is False

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brpg.prepare import coco, common
-from brpg.prepare.common import PrepareError
+from brpg.prepare import coco, extraction, label_png
+from brpg.prepare.base import PrepareError
 
 pytest.importorskip("pycocotools")
 
@@ -37,7 +37,7 @@ def _prepare(root: Path, archives: tuple, **kwargs: object) -> dict:
 
 
 def _mask(root: Path, image_id: int) -> np.ndarray:
-    return common.read_label_png(root / "coco" / "masks" / f"{image_id:012d}.png")
+    return label_png.read_label_png(root / "coco" / "masks" / f"{image_id:012d}.png")
 
 
 def test_category_mapping() -> None:
@@ -96,7 +96,7 @@ def test_crowd_as_category_keeps_255_out(tmp_path: Path) -> None:
 def test_rerun_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archives = _archives(tmp_path / "archives")
     _prepare(tmp_path, archives)
-    monkeypatch.setattr(common, "extract", lambda *a, **k: pytest.fail("re-extracted"))
+    monkeypatch.setattr(extraction, "extract", lambda *a, **k: pytest.fail("re-extracted"))
     monkeypatch.setattr(coco, "convert_mask", lambda *a: pytest.fail("re-converted"))
     assert _prepare(tmp_path, archives)["ok"]
 
@@ -170,7 +170,7 @@ def test_rerun_catches_a_changed_mask(tmp_path: Path, value: int) -> None:
     archives = _archives(tmp_path / "archives")
     _prepare(tmp_path, archives)
     mask = tmp_path / "coco/masks/000000000001.png"
-    common.save_label_png(mask, np.full_like(_mask(tmp_path, 1), value))
+    label_png.save_label_png(mask, np.full_like(_mask(tmp_path, 1), value))
     with pytest.raises(PrepareError, match=r"000000000001\.png changed since it was converted"):
         _prepare(tmp_path, archives)
     assert json.loads((tmp_path / "reports/coco.json").read_text())["ok"] is False

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brpg.prepare import common, pascal
-from brpg.prepare.common import PrepareError
+from brpg.prepare import atomic, extraction, label_png, pascal
+from brpg.prepare.base import PrepareError
 
 try:
     from tests import fixtures_prepare as fx
@@ -56,9 +56,13 @@ def test_prepare_pascal_end_to_end(tmp_path: Path) -> None:
 
     # VOC's own mask wins for an id both annotate; SBD .mat otherwise
     aug = voc / "SegmentationClassAug"
-    np.testing.assert_array_equal(common.read_label_png(aug / "2007_000039.png"), fx.voc_label(1))
+    np.testing.assert_array_equal(
+        label_png.read_label_png(aug / "2007_000039.png"), fx.voc_label(1)
+    )
     k = fx.SBD_TRAIN.index("2008_000002")
-    np.testing.assert_array_equal(common.read_label_png(aug / "2008_000002.png"), fx.sbd_label(k))
+    np.testing.assert_array_equal(
+        label_png.read_label_png(aug / "2008_000002.png"), fx.sbd_label(k)
+    )
 
     # the report, also on disk
     on_disk = json.loads((tmp_path / "reports" / "pascal.json").read_text())
@@ -92,7 +96,7 @@ def test_prepare_pascal_rerun_skips_finished_work(
     before = mask.stat().st_mtime_ns
     for path in (tmp_path / "archives").iterdir():  # archives no longer needed
         path.unlink()
-    monkeypatch.setattr(common, "extract", lambda *a, **k: pytest.fail("re-extracted"))
+    monkeypatch.setattr(extraction, "extract", lambda *a, **k: pytest.fail("re-extracted"))
     monkeypatch.setattr(pascal, "convert_mask", lambda *a: pytest.fail("re-converted"))
     report = _prepare(tmp_path, archives)
     assert report["ok"] and mask.stat().st_mtime_ns == before
@@ -153,7 +157,7 @@ def test_disk_full_during_conversion_then_resume(
 ) -> None:
     archives = _archives(tmp_path / "archives")
     full = fx.FullDisk(budget=300, fail_if=lambda p: "SegmentationClassAug" in str(p))
-    monkeypatch.setattr(common, "_open_for_write", full)
+    monkeypatch.setattr(atomic, "_open_for_write", full)
     with pytest.raises(PrepareError, match="disk full while writing .*SegmentationClassAug"):
         _prepare(tmp_path, archives)
     assert full.failures == 1
@@ -176,7 +180,32 @@ def test_rerun_catches_a_changed_mask(tmp_path: Path) -> None:
     _prepare(tmp_path, archives)
     rel = pascal.mask_files(tmp_path / "VOC2012")[0]
     out = tmp_path / "VOC2012" / rel
-    common.save_label_png(out, np.full_like(common.read_label_png(out), 99))
+    label_png.save_label_png(out, np.full_like(label_png.read_label_png(out), 99))
     with pytest.raises(PrepareError, match="changed since it was converted"):
         _prepare(tmp_path, archives)
     assert json.loads((tmp_path / "reports/pascal.json").read_text())["ok"] is False
+
+
+def test_a_corrupt_tar_header_is_not_marked_done(tmp_path: Path) -> None:
+    """With the checksum skipped, a VOC tar whose middle member header is corrupt must fail the
+    extraction step without marking it done, so that the good archive, put back, is read again
+    without --force."""
+    import tarfile
+
+    archives = _archives(tmp_path / "archives")
+    fx.write_pascal_splits(tmp_path)
+    voc_tar = tmp_path / "archives" / pascal.VOC_ARCHIVE.filename
+    good = voc_tar.read_bytes()
+    with tarfile.open(voc_tar) as tar:
+        middle = tar.getmembers()[len(tar.getmembers()) // 2].offset
+    bad = bytearray(good)
+    bad[middle + 148 : middle + 156] = b"garbage!"  # the header's checksum field
+    voc_tar.write_bytes(bytes(bad))
+    with pytest.raises(PrepareError, match=f"tar header at byte {middle:,}"):
+        _prepare(tmp_path, archives, verify=False)
+    markers = tmp_path / ".prepare" / "pascal"
+    assert not (markers / "extract-voc.json").exists()  # the step is not done
+    voc_tar.write_bytes(good)
+    report = _prepare(tmp_path, archives, verify=False)
+    assert report["ok"], report
+    assert (markers / "extract-voc.json").exists() or (markers / "convert.json").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from brpg.prepare import splits
-from brpg.prepare.common import PrepareError
+from brpg.prepare.base import PrepareError
 
 try:
     from tests.fixtures_prepare import serve_files

@@ -18,9 +18,9 @@ from ddp_helpers import run_torchrun
 from brpg.config import ConfigError, load_config
 from brpg.engine import trainer as trainer_mod
 from brpg.engine.checkpoint import load_checkpoint
-from brpg.engine.phases import cluster_due, phase_of, sampling_active
 from brpg.engine.trainer import Trainer
 from brpg.method import clustering as clustering_mod
+from brpg.timeline import cluster_due, phase_of, sampling_active
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto 7-11

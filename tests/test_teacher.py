@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from brpg.frameworks.ema_teacher import EMATeacher, ema_decay, unwrap_model
+from brpg.distributed import unwrap_model
+from brpg.frameworks.ema_teacher import EMATeacher, ema_decay
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -40,7 +40,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ["tests/test_losses.py", "tests/test_loss_details.py"],
     ),
     "metrics": (
-        "brpg/engine/metrics.py",
+        "brpg/metrics.py",
         [
             "tests/test_metrics.py",
             "tests/test_metrics_details.py",

@@ -4,7 +4,7 @@ Run once after changing it (it needs only matplotlib, not brpg):
 
     python book/figures/make_step_diagram.py
 
-The phase names are those of ``brpg.engine.phases.PHASES`` (warmup, semi, sampling, proto). The
+The phase names are those of ``brpg.timeline.PHASES`` (warmup, semi, sampling, proto). The
 step counts are those of the DigitScenes BRPG presets (brpg/configs/_digits_base.yaml,
 _digits_semi.yaml): train.steps = 2000, semi.sup_only_steps = 500, proto.sample_start_step =
 500, proto.sample_steps = 100, so the clustering runs before step 600. The official VOC line

@@ -36,9 +36,9 @@ from scipy import ndimage
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from brpg import distributed
 from brpg.config import Config, load_config
 from brpg.data.build import resolve_data_root
-from brpg.engine import runtime
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.trainer import CKPT_NAME, Trainer
 from brpg.method.clustering import cluster_prototypes
@@ -176,7 +176,7 @@ def warm_model(
     cfg = load_config(preset, [*extra, *(overrides or [])])
     run_dir = run_dir_for(preset, steps, seed, run_root, overrides)
     summary_path = run_dir / "summary.json"
-    with runtime.exclusive_lock(
+    with distributed.exclusive_lock(
         run_dir
     ):  # two notebooks asking at once: one trains, the other waits
         summary: dict[str, Any] | None = None

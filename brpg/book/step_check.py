@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from brpg.book.reference_step import RefSettings, bank_after, reference_step, teacher_after
 from brpg.config import Config, load_config
-from brpg.engine.phases import phase_of
 from brpg.engine.trainer import Trainer
 from brpg.frameworks import mean_teacher as semi_mod
+from brpg.timeline import phase_of
 
 if TYPE_CHECKING:
     from IPython.display import Markdown

@@ -74,11 +74,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from brpg import distributed
 from brpg.config import DataConfig
-from brpg.data.palette import voc_colour_map
 from brpg.data.splitlist import DatasetError, SplitListDataset
 from brpg.data.transforms import build_eval_transform, build_train_transform
-from brpg.engine import runtime
+from brpg.prepare.label_png import voc_colour_map
 
 GENERATOR_VERSION = 3  # 3: boundary pixels labeled (ignore_band 0); 2: 1-px 255 band
 NUM_CLASSES = 11
@@ -558,7 +558,7 @@ def ensure_digit_scenes(
     if _cache_ok(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with runtime.exclusive_lock(root):
+    with distributed.exclusive_lock(root):
         if _cache_ok(root, params):  # another process finished it meanwhile
             return root
         if root.exists() and any(root.iterdir()) and not (root / "meta.json").exists():

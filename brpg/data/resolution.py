@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from brpg.engine.metrics import BoundaryIoU, ConfusionMatrix
+from brpg.metrics import BoundaryIoU, ConfusionMatrix
 
 __all__ = ["stride_ceiling", "stride_oracle"]
 

@@ -12,7 +12,7 @@
   rest after). Windows of the whole batch are stacked and run ``window_batch`` crops at a time.
 
 Every protocol also accumulates Boundary IoU (Cheng et al., CVPR 2021) from the same argmax
-(:class:`brpg.engine.metrics.BoundaryIoU`), at the mask's resolution.
+(:class:`brpg.metrics.BoundaryIoU`), at the mask's resolution.
 
 In every protocol the model's logits (stride 4 for DeepLabV3+) are upsampled bilinearly with
 ``align_corners=True`` (appendix: evaluation); the model must return a dict with key ``"logits"``.
@@ -29,24 +29,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from brpg.engine.metrics import BIOU_DILATION_RATIO, BoundaryIoU, ConfusionMatrix
+from brpg.metrics import BIOU_DILATION_RATIO, BoundaryIoU, ConfusionMatrix
+from brpg.models.logits import upsample_logits
 
 __all__ = [
     "PROTOCOLS",
     "evaluate",
     "predict_logits",
-    "upsample_logits",
     "window_starts",
 ]
 
 PROTOCOLS = ("full", "center_crop", "sliding")
-
-
-def upsample_logits(logits_bchw: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize with ``align_corners=True`` (appendix: evaluation); a no-op at the same size."""
-    if tuple(logits_bchw.shape[-2:]) == tuple(size):
-        return logits_bchw
-    return F.interpolate(logits_bchw, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def _forward(model: nn.Module, image_b3hw: Tensor) -> Tensor:

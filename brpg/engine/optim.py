@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from brpg.config import ConfigError, OptimConfig
-from brpg.engine.runtime import unwrap_model
+from brpg.distributed import unwrap_model
 
 __all__ = [
     "OPTIMIZERS",

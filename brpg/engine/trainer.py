@@ -15,7 +15,7 @@ throughout, or ``meanteacher`` / ``unimatch`` (with the BRPG plug-in when ``trai
 supervised warm-up, then the framework's step:
 :func:`brpg.frameworks.mean_teacher.semi_step` (mean teacher) or :func:`brpg.frameworks.unimatch.unimatch_step`
 (UniMatch), both returning ``(loss, logs, ema_rows)``. The phases are in
-:mod:`brpg.engine.phases`. The checkpoint holds the teacher (if any), the CPG memories (during
+:mod:`brpg.timeline`. The checkpoint holds the teacher (if any), the CPG memories (during
 the sampling window) and the prototype bank, so a resume is exact in every phase.
 
 Training is counted in steps. Every random draw of step ``s`` (dropout, augmentation of its
@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from brpg import distributed
 from brpg.config import Config, save_config
 from brpg.data.build import build_eval_loader, build_train_datasets
 from brpg.engine import runtime
@@ -60,13 +61,13 @@ from brpg.engine.checkpoint import (
 )
 from brpg.engine.inference import evaluate
 from brpg.engine.optim import build_optimizer, build_scheduler
-from brpg.engine.phases import phase_of
 from brpg.engine.tensorboard import TensorBoardLog, tensorboard_enabled
 from brpg.frameworks.mean_teacher import semi_step
 from brpg.frameworks.semi_method import SemiMethod
 from brpg.frameworks.supervised import suponly_step
 from brpg.frameworks.unimatch import unimatch_step
 from brpg.models import build_model
+from brpg.timeline import phase_of
 
 CKPT_NAME = "last.pt"
 
@@ -142,11 +143,11 @@ class Trainer:
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.device = runtime.resolve_device(t.device)
-        self.dist = runtime.init_distributed(self.device)
+        self.device = distributed.resolve_device(t.device)
+        self.dist = distributed.init_distributed(self.device)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        runtime.seed_everything(t.seed)
+        distributed.seed_everything(t.seed)
         self.amp_dtype = runtime.amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
@@ -205,7 +206,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": runtime.unwrap_model(self.model).state_dict(),
+            "model": distributed.unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -221,7 +222,7 @@ class Trainer:
         assert path is not None
         state = load_checkpoint(path, map_location=self.device)
         self._check_resume_config(state.get("config"), path)
-        runtime.unwrap_model(self.model).load_state_dict(state["model"])
+        distributed.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -273,7 +274,7 @@ class Trainer:
             raise FileNotFoundError(f"load_weights: no checkpoint at {path}")
         state = load_checkpoint(path, map_location=self.device)
         try:
-            runtime.unwrap_model(self.model).load_state_dict(state["model"])
+            distributed.unwrap_model(self.model).load_state_dict(state["model"])
         except RuntimeError as err:
             raise ValueError(
                 f"load_weights: {path} holds weights of another model than {self.cfg.name}'s"
@@ -334,7 +335,7 @@ class Trainer:
             and self.step > self.cfg.semi.sup_only_steps
         ):
             return self.method.teacher.module
-        return runtime.unwrap_model(self.model)
+        return distributed.unwrap_model(self.model)
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate :meth:`eval_model` on the val set, each rank on its share of the images."""

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from brpg.engine.runtime import unwrap_model
+from brpg.distributed import unwrap_model
 
-__all__ = ["EMATeacher", "ema_decay", "unwrap_model"]  # unwrap_model re-exported from runtime
+__all__ = ["EMATeacher", "ema_decay"]
 
 
 def ema_decay(step_since_start: int, max_decay: float = 0.99) -> float:

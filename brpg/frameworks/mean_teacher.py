@@ -2,7 +2,7 @@
 timeline, one step).
 
 The phases of a run (warmup | semi | sampling | proto, appendix: timeline) are in
-:mod:`brpg.engine.phases`; everything BRPG adds (CPG memories, COCO back queue, clustering,
+:mod:`brpg.timeline`; everything BRPG adds (CPG memories, COCO back queue, clustering,
 prototype bank, L_pro, csp thresholds) is :class:`brpg.method.plugin.BRPGPlugin`, which the
 UniMatch framework (:mod:`brpg.frameworks.unimatch`) uses unchanged. At ``s == S`` the teacher
 takes the student's parameters. The run's state (teacher, plug-in) is
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brpg.engine.inference import upsample_logits
-from brpg.engine.phases import sampling_active
 from brpg.frameworks.augment import apply_cutmix, maybe_cutmix
 from brpg.frameworks.semi_method import SemiMethod
 from brpg.frameworks.supervised import keep_in_graph, supervised_loss
 from brpg.frameworks.u2pl_loss import drop_percent_schedule, unsup_loss
 from brpg.method.plugin import EMARows
+from brpg.models.logits import upsample_logits
+from brpg.timeline import sampling_active
 
 __all__ = ["semi_step"]
 

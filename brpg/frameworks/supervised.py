@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brpg.config import Config, LossConfig
-from brpg.engine.inference import upsample_logits
+from brpg.models.logits import upsample_logits
 
 __all__ = ["keep_in_graph", "ohem_ce", "pixel_ce", "suponly_step", "supervised_loss"]
 

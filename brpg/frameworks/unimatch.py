@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brpg.engine.inference import upsample_logits
 from brpg.frameworks.augment import maybe_cutmix
 from brpg.frameworks.semi_method import SemiMethod
 from brpg.frameworks.supervised import keep_in_graph, supervised_loss
 from brpg.method.plugin import EMARows
+from brpg.models.logits import upsample_logits
 
 __all__ = ["confident_ce", "unimatch_step"]
 

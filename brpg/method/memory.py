@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from brpg.engine.runtime import is_distributed
+from brpg.distributed import is_distributed
 from brpg.method.cpg import NOT_SELECTED, rank_in_group
 
 __all__ = [

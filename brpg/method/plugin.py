@@ -30,7 +30,7 @@ conf_u, pseudo_u)``                         and the confident unlabeled pixels o
 
 Shapes: ``rep_* [B, D, h, w]`` and ``logits_* [B, C, h, w]`` at the model's stride 4,
 ``labels_l [B, H, W]``, ``conf_u [B, H, W]`` (float) and ``pseudo_u [B, H, W]`` (long) at label
-resolution. The step number decides what each call does (:mod:`brpg.engine.phases`), so the
+resolution. The step number decides what each call does (:mod:`brpg.timeline`), so the
 plug-in keeps no phase flag and a checkpoint taken in any phase resumes exactly. The calls add
 no host sync (the one-off logs of the clustering aside).
 """
@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from brpg.config import Config
-from brpg.engine.phases import cluster_due, phase_of, sampling_active
 from brpg.method.clustering import cluster_prototypes, slot_budgets
 from brpg.method.cpg import (
     AdaptiveThreshold,
@@ -64,6 +63,7 @@ from brpg.method.prototype_loss import (
     sample_labeled_grid,
     sample_unlabeled,
 )
+from brpg.timeline import cluster_due, phase_of, sampling_active
 
 __all__ = ["PLUGIN_STATE_KEYS", "BRPGPlugin", "EMARows"]
 

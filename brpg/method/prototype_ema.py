@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brpg.engine.runtime import is_distributed
+from brpg.distributed import is_distributed
 
 __all__ = ["EMPTY_CLASS_LOGIT", "PrototypeBank", "pack_high_low"]
 

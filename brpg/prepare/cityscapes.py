@@ -28,13 +28,18 @@ from typing import Any
 
 import numpy as np
 
-from brpg.prepare import common
-from brpg.prepare.common import (
-    IGNORE_LABEL,
-    Archive,
-    Markers,
-    PrepareError,
+from brpg.prepare import (
+    base,
+    bookkeeping,
+    checksums,
+    cli,
+    downloads,
+    extraction,
+    label_png,
+    parallel,
 )
+from brpg.prepare.base import IGNORE_LABEL, Archive, PrepareError
+from brpg.prepare.bookkeeping import Markers
 from brpg.prepare.splits import check_split_lists, expected_count_warnings
 
 log = logging.getLogger("brpg.prepare")
@@ -187,14 +192,14 @@ def convert_label(task: LabelTask) -> np.ndarray:
     """Write one labelTrainIds PNG (or re-check an existing one); return its histogram."""
     out, src = Path(task.out), Path(task.src)
     if out.is_file() and not task.force:
-        train_ids = common.read_label_png(out)
-        common.check_label_values(
+        train_ids = label_png.read_label_png(out)
+        label_png.check_label_values(
             train_ids, ALLOWED_TRAIN_IDS, out, "delete it and re-run with --force"
         )
         shape_source: Path = out
     else:
-        label_ids = common.read_label_png(src)
-        common.check_label_values(
+        label_ids = label_png.read_label_png(src)
+        label_png.check_label_values(
             label_ids,
             ALLOWED_LABEL_IDS,
             src,
@@ -203,10 +208,12 @@ def convert_label(task: LabelTask) -> np.ndarray:
         )
         train_ids = _LUT[label_ids]
         shape_source = src
-    common.check_same_size(Path(task.image), (train_ids.shape[1], train_ids.shape[0]), shape_source)
+    label_png.check_same_size(
+        Path(task.image), (train_ids.shape[1], train_ids.shape[0]), shape_source
+    )
     if shape_source != out:
-        common.save_label_png(out, train_ids)
-    return common.label_histogram(train_ids)
+        label_png.save_label_png(out, train_ids)
+    return label_png.label_histogram(train_ids)
 
 
 def image_to_label(image_rel: str) -> str:
@@ -220,7 +227,7 @@ def _convert(root: Path, *, workers: int, progress: bool, force: bool) -> dict[s
     histograms = {}
     counts = {}
     for split in SPLITS:
-        sources = sorted(common.list_files(root / "gtFine" / split, "_gtFine_labelIds.png"))
+        sources = sorted(bookkeeping.list_files(root / "gtFine" / split, "_gtFine_labelIds.png"))
         tasks = []
         for rel in sources:
             src = root / "gtFine" / split / rel
@@ -234,11 +241,11 @@ def _convert(root: Path, *, workers: int, progress: bool, force: bool) -> dict[s
             out = src.with_name(f"{stem}_gtFine_labelTrainIds.png")
             tasks.append(LabelTask(str(src), str(image), str(out), force))
         hist = np.zeros(256, np.int64)
-        for h in common.parallel_map(
+        for h in parallel.parallel_map(
             convert_label, tasks, workers=workers, desc=f"labelTrainIds {split}", progress=progress
         ):
             hist += h
-        histograms[split] = common.histogram_dict(hist)
+        histograms[split] = label_png.histogram_dict(hist)
         counts[split] = len(tasks)
     return {"counts": counts, "label_histogram": histograms}
 
@@ -257,11 +264,11 @@ def build_report(
     for split in SPLITS:
         images = {
             f"leftImg8bit/{split}/{p}"
-            for p in common.list_files(root / "leftImg8bit" / split, "_leftImg8bit.png")
+            for p in bookkeeping.list_files(root / "leftImg8bit" / split, "_leftImg8bit.png")
         }
         labels = {
             f"gtFine/{split}/{p}"
-            for p in common.list_files(root / "gtFine" / split, "_gtFine_labelTrainIds.png")
+            for p in bookkeeping.list_files(root / "gtFine" / split, "_gtFine_labelTrainIds.png")
         }
         known |= images | labels
         wanted_labels = {image_to_label(i) for i in images}
@@ -306,11 +313,11 @@ def label_files(root: Path) -> list[str]:
     return sorted(
         f"gtFine/{split}/{rel}"
         for split in SPLITS
-        for rel in common.list_files(root / "gtFine" / split, "_gtFine_labelTrainIds.png")
+        for rel in bookkeeping.list_files(root / "gtFine" / split, "_gtFine_labelTrainIds.png")
     )
 
 
-@common.reports_failure("cityscapes")
+@bookkeeping.reports_failure("cityscapes")
 def prepare_cityscapes(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -333,7 +340,7 @@ def prepare_cityscapes(
     """
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or common.default_workers()
+    workers = workers or base.default_workers()
     md5 = dict(md5 or {})
     gtfine, left = archives
     unknown = set(md5) - {left.filename, gtfine.filename}
@@ -353,7 +360,7 @@ def prepare_cityscapes(
         )
         pending = [job for job in jobs if not markers.done(job[2])]
         paths = {
-            job[0].filename: common.require_archive(archives_dir, job[0], HOW_TO_GET)
+            job[0].filename: downloads.require_archive(archives_dir, job[0], HOW_TO_GET)
             for job in pending
         }
         for archive, kind, _, _ in pending:
@@ -367,12 +374,12 @@ def prepare_cityscapes(
                     sha1=None,
                     checksum_source=f"the md5 given with --md5 {archive.filename}=...",
                 )
-                common.verify_archive(path, user_md5, data_root, progress=progress)
+                checksums.verify_archive(path, user_md5, data_root, progress=progress)
             elif verify:
-                common.verify_archive(path, archive, data_root, progress=progress)
+                checksums.verify_archive(path, archive, data_root, progress=progress)
             else:
                 log.info("checksum of %s skipped; checking its CRCs while extracting", path.name)
-            n = common.extract(
+            n = extraction.extract(
                 path,
                 root,
                 lambda name, wanted=wanted: name if wanted(name) else None,
@@ -384,7 +391,7 @@ def prepare_cityscapes(
         info = _convert(root, workers=workers, progress=progress, force=force)
         markers.mark("convert", **info)
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
-    return common.finish_labels(
+    return bookkeeping.finish_labels(
         report,
         markers,
         root,
@@ -413,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "*_gtFine_labelTrainIds.png (19 classes, 255 ignore).",
         epilog=HOW_TO_GET,
     )
-    common.add_common_arguments(
+    cli.add_common_arguments(
         parser,
         download=False,
         skip_checksum_help="do not verify the archives against the built-in checksums "
@@ -435,5 +442,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_cityscapes.py``."""
     args = build_parser().parse_args(argv)
     return prepare_cityscapes(
-        args.data_root, args.archives, md5=_parse_md5(args.md5), **common.common_options(args)
+        args.data_root, args.archives, md5=_parse_md5(args.md5), **cli.common_options(args)
     )

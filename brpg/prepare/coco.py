@@ -35,13 +35,18 @@ from typing import Any
 
 import numpy as np
 
-from brpg.prepare import common
-from brpg.prepare.common import (
-    IGNORE_LABEL,
-    Archive,
-    Markers,
-    PrepareError,
+from brpg.prepare import (
+    base,
+    bookkeeping,
+    checksums,
+    cli,
+    downloads,
+    extraction,
+    label_png,
+    parallel,
 )
+from brpg.prepare.base import IGNORE_LABEL, Archive, PrepareError
+from brpg.prepare.bookkeeping import Markers
 from brpg.prepare.splits import (
     TRAIN_POOL,
     check_split_lists,
@@ -150,16 +155,16 @@ def convert_mask(task: MaskTask) -> np.ndarray:
     """Write one mask PNG (or re-check an existing one); return its histogram."""
     out = Path(task.out)
     if out.is_file() and not task.force:
-        mask = common.read_label_png(out)
-        common.check_label_values(mask, ALLOWED, out, "delete it and re-run with --force")
+        mask = label_png.read_label_png(out)
+        label_png.check_label_values(mask, ALLOWED, out, "delete it and re-run with --force")
         source = str(out)
     else:
         mask = render_mask(task.height, task.width, task.anns, task.crowd)
         source = f"the size {task.width}x{task.height} given in {task.annotation_file}"
-    common.check_same_size(Path(task.image), (mask.shape[1], mask.shape[0]), source)
+    label_png.check_same_size(Path(task.image), (mask.shape[1], mask.shape[0]), source)
     if not out.is_file() or task.force:
-        common.save_label_png(out, mask)
-    return common.label_histogram(mask)
+        label_png.save_label_png(out, mask)
+    return label_png.label_histogram(mask)
 
 
 def load_instances(path: Path) -> dict[str, Any]:
@@ -202,7 +207,7 @@ def _tasks(
                 ann["segmentation"],
             )
         )
-    present = common.list_files(root / split, ".jpg")
+    present = bookkeeping.list_files(root / split, ".jpg")
     tasks = []
     for image in sorted(data["images"], key=lambda im: im["file_name"]):
         name = image["file_name"]
@@ -235,13 +240,13 @@ def _convert_split(
     tasks = _tasks(root, split, data, crowd, ann_file, force)
     del data
     hist = np.zeros(256, np.int64)
-    for h in common.parallel_map(
+    for h in parallel.parallel_map(
         convert_mask, tasks, workers=workers, desc=f"masks {split}", progress=progress
     ):
         hist += h
     return {
         "stems": sorted(Path(t.out).stem for t in tasks),
-        "label_histogram": common.histogram_dict(hist),
+        "label_histogram": label_png.histogram_dict(hist),
     }
 
 
@@ -250,7 +255,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Validation report: images/masks per split, missing/extra files, split lists, histograms."""
     root = data_root / "coco"
-    masks = {Path(p).stem for p in common.list_files(root / "masks", ".png")}
+    masks = {Path(p).stem for p in bookkeeping.list_files(root / "masks", ".png")}
     errors: list[str] = []
     warnings: list[str] = []
     sets = {}
@@ -258,7 +263,7 @@ def build_report(
     extra_images: dict[str, list[str]] = {}
     images_by_split: dict[str, set[str]] = {}
     for split in SPLITS:
-        images = {Path(p).stem for p in common.list_files(root / split, ".jpg")}
+        images = {Path(p).stem for p in bookkeeping.list_files(root / split, ".jpg")}
         images_by_split[split] = images
         annotated = set(convert_info.get("images", {}).get(split, []))
         expected_masks |= annotated
@@ -317,7 +322,7 @@ def build_report(
     }
 
 
-def _select(prefixes: dict[str, str]) -> common.Selector:
+def _select(prefixes: dict[str, str]) -> extraction.Selector:
     def select(name: str) -> str | None:
         for prefix, suffix in prefixes.items():
             if name.startswith(prefix) and name.endswith(suffix) and name.count("/") == 1:
@@ -329,10 +334,10 @@ def _select(prefixes: dict[str, str]) -> common.Selector:
 
 def mask_files(root: Path) -> list[str]:
     """The mask PNGs under ``root`` (``DATA_ROOT/coco``), relative to it."""
-    return sorted(f"masks/{rel}" for rel in common.list_files(root / "masks", ".png"))
+    return sorted(f"masks/{rel}" for rel in bookkeeping.list_files(root / "masks", ".png"))
 
 
-@common.reports_failure("coco")
+@bookkeeping.reports_failure("coco")
 def prepare_coco(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -355,7 +360,7 @@ def prepare_coco(
         raise PrepareError(f"crowd must be one of {CROWD_MODES}, got {crowd!r}")
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or common.default_workers()
+    workers = workers or base.default_workers()
     markers = Markers(data_root, "coco")
     rerender = force
     if force:
@@ -378,16 +383,16 @@ def prepare_coco(
                 continue
             path = archives_dir / archive.filename
             if not path.is_file() and download and archive.url:
-                common.download(archive.url, path, md5=archive.md5, progress=progress)
-            path = common.require_archive(
+                downloads.download(archive.url, path, md5=archive.md5, progress=progress)
+            path = downloads.require_archive(
                 archives_dir,
                 archive,
                 f"Run with --download, or download {archive.url} ({archive.size_hint}) and put "
                 "it there.",
             )
             if verify:
-                common.verify_archive(path, archive, data_root, progress=progress)
-            n = common.extract(
+                checksums.verify_archive(path, archive, data_root, progress=progress)
+            n = extraction.extract(
                 path, root, selects[key], workers=workers, progress=progress, overwrite=force
             )
             if n == 0:
@@ -406,7 +411,7 @@ def prepare_coco(
             info["label_histogram"][split] = result["label_histogram"]
         markers.mark("convert", **info)
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
-    return common.finish_labels(
+    return bookkeeping.finish_labels(
         report, markers, root, mask_files(root), ALLOWED, converted_now, workers, progress
     )
 
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Overlaps: the smaller instance wins. Crowd regions: 255 (ignore) unless "
         "--crowd category.",
     )
-    common.add_common_arguments(parser)
+    cli.add_common_arguments(parser)
     parser.add_argument(
         "--crowd",
         choices=CROWD_MODES,
@@ -433,6 +438,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_coco.py``."""
     args = build_parser().parse_args(argv)
-    return prepare_coco(
-        args.data_root, args.archives, crowd=args.crowd, **common.common_options(args)
-    )
+    return prepare_coco(args.data_root, args.archives, crowd=args.crowd, **cli.common_options(args))

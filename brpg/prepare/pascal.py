@@ -35,14 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from brpg.prepare import common
-from brpg.prepare.common import (
-    IGNORE_LABEL,
-    STATE_DIRNAME,
-    Archive,
-    Markers,
-    PrepareError,
+from brpg.prepare import (
+    atomic,
+    base,
+    bookkeeping,
+    checksums,
+    cli,
+    downloads,
+    extraction,
+    label_png,
+    parallel,
 )
+from brpg.prepare.base import IGNORE_LABEL, STATE_DIRNAME, Archive, PrepareError
+from brpg.prepare.bookkeeping import Markers
 from brpg.prepare.splits import (
     PASCAL_BLENDED,
     PASCAL_CLASSIC,
@@ -147,23 +152,23 @@ def convert_mask(task: MaskTask) -> np.ndarray:
     """Write one SegmentationClassAug mask (or re-check an existing one); return its histogram."""
     out = Path(task.out)
     if out.is_file() and not task.force:
-        label = common.read_label_png(out)
+        label = label_png.read_label_png(out)
         source: Path = out
     else:
         source = Path(task.src)
-        label = common.read_label_png(source) if task.kind == "voc" else load_sbd_mask(source)
-    common.check_label_values(label, ALLOWED, source, _FIX)
-    common.check_same_size(Path(task.image), (label.shape[1], label.shape[0]), source)
+        label = label_png.read_label_png(source) if task.kind == "voc" else load_sbd_mask(source)
+    label_png.check_label_values(label, ALLOWED, source, _FIX)
+    label_png.check_same_size(Path(task.image), (label.shape[1], label.shape[0]), source)
     if source != out:
-        common.save_label_png(out, label)
-    return common.label_histogram(label)
+        label_png.save_label_png(out, label)
+    return label_png.label_histogram(label)
 
 
 def _obtain(archive: Archive, archives_dir: Path, download: bool, progress: bool) -> Path:
     path = archives_dir / archive.filename
     if not path.is_file() and download and archive.url:
-        common.download(archive.url, path, md5=archive.md5, progress=progress)
-    return common.require_archive(
+        downloads.download(archive.url, path, md5=archive.md5, progress=progress)
+    return downloads.require_archive(
         archives_dir,
         archive,
         f"Run with --download, or download {archive.url} ({archive.size_hint}) and put it there.",
@@ -193,7 +198,7 @@ def _build_tasks(
                     f"image {image_id}.jpg is in neither {image.parent} nor {sbd_image.parent}; "
                     "the archives are incomplete: download them again and re-run with --force"
                 )
-            common.atomic_write_bytes(image, sbd_image.read_bytes())
+            atomic.atomic_write_bytes(image, sbd_image.read_bytes())
         voc_mask = voc_masks / f"{image_id}.png"
         if voc_mask.is_file():
             src, kind = voc_mask, "voc"
@@ -226,12 +231,12 @@ def _convert(
     train_aug = sorted((set(voc_train) | set(sbd_train) | set(sbd_val)) - set(val))
     tasks = _build_tasks(voc_root, staging, train_aug, sorted(set(val)), force)
     hist = {"train_aug": np.zeros(256, np.int64), "val": np.zeros(256, np.int64)}
-    results = common.parallel_map(
+    results = parallel.parallel_map(
         convert_mask, tasks, workers=workers, desc="SegmentationClassAug", progress=progress
     )
     for index, h in enumerate(results):
         hist["train_aug" if index < len(train_aug) else "val"] += h
-    common.atomic_write_text(seg_sets / "train_aug.txt", "\n".join(train_aug) + "\n")
+    atomic.atomic_write_text(seg_sets / "train_aug.txt", "\n".join(train_aug) + "\n")
     return {
         "counts": {
             "voc_train": len(voc_train),
@@ -240,7 +245,7 @@ def _convert(
             "sbd_val": len(sbd_val),
             "train_aug": len(train_aug),
         },
-        "label_histogram": {k: common.histogram_dict(v) for k, v in hist.items()},
+        "label_histogram": {k: label_png.histogram_dict(v) for k, v in hist.items()},
     }
 
 
@@ -313,8 +318,10 @@ def build_report(
     train_aug = read_lines(seg_sets / "train_aug.txt")
     val = read_lines(seg_sets / "val.txt")
     voc_train = read_lines(seg_sets / "train.txt")
-    images = {Path(p).stem for p in common.list_files(voc_root / "JPEGImages", ".jpg")}
-    masks = {Path(p).stem for p in common.list_files(voc_root / "SegmentationClassAug", ".png")}
+    images = {Path(p).stem for p in bookkeeping.list_files(voc_root / "JPEGImages", ".jpg")}
+    masks = {
+        Path(p).stem for p in bookkeeping.list_files(voc_root / "SegmentationClassAug", ".png")
+    }
     wanted = set(train_aug) | set(val)
     errors = [
         f"{voc_root / 'JPEGImages' / (i + '.jpg')} is missing" for i in sorted(wanted - images)
@@ -357,11 +364,11 @@ def build_report(
 
 def mask_files(voc_root: Path) -> list[str]:
     """The SegmentationClassAug PNGs under ``voc_root``, relative to it."""
-    masks = common.list_files(voc_root / "SegmentationClassAug", ".png")
+    masks = bookkeeping.list_files(voc_root / "SegmentationClassAug", ".png")
     return sorted(f"SegmentationClassAug/{rel}" for rel in masks)
 
 
-@common.reports_failure("pascal")
+@bookkeeping.reports_failure("pascal")
 def prepare_pascal(
     data_root: Path,
     archives_dir: Path | None = None,
@@ -385,7 +392,7 @@ def prepare_pascal(
     """
     data_root = Path(data_root)
     archives_dir = Path(archives_dir) if archives_dir else data_root / "archives"
-    workers = workers or common.default_workers()
+    workers = workers or base.default_workers()
     markers = Markers(data_root, "pascal")
     if force:
         markers.clear()
@@ -403,8 +410,8 @@ def prepare_pascal(
                 continue
             path = _obtain(archive, archives_dir, download, progress)
             if verify:
-                common.verify_archive(path, archive, data_root, progress=progress)
-            n = common.extract(
+                checksums.verify_archive(path, archive, data_root, progress=progress)
+            n = extraction.extract(
                 path, dest, select, workers=workers, progress=progress, overwrite=force
             )
             if n == 0:
@@ -421,7 +428,7 @@ def prepare_pascal(
             staging.parent.rmdir()  # only if empty
         markers.clear("extract-sbd")
     report = build_report(data_root, markers.info("convert"), check_counts=check_counts)
-    return common.finish_labels(
+    return bookkeeping.finish_labels(
         report, markers, voc_root, mask_files(voc_root), ALLOWED, converted_now, workers, progress
     )
 
@@ -434,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Archives: {VOC_ARCHIVE.filename} ({VOC_ARCHIVE.url}) and "
         f"{SBD_ARCHIVE.filename} ({SBD_ARCHIVE.url}).",
     )
-    common.add_common_arguments(parser)
+    cli.add_common_arguments(parser)
     parser.add_argument(
         "--keep-staging", action="store_true", help="keep the extracted SBD files after conversion"
     )
@@ -445,5 +452,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``data_scripts/prepare_pascal.py``."""
     args = build_parser().parse_args(argv)
     return prepare_pascal(
-        args.data_root, args.archives, keep_staging=args.keep_staging, **common.common_options(args)
+        args.data_root, args.archives, keep_staging=args.keep_staging, **cli.common_options(args)
     )

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brpg.prepare.common import PrepareError, atomic_write_text
+from brpg.prepare.atomic import atomic_write_text
+from brpg.prepare.base import PrepareError
 
 log = logging.getLogger("brpg.prepare")
 
