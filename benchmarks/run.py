@@ -46,17 +46,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -146,13 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.common import BenchmarkUnavailable, env_threads, loadavg, write_json
-    from brpg.engine.runtime import cpu_has_native_bf16, git_commit, machine_info
+    from brpg.engine.runtime import git_commit, machine_info
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = dict(machine_info(device))
-    info["cpu_model"] = _cpu_model()
-    info["cpu_native_bf16"] = cpu_has_native_bf16()  # decides what bf16 autocast costs
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ from brpg.data.digits import (
     glyph_alpha,
     labeled_splits,
     render_scene,
+    scenes_fingerprint,
     source_pools,
 )
 from brpg.data.splitlist import DatasetError, SplitListDataset
@@ -226,3 +227,26 @@ def test_colorize_uses_voc_palette() -> None:
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     assert tuple(rgb[0, 1]) == (128, 0, 0) and tuple(rgb[1, 1]) == (224, 224, 192)
     assert tuple(PALETTE[15]) == (192, 128, 128)  # VOC "person"
+
+
+# The pixel fingerprint of a 16 + 4 scene cache (seed 0), generated on an Intel Xeon with
+# AVX-512 (2026-12-05). DigitScenes must be the same on every machine (tests/README.md: what may
+# not differ): a study spread over sessions compares runs made on whatever machine each gets,
+# and their summaries record this fingerprint of the full cache. If this fails on your machine,
+# the generator is machine-dependent: that is a bug to fix, not a constant to update.
+TINY_FINGERPRINT = "e6d5ee56cc253e19"
+
+
+def test_the_same_scenes_on_every_machine(tmp_path: Path) -> None:
+    root = ensure_digit_scenes(tmp_path / "digits", seed=0, n_train=16, n_val=4)
+    assert scenes_fingerprint(root) == TINY_FINGERPRINT
+    # the fingerprint reads pixels: one changed mask pixel changes it
+    mask = root / "SegmentationClass" / "val_00000.png"
+    with Image.open(mask) as im:
+        pixels = np.array(im)
+        palette = im.getpalette()
+    pixels[0, 0] = (int(pixels[0, 0]) + 1) % 11
+    edited = Image.fromarray(pixels)
+    edited.putpalette(palette)
+    edited.save(mask)
+    assert scenes_fingerprint(root) != TINY_FINGERPRINT

@@ -123,6 +123,14 @@ def test_fp32_check_refuses_a_bf16_or_older_run(tmp_path: Path):
     _write(other, "digits_brpg_1_8", 0, 50.0, 30.0, dataset_version=2)
     with pytest.raises(AssertionError, match="dataset_version=2"):
         study.check_fp32(other)
+    same = tmp_path / "fp"
+    _write(same, "digits_brpg_1_8", 0, 50.0, 30.0, data_fingerprint="aa")
+    _write(same, "digits_brpg_1_8", 1, 50.0, 30.0)  # made before summaries recorded it
+    _write(same, "digits_meanteacher_1_8", 0, 50.0, 30.0, data_fingerprint="aa")
+    assert study.check_fp32(same) == 3
+    _write(same, "digits_meanteacher_1_8", 1, 50.0, 30.0, data_fingerprint="bb")
+    with pytest.raises(AssertionError, match="different DigitScenes data"):
+        study.check_fp32(same)
 
 
 def test_warmup_identity_compares_the_logged_supervised_losses(tmp_path: Path):

@@ -154,9 +154,12 @@ def verdict(p: Paired) -> str:
 
 
 def check_fp32(dest: str | Path) -> int:
-    """Assert that every summary under ``dest`` was computed in fp32 on DigitScenes v3;
-    returns how many were read (the plan compares no run made in another precision)."""
+    """Assert that every summary under ``dest`` was computed in fp32 on DigitScenes v3, and that
+    all summaries that record a data fingerprint (runs from 2026-12-05 on) saw the same scenes;
+    returns how many were read (the plan compares no run made in another precision or on other
+    data)."""
     paths = sorted(Path(dest).rglob("summary.json"))
+    prints: dict[str, Path] = {}
     for path in paths:
         s = json.loads(path.read_text())
         if s.get("amp_dtype") != "fp32" or s.get("dataset_version") != 3:
@@ -164,6 +167,10 @@ def check_fp32(dest: str | Path) -> int:
                 f"{path}: amp_dtype={s.get('amp_dtype')!r}, dataset_version="
                 f"{s.get('dataset_version')!r}; the study reads fp32 DigitScenes v3 runs only"
             )
+        if s.get("data_fingerprint"):
+            prints.setdefault(s["data_fingerprint"], path)
+    if len(prints) > 1:
+        raise AssertionError(f"runs saw different DigitScenes data: {prints}")
     return len(paths)
 
 

@@ -63,6 +63,7 @@ unlabeled is the rest of the train scenes (empty for ``full``). Read it back wit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -583,6 +584,27 @@ def ensure_digit_scenes(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def scenes_fingerprint(root: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a DigitScenes cache's *decoded* pixels and split lists.
+
+    Two caches with the same fingerprint train and score identically, whatever machine generated
+    them (file bytes are not hashed: another zlib could compress the same pixels differently).
+    Run summaries record it, so that a study spread over machines and sessions can check that
+    every run saw the same scenes. Reads every scene once (about a second for 2,500 scenes).
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    for split in sorted(p.relative_to(root) for p in (root / "splits").rglob("*.txt")):
+        h.update(str(split).encode() + b"\0" + (root / split).read_bytes())
+    for split in ("train", "val"):
+        for scene_id in (root / "splits" / f"{split}.txt").read_text().split():
+            for tpl in (IMAGE_TPL, MASK_TPL):
+                with Image.open(root / tpl.format(id=scene_id)) as im:
+                    pixels = np.asarray(im)
+                h.update(scene_id.encode() + str(pixels.shape).encode() + pixels.tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -91,11 +91,32 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
-def machine_info(device: torch.device) -> dict[str, str | int]:
-    """A short description of the hardware a result was measured on."""
-    info: dict[str, str | int] = {
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, str | int | bool]:
+    """A short description of the hardware a result was measured on.
+
+    Besides the host, cores and threads it names the CPU model, the instruction set PyTorch's
+    kernels use on it (``cpu_capability``: e.g. ``AVX2``, ``AVX512``) and whether it computes
+    bf16 natively: fp32 kernels chosen by instruction set may round differently, so two runs of
+    one seed on two machines can end apart (tests/README.md).
+    """
+    info: dict[str, str | int | bool] = {
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

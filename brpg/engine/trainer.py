@@ -123,6 +123,17 @@ def _dataset_version(cfg: Config) -> int | None:
     return GENERATOR_VERSION
 
 
+def _data_fingerprint(cfg: Config) -> str | None:
+    """The DigitScenes cache's pixel fingerprint (:func:`brpg.data.digits.scenes_fingerprint`)
+    of a digits run: runs compared across machines must have seen the same scenes."""
+    if cfg.data.name != "digits":
+        return None
+    from brpg.data.build import resolve_data_root
+    from brpg.data.digits import scenes_fingerprint
+
+    return scenes_fingerprint(resolve_data_root(cfg.data.root))
+
+
 class Trainer:
     """Trains one config into one run directory; ``fit()`` returns the summary dict."""
 
@@ -509,6 +520,7 @@ class Trainer:
             "effective_batch": t.batch_size * t.grad_accum * self.dist.world_size,
             "eval_protocol": cfg.eval.protocol,
             "dataset_version": _dataset_version(cfg),
+            "data_fingerprint": _data_fingerprint(cfg) if self.dist.is_main else None,
             "config_hash": cfg.hash(),
             "commit": runtime.git_commit(),
             "machine": runtime.machine_info(self.device),
