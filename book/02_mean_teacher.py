@@ -29,7 +29,7 @@
 # framework of U2PL on which the authors built their code. This chapter takes that framework
 # apart. Every later chapter adds one piece on top of it.
 #
-# A mean teacher trains two copies of the same network:
+# A mean teacher (Tarvainen and Valpola, *NeurIPS* 2017) trains two copies of the same network:
 #
 # * the **student** $\theta_s$, trained by gradient descent on the labeled images and on the
 #   unlabeled images with *pseudo-labels*;
@@ -39,8 +39,8 @@
 # $$\theta_t \leftarrow d_t\,\theta_t + (1 - d_t)\,\theta_s, \qquad
 #   d_t = \min\!\Big(1 - \frac{1}{t + 1},\ 0.99\Big),$$
 #
-# where $t$ counts the steps since the teacher was created. $d_0 = 0$, so the first update
-# copies the student. The decay then grows quickly to its cap of 0.99, and from then on the
+# where $t$ counts the optimiser steps since the end of the supervised warm-up (below). The
+# first update, at $t = 0$, has $d_0 = 0$: it copies the student. The decay then grows quickly to its cap of 0.99, and from then on the
 # teacher averages roughly the last 100 students. An average of many students is smoother
 # and usually more accurate than the latest one, so the teacher makes the pseudo-labels.
 #
@@ -49,7 +49,7 @@
 # 1. the teacher (eval mode) labels the **weak** view $x_w$ of an unlabeled batch: confidence
 #    $c = \max_k p_k$ and pseudo-label $\hat y = \arg\max_k p_k$ of its softmax;
 # 2. a **strong** view $x_s$ (colour jitter, grayscale, blur) is made from the weak one and,
-#    with probability 0.5, **CutMix**-ed: each image takes a box of about half its area from
+#    with probability 0.5, **CutMix**-ed (Yun et al., *ICCV* 2019): each image takes a box of about half its area from
 #    its neighbour in the batch. $\hat y$ and $c$ are mixed with the same boxes;
 # 3. one student forward on the labeled and the mixed images gives the supervised loss
 #    $\mathcal L_s$ (0.5 CE + 0.5 OHEM) and the unsupervised loss
@@ -59,12 +59,25 @@
 #
 #    where $K$ is the set of pixels whose teacher entropy lies below the $p$-th percentile.
 #    $p$ rises linearly from 80 to 100 over training, so 20 % of the pixels (the most
-#    uncertain ones) are dropped at first and almost none at the end. The factor
-#    $BHW/|K|$ is U2PL's, kept for fidelity ({ref}`appendix, Q4 <authors-quirks>`);
+#    uncertain ones) are dropped at first and almost none at the end. This filter and the
+#    factor $BHW/|K|$ are U2PL's (Wang et al., *CVPR* 2022), kept for fidelity ({ref}`appendix, Q4 <authors-quirks>`);
 # 4. gradient step on $\mathcal L_s + \lambda_u \mathcal L_u$, then the teacher EMA.
 #
-# Before all this comes a supervised-only **warm-up** (one epoch in the paper), so that the
-# teacher starts from a model that already segments something.
+# Before all this comes a supervised-only **warm-up** (one epoch in the authors' code, 500
+# steps in the DigitScenes presets), so that the teacher starts from a model that already
+# segments something.
+#
+# **Where the teacher's BatchNorm statistics come from.** The EMA above averages parameters.
+# A network with BatchNorm also has running statistics (buffers), and the official code
+# gives the teacher its own: in the warm-up the teacher runs a train-mode forward on the
+# labeled batch every step (`semi.teacher_bn_warmup: true`) and later one on the mixed
+# images, and its buffers are never copied from the student. The DigitScenes presets skip
+# those extra forwards (`semi.entropy_teacher: eval`, below) and instead average the buffers
+# like the parameters (`semi.ema_buffers: true`), copy them with the parameters at the end of
+# the warm-up (`semi.copy_buffers: true`), and leave the warm-up forward out
+# (`semi.teacher_bn_warmup: false`): one forward fewer per step, and a teacher whose
+# statistics follow the student's (the timm-style EMA). The VOC, Cityscapes and COCO presets
+# keep the official behaviour.
 
 # %% tags=["remove-cell"]
 # Installs brpg when this notebook runs on Colab; does nothing anywhere else.
@@ -87,7 +100,6 @@ from brpg.book.demo import feature_batch, warm_model
 from brpg.book.tools import show_source
 from brpg.book.viz import denormalize
 from brpg.data.digits import colorize
-from brpg.engine.inference import upsample_logits
 from brpg.frameworks.augment import StrongAug, apply_cutmix, maybe_cutmix
 from brpg.frameworks.ema_teacher import EMATeacher, ema_decay
 from brpg.frameworks.u2pl_loss import (
@@ -96,6 +108,7 @@ from brpg.frameworks.u2pl_loss import (
     pixel_entropy,
     unsup_loss,
 )
+from brpg.models.logits import upsample_logits
 
 torch.set_num_threads(2)
 
@@ -120,7 +133,7 @@ show_source(EMATeacher.update)
 steps = np.arange(400)
 plt.figure(figsize=(5, 2.4))
 plt.plot(steps, [ema_decay(int(t)) for t in steps])
-plt.xlabel("steps since the teacher was created  t")
+plt.xlabel("steps since the end of the warm-up  t")
 plt.ylabel("decay $d_t$")
 plt.title("Teacher EMA decay")
 plt.grid(alpha=0.3)
@@ -156,7 +169,10 @@ print(f"after {n} updates the teacher kept {prod:.4f} of its initial offset (clo
 # steps on the 125 labeled scenes of the 1/16 split (`brpg.book.demo.warm_model`, cached under
 # `runs/book/` so that the chapters share it). It plays the teacher. As unlabeled images we
 # use val scenes, whose labels let us *measure* how good the pseudo-labels are; the training
-# code never sees labels of unlabeled images.
+# code never sees labels of unlabeled images. The warm model's data is DigitScenes version 2,
+# so the 1-px band around every label edge is 255 in these labels: every accuracy below
+# leaves the boundary pixels out, which are exactly where pseudo-labels are least reliable,
+# and so overstates how good the pseudo-labels are overall.
 
 # %%
 run = warm_model()
@@ -246,8 +262,20 @@ plt.show()
 
 # %%
 assert acc_kept > acc_dropped + 0.1, (acc_kept, acc_dropped)
+
+# %% [markdown]
+# What does $\mathcal L_u$ weigh? A student that predicts the uniform distribution has a
+# cross-entropy of $\ln 11 \approx 2.398$ on every pixel; the filter keeps 80 % of the pixels at
+# the start, and U2PL's factor $BHW/|K| = 1/0.8 = 1.25$ scales the mean over them, so
+# $\mathcal L_u = 1.25 \ln 11 \approx 2.997$: larger than any per-pixel cross-entropy of that
+# student.
+
+# %%
 loss_u = unsup_loss(torch.zeros_like(logits_mix), pseudo_mix, logits_mix, percent)
 print(f"L_u of an all-zero student (uniform prediction): {loss_u:.3f}")
+print(f"kept share {keep.float().mean():.4f}; 1.25 ln 11 = {1.25 * np.log(11):.3f}")
+assert abs(float(loss_u) - np.log(11) / keep.float().mean().item()) < 1e-4
+assert abs(float(loss_u) - 1.25 * np.log(11)) < 0.01
 
 # %% [markdown]
 # ## How the framework is used in this book

@@ -111,16 +111,27 @@ display(Markdown("```python\n" + source[start:]))
 # $$L = \tfrac12\big(L_x + 0.25\,L_{s1} + 0.25\,L_{s2} + 0.5\,L_{fp}\big)
 #   \;[+\;\lambda_{pro} L_{pro}\ \text{with BRPG}]$$
 #
-# Two differences from UniMatch's code, both documented in `brpg/frameworks/unimatch.py`. CutMix
-# takes its partner from the same batch, because UniMatch's second unlabeled batch would need
-# a second data stream. And the consistency losses divide by all pixels, because our unlabeled
-# loader has no padding mask.
+# where $L_x$ is the supervised loss on the labeled batch (UniMatch's name for it; `loss_sup`
+# in the logs), $L_{s1}, L_{s2}$ the cross-entropies of the two strong views against
+# $\hat y$ on the confident pixels, and $L_{fp}$ the same for the feature-perturbed pass.
+#
+# Four differences from UniMatch's code, all documented in `brpg/frameworks/unimatch.py`:
+#
+# * CutMix takes its partner from the same batch, because UniMatch's second unlabeled batch
+#   would need a second data stream;
+# * CutMix uses the mean teacher's boxes and one coin per batch (about half the image, with
+#   probability 0.5), not UniMatch's own;
+# * $L_x$ is the mean teacher's $0.5\,\mathrm{CE} + 0.5\,\mathrm{OHEM}$ (the preset's `loss`
+#   section), not UniMatch's plain cross-entropy;
+# * the consistency losses divide by all pixels, because our unlabeled loader has no padding
+#   mask.
 #
 # A short live run: UniMatch + BRPG for 60 steps, from the 300-step supervised model the
 # method chapters share (chapter 8 does the same for the mean teacher), with the timeline
 # squeezed: warm-up 10, semi 5, sampling window 15, then 30 steps with prototypes. A spy
-# counts the plug-in's calls. A second, 12-step mean-teacher BRPG run shows that the mean
-# teacher calls the very same methods.
+# counts the plug-in's calls. A second, 32-step mean-teacher BRPG run shows that the mean
+# teacher calls the very same methods. The start is the warm model scored on the same
+# version-3 val scenes as the runs (the warm model itself was trained on version-2 data).
 
 # %%
 calls: Counter[tuple[str, str]] = Counter()
@@ -158,17 +169,18 @@ try:
     ):
         framework["name"] = name
         cfg = load_config(preset, [f"train.steps={steps}", *timeline])
-        run_dir = PROJECT_ROOT / "runs" / "book" / f"ch11_{name}"
+        run_dir = PROJECT_ROOT / "runs" / "book" / f"ch08b_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, run_dir, progress=False)
         trainer.load_weights(warm.run_dir)
+        start = trainer.evaluate()["miou"]  # the warm model on this run's (version-3) val set
         summary = trainer.fit()
         records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
         live_runs[name] = (cfg, summary, records)
         print(
             f"{preset} ({steps} steps): {time.perf_counter() - t0:.0f} s,"
-            f" val mIoU {summary['val_miou']:.1f} % (start: {warm.summary['val_miou']:.1f} %)"
+            f" val mIoU {summary['val_miou']:.1f} % (start, same val set: {start:.1f} %)"
         )
 finally:
     for n, fn in originals.items():
@@ -223,7 +235,10 @@ print("both frameworks drive the same BRPGPlugin methods, in the same phases")
 #
 # Each comparison below pairs a framework (or architecture) alone with the same plus BRPG,
 # with the same budget, seed and data order as the mean-teacher runs of chapter 8 (2,000
-# steps, 500 supervised warm-up, sampling window 500–600). The runs are remade with
+# steps, 500 supervised warm-up, sampling window 500–600). Mind what is scored: the mean
+# teacher is evaluated with its EMA teacher, UniMatch (its own teacher, no EMA copy) with
+# the trained model itself, so a comparison across frameworks also compares an averaged
+# model with a single one. The runs are remade with
 # `brpg seeds --configs <preset> --seeds ... --dest results/digits`; each keeps
 # its summary, its log and a `provenance.json`. This cell only reads them.
 
@@ -274,9 +289,11 @@ display(Markdown("val mIoU (%)\n\n" + "\n".join(lines)))
 # %%
 measured = {k: v for k, v in paired.items() if v}
 for label, diffs in measured.items():
-    ahead = sum(d > 0 for d in diffs)
+    ahead, behind = sum(d > 0.05 for d in diffs), sum(d < -0.05 for d in diffs)
     print(
-        f"{label}: BRPG ahead in {ahead} of {len(diffs)} paired seeds, mean {sum(diffs) / len(diffs):+.1f} points"
+        f"{label}: BRPG ahead in {ahead}, behind in {behind}, within 0.05 points in "
+        f"{len(diffs) - ahead - behind} of {len(diffs)} paired seeds, mean "
+        f"{sum(diffs) / len(diffs):+.1f} points"
     )
 assert "DeepLabV3+ (small CNN), mean teacher" in measured  # chapter 8's committed runs
 missing = [label for label, diffs in paired.items() if len(diffs) < 3]
@@ -293,8 +310,9 @@ print("fewer than 3 paired seeds so far:", "; ".join(missing) or "none")
 #   BRPG has no consistent effect: it is ahead in two seeds (by 1.0 and 2.3 points) and far
 #   behind in seed 0, where the background IoU drops from 96 to 90 % and every digit class
 #   falls. The mean of the paired differences is smaller than their spread, so three seeds
-#   cannot tell it from zero in either direction; what BRPG clearly does here is make the
-#   result less stable from seed to seed. Two differences from the mean teacher may matter,
+#   cannot tell it from zero in either direction. The spread over seeds is larger with BRPG
+#   than without in these three seeds; three seeds are too few to call that an instability
+#   of the method. Two differences from the mean teacher may matter,
 #   though neither is tested: UniMatch halves its own loss terms, so L_pro (weight 1) weighs
 #   twice as much against the supervised loss; and its pseudo-labels come from the model
 #   itself, so prototypes built from them can reinforce its own mistakes.
@@ -307,8 +325,9 @@ print("fewer than 3 paired seeds so far:", "; ".join(missing) or "none")
 #   says it does; the same recipe at 1/16 did not.
 # * **SegFormer** (MiT-B0, three seeds). Trained from random weights on 125 labeled 64-px
 #   scenes, it barely learns the digits: it stays far below the small CNN, and one seed
-#   predicts background everywhere, with and without BRPG. At that level BRPG and the mean
-#   teacher are within a fraction of a point of each other in every seed. This says little
+#   predicts background everywhere, with and without BRPG (a pair that compares nothing). At
+#   that level BRPG and the mean teacher are within a fraction of a point of each other in
+#   every seed, so the sign of those differences carries no information. This says little
 #   about BRPG; a transformer needs pretrained weights or far more data than DigitScenes.
 #
 # So these DigitScenes runs support the paper's claim of generality for UniMatch at 1/8, not
@@ -330,7 +349,8 @@ d_mean, d_std = mean_std(uni_d)
 assert min(uni_d) < 0 < max(uni_d)  # ahead in some seeds, behind in others
 assert sorted(round(d, 1) for d in uni_d if d > 0) == [1.0, 2.3]  # the two seeds ahead
 assert abs(d_mean) < d_std  # the mean difference is within its spread
-assert mean_std(list(uni_b.values()))[1] > 2 * mean_std(list(uni_a.values()))[1]  # less stable
+# a larger spread in these three seeds (the prose says no more than that)
+assert mean_std(list(uni_b.values()))[1] > mean_std(list(uni_a.values()))[1]
 worst = min(uni_seeds, key=lambda k: uni_b[k] - uni_a[k])
 assert worst == 0 and uni_b[0] < uni_a[0] - 5
 worst_run, alone_run = run_of("digits_unimatch_brpg_1_16")[0], run_of("digits_unimatch_1_16")[0]
