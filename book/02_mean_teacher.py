@@ -87,7 +87,6 @@ from brpg.book.demo import feature_batch, warm_model
 from brpg.book.tools import show_source
 from brpg.book.viz import denormalize
 from brpg.data.digits import colorize
-from brpg.engine.inference import upsample_logits
 from brpg.frameworks.augment import StrongAug, apply_cutmix, maybe_cutmix
 from brpg.frameworks.ema_teacher import EMATeacher, ema_decay
 from brpg.frameworks.u2pl_loss import (
@@ -96,6 +95,7 @@ from brpg.frameworks.u2pl_loss import (
     pixel_entropy,
     unsup_loss,
 )
+from brpg.models.logits import upsample_logits
 
 torch.set_num_threads(2)
 
