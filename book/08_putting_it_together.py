@@ -82,9 +82,9 @@ from brpg.book.step_check import check_run, facts_table
 from brpg.book.tools import show_source
 from brpg.config import load_config
 from brpg.data.build import PROJECT_ROOT
-from brpg.engine.phases import PHASES, phase_of
 from brpg.engine.trainer import Trainer
 from brpg.frameworks.mean_teacher import semi_step
+from brpg.timeline import PHASES, phase_of
 
 torch.set_num_threads(2)
 RESULTS = PROJECT_ROOT / "results" / "digits"

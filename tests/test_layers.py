@@ -41,29 +41,40 @@ def part_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def brpg_imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every ``brpg`` import in ``path``, lazy ones inside functions
-    included; ``from brpg import x`` counts as importing ``brpg.x``."""
+def absolute(node: ast.ImportFrom, module: str) -> str:
+    """The module a ``from ... import`` names, a relative one resolved against ``module``
+    (``from ..engine import x`` in ``brpg.method.plugin`` -> ``brpg.engine``)."""
+    if node.level == 0:
+        return node.module or ""
+    package = module.split(".")[: -node.level]  # a module's package is its name minus the last
+    return ".".join(package + ([node.module] if node.module else []))
+
+
+def brpg_imports(path: Path, module: str) -> list[tuple[int, str]]:
+    """``(line, module)`` of every ``brpg`` import in ``path`` (the module ``module``), lazy ones
+    inside functions and relative ones included; ``from brpg import x`` counts as importing
+    ``brpg.x``."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.startswith("brpg.")]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "brpg":
+        elif isinstance(node, ast.ImportFrom):
+            target = absolute(node, module)
+            if target == "brpg":
                 out += [(node.lineno, f"brpg.{a.name}") for a in node.names]
-            elif node.module.startswith("brpg."):
-                out.append((node.lineno, node.module))
+            elif target.startswith("brpg."):
+                out.append((node.lineno, target))
     return out
 
 
 def violations(root: Path = ROOT) -> list[str]:
     bad = []
     for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root.parent).with_suffix("")
-        here = part_of(".".join(rel.parts))
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        here = part_of(module)
         if here == "__init__":
             continue
-        for line, target in brpg_imports(path):
+        for line, target in brpg_imports(path, module):
             there = part_of(target)
             if there != here and LAYERS[there] >= LAYERS[here]:
                 bad.append(f"{path.relative_to(root.parent)}:{line}: {here} imports {target}")
@@ -86,6 +97,8 @@ def test_the_layer_check_catches_a_method_module_importing_the_loop(tmp_path: Pa
         (pkg / part).mkdir(parents=True)
     (pkg / "method" / "x.py").write_text("def f():\n    from brpg.engine.trainer import Trainer\n")
     (pkg / "frameworks" / "y.py").write_text("from brpg.engine import runtime\n")
+    (pkg / "frameworks" / "rel.py").write_text("from ..engine.inference import evaluate\n")
+    (pkg / "method" / "__init__.py").write_text("from .. import engine\n")
     (pkg / "engine" / "z.py").write_text("from brpg.book.demo import warm_model\n")
     (pkg / "engine" / "ok.py").write_text(
         "from brpg.method.x import f\nfrom brpg import timeline\n"
@@ -93,7 +106,9 @@ def test_the_layer_check_catches_a_method_module_importing_the_loop(tmp_path: Pa
     got = violations(pkg)
     assert got == [
         "brpg/engine/z.py:1: engine imports brpg.book.demo",
+        "brpg/frameworks/rel.py:1: frameworks imports brpg.engine.inference",
         "brpg/frameworks/y.py:1: frameworks imports brpg.engine",
+        "brpg/method/__init__.py:1: method imports brpg.engine",
         "brpg/method/x.py:2: method imports brpg.engine.trainer",
     ]
 

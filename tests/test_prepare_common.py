@@ -153,6 +153,19 @@ def test_require_archive_missing_names_path_and_fix(tmp_path: Path) -> None:
     assert "Get it from X." in msg and "gtCoarse.zip" in msg
 
 
+def test_obtain_archive_downloads_only_when_asked_and_missing(tmp_path: Path) -> None:
+    with serve_files({"a.tar": PAYLOAD}) as (url, log):
+        archive = Archive("a.tar", url=f"{url}/a.tar", md5=_md5(PAYLOAD), size_hint="100 kB")
+        with pytest.raises(PrepareError, match=r"Run with --download, or download .*a\.tar"):
+            downloads.obtain_archive(tmp_path, archive, fetch=False, progress=False)
+        assert log == []
+        path = downloads.obtain_archive(tmp_path, archive, fetch=True, progress=False)
+        assert path == tmp_path / "a.tar" and path.read_bytes() == PAYLOAD
+        # present: returned as it is, not fetched again
+        assert downloads.obtain_archive(tmp_path, archive, fetch=True, progress=False) == path
+    assert log == [{"path": "a.tar", "range": None}]
+
+
 # --------------------------------------------------------------------------- extraction
 
 

@@ -381,14 +381,8 @@ def prepare_coco(
             step = f"extract-{key}"
             if markers.done(step):
                 continue
-            path = archives_dir / archive.filename
-            if not path.is_file() and download and archive.url:
-                downloads.download(archive.url, path, md5=archive.md5, progress=progress)
-            path = downloads.require_archive(
-                archives_dir,
-                archive,
-                f"Run with --download, or download {archive.url} ({archive.size_hint}) and put "
-                "it there.",
+            path = downloads.obtain_archive(
+                archives_dir, archive, fetch=download, progress=progress
             )
             if verify:
                 checksums.verify_archive(path, archive, data_root, progress=progress)

@@ -143,3 +143,17 @@ def require_archive(archives_dir: Path, archive: Archive, how_to_get: str) -> Pa
         )[:8]
     found = f" Found instead: {', '.join(similar)}." if similar else ""
     raise PrepareError(f"missing archive {path}.{found} {how_to_get}")
+
+
+def obtain_archive(archives_dir: Path, archive: Archive, *, fetch: bool, progress: bool) -> Path:
+    """The path of ``archive`` in ``archives_dir``, downloaded first when it is missing, ``fetch``
+    is set (``--download``) and the archive has a public URL; otherwise :func:`require_archive`
+    (raises if it is still missing)."""
+    path = Path(archives_dir) / archive.filename
+    if not path.is_file() and fetch and archive.url:
+        download(archive.url, path, md5=archive.md5, progress=progress)
+    return require_archive(
+        archives_dir,
+        archive,
+        f"Run with --download, or download {archive.url} ({archive.size_hint}) and put it there.",
+    )

@@ -164,17 +164,6 @@ def convert_mask(task: MaskTask) -> np.ndarray:
     return label_png.label_histogram(label)
 
 
-def _obtain(archive: Archive, archives_dir: Path, download: bool, progress: bool) -> Path:
-    path = archives_dir / archive.filename
-    if not path.is_file() and download and archive.url:
-        downloads.download(archive.url, path, md5=archive.md5, progress=progress)
-    return downloads.require_archive(
-        archives_dir,
-        archive,
-        f"Run with --download, or download {archive.url} ({archive.size_hint}) and put it there.",
-    )
-
-
 def _read_required(path: Path, archive: Path) -> list[str]:
     if not path.is_file():
         raise PrepareError(
@@ -408,7 +397,9 @@ def prepare_pascal(
         ):
             if markers.done(step):
                 continue
-            path = _obtain(archive, archives_dir, download, progress)
+            path = downloads.obtain_archive(
+                archives_dir, archive, fetch=download, progress=progress
+            )
             if verify:
                 checksums.verify_archive(path, archive, data_root, progress=progress)
             n = extraction.extract(
