@@ -34,7 +34,7 @@ Differences from UniMatch, all deliberate:
   (with its own eval-mode forward for that batch's pseudo-labels). Here the partner is image
   ``(i + 1) mod B`` of the same batch, as the mean teacher's CutMix of the appendix (one step),
   whose pseudo-labels this step has already computed: one unlabeled stream stays one step-indexed
-  stream (exact resume, :mod:`brpg.engine.batches`), and no extra forward is spent. The boxes are
+  stream (exact resume: the loop draws batches by step index), and no extra forward is spent. The boxes are
   those of the appendix (one step) (one coin per batch, about half the image), not UniMatch's own.
 - **Normaliser.** UniMatch divides by the pixels that are not padding (its loader marks them
   with 255); our unlabeled loader returns no ignore mask, so the divisor is ``B·H·W``.
