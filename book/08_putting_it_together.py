@@ -77,7 +77,7 @@ from IPython.display import Markdown, display
 
 from brpg.book.demo import warm_model
 from brpg.book.reference_step import bank_after, proto_logits, reference_step
-from brpg.book.results import load_runs, mean_std
+from brpg.book.results import load_runs, mean_std, mean_std_text
 from brpg.book.step_check import check_run, facts_table
 from brpg.book.study import (
     budget_runs,
@@ -327,7 +327,8 @@ display(Markdown("\n".join(lines)))
 if rule["budget"] is None:
     print("budget not decided yet: the rule still needs runs of", rule["missing"], "steps")
 else:
-    print(f"budget B = {rule['budget']:,} steps; flattened: {rule['flattened']}")
+    flat = {None: f"not known (no {2 * rule['budget']:,}-step run)", True: "yes", False: "no"}
+    print(f"budget B = {rule['budget']:,} steps; flattened at B: {flat[rule['flattened']]}")
 
 # %% [markdown]
 # **The splits.** At budget $B$ (seed 0) the plan compares the mean teacher with SupOnly at
@@ -416,7 +417,8 @@ for split in splits:
         if rs:
             m, s = mean_std([r["val_miou"] for r in rs.values()])
             bm, bs = mean_std([r["val_mbiou"] for r in rs.values()])
-            lines.append(f"| {v} | {len(rs)} | {m:.1f} ± {s:.1f} | {bm:.1f} ± {bs:.1f} |")
+            n = len(rs)
+            lines.append(f"| {v} | {n} | {mean_std_text(m, s, n)} | {mean_std_text(bm, bs, n)} |")
     display(Markdown("\n".join(lines)))
     # paired seeds share everything up to the end of the warm-up (PLAN.md): checked, not assumed
     semi_variants = [variant_preset(v, split) for v in ("meanteacher", "plainproto", "brpg",
@@ -470,7 +472,7 @@ def cell(name: str) -> tuple[float, float, int] | None:
 def fmt(c: tuple[float, float, int] | None) -> str:
     if c is None:
         return "not run yet"
-    return f"{c[0]:.1f} (n=1)" if c[2] == 1 else f"{c[0]:.1f} ± {c[1]:.1f} (n={c[2]})"
+    return mean_std_text(*c, show_n=True)
 
 
 rows = ["| method | " + " | ".join(s.replace("_", "/") for s in SPLITS) + " |"]

@@ -62,7 +62,7 @@ import torch
 from IPython.display import Markdown, display
 
 from brpg.book.demo import warm_model
-from brpg.book.results import load_runs, mean_std
+from brpg.book.results import load_runs, mean_std, mean_std_text
 from brpg.book.tools import show_source
 from brpg.config import load_config
 from brpg.data.build import PROJECT_ROOT
@@ -269,8 +269,7 @@ def by_seed(name: str) -> dict[int, float]:
 def fmt(values: list[float]) -> str:
     if not values:
         return "not run yet"
-    m, s = mean_std(values)
-    return f"{m:.1f} (n=1)" if len(values) == 1 else f"{m:.1f} ± {s:.1f} (n={len(values)})"
+    return mean_std_text(*mean_std(values), len(values), show_n=True)
 
 
 lines = [

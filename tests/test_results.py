@@ -52,8 +52,8 @@ def test_table_with_and_without_mbiou(tmp_path, capsys):
     assert rows["old"]["mbiou_mean"] is None and rows["old"]["mbiou_seeds"] == 0
     table = format_table(list(rows.values()))
     assert "| new | 3 | 72.0 ± 2.0 | 70.0, 72.0, 74.0 | 44.0 ± 4.0 | 10 | 2 |" in table
-    assert "| old | 1 | 30.0 ± 0.0 | 30.0 | — | 10 | 2 |" in table
-    assert "| mixed | 2 | 51.0 ± 1.4 | 50.0, 52.0 | 20.0 ± 0.0 (1 of 2 seeds) | 10 | 2 |" in table
+    assert "| old | 1 | 30.0 (one seed) | 30.0 | — | 10 | 2 |" in table
+    assert "| mixed | 2 | 51.0 ± 1.4 | 50.0, 52.0 | 20.0 (1 of 2 seeds) | 10 | 2 |" in table
     assert cli.main(["results", "--root", str(tmp_path)]) == 0  # the CLI path
     out = capsys.readouterr().out
     assert "| new | 3 | 72.0 ± 2.0 |" in out and "val mBIoU (%)" in out

@@ -75,11 +75,21 @@ def summarise(dest: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def mean_std_text(mean: float, std: float, n: int, show_n: bool = False) -> str:
+    """``"m ± s"`` over ``n`` seeds (``"m ± s (n=k)"`` with ``show_n``); ``"m (one seed)"`` for
+    one, whose spread is unknown rather than zero."""
+    if n == 1:
+        return f"{mean:.1f} (one seed)"
+    return f"{mean:.1f} ± {std:.1f}" + (f" (n={n})" if show_n else "")
+
+
 def _mbiou_cell(r: dict[str, Any]) -> str:
     """``mean ± std``; "—" when no seed has mBIoU; ``(k of n seeds)`` when only some have it."""
     if r.get("mbiou_mean") is None:
         return "—"
-    cell = f"{r['mbiou_mean']:.1f} ± {r['mbiou_std']:.1f}"
+    if r["mbiou_seeds"] == 1 < r["seeds"]:  # say which one seed, not "(one seed)" twice
+        return f"{r['mbiou_mean']:.1f} (1 of {r['seeds']} seeds)"
+    cell = mean_std_text(r["mbiou_mean"], r["mbiou_std"], r["mbiou_seeds"])
     if r["mbiou_seeds"] != r["seeds"]:
         cell += f" ({r['mbiou_seeds']} of {r['seeds']} seeds)"
     return cell
@@ -93,7 +103,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         per = ", ".join(f"{v:.1f}" for v in r["mious"])
         lines.append(
-            f"| {r['config']} | {r['seeds']} | {r['miou_mean']:.1f} ± {r['miou_std']:.1f} | {per}"
+            f"| {r['config']} | {r['seeds']} | {mean_std_text(r['miou_mean'], r['miou_std'], r['seeds'])} | {per}"
             f" | {_mbiou_cell(r)} | {r['steps']} | {r['wall_s_mean']:.0f} |"
         )
     return "\n".join(lines)
