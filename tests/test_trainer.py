@@ -364,6 +364,32 @@ def test_grad_accum_resume_is_exact(data_root, tmp_path, method, steps, crash_at
         assert "loss_proto" in by_step[BRPG_STEPS]  # the run reached the proto phase
 
 
+def test_train_until_stops_before_the_clustering_and_the_run_continues_exactly(data_root, tmp_path):
+    """``train_until(7)`` in BRPG (sampling window 4-6, clustering at the start of step 7): the
+    run stops with full memories and an empty bank, saves a checkpoint there, and a resumed
+    ``fit()`` ends where the straight run ends, log included. A loop that ran one step too far
+    (the clustering done and the memories freed), or a checkpoint not written at the stop,
+    fails it."""
+    cfg = load_config("digits_suponly_1_16", accum_sets(data_root, "brpg", BRPG_STEPS, 1))
+    straight = run_trainer(cfg, tmp_path / "straight")
+    run = tmp_path / "stopped"
+    tr = Trainer(cfg, run, progress=False)
+    tr.train_until(7)
+    plugin = tr.method.plugin
+    assert tr.step == 7 and torch.load(run / "last.pt", weights_only=False)["step"] == 7
+    assert plugin.memory is not None and not plugin.bank.valid.any()
+    pushed = sum(int(plugin.memory.count[k].sum()) for k in plugin.memory.kinds)
+    assert pushed > 0  # three sampling steps pushed rows
+    assert not (run / "summary.json").exists()
+    with pytest.raises(ValueError, match=r"train_until\(3\): this run is at step 7"):
+        tr.train_until(3)
+    resumed = run_trainer(cfg, run, resume=True)
+    a, b = trainer_state(straight), trainer_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after stopping at step 7"
+    assert log_records(run) == log_records(tmp_path / "straight")
+
+
 def test_grad_accum_step_order_in_the_proto_phase(data_root, tmp_path, monkeypatch):
     """k = 2 in BRPG: per optimiser step one seed, one ``before_step``, two backward passes, one
     optimiser / teacher step, then the two micro-batches' prototype EMA rows in their order."""

@@ -206,6 +206,7 @@ class Trainer:
         self.step = 0
         self.best_miou = -1.0
         self.wall_before = 0.0  # training seconds spent before the last resume
+        self._t0: float | None = None  # when this process started training
         if resume:
             self._load(latest_checkpoint(self.run_dir))
         self.tensorboard: TensorBoardLog | None = None
@@ -224,7 +225,8 @@ class Trainer:
             "method": None if self.method is None else self.method.state_dict(),
             "step": self.step,
             "best_miou": self.best_miou,
-            "wall_s": self.wall_before + (time.perf_counter() - self._t0),
+            "wall_s": self.wall_before
+            + (0.0 if self._t0 is None else time.perf_counter() - self._t0),
             "rng": capture_rng_state(),
             "config": self.cfg.to_dict(),
         }
@@ -442,9 +444,23 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def fit(self) -> dict[str, Any]:
+    def train_until(self, stop: int) -> None:
+        """Train from ``self.step`` to step ``stop`` (``self.step <= stop <= train.steps``) and,
+        if ``stop`` comes before the end of the run, save a checkpoint there.
+
+        The steps are those of the whole run (the LR schedule, the timeline and the data order
+        follow ``train.steps``), so stopping at ``stop`` and resuming continues the same run:
+        a chapter can stop a committed run's config at, e.g., its clustering step and look at
+        the state there. :meth:`fit` is ``train_until(train.steps)`` plus the final evaluation.
+        """
         cfg, t = self.cfg, self.cfg.train
-        self._t0 = time.perf_counter()
+        if not self.step <= stop <= t.steps:
+            raise ValueError(
+                f"train_until({stop}): this run is at step {self.step} of {t.steps}; stop must"
+                f" lie between them"
+            )
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
         batches = step_loader(
             self.labeled,
             t.batch_size,
@@ -464,7 +480,7 @@ class Trainer:
             mininterval=self.progress_interval,
         )
         unlabeled = None
-        while self.step < t.steps:
+        while self.step < stop:
             micro = [
                 {
                     k: v.to(self.device, non_blocking=True)
@@ -499,6 +515,15 @@ class Trainer:
             if t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save()
         bar.close()
+        if stop < t.steps:
+            self.save()
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps`` (or the rest of a resumed run), evaluate, write
+        ``summary.json`` and return the summary."""
+        cfg, t = self.cfg, self.cfg.train
+        self.train_until(t.steps)
+        assert self._t0 is not None
         wall_s = self.wall_before + time.perf_counter() - self._t0
         res = self.evaluate()
         self.best_miou = max(self.best_miou, res["miou"])
