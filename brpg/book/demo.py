@@ -7,6 +7,9 @@ the moment BRPG clusters its memories. This module trains that model once (cache
 :class:`~brpg.method.memory.PrototypeMemory` the way the sampling window does, on the CPU and
 without a trainer.
 
+- :func:`clustering_state` → :class:`DemoRun` of a committed BRPG study run, re-run to the step
+  at which it clusters: its student, its CPG memories, and how closely the replay follows the
+  committed log;
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
 - :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
@@ -49,6 +52,7 @@ from brpg.method.cpg import (
 )
 from brpg.method.memory import PrototypeMemory
 from brpg.models import build_model
+from brpg.timeline import cluster_due
 
 __all__ = [
     "DEMO_CAPACITY",
@@ -58,9 +62,12 @@ __all__ = [
     "appearance_modes",
     "boundary_distance",
     "cluster",
+    "clustering_state",
+    "clustering_step",
     "demo_datasets",
     "feature_batch",
     "fill_memories",
+    "log_gap",
     "run_dir_for",
     "warm_model",
 ]
@@ -80,6 +87,12 @@ class DemoRun:
     ``model`` is on the CPU in eval mode. The datasets use the *evaluation* transform (no
     random scale or crop) so that item ``i`` is always the same tensor; ``unlabeled`` carries
     its masks too, for diagnostics only (BRPG never reads them).
+
+    A run replayed by :func:`clustering_state` also carries the CPG ``memory`` its sampling
+    window filled (on the CPU), the ``step`` it stopped at (before that step's clustering) and
+    ``log_gap``, the largest difference, per logged quantity, between the replay's log and the
+    committed run's (see :func:`log_gap`); ``summary`` is then the committed run's summary and
+    ``run_dir`` the replay's folder.
     """
 
     cfg: Config
@@ -89,6 +102,9 @@ class DemoRun:
     val: Dataset
     summary: dict[str, Any]
     run_dir: Path
+    memory: PrototypeMemory | None = None
+    step: int | None = None
+    log_gap: dict[str, float] | None = None
 
     def dataset(self, split: str) -> Dataset:
         """``labeled``, ``unlabeled`` or ``val``."""
@@ -193,6 +209,105 @@ def warm_model(
     model.eval()
     labeled, unlabeled, val = demo_datasets(cfg)
     return DemoRun(cfg, model, labeled, unlabeled, val, summary, run_dir)
+
+
+def clustering_step(cfg: Config) -> int:
+    """The step before which a BRPG run clusters its memories for the first time (the end of
+    the sampling window, appendix: timeline)."""
+    if not cfg.train.brpg:
+        raise ValueError(f"{cfg.name} is not a BRPG run (train.brpg=false): it never clusters")
+    step = cfg.proto.sample_start_step + cfg.proto.sample_steps
+    assert cluster_due(step, cfg)
+    return step
+
+
+def _log_records(path: Path, until: int) -> dict[tuple[int, str], float]:
+    """``{(step, key): value}`` of the numbers a run logged up to step ``until`` (training
+    lines and evaluations; the one-off events, logged before a step runs, and wall times left
+    out)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "event" in rec or rec.get("step", 0) > until:
+            continue
+        for k, v in rec.items():
+            if k not in ("step", "wall_s", "final") and isinstance(v, float | int):
+                out[rec["step"], k] = float(v)
+    return out
+
+
+def log_gap(replayed: Path, committed: Path, until: int) -> dict[str, float]:
+    """Per logged quantity (``loss_sup``, ``val_miou``, …), the largest absolute difference
+    between two runs' ``log.jsonl`` up to step ``until``. Raises if the two logged different
+    steps or quantities (a replay of another config)."""
+    a, b = _log_records(replayed, until), _log_records(committed, until)
+    if a.keys() != b.keys():
+        only = sorted(a.keys() ^ b.keys())[:5]
+        raise ValueError(
+            f"{replayed} and {committed} logged different things up to {until}: {only}"
+        )
+    gap = dict.fromkeys((k for _, k in a), 0.0)
+    for (step, k), v in a.items():
+        gap[k] = max(gap[k], abs(v - b[step, k]))
+    return gap
+
+
+def clustering_state(
+    committed: str | Path = "results/digits_v3/study/digits_brpg_1_16/seed0",
+    run_root: str | Path = "runs/book",
+) -> DemoRun:
+    """A committed BRPG run re-run, with its own ``config.yaml``, to the step at which it
+    clusters its memories (:func:`clustering_step`), or that state reused from ``run_root``.
+
+    This is the object chapters 3-7 study: the student after the warm-up and the sampling
+    window of a run whose final scores the evidence chapter reports, and the CPG memories it
+    filled (appendix: timeline, CPG). :meth:`brpg.engine.trainer.Trainer.train_until` trains
+    the whole run's schedule and stops there with a checkpoint, so a second call (another
+    chapter) loads it instead of training. The returned :class:`DemoRun` carries the student in
+    eval mode on the CPU, ``memory`` (moved to the CPU), ``step``, the committed ``summary``
+    (``{}`` while the committed run is unfinished) and ``log_gap`` (:func:`log_gap` against the
+    committed log: zero on a CPU like the one that made the run, at the same thread count; a
+    CPU with other vector instructions rounds convolutions differently and drifts a little).
+    A relative ``committed`` or ``run_root`` is resolved like the data root
+    (:func:`brpg.data.build.resolve_data_root`).
+    """
+    src = resolve_data_root(str(committed))
+    if not (src / "config.yaml").exists() or not (src / "log.jsonl").exists():
+        raise FileNotFoundError(
+            f"{src}: no committed run (config.yaml and log.jsonl) to replay; the study's runs"
+            " are under results/digits_v3/study/<preset>/seed<k>"
+        )
+    cfg = load_config(src / "config.yaml")
+    stop = clustering_step(cfg)
+    run_dir = (
+        resolve_data_root(str(run_root))
+        / f"replay_{cfg.name}_seed{cfg.train.seed}_{cfg.hash()[:8]}"
+    )
+    with distributed.exclusive_lock(run_dir):  # two notebooks asking at once: one trains
+        ckpt = run_dir / CKPT_NAME
+        resume = ckpt.exists()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # a replay killed before its first checkpoint
+        trainer = Trainer(cfg, run_dir, resume=resume, progress=False)
+        trainer.train_until(stop)
+    assert trainer.method is not None and trainer.method.plugin is not None
+    memory = trainer.method.plugin.memory
+    assert memory is not None, "the sampling window left no memory"
+    cpu_memory = PrototypeMemory(
+        memory.num_classes,
+        memory.dim,
+        memory.capacity,
+        memory.kinds,
+        device=torch.device("cpu"),
+        sync=False,
+    )
+    cpu_memory.load_state_dict(memory.state_dict())  # copy_ moves a GPU run's rows over
+    model = distributed.unwrap_model(trainer.model).cpu().eval()
+    summary_path = src / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    labeled, unlabeled, val = demo_datasets(cfg)
+    gap = log_gap(run_dir / "log.jsonl", src / "log.jsonl", stop)
+    return DemoRun(cfg, model, labeled, unlabeled, val, summary, run_dir, cpu_memory, stop, gap)
 
 
 def _stack(ds: Dataset, indices: list[int]) -> tuple[Tensor, Tensor]:

@@ -446,7 +446,7 @@ class Trainer:
 
     def train_until(self, stop: int) -> None:
         """Train from ``self.step`` to step ``stop`` (``self.step <= stop <= train.steps``) and,
-        if ``stop`` comes before the end of the run, save a checkpoint there.
+        if that trained and ``stop`` comes before the end of the run, save a checkpoint there.
 
         The steps are those of the whole run (the LR schedule, the timeline and the data order
         follow ``train.steps``), so stopping at ``stop`` and resuming continues the same run:
@@ -461,6 +461,7 @@ class Trainer:
             )
         if self._t0 is None:
             self._t0 = time.perf_counter()
+        start = self.step
         batches = step_loader(
             self.labeled,
             t.batch_size,
@@ -515,7 +516,7 @@ class Trainer:
             if t.ckpt_every and self.step % t.ckpt_every == 0:
                 self.save()
         bar.close()
-        if stop < t.steps:
+        if start < stop < t.steps:  # a run already at `stop` (reloaded) is not written again
             self.save()
 
     def fit(self) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""brpg.book.demo.clustering_state: a committed BRPG run re-run to its clustering step.
+
+Machine: exact, same-machine. A tiny BRPG run (one thread) plays the committed run; its replay
+in the same process must log the same numbers (gap 0), hold the memories the run clustered (the
+clustering of the replay's memories gives the committed run's logged prototype counts), and be
+reused on a second call. Step arithmetic and the log comparison's errors are exact.
+"""
+
+import json
+
+import pytest
+import torch
+
+from brpg.book import demo
+from brpg.config import load_config
+from brpg.engine.trainer import Trainer
+from brpg.method.clustering import cluster_prototypes
+
+# A private, small DigitScenes and a tiny BRPG run: warm-up 0-2, semi 3, sampling 4-6,
+# clustering before 7, proto 7-9.
+TINY_BRPG = [
+    "data.digits_train=64",
+    "data.digits_val=8",
+    "model.width=8",
+    "model.decoder_channels=16",
+    "model.rep_dim=16",
+    "train.batch_size=4",
+    "train.steps=10",
+    "train.ckpt_every=0",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "train.threads=1",
+    "train.amp=off",
+    "optim.warmup_steps=1",
+    "semi.sup_only_steps=3",
+    "proto.sample_start_step=4",
+    "proto.sample_steps=3",
+    "proto.sample_pixel_num=8",
+    "proto.queue_len=64",
+    "proto.grid_num=7",
+    "proto.unsup_sample_num=16",
+    "proto.kmeans_iters=5",
+    "proto.kmeans_n_init=1",
+    "proto.thr_delay_steps=5",
+]
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """A finished tiny BRPG run standing in for a committed study run."""
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("replay")
+    cfg = load_config("digits_brpg_1_16", [*TINY_BRPG, f"data.root={root / 'digits'}"])
+    run_dir = root / "committed" / "seed0"
+    Trainer(cfg, run_dir, progress=False).fit()
+    yield run_dir
+    torch.set_num_threads(threads)  # the trainer set train.threads for the whole process
+
+
+def test_clustering_step_is_the_end_of_the_sampling_window():
+    cfg = load_config("digits_brpg_1_16", ["proto.sample_start_step=500", "proto.sample_steps=100"])
+    assert demo.clustering_step(cfg) == 600
+    with pytest.raises(ValueError, match="not a BRPG run"):
+        demo.clustering_step(load_config("digits_meanteacher_1_16"))
+
+
+def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_path):
+    run = demo.clustering_state(committed, run_root=tmp_path)
+    assert run.step == 7 and run.summary["steps"] == 10
+    assert run.log_gap and set(run.log_gap) >= {"loss_sup", "loss_unsup", "val_miou"}
+    assert all(v == 0.0 for v in run.log_gap.values()), run.log_gap  # same process, same numbers
+    assert not run.model.training and all(p.device.type == "cpu" for p in run.model.parameters())
+    # the replay's memories are the ones the committed run clustered: the same clustering
+    # (seed train.seed + step) gives the prototype counts the committed run logged
+    protos, valid = cluster_prototypes(run.memory, run.cfg, seed=run.cfg.train.seed + run.step)
+    logged = [
+        json.loads(line)
+        for line in (committed / "log.jsonl").read_text().splitlines()
+        if "prototypes_per_class" in line
+    ]
+    assert len(logged) == 1 and logged[0]["step"] == 7
+    assert valid.sum(1).tolist() == logged[0]["prototypes_per_class"]
+    assert sum(int(run.memory.count[k].sum()) for k in run.memory.kinds) > 0
+    # a second call loads the checkpoint at step 7 instead of training again
+    ckpt = run.run_dir / "last.pt"
+    mtime = ckpt.stat().st_mtime
+    again = demo.clustering_state(committed, run_root=tmp_path)
+    assert ckpt.stat().st_mtime == mtime and again.step == 7
+    a, b = run.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert all(torch.equal(run.memory.feats(k), again.memory.feats(k)) for k in run.memory.kinds)
+
+
+def test_log_gap_measures_and_refuses_other_runs(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"loss_sup": 1.0, "step": 1, "wall_s": 3}\n{"step": 2, "val_miou": 40.0}\n')
+    b.write_text('{"loss_sup": 1.25, "step": 1, "wall_s": 9}\n{"step": 2, "val_miou": 39.5}\n')
+    assert demo.log_gap(a, b, until=2) == {"loss_sup": 0.25, "val_miou": 0.5}
+    assert demo.log_gap(a, b, until=1) == {"loss_sup": 0.25}  # later steps left out
+    b.write_text('{"loss_sup": 1.0, "step": 1}\n')
+    with pytest.raises(ValueError, match="logged different things"):
+        demo.log_gap(a, b, until=2)
+
+
+def test_a_missing_committed_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no committed run"):
+        demo.clustering_state(tmp_path / "nowhere", run_root=tmp_path)
