@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from brpg.book import demo
+from brpg.book import demo, demo_proto
 from brpg.config import load_config
 from brpg.engine.trainer import Trainer
 from brpg.method.clustering import cluster_prototypes
@@ -69,6 +69,7 @@ def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_
     assert run.step == 7 and run.summary["steps"] == 10
     assert run.log_gap and set(run.log_gap) >= {"loss_sup", "loss_unsup", "val_miou"}
     assert all(v == 0.0 for v in run.log_gap.values()), run.log_gap  # same process, same numbers
+    assert demo.last_eval(run)["step"] == 5  # the evaluation before the clustering
     assert not run.model.training and all(p.device.type == "cpu" for p in run.model.parameters())
     # the replay's memories are the ones the committed run clustered: the same clustering
     # (seed train.seed + step) gives the prototype counts the committed run logged
@@ -81,6 +82,9 @@ def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_
     assert len(logged) == 1 and logged[0]["step"] == 7
     assert valid.sum(1).tolist() == logged[0]["prototypes_per_class"]
     assert sum(int(run.memory.count[k].sum()) for k in run.memory.kinds) > 0
+    # the book's bank of a replay is the run's own: its memories, its clustering seed
+    bank = demo_proto.build_bank(run)
+    assert torch.equal(bank.valid, valid) and torch.equal(bank.prototypes, protos)
     # a second call loads the checkpoint at step 7 instead of training again
     ckpt = run.run_dir / "last.pt"
     mtime = ckpt.stat().st_mtime

@@ -70,8 +70,8 @@ def test_study_splits_are_the_two_smallest_where_the_mean_teacher_helps():
     assert study.study_splits({"1_8": 46.0}, {"1_8": 45.0}) == []
 
 
-def _write(dest: Path, config: str, seed: int, miou: float, biou: float, **extra) -> None:
-    run = dest / config / f"seed{seed}"
+def _write(dest: Path, preset: str, seed: int, miou: float, biou: float, **extra) -> None:
+    run = dest / preset / f"seed{seed}"
     run.mkdir(parents=True)
     summary = {
         "val_miou": miou,
@@ -178,3 +178,23 @@ def test_val_curve_and_budget_runs_read_what_the_trainer_writes(tmp_path: Path):
         tmp_path / "steps4000" / "digits_meanteacher_1_8" / "seed0" / "log.jsonl"
     )
     assert curve == [(500, 20.0, 9.0), (4000, 58.0, 30.0)]
+
+
+def test_apo_picks_reads_the_clustering_event_of_each_finished_seed(tmp_path: Path):
+    proto = {"proto": {"num_high": 2, "num_low": 2}}
+    events = {0: [5, 4, 4, 4, 5], 1: [6, 4, 3, 4, 4]}  # seed 1: two extra to class 0, 2 short
+    for seed, counts in events.items():
+        _write(
+            tmp_path, "digits_brpg_1_8", seed, 50.0, 30.0, config={"train": {"seed": seed}, **proto}
+        )
+        log = tmp_path / "digits_brpg_1_8" / f"seed{seed}" / "log.jsonl"
+        lines = [
+            {"step": 550, "loss_sup": 0.5},
+            {"step": 600, "event": "prototypes_per_class", "prototypes_per_class": counts},
+            {"step": 600, "loss_sup": 0.4},
+        ]
+        log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert study.apo_picks(tmp_path, "digits_brpg_1_8") == {0: {0: 1, 4: 1}, 1: {0: 2}}
+    (tmp_path / "digits_brpg_1_8" / "seed1" / "log.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="no clustering event"):
+        study.apo_picks(tmp_path, "digits_brpg_1_8")

@@ -67,6 +67,7 @@ __all__ = [
     "demo_datasets",
     "feature_batch",
     "fill_memories",
+    "last_eval",
     "log_gap",
     "run_dir_for",
     "warm_model",
@@ -250,6 +251,19 @@ def log_gap(replayed: Path, committed: Path, until: int) -> dict[str, float]:
     for (step, k), v in a.items():
         gap[k] = max(gap[k], abs(v - b[step, k]))
     return gap
+
+
+def last_eval(run: DemoRun) -> dict[str, Any]:
+    """The last evaluation ``{"step", "val_miou", "val_mbiou"}`` in ``run``'s own log (for a
+    replay, the one before its clustering step; ``run.summary`` is the finished run's)."""
+    evals = [
+        rec
+        for line in (run.run_dir / "log.jsonl").read_text().splitlines()
+        if "val_miou" in (rec := json.loads(line))
+    ]
+    if not evals:
+        raise ValueError(f"{run.run_dir}: no evaluation logged yet")
+    return evals[-1]
 
 
 def clustering_state(

@@ -35,12 +35,22 @@ def build_bank(
     n_batches: int = 8,
     batch_size: int = 16,
     apo: bool = True,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> PrototypeBank:
-    """Fill CPG memories from ``run`` (:func:`brpg.book.demo.fill_memories`), cluster them
-    (:func:`brpg.book.demo.cluster`, APO on by default) and load the result into a fresh bank with
-    the preset's EMA momentum (``cfg.proto.ema_momentum`` = 0.99)."""
-    memory = fill_memories(run, n_batches, batch_size, seed=seed)
+    """Cluster CPG memories (:func:`brpg.book.demo.cluster`, APO on by default) and load the
+    result into a fresh bank with the preset's EMA momentum (``cfg.proto.ema_momentum``).
+
+    The memories are the run's own when it has them (a :func:`brpg.book.demo.clustering_state`
+    replay), clustered with the run's seed (``train.seed + step``), so the bank is the one the
+    run built; otherwise they are filled from the model by
+    :func:`brpg.book.demo.fill_memories` (``n_batches`` × ``batch_size``, seed ``seed`` or 0).
+    """
+    if run.memory is not None:
+        memory = run.memory
+        seed = run.cfg.train.seed + (run.step or 0) if seed is None else seed
+    else:
+        seed = 0 if seed is None else seed
+        memory = fill_memories(run, n_batches, batch_size, seed=seed)
     protos_ckd, valid_ck = cluster(memory, run.cfg, apo=apo, seed=seed)
     c, k, d = protos_ckd.shape
     bank = PrototypeBank(c, d, k, momentum=run.cfg.proto.ema_momentum, sync=False)

@@ -123,6 +123,28 @@ def runs_by_seed(dest: str | Path, config: str) -> dict[int, dict[str, Any]]:
     return out
 
 
+def apo_picks(dest: str | Path, config: str) -> dict[int, dict[int, int]]:
+    """``{seed: {class: extra prototypes}}`` of the committed runs of ``config`` under
+    ``dest`` that have finished (appendix: clustering and APO), read from the clustering event
+    in each ``log.jsonl``: a class's prototypes beyond ``proto.num_high + proto.num_low``. The
+    log gives per-class totals, not which memory kind the extra one came from. A class that
+    ends with *fewer* than the base (an empty memory) is left out."""
+    out: dict[int, dict[int, int]] = {}
+    for seed, summary in runs_by_seed(dest, config).items():
+        log = Path(dest) / config / f"seed{seed}" / "log.jsonl"
+        events = [
+            rec["prototypes_per_class"]
+            for line in log.read_text().splitlines()
+            if "prototypes_per_class" in (rec := json.loads(line))
+        ]
+        if not events:
+            raise ValueError(f"{log}: no clustering event (is {config} a BRPG run?)")
+        proto = summary["config"]["proto"]
+        base = int(proto["num_high"]) + int(proto["num_low"])
+        out[seed] = {c: n - base for c, n in enumerate(events[0]) if n > base}
+    return out
+
+
 def paired(
     dest: str | Path, a: str, b: str, metric: str = "miou", cls: int | None = None
 ) -> Paired:
