@@ -18,13 +18,6 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/04_separate_clustering.ipynb)
 #
-# ```{note}
-# The model this chapter studies (`brpg.book.demo.warm_model`) is trained on **DigitScenes
-# version 2** data (a 1-px ignore band around every label edge, `ignore_band=1`): the data
-# this chapter's measurements were made on. DigitScenes is now version 3, with boundary
-# pixels labeled (chapter 1); the evidence study will redo this chapter on version-3 runs.
-# ```
-#
 # Chapter 3 split the correctly classified pixels of every class $c$ into a high-confidence
 # set $\mathcal H_c$ and a low-confidence set $\mathcal L_c$, and found the low-confidence
 # pixels closer to object boundaries. BRPG turns both sets into prototypes, **separately**:
@@ -69,30 +62,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brpg.book.demo import cluster, fill_memories, warm_model
+from brpg.book.demo import cluster, clustering_state
 from brpg.book.tools import show_source
 from brpg.data.digits import DIGIT_CLASSES
 from brpg.method.clustering import cluster_memories
 from brpg.method.cpg import LabeledRoutes, Rows, memory_rows
 from brpg.method.kmeans import batched_kmeans_full
 from brpg.method.memory import PrototypeMemory
+from brpg.method.plugin import BRPGPlugin
 
 torch.set_num_threads(2)
 
 # %% [markdown]
 # ## Filling the memories
 #
-# `brpg.book.demo.fill_memories` runs the sampling window on the warm model of chapter 3: every
-# step takes 16 labeled scenes (student features, dropout on) and 16 unlabeled scenes
-# (teacher features, eval mode), routes them as in chapter 3, keeps a random budget of rows
-# with `memory_rows` and pushes them into a `PrototypeMemory`. It is the package's
-# sampling code without the training around it; the budgets are the DigitScenes presets'
-# (64 rows per image and step, 10,000 rows per memory). Eight steps make one pass over the
-# 125 labeled scenes (the DigitScenes BRPG presets sample for 100 steps while training
-# goes on; here the model is frozen, so more steps would mostly repeat the same scenes).
+# The memories studied here are the ones the committed BRPG run of chapter 3 (1/16 of the
+# labels, seed 0) filled in its sampling window, steps 500 to 599, while it trained: every
+# step the plug-in's `observe` takes the student's features of the 16 labeled scenes and
+# the eval-mode teacher's features of the 16 unlabeled scenes, routes them as in chapter 3,
+# keeps a random budget of rows with `memory_rows` (the cap of `cpg_rows`) and pushes them
+# into a `PrototypeMemory`. The budgets are the DigitScenes presets' (64 rows per image and
+# step, 10,000 rows per memory). `brpg.book.demo.clustering_state` replays the run to step
+# 600 and hands over its memories as they are when the run clusters them.
 
 # %%
-show_source(fill_memories)
+show_source(BRPGPlugin.observe)
 
 # %%
 show_source(memory_rows)
@@ -101,20 +95,24 @@ show_source(memory_rows)
 show_source(PrototypeMemory.push)
 
 # %%
-run = warm_model()
-print(f"warm model: {run.summary['steps']} steps, val mIoU {run.summary['val_miou']:.1f} %")
-t0 = time.perf_counter()  # the fill alone (warm_model trains once on a fresh machine, then loads)
-memory = fill_memories(run, n_batches=8, batch_size=16, unlabeled=True, seed=0)
+t0 = time.perf_counter()
+run = clustering_state()
+memory = run.memory
 n_high, n_low = memory.count["high"], memory.count["low"]
-print(f"memories filled in {time.perf_counter() - t0:.0f} s; rows per class:")
+print(
+    f"{run.cfg.name} seed {run.cfg.train.seed} at step {run.step} (ready in {time.perf_counter() - t0:.0f} s)"
+)
+print(f"rows per class (capacity {memory.capacity:,} per memory):")
 print(f"{'class':>10} {'high':>6} {'low':>6}")
 for c, name in enumerate(DIGIT_CLASSES):
     print(f"{name:>10} {int(n_high[c]):6d} {int(n_low[c]):6d}")
+assert int(n_high[0]) == int(n_low[0]) == memory.capacity  # background: both at the cap
+assert bool((n_low[1:] > n_high[1:]).all()), (n_high, n_low)  # every digit: low is larger
 
 # %% [markdown]
-# Background fills its high memory to the cap, digits have a few dozen to a few hundred
-# rows. After a few hundred supervised steps the model is sure about little except the
-# background, so for most digits the *low* memory is the larger one.
+# Background fills both of its memories to the cap; each digit has far fewer rows. After
+# 500 supervised steps and 100 with the mean teacher the model is sure about little except
+# the background, so for every digit the *low* memory is the larger one (checked below).
 #
 # ## Clustering
 #
@@ -239,8 +237,9 @@ plt.show()
 
 # %% [markdown]
 # The rows of the two classes overlap a lot: the representation head is still random, and
-# after a few hundred steps the decoder separates the digits only partly. The prototypes
-# are averages of many rows and so lie on the class's side of the line. The numbers:
+# after 600 steps the decoder separates the digits only partly. The prototypes, averages
+# of many rows, sit close to the line, most of them on the class's side and a few on or
+# just across it. The numbers (for every class, not only the four drawn):
 
 # %%
 print(f"{'class':>10} {'n high':>7} {'n low':>6} {'m(high)':>8} {'m(low)':>8}")
@@ -335,6 +334,6 @@ assert res3.center_valid[0].sum() == 3 and sorted(res3.assign[0].tolist()) == [0
 # Memories of the official size (30,000 rows per class and kind, 256-d features of a trained
 # ResNet-101, 19 to 81 classes) and whether prototypes near the boundary improve the
 # segmentation of real images: that needs full PASCAL VOC or Cityscapes runs with and without
-# the split, on GPUs. Here the memories come from a frozen model (one pass over the labeled
-# scenes) of DigitScenes version 2, not from a model that trains during the window.
+# the split, on GPUs. Here the memories are those of one DigitScenes run (seed 0, 1/16); other
+# seeds' memories are not examined in this chapter.
 # ```

@@ -24,7 +24,7 @@
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
 # the live runs in this chapter use version 3 (the warm model of `brpg.book.demo.warm_model`
-# keeps version 2's data, as in chapters 2-7), the tables version 2, and no table mixes the
+# keeps version 2's data, as in chapters 2 and 6), the tables version 2, and no table mixes the
 # two. A version-3 study with more seeds will replace these results.
 # ```
 #

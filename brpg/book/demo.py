@@ -156,10 +156,10 @@ def run_dir_for(
     return resolve_data_root(str(run_root)) / name
 
 
-# The mechanism chapters (2-8b) were measured on DigitScenes version 2, whose 1-px ignore band
-# (`ignore_band=1`) version 3 turned off; their warm model keeps that data, in its own cache
-# folder, until the evidence study redoes them on version-3 runs. Version 3 with the band on
-# draws exactly version 2's scenes.
+# Chapters 2, 6, 8 and 8b still use a warm model measured on DigitScenes version 2, whose 1-px
+# ignore band (`ignore_band=1`) version 3 turned off; it keeps that data, in its own cache
+# folder, until they move to the study's runs as chapters 3, 4, 5 and 7 did
+# (`clustering_state`). Version 3 with the band on draws exactly version 2's scenes.
 WARM_DATA = ("data.root=data/digits_v2band", "data.digits_knobs={ignore_band: 1}")
 
 
