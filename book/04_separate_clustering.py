@@ -82,8 +82,8 @@ torch.set_num_threads(2)
 # the eval-mode teacher's features of the 16 unlabeled scenes, routes them as in chapter 3,
 # keeps a random budget of rows with `memory_rows` (the cap of `cpg_rows`) and pushes them
 # into a `PrototypeMemory`. The budgets are the DigitScenes presets' (64 rows per image and
-# step, 10,000 rows per memory). `brpg.book.demo.clustering_state` replays the run to step
-# 600 and hands over its memories as they are when the run clusters them.
+# step, 10,000 rows per memory). `brpg.book.demo.clustering_state` (chapter 3) hands over
+# the memories as they are at step 600, when the run clusters them.
 
 # %%
 show_source(BRPGPlugin.observe)

@@ -189,7 +189,7 @@ print("prototypes per class after APO + clustering:", valid.sum(1).tolist())
 committed_picks = apo_picks(PROJECT_ROOT / "results" / "digits_v3" / "study", run.cfg.name)
 logged = {DIGIT_CLASSES[c]: n for c, n in committed_picks[run.cfg.train.seed].items()}
 print("the committed run logged extra prototypes for:", logged)
-# the replayed memories give the run's own choice (the log has totals, not the kind)
+# the run's memories give the run's own choice (the log has totals, not the kind)
 assert committed_picks[run.cfg.train.seed] == {
     c: picked["high"].count(c) + picked["low"].count(c) for c in set(picked["high"] + picked["low"])
 }
@@ -202,8 +202,8 @@ print("ranks of the multi-modal classes:", mm_ranks)
 # stroke of DigitScenes, so its features point in many directions. Among the low-confidence
 # memories the background comes second, just behind the digit `8`, so the `8` gets the extra
 # low prototype. The multi-modal digits are not among the most dispersed at all (their
-# ranks are printed above; two of them have the most compact memories of all). The
-# replayed memories give exactly the choice the committed run logged at its clustering.
+# ranks are printed above; two of them have the most compact memories of all). These
+# memories give exactly the choice the committed run logged at its clustering.
 #
 # ## Why: within a mode the features vary more than between modes
 #

@@ -65,7 +65,7 @@ def test_clustering_step_is_the_end_of_the_sampling_window():
 
 
 def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_path):
-    run = demo.clustering_state(committed, run_root=tmp_path)
+    run = demo.clustering_state(committed, run_root=tmp_path, replay=True)
     assert run.step == 7 and run.summary["steps"] == 10
     assert run.log_gap and set(run.log_gap) >= {"loss_sup", "loss_unsup", "val_miou"}
     assert all(v == 0.0 for v in run.log_gap.values()), run.log_gap  # same process, same numbers
@@ -88,11 +88,46 @@ def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_
     # a second call loads the checkpoint at step 7 instead of training again
     ckpt = run.run_dir / "last.pt"
     mtime = ckpt.stat().st_mtime
-    again = demo.clustering_state(committed, run_root=tmp_path)
+    again = demo.clustering_state(committed, run_root=tmp_path, replay=True)
     assert ckpt.stat().st_mtime == mtime and again.step == 7
     a, b = run.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
     assert all(torch.equal(run.memory.feats(k), again.memory.feats(k)) for k in run.memory.kinds)
+
+
+def test_the_saved_state_is_the_replay_exactly_and_is_read_by_default(committed, tmp_path):
+    """save_clustering_state packs the filled slots of every ring; clustering_state() then
+    reads that file (no training) and gives the replay's weights, rings (layout included:
+    k-means++ seeding depends on the row order) and clustering. A packing that dropped or
+    reordered rows, or a loader that ignored ptr / count, fails it."""
+    run = demo.clustering_state(committed, run_root=tmp_path, replay=True)
+    path = demo.save_clustering_state(run, committed)
+    try:
+        assert path == committed / demo.STATE_FILE
+        loaded = demo.clustering_state(committed, run_root=tmp_path / "unused")
+        assert not (tmp_path / "unused").exists()  # read, not trained
+        assert loaded.step == run.step and loaded.log_gap == run.log_gap
+        assert loaded.run_dir == committed and demo.last_eval(loaded)["step"] == 5
+        a, b = run.model.state_dict(), loaded.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+        for k in run.memory.kinds:
+            assert torch.equal(run.memory.count[k], loaded.memory.count[k])
+            assert torch.equal(run.memory.ptr[k], loaded.memory.ptr[k])
+            assert torch.equal(run.memory.get(k)[0], loaded.memory.get(k)[0])
+        seed = run.cfg.train.seed + run.step
+        pa, va = cluster_prototypes(run.memory, run.cfg, seed=seed)
+        pb, vb = cluster_prototypes(loaded.memory, loaded.cfg, seed=seed)
+        assert torch.equal(pa, pb) and torch.equal(va, vb)
+        # a state written for another config is refused, not silently used
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "config_hash": "other"}, path)
+        with pytest.raises(ValueError, match="another config"):
+            demo.clustering_state(committed, run_root=tmp_path)
+        run.log_gap["loss_sup"] = 0.1  # a drifted replay is not written
+        with pytest.raises(ValueError, match="differs from the committed log"):
+            demo.save_clustering_state(run, committed)
+    finally:
+        path.unlink(missing_ok=True)  # the other tests replay the run
 
 
 def test_log_gap_measures_and_refuses_other_runs(tmp_path):

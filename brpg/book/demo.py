@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from brpg import distributed
 from brpg.config import Config, load_config
 from brpg.data.build import resolve_data_root
+from brpg.engine import runtime
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.trainer import CKPT_NAME, Trainer
 from brpg.method.clustering import cluster_prototypes
@@ -58,6 +59,7 @@ __all__ = [
     "DEMO_CAPACITY",
     "DEMO_SAMPLE_PIXEL_NUM",
     "MIXED_MODES",
+    "STATE_FILE",
     "DemoRun",
     "appearance_modes",
     "boundary_distance",
@@ -70,6 +72,7 @@ __all__ = [
     "last_eval",
     "log_gap",
     "run_dir_for",
+    "save_clustering_state",
     "warm_model",
 ]
 
@@ -254,35 +257,101 @@ def log_gap(replayed: Path, committed: Path, until: int) -> dict[str, float]:
 
 
 def last_eval(run: DemoRun) -> dict[str, Any]:
-    """The last evaluation ``{"step", "val_miou", "val_mbiou"}`` in ``run``'s own log (for a
-    replay, the one before its clustering step; ``run.summary`` is the finished run's)."""
+    """The last evaluation ``{"step", "val_miou", "val_mbiou"}`` in ``run``'s log up to
+    ``run.step`` (for a state at clustering, the one before its clustering step;
+    ``run.summary`` is the finished run's)."""
+    stop = run.step if run.step is not None else float("inf")
     evals = [
         rec
         for line in (run.run_dir / "log.jsonl").read_text().splitlines()
-        if "val_miou" in (rec := json.loads(line))
+        if "val_miou" in (rec := json.loads(line)) and rec["step"] <= stop
     ]
     if not evals:
         raise ValueError(f"{run.run_dir}: no evaluation logged yet")
     return evals[-1]
 
 
+STATE_FILE = "state_at_clustering.pt"  # beside a committed run: its state at the clustering
+
+
+def _pack_memory(memory: PrototypeMemory) -> dict[str, Any]:
+    """The filled part of every ring (slots ``0 … count-1`` of each class; a ring fills from
+    slot 0, so for a class that never wrapped this is all of it), with ``ptr`` and ``count``:
+    the exact ring layout, which k-means++ seeding depends on, in far less space."""
+    out: dict[str, Any] = {"capacity": memory.capacity, "kinds": list(memory.kinds)}
+    for k in memory.kinds:
+        feats, count = memory.feats(k), memory.count[k].cpu()
+        rows = [feats[c, : int(count[c])].cpu() for c in range(memory.num_classes)]
+        out[k] = {"rows": torch.cat(rows), "count": count, "ptr": memory.ptr[k].cpu()}
+    return out
+
+
+def _unpack_memory(packed: dict[str, Any], num_classes: int, dim: int) -> PrototypeMemory:
+    memory = PrototypeMemory(
+        num_classes, dim, packed["capacity"], packed["kinds"], device="cpu", sync=False
+    )
+    for k in memory.kinds:
+        feats, rows, count = memory.feats(k), packed[k]["rows"], packed[k]["count"]
+        starts = torch.cumsum(count, 0) - count
+        for c in range(num_classes):
+            n, s = int(count[c]), int(starts[c])
+            feats[c, :n].copy_(rows[s : s + n])
+        memory.count[k].copy_(count)
+        memory.ptr[k].copy_(packed[k]["ptr"])
+    return memory
+
+
+def save_clustering_state(run: DemoRun, committed: str | Path) -> Path:
+    """Write ``run`` (a :func:`clustering_state` replay) beside the committed run as
+    :data:`STATE_FILE`: the student's weights, the packed memories, and where they came from
+    (step, config hash, ``log_gap``, commit, machine), so that every reader's chapters study
+    the same numbers whatever their CPU computes."""
+    if run.memory is None or run.step is None or run.log_gap is None:
+        raise ValueError("save_clustering_state needs a clustering_state(replay=True) result")
+    if any(v != 0.0 for v in run.log_gap.values()):
+        raise ValueError(
+            f"the replay differs from the committed log ({run.log_gap}): write the state on a"
+            " CPU like the one that made the run, where the replay is exact"
+        )
+    path = resolve_data_root(str(committed)) / STATE_FILE
+    state = {
+        "format": 1,
+        "config_hash": run.cfg.hash(),
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "memory": _pack_memory(run.memory),
+        "log_gap": run.log_gap,
+        "commit": runtime.git_commit(),
+        # plain types only, so that weights_only loading reads it (torch's version is a class)
+        "machine": json.loads(json.dumps(runtime.machine_info(torch.device("cpu")), default=str)),
+    }
+    torch.save(state, path)
+    return path
+
+
 def clustering_state(
     committed: str | Path = "results/digits_v3/study/digits_brpg_1_16/seed0",
     run_root: str | Path = "runs/book",
+    replay: bool = False,
 ) -> DemoRun:
-    """A committed BRPG run re-run, with its own ``config.yaml``, to the step at which it
-    clusters its memories (:func:`clustering_step`), or that state reused from ``run_root``.
+    """A committed BRPG run at the step at which it clusters its memories
+    (:func:`clustering_step`): the state chapters 3, 4, 5 and 7 study.
 
-    This is the object chapters 3-7 study: the student after the warm-up and the sampling
-    window of a run whose final scores the evidence chapter reports, and the CPG memories it
-    filled (appendix: timeline, CPG). :meth:`brpg.engine.trainer.Trainer.train_until` trains
-    the whole run's schedule and stops there with a checkpoint, so a second call (another
-    chapter) loads it instead of training. The returned :class:`DemoRun` carries the student in
-    eval mode on the CPU, ``memory`` (moved to the CPU), ``step``, the committed ``summary``
-    (``{}`` while the committed run is unfinished) and ``log_gap`` (:func:`log_gap` against the
-    committed log: zero on a CPU like the one that made the run, at the same thread count; a
-    CPU with other vector instructions rounds convolutions differently and drifts a little).
-    A relative ``committed`` or ``run_root`` is resolved like the data root
+    That is the student after the warm-up and the sampling window of a run whose final scores
+    the evidence chapter reports, and the CPG memories it filled (appendix: timeline, CPG).
+    By default it is read from :data:`STATE_FILE` beside the committed run (written by
+    :func:`save_clustering_state` from an exact replay), so it is the same on every machine.
+    With ``replay=True``, or where there is no such file, the run is re-run with its own
+    ``config.yaml`` to that step by :meth:`brpg.engine.trainer.Trainer.train_until`, which
+    stops there with a checkpoint under ``run_root`` (a second call loads it). A replay is
+    exact on a CPU like the one that made the run, at the same thread count; a CPU with other
+    vector instructions rounds convolutions differently and drifts away from the committed
+    log (``log_gap`` says by how much).
+
+    The returned :class:`DemoRun` carries the student in eval mode on the CPU, ``memory`` (on
+    the CPU), ``step``, the committed ``summary`` (``{}`` while the committed run is
+    unfinished) and ``log_gap`` (:func:`log_gap` of the replay that made it against the
+    committed log). A relative ``committed`` or ``run_root`` is resolved like the data root
     (:func:`brpg.data.build.resolve_data_root`).
     """
     src = resolve_data_root(str(committed))
@@ -293,6 +362,23 @@ def clustering_state(
         )
     cfg = load_config(src / "config.yaml")
     stop = clustering_step(cfg)
+    summary_path = src / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if not replay and (src / STATE_FILE).exists():
+        state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["config_hash"] != cfg.hash() or state["step"] != stop:
+            raise ValueError(
+                f"{src / STATE_FILE} was written for another config or step than {src}'s"
+                " config.yaml; write it again (save_clustering_state) or pass replay=True"
+            )
+        model = build_model(cfg.model, cfg.data.num_classes)
+        model.load_state_dict(state["model"])
+        memory = _unpack_memory(state["memory"], cfg.data.num_classes, cfg.model.rep_dim)
+        labeled, unlabeled, val = demo_datasets(cfg)
+        return DemoRun(
+            cfg, model.eval(), labeled, unlabeled, val, summary, src, memory, stop,
+            dict(state["log_gap"]),
+        )  # fmt: skip
     run_dir = (
         resolve_data_root(str(run_root))
         / f"replay_{cfg.name}_seed{cfg.train.seed}_{cfg.hash()[:8]}"
@@ -317,8 +403,6 @@ def clustering_state(
     )
     cpu_memory.load_state_dict(memory.state_dict())  # copy_ moves a GPU run's rows over
     model = distributed.unwrap_model(trainer.model).cpu().eval()
-    summary_path = src / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     labeled, unlabeled, val = demo_datasets(cfg)
     gap = log_gap(run_dir / "log.jsonl", src / "log.jsonl", stop)
     return DemoRun(cfg, model, labeled, unlabeled, val, summary, run_dir, cpu_memory, stop, gap)
