@@ -10,39 +10,17 @@ import json
 
 import pytest
 import torch
+from test_semi import STEPS, tiny
 
 from brpg.book import demo, demo_proto
 from brpg.config import load_config
 from brpg.engine.trainer import Trainer
 from brpg.method.clustering import cluster_prototypes
 
-# A private, small DigitScenes and a tiny BRPG run: warm-up 0-2, semi 3, sampling 4-6,
-# clustering before 7, proto 7-9.
-TINY_BRPG = [
-    "data.digits_train=64",
-    "data.digits_val=8",
-    "model.width=8",
-    "model.decoder_channels=16",
-    "model.rep_dim=16",
-    "train.batch_size=4",
-    "train.steps=10",
-    "train.ckpt_every=0",
-    "train.log_every=1",
-    "train.eval_every=5",
-    "train.threads=1",
-    "train.amp=off",
-    "optim.warmup_steps=1",
-    "semi.sup_only_steps=3",
-    "proto.sample_start_step=4",
-    "proto.sample_steps=3",
-    "proto.sample_pixel_num=8",
-    "proto.queue_len=64",
-    "proto.grid_num=7",
-    "proto.unsup_sample_num=16",
-    "proto.kmeans_iters=5",
-    "proto.kmeans_n_init=1",
-    "proto.thr_delay_steps=5",
-]
+# test_semi's tiny BRPG run (warm-up 0-2, semi 3, sampling 4-6, clustering before 7, proto
+# 7-11), evaluated at step 5 (before the clustering) and with no periodic checkpoint, so that
+# the one at the clustering step is the replay's own
+REPLAY_SETS = ("train.eval_every=5", "train.ckpt_every=0", "train.amp=off")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +28,7 @@ def committed(tmp_path_factory):
     """A finished tiny BRPG run standing in for a committed study run."""
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("replay")
-    cfg = load_config("digits_brpg_1_16", [*TINY_BRPG, f"data.root={root / 'digits'}"])
+    cfg = load_config("digits_suponly_1_16", tiny(root / "digits", extra=REPLAY_SETS))
     run_dir = root / "committed" / "seed0"
     Trainer(cfg, run_dir, progress=False).fit()
     yield run_dir
@@ -66,7 +44,7 @@ def test_clustering_step_is_the_end_of_the_sampling_window():
 
 def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_path):
     run = demo.clustering_state(committed, run_root=tmp_path, replay=True)
-    assert run.step == 7 and run.summary["steps"] == 10
+    assert run.step == 7 and run.summary["steps"] == STEPS
     assert run.log_gap and set(run.log_gap) >= {"loss_sup", "loss_unsup", "val_miou"}
     assert all(v == 0.0 for v in run.log_gap.values()), run.log_gap  # same process, same numbers
     assert demo.last_eval(run)["step"] == 5  # the evaluation before the clustering

@@ -370,7 +370,8 @@ def test_train_until_stops_before_the_clustering_and_the_run_continues_exactly(d
     ``fit()`` ends where the straight run ends, log included. A loop that ran one step too far
     (the clustering done and the memories freed), or a checkpoint not written at the stop,
     fails it."""
-    cfg = load_config("digits_suponly_1_16", accum_sets(data_root, "brpg", BRPG_STEPS, 1))
+    sets = [*accum_sets(data_root, "brpg", BRPG_STEPS, 1), "train.ckpt_every=0"]  # stop's own
+    cfg = load_config("digits_suponly_1_16", sets)
     straight = run_trainer(cfg, tmp_path / "straight")
     run = tmp_path / "stopped"
     tr = Trainer(cfg, run, progress=False)

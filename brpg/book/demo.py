@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from brpg import distributed
+from brpg.book.study import logged_values, val_curve
 from brpg.config import Config, load_config
 from brpg.data.build import resolve_data_root
 from brpg.engine import runtime
@@ -225,26 +226,11 @@ def clustering_step(cfg: Config) -> int:
     return step
 
 
-def _log_records(path: Path, until: int) -> dict[tuple[int, str], float]:
-    """``{(step, key): value}`` of the numbers a run logged up to step ``until`` (training
-    lines and evaluations; the one-off events, logged before a step runs, and wall times left
-    out)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "event" in rec or rec.get("step", 0) > until:
-            continue
-        for k, v in rec.items():
-            if k not in ("step", "wall_s", "final") and isinstance(v, float | int):
-                out[rec["step"], k] = float(v)
-    return out
-
-
 def log_gap(replayed: Path, committed: Path, until: int) -> dict[str, float]:
     """Per logged quantity (``loss_sup``, ``val_miou``, …), the largest absolute difference
     between two runs' ``log.jsonl`` up to step ``until``. Raises if the two logged different
     steps or quantities (a replay of another config)."""
-    a, b = _log_records(replayed, until), _log_records(committed, until)
+    a, b = logged_values(replayed, until), logged_values(committed, until)
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())[:5]
         raise ValueError(
@@ -260,15 +246,12 @@ def last_eval(run: DemoRun) -> dict[str, Any]:
     """The last evaluation ``{"step", "val_miou", "val_mbiou"}`` in ``run``'s log up to
     ``run.step`` (for a state at clustering, the one before its clustering step;
     ``run.summary`` is the finished run's)."""
-    stop = run.step if run.step is not None else float("inf")
-    evals = [
-        rec
-        for line in (run.run_dir / "log.jsonl").read_text().splitlines()
-        if "val_miou" in (rec := json.loads(line)) and rec["step"] <= stop
-    ]
+    curve = val_curve(run.run_dir / "log.jsonl")
+    evals = [e for e in curve if run.step is None or e[0] <= run.step]
     if not evals:
         raise ValueError(f"{run.run_dir}: no evaluation logged yet")
-    return evals[-1]
+    step, miou, mbiou = evals[-1]
+    return {"step": step, "val_miou": miou, "val_mbiou": mbiou}
 
 
 STATE_FILE = "state_at_clustering.pt"  # beside a committed run: its state at the clustering
@@ -393,15 +376,7 @@ def clustering_state(
     assert trainer.method is not None and trainer.method.plugin is not None
     memory = trainer.method.plugin.memory
     assert memory is not None, "the sampling window left no memory"
-    cpu_memory = PrototypeMemory(
-        memory.num_classes,
-        memory.dim,
-        memory.capacity,
-        memory.kinds,
-        device=torch.device("cpu"),
-        sync=False,
-    )
-    cpu_memory.load_state_dict(memory.state_dict())  # copy_ moves a GPU run's rows over
+    cpu_memory = _unpack_memory(_pack_memory(memory), memory.num_classes, memory.dim)  # on the CPU
     model = distributed.unwrap_model(trainer.model).cpu().eval()
     labeled, unlabeled, val = demo_datasets(cfg)
     gap = log_gap(run_dir / "log.jsonl", src / "log.jsonl", stop)

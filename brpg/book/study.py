@@ -196,9 +196,23 @@ def check_fp32(dest: str | Path) -> int:
     return len(paths)
 
 
+def logged_values(log: str | Path, until: int) -> dict[tuple[int, str], float]:
+    """``{(step, key): value}`` of the numbers a run logged up to step ``until`` (training
+    lines and evaluations; the one-off events, logged before a step runs, and wall times left
+    out)."""
+    out = {}
+    for line in Path(log).read_text().splitlines():
+        rec = json.loads(line)
+        if "event" in rec or rec.get("step", 0) > until:
+            continue
+        for k, v in rec.items():
+            if k not in ("step", "wall_s", "final") and isinstance(v, float | int):
+                out[rec["step"], k] = float(v)
+    return out
+
+
 def _loss_sup(log: Path, until: int) -> dict[int, float]:
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    return {r["step"]: r["loss_sup"] for r in rows if "loss_sup" in r and r["step"] <= until}
+    return {s: v for (s, k), v in logged_values(log, until).items() if k == "loss_sup"}
 
 
 def warmup_identical(dest: str | Path, configs: list[str], seed: int, until: int = 500) -> bool:
