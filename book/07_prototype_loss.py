@@ -221,8 +221,8 @@ display(show_source(pseudo_threshold))
 # epochs hard-coded in the official code ({ref}`appendix <authors-timeline>`, {ref}`Q5 <authors-quirks>`). On VOC the prototype loss starts
 # at epoch 2, before that delay, so for its first epochs the threshold is slightly *below*
 # 0.8. The DigitScenes runs keep the shape in steps; the study's runs (chapter 8) start
-# the ramp after `proto.thr_delay_steps` = 500 of their 8,000 steps, where L_pro starts at
-# step 600, so their threshold too is a little below 0.8 at first:
+# the ramp after `proto.thr_delay_steps` = 500 of their 8,000 steps, before L_pro starts at
+# step 600, so unlike VOC's their threshold is already a little above 0.8 at first:
 
 # %%
 voc_steps_per_epoch, voc_epochs = 638, 80  # VOC 366 labels, 4 GPUs (appendix: timeline)
@@ -261,12 +261,17 @@ thr_voc_start = pseudo_threshold(2 * voc_steps_per_epoch, voc_steps_per_epoch, v
 print(f"VOC threshold when L_pro starts (epoch 2): {thr_voc_start:.4f}")
 # by hand: 0.8 + 0.15 · (epoch 2 − delay 5) / (80 − 5 epochs) = 0.8 − 0.15 · 3/75 = 0.794
 assert abs(thr_voc_start - 0.794) < 1e-12 and abs(voc_thr[-1] - 0.95) < 1e-12
+start_step = p.sample_start_step + p.sample_steps  # the step at which the run clusters
+thr_digits_start = pseudo_threshold(start_step, 1, digits_total, p.thr_start, p.thr_end,
+                                    p.thr_delay_steps, p.thr_clamp_low)  # fmt: skip
+print(f"study run's threshold when L_pro starts (step {start_step}): {thr_digits_start:.4f}")
+# by hand: 0.8 + 0.15 · (600 − 500) / (8000 − 500) = 0.802
+assert p.thr_delay_steps < start_step and abs(thr_digits_start - 0.802) < 1e-12
 
 # %% [markdown]
-# What does the bar select? The model at the clustering step as teacher on 128 unlabeled
-# scenes (the run's student; its EMA teacher is the average of its last 100 steps) (their masks
-# exist but BRPG never reads them; here they only measure how often the pseudo-labels are
-# right):
+# What does the bar select? The model at the clustering step as teacher (the run's student;
+# its EMA teacher is the average of its last 100 steps) on 128 unlabeled scenes, whose masks
+# exist but BRPG never reads; here they only measure how often the pseudo-labels are right:
 
 # %%
 x_u, unl = rep_head_inputs(run, "unlabeled", 128)
@@ -328,7 +333,6 @@ def proto_accuracy(head, bank):
 head = copy.deepcopy(run.model.decoder.rep_head)
 opt_cfg = cfg_brpg.optim
 optimizer = torch.optim.AdamW(head.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
-start_step = p.sample_start_step + p.sample_steps  # the step at which the preset clusters
 n_steps, every, batch = 200, 10, 16
 gen = torch.Generator().manual_seed(0)
 torch.manual_seed(0)  # dropout masks
