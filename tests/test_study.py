@@ -198,3 +198,26 @@ def test_apo_picks_reads_the_clustering_event_of_each_finished_seed(tmp_path: Pa
     (tmp_path / "digits_brpg_1_8" / "seed1" / "log.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="no clustering event"):
         study.apo_picks(tmp_path, "digits_brpg_1_8")
+
+
+@pytest.mark.parametrize("sharey", [False, True])
+def test_plot_comparisons_names_every_comparison_on_the_left_panel(tmp_path: Path, sharey: bool):
+    """Chapter 8 draws the panels with sharey=True; blank labels on the right panel once blanked
+    the left one's too, so the figure showed dots without saying which comparison they were."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for seed, (a, b) in enumerate([(50.0, 48.0), (52.0, 49.0)]):
+        _write(tmp_path, "digits_brpg_1_8", seed, a, a - 20)
+        _write(tmp_path, "digits_meanteacher_1_8", seed, b, b - 21)
+    rows = study.compare_split(tmp_path, "1_8")
+    fig, axes = plt.subplots(1, 2, sharey=sharey)
+    study.plot_comparisons(rows, axes)
+    fig.canvas.draw()
+    left = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert left == [f"{r['a']} − {r['b']}" for r in rows] and left
+    assert not any(t.get_visible() for t in axes[1].get_yticklabels())
+    assert axes[0].get_ylim()[0] > axes[0].get_ylim()[1]  # first comparison on top
+    plt.close(fig)

@@ -311,9 +311,12 @@ def plot_comparisons(rows: list[dict[str, Any]], axes: Any, title: str = "") -> 
             else:
                 ax.plot(p.mean, y, "D", color="C0", zorder=3)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(rows)), labels if metric == "miou" else [""] * len(rows))
-        ax.invert_yaxis()
         ax.set_xlabel(f"paired difference, {'mIoU' if metric == 'miou' else 'mBIoU'} (points)")
         ax.grid(axis="x", alpha=0.3)
+    # labels once, on the left panel: with sharey=True the panels share one tick formatter, so
+    # blank labels set on the right panel would blank the left one's too
+    axes[0].set_yticks(range(len(rows)), labels)
+    axes[0].set_ylim(len(rows) - 0.5, -0.5)  # first comparison on top
+    axes[1].tick_params(labelleft=False)
     if title:
         axes[0].set_title(title, fontsize=9, loc="left")
