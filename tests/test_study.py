@@ -94,7 +94,9 @@ def test_paired_differences_use_only_seeds_both_runs_have(tmp_path: Path):
     p = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8")
     assert p.seeds == (0, 1, 2) and p.diffs == (2.0, 3.0, 1.0) and p.wins == 3
     assert p.mean == 2.0 and p.half_width == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
-    assert study.verdict(p) == "no effect resolved: between -0.5 and +4.5 points"
+    assert study.verdict(p) == (
+        "no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds)"
+    )
     q = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", "mbiou")
     assert q.diffs == (3.0, 4.0, 2.0)
     c1 = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", cls=1)
@@ -111,6 +113,7 @@ def test_verdict_words():
     assert study.verdict(p(-2.0, -0.1)) == "hurts: -2.0 to -0.1 points"
     assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between -0.6 and +0.9 points"
     assert study.verdict(p(math.nan, math.nan, 1)).startswith("one seed only")
+    assert study.verdict(p(0.1, 5.0, 2)) == "helps: +0.1 to +5.0 points (partial: 2 of 5 seeds)"
 
 
 def test_fp32_check_refuses_a_bf16_or_older_run(tmp_path: Path):

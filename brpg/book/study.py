@@ -164,15 +164,20 @@ def paired(
     return Paired(a, b, metric, seeds, diffs, mean, low, high, sum(d > 0 for d in diffs))
 
 
+PLANNED_SEEDS = 5  # seeds per comparison and stage (PLAN.md); fewer is a partial result
+
+
 def verdict(p: Paired) -> str:
-    """The plan's wording: "helps" (interval above 0), "hurts" (below 0), else the interval."""
+    """The plan's wording: "helps" (interval above 0), "hurts" (below 0), else the interval;
+    marked partial while the comparison has fewer than :data:`PLANNED_SEEDS` seeds."""
     if p.n < 2:
         return f"one seed only ({p.mean:+.1f} points): no interval"
+    partial = f" (partial: {p.n} of {PLANNED_SEEDS} seeds)" if p.n < PLANNED_SEEDS else ""
     if p.low > 0:
-        return f"helps: +{p.low:.1f} to +{p.high:.1f} points"
+        return f"helps: +{p.low:.1f} to +{p.high:.1f} points{partial}"
     if p.high < 0:
-        return f"hurts: {p.low:.1f} to {p.high:.1f} points"
-    return f"no effect resolved: between {p.low:+.1f} and {p.high:+.1f} points"
+        return f"hurts: {p.low:.1f} to {p.high:.1f} points{partial}"
+    return f"no effect resolved: between {p.low:+.1f} and {p.high:+.1f} points{partial}"
 
 
 def check_fp32(dest: str | Path) -> int:
