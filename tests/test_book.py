@@ -3,6 +3,7 @@
 Machine: exact. Notebook text, links and the table of contents.
 """
 
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,8 +17,14 @@ from brpg.book import tools as booktools
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = booktools.chapter_pairs(ROOT)
 
-# Chapters not yet re-stamped (local badge image, install cell tagged remove-cell): they pass
-# once `python -m brpg.book.tools stamp <chapter>.py` has been run on them; remove them here then.
+# The header's `jupytext_version:` line records which jupytext last wrote the file: a newer
+# jupytext in CI (1.19.6 here, 1.19.7 there) renders another number for the same notebook.
+# The test is about the cells, so the comparison leaves that line out.
+_JUPYTEXT_VERSION = re.compile(r"^#\s+jupytext_version: .*$", re.MULTILINE)
+
+
+def _without_jupytext_version(text: str) -> str:
+    return _JUPYTEXT_VERSION.sub("#       jupytext_version: <any>", text)
 
 
 def test_there_are_chapters():
@@ -29,7 +36,7 @@ def test_pair_in_sync(py, nb):
     """`jupytext --sync` would change nothing: the .ipynb's inputs render to exactly the .py."""
     assert nb.exists(), f"{nb.name} is missing: run `jupytext --sync {py}`"
     rendered = jupytext.writes(jupytext.read(nb), fmt="py:percent")
-    assert rendered == py.read_text(), (
+    assert _without_jupytext_version(rendered) == _without_jupytext_version(py.read_text()), (
         f"{py.name} and {nb.name} differ: edit the .py, then run `jupytext --sync {py}` and"
         " re-execute the notebook"
     )
