@@ -99,7 +99,7 @@ show_source(route_labeled)
 # warm-up steps, then the mean teacher, with the sampling window over steps 500 to 599 and
 # the clustering before step 600. `brpg.book.demo.clustering_state` gives its state at
 # step 600, just before the clustering: the student's weights and the memories it filled.
-# They come from `state_at_clustering.pt` beside the committed run, written by re-running
+# They come from `state_at_step600.pt` beside the committed run, written by re-running
 # the run with its own config to step 600 on the kind of CPU that made it, where every
 # loss and score the re-run logged equals the committed log exactly (checked below from the
 # file's record). Reading the file, rather than re-running here, keeps every number in

@@ -1,4 +1,4 @@
-"""brpg.book.demo.clustering_state: a committed BRPG run re-run to its clustering step.
+"""brpg.book.demo.run_state: a committed BRPG run re-run to its clustering step or later.
 
 Machine: exact, same-machine. A tiny BRPG run (one thread) plays the committed run; its replay
 in the same process must log the same numbers (gap 0), hold the memories the run clustered (the
@@ -74,20 +74,21 @@ def test_replay_follows_the_committed_run_and_holds_its_memories(committed, tmp_
 
 
 def test_the_saved_state_is_the_replay_exactly_and_is_read_by_default(committed, tmp_path):
-    """save_clustering_state packs the filled slots of every ring; clustering_state() then
+    """save_run_state packs the filled slots of every ring; clustering_state() then
     reads that file (no training) and gives the replay's weights, rings (layout included:
     k-means++ seeding depends on the row order) and clustering. A packing that dropped or
     reordered rows, or a loader that ignored ptr / count, fails it."""
     run = demo.clustering_state(committed, run_root=tmp_path, replay=True)
-    path = demo.save_clustering_state(run, committed)
+    path = demo.save_run_state(run, committed)
     try:
-        assert path == committed / demo.STATE_FILE
+        assert path == committed / demo.state_file(7)
         loaded = demo.clustering_state(committed, run_root=tmp_path / "unused")
         assert not (tmp_path / "unused").exists()  # read, not trained
         assert loaded.step == run.step and loaded.log_gap == run.log_gap
         assert loaded.run_dir == committed and demo.last_eval(loaded)["step"] == 5
-        a, b = run.model.state_dict(), loaded.model.state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+        _assert_same_weights(run.model, loaded.model)
+        _assert_same_weights(run.teacher, loaded.teacher)
+        assert run.bank is None and loaded.bank is None  # not clustered yet
         for k in run.memory.kinds:
             assert torch.equal(run.memory.count[k], loaded.memory.count[k])
             assert torch.equal(run.memory.ptr[k], loaded.memory.ptr[k])
@@ -103,9 +104,55 @@ def test_the_saved_state_is_the_replay_exactly_and_is_read_by_default(committed,
             demo.clustering_state(committed, run_root=tmp_path)
         run.log_gap["loss_sup"] = 0.1  # a drifted replay is not written
         with pytest.raises(ValueError, match="differs from the committed log"):
-            demo.save_clustering_state(run, committed)
+            demo.save_run_state(run, committed)
     finally:
         path.unlink(missing_ok=True)  # the other tests replay the run
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+def test_a_state_after_the_clustering_holds_the_bank_the_run_fed(committed, tmp_path):
+    """run_state at step 9 (two prototype steps after the clustering before step 7): the
+    replay goes on from the step-7 replay and ends exactly where a replay from step 0 ends
+    (weights, teacher, bank), follows the committed log, and its bank has the clustering's
+    valid slots with prototypes the EMA moved. Saved and read back, it is the same. A replay
+    that restarted the schedule, or a state that dropped the teacher or the bank, fails it."""
+    at7 = demo.clustering_state(committed, run_root=tmp_path / "chained", replay=True)
+    at9 = demo.run_state(committed, 9, run_root=tmp_path / "chained", replay=True)
+    # it went on from the step-7 replay: its log starts with that one, wall times included
+    assert at9.run_dir.name == at7.run_dir.name[: -len("7")] + "9"
+    log7 = (at7.run_dir / "log.jsonl").read_text()
+    assert (at9.run_dir / "log.jsonl").read_text().startswith(log7)
+    straight = demo.run_state(committed, 9, run_root=tmp_path / "straight", replay=True)
+    assert at9.step == 9 and at9.memory is None and at7.bank is None
+    assert all(v == 0.0 for v in at9.log_gap.values()), at9.log_gap
+    for a, b in ((at9.model, straight.model), (at9.teacher, straight.teacher)):
+        _assert_same_weights(a, b)
+    assert torch.equal(at9.bank.prototypes, straight.bank.prototypes)
+    clustered = demo_proto.build_bank(at7)
+    assert torch.equal(at9.bank.valid, clustered.valid)
+    moved = (at9.bank.prototypes != clustered.prototypes).any(dim=2)
+    assert bool(moved[at9.bank.valid].any()) and not bool(moved[~at9.bank.valid].any())
+    teacher_p = dict(at9.teacher.named_parameters())
+    assert any(not torch.equal(p, teacher_p[n]) for n, p in at9.model.named_parameters())
+    path = demo.save_run_state(at9, committed)
+    try:
+        loaded = demo.run_state(committed, 9, run_root=tmp_path / "unused")
+        assert not (tmp_path / "unused").exists()
+        _assert_same_weights(at9.model, loaded.model)
+        _assert_same_weights(at9.teacher, loaded.teacher)
+        assert torch.equal(loaded.bank.prototypes, at9.bank.prototypes)
+        assert torch.equal(loaded.bank.valid, at9.bank.valid) and loaded.memory is None
+        t = demo.feature_batch(loaded, "unlabeled", 2, teacher=True)
+        s = demo.feature_batch(loaded, "unlabeled", 2)
+        assert not torch.equal(t["rep_bdhw"], s["rep_bdhw"])  # the teacher, not the student
+    finally:
+        path.unlink()
+    with pytest.raises(ValueError, match="between the clustering step"):
+        demo.run_state(committed, 5, run_root=tmp_path)
 
 
 def test_log_gap_measures_and_refuses_other_runs(tmp_path):

@@ -7,9 +7,10 @@ the moment BRPG clusters its memories. This module trains that model once (cache
 :class:`~brpg.method.memory.PrototypeMemory` the way the sampling window does, on the CPU and
 without a trainer.
 
-- :func:`clustering_state` → :class:`DemoRun` of a committed BRPG study run, re-run to the step
-  at which it clusters: its student, its CPG memories, and how closely the replay follows the
-  committed log;
+- :func:`run_state` → :class:`DemoRun` of a committed BRPG study run at a step (read from a
+  committed file, or re-run to it): its student, teacher, CPG memories or prototype bank, and
+  how closely the replay follows the committed log; :func:`clustering_state` is its state at
+  the step at which it clusters;
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
 - :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
@@ -46,13 +47,14 @@ from brpg.data.build import resolve_data_root
 from brpg.engine import runtime
 from brpg.engine.checkpoint import load_checkpoint
 from brpg.engine.trainer import CKPT_NAME, Trainer
-from brpg.method.clustering import cluster_prototypes
+from brpg.method.clustering import cluster_prototypes, slot_budgets
 from brpg.method.cpg import (
     confidence,
     cpg_rows,
     downsample_labels,
 )
 from brpg.method.memory import PrototypeMemory
+from brpg.method.prototype_ema import PrototypeBank
 from brpg.models import build_model
 from brpg.timeline import cluster_due
 
@@ -60,7 +62,6 @@ __all__ = [
     "DEMO_CAPACITY",
     "DEMO_SAMPLE_PIXEL_NUM",
     "MIXED_MODES",
-    "STATE_FILE",
     "DemoRun",
     "appearance_modes",
     "boundary_distance",
@@ -73,7 +74,9 @@ __all__ = [
     "last_eval",
     "log_gap",
     "run_dir_for",
-    "save_clustering_state",
+    "run_state",
+    "save_run_state",
+    "state_file",
     "warm_model",
 ]
 
@@ -93,11 +96,12 @@ class DemoRun:
     random scale or crop) so that item ``i`` is always the same tensor; ``unlabeled`` carries
     its masks too, for diagnostics only (BRPG never reads them).
 
-    A run replayed by :func:`clustering_state` also carries the CPG ``memory`` its sampling
-    window filled (on the CPU), the ``step`` it stopped at (before that step's clustering) and
-    ``log_gap``, the largest difference, per logged quantity, between the replay's log and the
-    committed run's (see :func:`log_gap`); ``summary`` is then the committed run's summary and
-    ``run_dir`` the replay's folder.
+    The state of a committed run (:func:`run_state`) also carries the ``step`` it stopped at
+    (before that step), the EMA ``teacher`` (eval mode, CPU), the CPG ``memory`` its sampling
+    window filled (at the clustering step) or the prototype ``bank`` its steps fed (after it),
+    and ``log_gap``, the largest difference, per logged quantity, between the replay that
+    made it and the committed run's log (see :func:`log_gap`); ``summary`` is then the
+    committed run's summary.
     """
 
     cfg: Config
@@ -110,6 +114,8 @@ class DemoRun:
     memory: PrototypeMemory | None = None
     step: int | None = None
     log_gap: dict[str, float] | None = None
+    teacher: nn.Module | None = None
+    bank: PrototypeBank | None = None
 
     def dataset(self, split: str) -> Dataset:
         """``labeled``, ``unlabeled`` or ``val``."""
@@ -254,7 +260,9 @@ def last_eval(run: DemoRun) -> dict[str, Any]:
     return {"step": step, "val_miou": miou, "val_mbiou": mbiou}
 
 
-STATE_FILE = "state_at_clustering.pt"  # beside a committed run: its state at the clustering
+def state_file(step: int) -> str:
+    """Name of a committed run's state at ``step``, beside its ``summary.json``."""
+    return f"state_at_step{step}.pt"
 
 
 def _pack_memory(memory: PrototypeMemory) -> dict[str, Any]:
@@ -284,25 +292,38 @@ def _unpack_memory(packed: dict[str, Any], num_classes: int, dim: int) -> Protot
     return memory
 
 
-def save_clustering_state(run: DemoRun, committed: str | Path) -> Path:
-    """Write ``run`` (a :func:`clustering_state` replay) beside the committed run as
-    :data:`STATE_FILE`: the student's weights, the packed memories, and where they came from
-    (step, config hash, ``log_gap``, commit, machine), so that every reader's chapters study
-    the same numbers whatever their CPU computes."""
-    if run.memory is None or run.step is None or run.log_gap is None:
-        raise ValueError("save_clustering_state needs a clustering_state(replay=True) result")
+def _new_bank(cfg: Config) -> PrototypeBank:
+    """An empty CPU bank of ``cfg``'s shape (the plug-in's, appendix: prototype EMA)."""
+    k_h, k_l = slot_budgets(cfg.proto)
+    return PrototypeBank(
+        cfg.data.num_classes, cfg.model.rep_dim, k_h + k_l, momentum=cfg.proto.ema_momentum,
+        sync=False,
+    )  # fmt: skip
+
+
+def save_run_state(run: DemoRun, committed: str | Path) -> Path:
+    """Write ``run`` (a :func:`run_state` replay) beside the committed run as
+    :func:`state_file` of its step: the student's and the teacher's weights, the packed CPG
+    memories (in the sampling window and at the clustering step), the prototype bank (after
+    the clustering), and where they came from (step, config hash, ``log_gap``, commit,
+    machine), so that every reader's chapters study the same numbers whatever their CPU
+    computes."""
+    if run.step is None or run.log_gap is None:
+        raise ValueError("save_run_state needs a run_state(replay=True) result")
     if any(v != 0.0 for v in run.log_gap.values()):
         raise ValueError(
             f"the replay differs from the committed log ({run.log_gap}): write the state on a"
             " CPU like the one that made the run, where the replay is exact"
         )
-    path = resolve_data_root(str(committed)) / STATE_FILE
+    path = resolve_data_root(str(committed)) / state_file(run.step)
     state = {
-        "format": 1,
+        "format": 2,
         "config_hash": run.cfg.hash(),
         "step": run.step,
         "model": run.model.state_dict(),
-        "memory": _pack_memory(run.memory),
+        "teacher": None if run.teacher is None else run.teacher.state_dict(),
+        "memory": None if run.memory is None else _pack_memory(run.memory),
+        "bank": None if run.bank is None else run.bank.state_dict(),
         "log_gap": run.log_gap,
         "commit": runtime.git_commit(),
         # plain types only, so that weights_only loading reads it (torch's version is a class)
@@ -312,27 +333,78 @@ def save_clustering_state(run: DemoRun, committed: str | Path) -> Path:
     return path
 
 
-def clustering_state(
+def _load_run_state(src: Path, cfg: Config, step: int, summary: dict[str, Any]) -> DemoRun:
+    path = src / state_file(step)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config_hash"] != cfg.hash() or state["step"] != step:
+        raise ValueError(
+            f"{path} was written for another config or step than {src}'s config.yaml; write"
+            " it again (save_run_state) or pass replay=True"
+        )
+    model = build_model(cfg.model, cfg.data.num_classes)
+    model.load_state_dict(state["model"])
+    teacher = None
+    if state["teacher"] is not None:
+        teacher = build_model(cfg.model, cfg.data.num_classes)
+        teacher.load_state_dict(state["teacher"])
+        teacher.eval()
+    memory = None
+    if state["memory"] is not None:
+        memory = _unpack_memory(state["memory"], cfg.data.num_classes, cfg.model.rep_dim)
+    bank = None
+    if state["bank"] is not None:
+        bank = _new_bank(cfg)
+        bank.load_state_dict(state["bank"])
+    labeled, unlabeled, val = demo_datasets(cfg)
+    return DemoRun(
+        cfg, model.eval(), labeled, unlabeled, val, summary, src, memory, step,
+        dict(state["log_gap"]), teacher, bank,
+    )  # fmt: skip
+
+
+def _replay_dir(run_root: str | Path, cfg: Config, stop: int) -> Path:
+    """``<run_root>/replay_<preset>_seed<k>_<hash>_step<stop>``; where it does not exist yet,
+    it starts as a copy of the same run's replay stopped closest before ``stop``, so that the
+    replay goes on from there instead of from step 0 (resuming is exact, :meth:`Trainer.fit`)."""
+    root = resolve_data_root(str(run_root))
+    stem = f"replay_{cfg.name}_seed{cfg.train.seed}_{cfg.hash()[:8]}_step"
+    run_dir = root / f"{stem}{stop}"
+    if not run_dir.exists():
+        earlier = [
+            (int(d.name[len(stem) :]), d)
+            for d in root.glob(f"{stem}*")
+            if d.name[len(stem) :].isdigit() and (d / CKPT_NAME).exists()
+        ]
+        earlier = [(s, d) for s, d in earlier if s < stop]
+        if earlier:
+            shutil.copytree(max(earlier)[1], run_dir)
+    return run_dir
+
+
+def run_state(
     committed: str | Path = "results/digits_v3/study/digits_brpg_1_16/seed0",
+    step: int | None = None,
     run_root: str | Path = "runs/book",
     replay: bool = False,
 ) -> DemoRun:
-    """A committed BRPG run at the step at which it clusters its memories
-    (:func:`clustering_step`): the state chapters 3, 4, 5 and 7 study.
+    """A committed BRPG run's state before its step ``step`` (default: the step at which it
+    clusters its memories, :func:`clustering_step`).
 
-    That is the student after the warm-up and the sampling window of a run whose final scores
-    the evidence chapter reports, and the CPG memories it filled (appendix: timeline, CPG).
-    By default it is read from :data:`STATE_FILE` beside the committed run (written by
-    :func:`save_clustering_state` from an exact replay), so it is the same on every machine.
-    With ``replay=True``, or where there is no such file, the run is re-run with its own
-    ``config.yaml`` to that step by :meth:`brpg.engine.trainer.Trainer.train_until`, which
+    At the clustering step that is the student after the warm-up and the sampling window of a
+    run whose final scores the evidence chapter reports, and the CPG memories it filled
+    (appendix: timeline, CPG); later, the student, the EMA teacher and the prototype bank the
+    run's steps fed. By default it is read from :func:`state_file` beside the committed run
+    (written by :func:`save_run_state` from an exact replay), so it is the same on every
+    machine. With ``replay=True``, or where there is no such file, the run is re-run with its
+    own ``config.yaml`` to that step by :meth:`brpg.engine.trainer.Trainer.train_until`, which
     stops there with a checkpoint under ``run_root`` (a second call loads it). A replay is
     exact on a CPU like the one that made the run, at the same thread count; a CPU with other
     vector instructions rounds convolutions differently and drifts away from the committed
     log (``log_gap`` says by how much).
 
-    The returned :class:`DemoRun` carries the student in eval mode on the CPU, ``memory`` (on
-    the CPU), ``step``, the committed ``summary`` (``{}`` while the committed run is
+    The returned :class:`DemoRun` carries the student in eval mode on the CPU, ``teacher``,
+    ``memory`` (``None`` after the clustering freed it), ``bank`` (``None`` before the
+    clustering), ``step``, the committed ``summary`` (``{}`` while the committed run is
     unfinished) and ``log_gap`` (:func:`log_gap` of the replay that made it against the
     committed log). A relative ``committed`` or ``run_root`` is resolved like the data root
     (:func:`brpg.data.build.resolve_data_root`).
@@ -344,28 +416,17 @@ def clustering_state(
             " are under results/digits_v3/study/<preset>/seed<k>"
         )
     cfg = load_config(src / "config.yaml")
-    stop = clustering_step(cfg)
+    stop = clustering_step(cfg) if step is None else step
+    if not clustering_step(cfg) <= stop < cfg.train.steps:
+        raise ValueError(
+            f"step {stop}: a state lies between the clustering step ({clustering_step(cfg)})"
+            f" and the end of the run ({cfg.train.steps})"
+        )
     summary_path = src / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if not replay and (src / STATE_FILE).exists():
-        state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=True)
-        if state["config_hash"] != cfg.hash() or state["step"] != stop:
-            raise ValueError(
-                f"{src / STATE_FILE} was written for another config or step than {src}'s"
-                " config.yaml; write it again (save_clustering_state) or pass replay=True"
-            )
-        model = build_model(cfg.model, cfg.data.num_classes)
-        model.load_state_dict(state["model"])
-        memory = _unpack_memory(state["memory"], cfg.data.num_classes, cfg.model.rep_dim)
-        labeled, unlabeled, val = demo_datasets(cfg)
-        return DemoRun(
-            cfg, model.eval(), labeled, unlabeled, val, summary, src, memory, stop,
-            dict(state["log_gap"]),
-        )  # fmt: skip
-    run_dir = (
-        resolve_data_root(str(run_root))
-        / f"replay_{cfg.name}_seed{cfg.train.seed}_{cfg.hash()[:8]}"
-    )
+    if not replay and (src / state_file(stop)).exists():
+        return _load_run_state(src, cfg, stop, summary)
+    run_dir = _replay_dir(run_root, cfg, stop)
     with distributed.exclusive_lock(run_dir):  # two notebooks asking at once: one trains
         ckpt = run_dir / CKPT_NAME
         resume = ckpt.exists()
@@ -373,14 +434,36 @@ def clustering_state(
             shutil.rmtree(run_dir)  # a replay killed before its first checkpoint
         trainer = Trainer(cfg, run_dir, resume=resume, progress=False)
         trainer.train_until(stop)
-    assert trainer.method is not None and trainer.method.plugin is not None
-    memory = trainer.method.plugin.memory
-    assert memory is not None, "the sampling window left no memory"
-    cpu_memory = _unpack_memory(_pack_memory(memory), memory.num_classes, memory.dim)  # on the CPU
+    method = trainer.method
+    assert method is not None and method.plugin is not None
+    memory = method.plugin.memory
+    cpu_memory = None
+    if memory is not None:  # on the CPU
+        cpu_memory = _unpack_memory(_pack_memory(memory), memory.num_classes, memory.dim)
+    bank = None
+    if bool(method.plugin.bank.valid.any()):  # clustered: the bank the run's EMA fed
+        bank = _new_bank(cfg)
+        bank.load_state_dict(method.plugin.bank.state_dict())  # copied onto the CPU bank
+    teacher = None
+    if method.teacher is not None:
+        teacher = copy.deepcopy(distributed.unwrap_model(method.teacher.module)).cpu().eval()
     model = distributed.unwrap_model(trainer.model).cpu().eval()
     labeled, unlabeled, val = demo_datasets(cfg)
     gap = log_gap(run_dir / "log.jsonl", src / "log.jsonl", stop)
-    return DemoRun(cfg, model, labeled, unlabeled, val, summary, run_dir, cpu_memory, stop, gap)
+    return DemoRun(
+        cfg, model, labeled, unlabeled, val, summary, run_dir, cpu_memory, stop, gap, teacher,
+        bank,
+    )  # fmt: skip
+
+
+def clustering_state(
+    committed: str | Path = "results/digits_v3/study/digits_brpg_1_16/seed0",
+    run_root: str | Path = "runs/book",
+    replay: bool = False,
+) -> DemoRun:
+    """:func:`run_state` at the step at which the run clusters its memories: the state
+    chapters 3, 4, 5 and 7 study (student, teacher, CPG memories, no bank yet)."""
+    return run_state(committed, None, run_root, replay)
 
 
 def _stack(ds: Dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
@@ -434,6 +517,7 @@ def feature_batch(
     start: int = 0,
     train_mode: bool = False,
     seed: int = 0,
+    teacher: bool = False,
 ) -> dict[str, Tensor]:
     """The model's stride-4 outputs on items ``start, start+1, …`` of ``split`` (wrapping).
 
@@ -448,9 +532,17 @@ def feature_batch(
     ``train_mode=True`` runs the model as the student of the sampling window (dropout on,
     BatchNorm on batch statistics, appendix: CPG) on a copy, so the model's BN statistics stay
     as they are; dropout is seeded by ``seed``. The default is eval mode (as the teacher, and
-    as at test time).
+    as at test time). ``teacher=True`` reads the run's EMA teacher instead (eval mode, as the
+    step computes pseudo-labels; a :func:`run_state` result).
     """
     images, labels = _items(run.dataset(split), start, n_images)
+    if teacher:
+        if run.teacher is None or train_mode:
+            raise ValueError(
+                "teacher=True needs a run with a teacher (run_state) and runs it in eval mode"
+                " only (train_mode=False)"
+            )
+        return _outputs(run.teacher.eval(), images, labels, seed)
     run.model.eval()
     model = _student(run.model) if train_mode else run.model
     return _outputs(model, images, labels, seed)
