@@ -64,7 +64,8 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 
-from brpg.book.demo import boundary_distance, clustering_state, feature_batch, last_eval
+from brpg.book.demo import boundary_distance, clustering_state, last_eval, run_state, state_file
+from brpg.book.demo_confidence import confidence_vs_boundary, route_scenes
 from brpg.book.tools import show_source
 from brpg.book.viz import denormalize
 from brpg.data.build import PROJECT_ROOT
@@ -138,15 +139,15 @@ print(
 # with a fixed seed so the chapter gives the same numbers every time.
 
 # %%
+show_source(route_scenes)
+
+# %%
 n_lab = len(run.labeled)
-fb = feature_batch(run, "labeled", n_images=n_lab, train_mode=True, seed=0)
+routing = route_scenes(run, n_lab, tau_h=0.8, seed=0)
+fb, routes = routing.batch, routing.routes
 labels_s, conf, pred = fb["labels_small_bhw"], fb["conf_bhw"], fb["pred_bhw"]
-routes = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.8)
+high, low, valid, wrong = routing.high, routing.low, routing.valid, routing.wrong
 shape = labels_s.shape
-high = (routes.high_cls >= 0).view(shape)
-low = (routes.low_cls >= 0).view(shape)
-valid = labels_s != 255
-wrong = valid & (pred != labels_s)
 n_valid = int(valid.sum())
 for name, m in (("high", high), ("low", low), ("misclassified", wrong)):
     print(f"{name:>13}: {int(m.sum()):6d} pixels ({100 * int(m.sum()) / n_valid:4.1f} %)")
@@ -236,23 +237,17 @@ plt.show()
 # whatever their confidence. The fair comparison is *within* each class:
 
 # %%
-per_class = []
-for c, name in enumerate(DIGIT_CLASSES):
-    h_c, l_c = dist[high & (labels_s == c)], dist[low & (labels_s == c)]
-    if h_c.numel() >= 10 and l_c.numel() >= 10:
-        per_class.append((name, h_c.mean().item(), l_c.mean().item(), h_c.numel(), l_c.numel()))
-print(f"{'class':>10} {'high':>6} {'low':>6} {'n high':>7} {'n low':>6}   (mean distance, px)")
-for name, h_m, l_m, h_n, l_n in per_class:
-    print(f"{name:>10} {h_m:6.2f} {l_m:6.2f} {h_n:7d} {l_n:6d}")
-closer = sum(l_m < h_m for _, h_m, l_m, _, _ in per_class)
-print(f"low-confidence pixels are closer in {closer} of {len(per_class)} classes (>= 10 px each)")
+show_source(confidence_vs_boundary)
 
-border = torch.zeros(shape[-2:], dtype=torch.bool)  # outermost ring of the stride-4 map
-border[[0, -1], :] = True
-border[:, [0, -1]] = True
-background = labels_s == 0
-for name, m in (("high", high & background), ("low", low & background)):
-    share = float(border.expand_as(m)[m].float().mean())
+# %%
+stats = confidence_vs_boundary(routing, min_pixels=10)
+assert (stats.pooled_high, stats.pooled_low) == (d_high.mean().item(), d_low.mean().item())
+print(f"{'class':>10} {'high':>6} {'low':>6} {'n high':>7} {'n low':>6}   (mean distance, px)")
+for c, h_m, l_m, h_n, l_n in stats.per_class:
+    print(f"{DIGIT_CLASSES[c]:>10} {h_m:6.2f} {l_m:6.2f} {h_n:7d} {l_n:6d}")
+closer, n_classes = stats.classes_closer, len(stats.per_class)
+print(f"low-confidence pixels are closer in {closer} of {n_classes} classes (>= 10 px each)")
+for name, share in (("high", stats.ring_high), ("low", stats.ring_low)):
     print(f"{name:>4}-confidence background pixels on the border ring: {100 * share:.0f} %")
 
 # %% [markdown]
@@ -268,13 +263,40 @@ for name, m in (("high", high & background), ("low", low & background)):
 
 # %%
 assert d_low.mean() < d_high.mean(), (d_low.mean(), d_high.mean())
-assert closer > len(per_class) / 2, per_class
-assert closer == len(per_class)  # "within every class" above
-ring = {
-    name: float(border.expand_as(m)[m].float().mean())
-    for name, m in (("high", high & background), ("low", low & background))
-}
-assert ring["low"] < ring["high"], ring  # "nor is this model unsure along the border"
+assert closer > n_classes / 2, stats.per_class
+assert closer == n_classes  # "within every class" above
+assert stats.ring_low < stats.ring_high, stats  # "nor is this model unsure along the border"
+
+# %% [markdown]
+# ## On every committed seed
+#
+# All of this is one run, and another seed could turn a class around. So the same two
+# functions run on every committed BRPG run at 1/16 whose state at step 600 is saved beside
+# it: seed 0 in full, later seeds with the student alone (`save_run_state(...,
+# student_only=True)`, all this measurement needs), each written by an exact re-run.
+
+# %%
+study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name
+committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
+checked = []
+for seed_dir in sorted(study_dir.glob("seed*")):
+    if not (seed_dir / state_file(run.step)).exists():
+        continue
+    state = run_state(seed_dir, run.step)
+    assert all(v == 0.0 for v in state.log_gap.values()), (seed_dir.name, state.log_gap)
+    st = confidence_vs_boundary(route_scenes(state))
+    checked.append(seed_dir.name)
+    print(
+        f"{seed_dir.name}: mean distance high {st.pooled_high:.2f} px, low {st.pooled_low:.2f} px;"
+        f" low closer in {st.classes_closer} of {len(st.per_class)} classes;"
+        f" border ring high {100 * st.ring_high:.0f} %, low {100 * st.ring_low:.0f} %"
+    )
+    assert st.pooled_low < st.pooled_high and st.ring_low < st.ring_high, (seed_dir.name, st)
+    assert st.classes_closer == len(st.per_class), (seed_dir.name, st.per_class)
+unchecked = sorted(set(committed_seeds) - set(checked))
+print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
+      f" without a saved state yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
+assert "seed0" in checked
 
 # %% [markdown]
 # ## Exercises

@@ -149,6 +149,12 @@ def test_a_state_after_the_clustering_holds_the_bank_the_run_fed(committed, tmp_
         t = demo.feature_batch(loaded, "unlabeled", 2, teacher=True)
         s = demo.feature_batch(loaded, "unlabeled", 2)
         assert not torch.equal(t["rep_bdhw"], s["rep_bdhw"])  # the teacher, not the student
+        demo.save_run_state(at9, committed, student_only=True)
+        alone = demo.run_state(committed, 9, run_root=tmp_path / "unused")
+        _assert_same_weights(at9.model, alone.model)
+        assert alone.teacher is None and alone.bank is None and alone.memory is None
+        with pytest.raises(ValueError, match="teacher=True needs a run with a teacher"):
+            demo.feature_batch(alone, "unlabeled", 2, teacher=True)
     finally:
         path.unlink()
     with pytest.raises(ValueError, match="between the clustering step"):
