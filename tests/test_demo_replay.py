@@ -149,7 +149,9 @@ def test_a_state_after_the_clustering_holds_the_bank_the_run_fed(committed, tmp_
         t = demo.feature_batch(loaded, "unlabeled", 2, teacher=True)
         s = demo.feature_batch(loaded, "unlabeled", 2)
         assert not torch.equal(t["rep_bdhw"], s["rep_bdhw"])  # the teacher, not the student
-        demo.save_run_state(at9, committed, student_only=True)
+        with pytest.raises(ValueError, match="unknown parts"):
+            demo.save_run_state(at9, committed, keep=("optimizer",))
+        demo.save_run_state(at9, committed, keep=())
         alone = demo.run_state(committed, 9, run_root=tmp_path / "unused")
         _assert_same_weights(at9.model, alone.model)
         assert alone.teacher is None and alone.bank is None and alone.memory is None

@@ -62,6 +62,7 @@ __all__ = [
     "DEMO_CAPACITY",
     "DEMO_SAMPLE_PIXEL_NUM",
     "MIXED_MODES",
+    "STATE_PARTS",
     "DemoRun",
     "appearance_modes",
     "boundary_distance",
@@ -301,14 +302,24 @@ def _new_bank(cfg: Config) -> PrototypeBank:
     )  # fmt: skip
 
 
-def save_run_state(run: DemoRun, committed: str | Path, student_only: bool = False) -> Path:
+STATE_PARTS = ("teacher", "memory", "bank")  # what a state file may hold besides the student
+
+
+def save_run_state(
+    run: DemoRun, committed: str | Path, keep: tuple[str, ...] = STATE_PARTS
+) -> Path:
     """Write ``run`` (a :func:`run_state` replay) beside the committed run as
     :func:`state_file` of its step: the student's and the teacher's weights, the packed CPG
     memories (in the sampling window and at the clustering step), the prototype bank (after
     the clustering), and where they came from (step, config hash, ``log_gap``, commit,
     machine), so that every reader's chapters study the same numbers whatever their CPU
-    computes. ``student_only=True`` keeps the student alone (a quarter of the size: what a
-    chapter needs to check a claim about the model's outputs on another seed)."""
+    computes. ``keep`` names the parts of :data:`STATE_PARTS` to write besides the student
+    (``()``: the student alone, a fifth of the size, which is what a chapter needs to check a
+    claim about the model's outputs on another seed)."""
+    if unknown := set(keep) - set(STATE_PARTS):
+        raise ValueError(
+            f"keep={keep!r}: unknown parts {sorted(unknown)}; choose from {STATE_PARTS}"
+        )
     if run.step is None or run.log_gap is None:
         raise ValueError("save_run_state needs a run_state(replay=True) result")
     if any(v != 0.0 for v in run.log_gap.values()):
@@ -322,9 +333,11 @@ def save_run_state(run: DemoRun, committed: str | Path, student_only: bool = Fal
         "config_hash": run.cfg.hash(),
         "step": run.step,
         "model": run.model.state_dict(),
-        "teacher": None if run.teacher is None or student_only else run.teacher.state_dict(),
-        "memory": None if run.memory is None or student_only else _pack_memory(run.memory),
-        "bank": None if run.bank is None or student_only else run.bank.state_dict(),
+        "teacher": None
+        if run.teacher is None or "teacher" not in keep
+        else run.teacher.state_dict(),
+        "memory": None if run.memory is None or "memory" not in keep else _pack_memory(run.memory),
+        "bank": None if run.bank is None or "bank" not in keep else run.bank.state_dict(),
         "log_gap": run.log_gap,
         "commit": runtime.git_commit(),
         # plain types only, so that weights_only loading reads it (torch's version is a class)
