@@ -177,3 +177,29 @@ def test_log_gap_measures_and_refuses_other_runs(tmp_path):
 def test_a_missing_committed_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no committed run"):
         demo.clustering_state(tmp_path / "nowhere", run_root=tmp_path)
+
+
+def test_head_alone_training_leaves_its_inputs_and_the_global_rng_alone(committed, tmp_path):
+    """Chapter 7's experiment (brpg.book.demo_proto.train_head) on the tiny run's state at
+    its clustering: it trains a copy of the head and of the bank (the inputs stay as they
+    are, so every seed's check in the chapter starts from the clustered bank), records the
+    curve at the steps asked for, gives the same numbers twice, and leaves torch's global
+    RNG and thread count as they were."""
+    run = demo.clustering_state(committed, run_root=tmp_path, replay=True)
+    inputs = demo_proto.head_inputs(run, n_unlabeled=4, n_val=4)
+    bank_before = inputs.bank.prototypes.clone()
+    head_before = [p.clone() for p in run.model.decoder.rep_head.parameters()]
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    a = demo_proto.train_head(run, inputs, n_steps=4, every=2, batch=2)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    assert torch.equal(inputs.bank.prototypes, bank_before)
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(run.model.decoder.rep_head.parameters(), head_before, strict=True)
+    )
+    assert [s for s, _ in a.curve] == [0, 2, 4] and a.losses.shape == (4, 2)
+    assert any(not torch.equal(p, q) for p, q in zip(a.head.parameters(), head_before, strict=True))
+    assert not torch.equal(a.bank.prototypes, bank_before)  # the EMA moved the copy
+    b = demo_proto.train_head(run, inputs, n_steps=4, every=2, batch=2)
+    assert torch.equal(a.losses, b.losses)
+    assert [acc.pixel for _, acc in a.curve] == [acc.pixel for _, acc in b.curve]

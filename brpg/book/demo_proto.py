@@ -5,28 +5,43 @@
 - :func:`pixel_rows` → the stride-4 pixels of a batch as rows ``(feats[N, D], targets[N])``;
 - :func:`class_means` → the per-class mean feature of such rows;
 - :func:`accuracies` → pixel accuracy and per-class accuracy of a prediction;
-- :func:`rep_head_inputs` → what the representation head reads (to train the head alone).
+- :func:`rep_head_inputs` → what the representation head reads (to train the head alone);
+- :func:`head_inputs` and :func:`train_head` → chapter 7's experiment: the representation head
+  alone trained with L_pro from a run's clustering step, the prototype classifier measured on
+  val pixels along the way.
 
 Everything is deterministic and runs on the CPU in seconds.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from brpg.book.demo import DemoRun, cluster, feature_batch, fill_memories
 from brpg.method.prototype_ema import PrototypeBank
+from brpg.method.prototype_loss import (
+    prototype_loss,
+    pseudo_threshold,
+    sample_labeled_grid,
+    sample_unlabeled,
+)
 
 __all__ = [
     "Accuracy",
+    "HeadInputs",
+    "HeadTraining",
     "accuracies",
     "build_bank",
     "class_means",
+    "head_inputs",
     "pixel_rows",
     "rep_head_inputs",
+    "train_head",
 ]
 
 
@@ -135,3 +150,108 @@ def rep_head_inputs(
     finally:
         hook.remove()
     return seen[-1], batch
+
+
+@dataclass
+class HeadInputs:
+    """What chapter 7's head-alone training reads, computed once per run state
+    (:func:`head_inputs`): the run's clustered ``bank``; the representation head's inputs
+    ``x_*`` and :func:`brpg.book.demo.feature_batch` outputs (``lab``, ``unl``, ``val``) of
+    the labeled scenes, ``n_unlabeled`` unlabeled and ``n_val`` val scenes; and the softmax
+    head's accuracy on the val pixels."""
+
+    bank: PrototypeBank
+    x_l: Tensor
+    lab: dict[str, Tensor]
+    x_u: Tensor
+    unl: dict[str, Tensor]
+    x_v: Tensor
+    val: dict[str, Tensor]
+    softmax_acc: Accuracy
+
+
+def head_inputs(run: DemoRun, n_unlabeled: int = 128, n_val: int = 200) -> HeadInputs:
+    """:class:`HeadInputs` of ``run`` (a state at its clustering step, with memories)."""
+    bank = build_bank(run)
+    x_l, lab = rep_head_inputs(run, "labeled", len(run.labeled))  # type: ignore[arg-type]
+    x_u, unl = rep_head_inputs(run, "unlabeled", n_unlabeled)
+    x_v, val = rep_head_inputs(run, "val", n_val)
+    softmax_acc = accuracies(val["pred_bhw"], val["labels_small_bhw"], bank.num_classes)
+    return HeadInputs(bank, x_l, lab, x_u, unl, x_v, val, softmax_acc)
+
+
+@dataclass
+class HeadTraining:
+    """:func:`train_head`'s record: ``curve`` of ``(step, Accuracy)`` of the prototype
+    classifier on the val pixels (step 0 = the clustered bank), ``losses[n_steps, 2]``
+    (L_pro on the labeled grid, on the unlabeled pixels), the trained ``head`` and ``bank``."""
+
+    curve: list[tuple[int, Accuracy]]
+    losses: Tensor
+    head: nn.Module
+    bank: PrototypeBank
+
+
+def train_head(
+    run: DemoRun,
+    inputs: HeadInputs,
+    n_steps: int = 200,
+    every: int = 10,
+    batch: int = 16,
+    seed: int = 0,
+) -> HeadTraining:
+    """Train only the representation head with L_pro from the run's clustering step on
+    (appendix: one step, L_pro, prototype EMA): encoder and decoder frozen, the run's AdamW
+    settings, ``batch`` labeled + ``batch`` unlabeled scenes a step; L_pro on the preset's
+    labeled grid and on the unlabeled pixels whose confidence (the run's model as teacher, at
+    stride 4) reaches the step's threshold, then the bank's EMA on the same features.
+    ``inputs.bank`` is left as it is (the training updates a copy). Deterministic: scenes
+    and sampling from ``seed``, dropout from ``torch.manual_seed(seed)`` inside
+    :func:`torch.random.fork_rng`."""
+    cfg, p = run.cfg, run.cfg.proto
+    head = copy.deepcopy(run.model.decoder.rep_head)
+    bank = copy.deepcopy(inputs.bank)
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    start = run.step if run.step is not None else 0
+    x_l, x_u, x_v = inputs.x_l, inputs.x_u, inputs.x_v
+    labels_l = inputs.lab["labels_bhw"]
+    conf_u, pseudo_u = inputs.unl["conf_bhw"], inputs.unl["pred_bhw"]
+    y_v = inputs.val["labels_small_bhw"]
+
+    @torch.no_grad()
+    def proto_accuracy() -> Accuracy:
+        head.eval()
+        feats, targets = pixel_rows(head(x_v), y_v)
+        return accuracies(bank.logits(feats, p.tau).argmax(1), targets, bank.num_classes)
+
+    gen = torch.Generator().manual_seed(seed)
+    curve = [(0, proto_accuracy())]
+    losses = torch.zeros(n_steps, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: threads cost more than they save here
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        for step in range(n_steps):
+            il = torch.randint(0, x_l.shape[0], (batch,), generator=gen)
+            iu = torch.randint(0, x_u.shape[0], (batch,), generator=gen)
+            head.train()
+            rep = head(torch.cat([x_l[il], x_u[iu]]))
+            f_l, y_l = sample_labeled_grid(rep[:batch], labels_l[il], p.grid_num)
+            thr = pseudo_threshold(start + step, 1, cfg.train.steps, p.thr_start, p.thr_end,
+                                   p.thr_delay_steps, p.thr_clamp_low)  # fmt: skip
+            f_u, y_u = sample_unlabeled(
+                rep[batch:], conf_u[iu], pseudo_u[iu], thr, p.unsup_sample_num, generator=gen
+            )
+            loss_l = prototype_loss(bank, f_l, y_l, p.tau)
+            loss_u = prototype_loss(bank, f_u, y_u, p.tau)
+            optimizer.zero_grad()
+            (loss_l + loss_u).backward()
+            optimizer.step()
+            bank.ema_update(torch.cat([f_l, f_u]).detach(), torch.cat([y_l, y_u]))
+            losses[step, 0], losses[step, 1] = loss_l.detach(), loss_u.detach()
+            if (step + 1) % every == 0:
+                curve.append((step + 1, proto_accuracy()))
+    torch.set_num_threads(threads)
+    return HeadTraining(curve, losses, head, bank)
