@@ -61,6 +61,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from IPython.display import display
 
 from brpg.book.demo import cluster, clustering_state, run_state, state_file
 from brpg.book.demo_margin import class_centres, prototype_margins
@@ -151,8 +152,8 @@ print("prototype bank:", tuple(protos.shape), "valid slots per class:", valid.su
 
 
 # %%
-show_source(class_centres)
-show_source(prototype_margins)
+display(show_source(class_centres))
+display(show_source(prototype_margins))
 
 # %%
 high_f, high_v = memory.get("high")

@@ -60,20 +60,20 @@ if "google.colab" in sys.modules:
     )
 
 # %%
+import copy
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 from IPython.display import display
 
-from brpg.book.demo import clustering_state, feature_batch, last_eval, run_state
-from brpg.book.demo_proto import accuracies, build_bank, class_means, pixel_rows
+from brpg.book.demo import clustering_state, last_eval, run_state, state_file
+from brpg.book.demo_ema import cell_fit, claims, ema_batch, proto_cos, stream_source, track
 from brpg.book.tools import show_source
+from brpg.data.build import PROJECT_ROOT
 from brpg.data.digits import DIGIT_CLASSES, PALETTE
 from brpg.method.prototype_ema import PrototypeBank
-from brpg.method.prototype_loss import pseudo_threshold, sample_labeled_grid, sample_unlabeled
 
 torch.set_num_threads(2)
 t_chapter = time.perf_counter()
@@ -165,140 +165,62 @@ head_e, head_l = early.model.decoder.rep_head, late.model.decoder.rep_head
 w_change = ((head_l[-1].weight - head_e[-1].weight).norm() / head_e[-1].weight.norm()).item()
 print(f"representation head, last layer: |W_1000 - W_600| / |W_600| = {w_change:.2f}")
 
-bank = build_bank(early)  # the run's own clustering of its memories (chapter 4)
-initial = bank.prototypes.clone()
-num_classes, n_slots, dim = bank.shape
-print("valid prototypes per class:", bank.num_valid().tolist())
-# the run's bank at step 1000 grew from exactly this clustering: the same valid slots
-assert torch.equal(late.bank.valid, bank.valid)
+# %% [markdown]
+# The experiment starts from the run's own clustering of its memories (chapter 4: 4
+# prototypes per class, 2 high + 2 low, 5 for the two classes where APO added one,
+# chapter 5). What the prototypes should follow: the class means of the late student's
+# features on 200 held-out val scenes. What the EMA is fed: what a BRPG step feeds it
+# ({ref}`appendix <authors-ema>`). That is the labeled $(g+1)^2$ grid of 16 labeled scenes
+# (student, train mode, ground truth; $g = 21$, the DigitScenes preset, see chapter 7) and
+# the confident pixels of 16 unlabeled scenes: the student's features there, with the
+# teacher's pseudo-labels where the teacher's confidence reaches the step's threshold
+# (0.802 at step 600, 0.810 at step 1000: the ramp of chapter 7). One simplification: a real
+# step reads the unlabeled features on the strongly augmented, CutMix-mixed view; here the
+# student sees the plain scenes. The models' outputs are computed once, and each update
+# draws its scenes at random.
+
+# %%
+display(show_source(stream_source))
+display(show_source(ema_batch))
 
 # %% [markdown]
-# The bank has 4 prototypes per class (2 high + 2 low), 5 for the two classes where APO
-# added one (chapter 5). What the prototypes should follow: the class means of the late
-# student's features on 200 held-out val scenes. What the EMA is fed: what a BRPG step
-# feeds it ({ref}`appendix <authors-ema>`). That is the labeled $(g+1)^2$ grid of 16 labeled
-# scenes (student, train mode, ground truth; $g = 21$, the DigitScenes preset, see
-# chapter 7) and the confident pixels of 16 unlabeled scenes: the student's features there,
-# with the teacher's pseudo-labels where the teacher's confidence reaches the step's
-# threshold (0.802 at step 600, 0.810 at step 1000: the ramp of chapter 7). One simplification:
-# a real step reads the unlabeled features on the strongly augmented, CutMix-mixed view;
-# here the student sees the plain scenes. The models' outputs are computed once, and each
-# update draws its scenes at random.
-#
 # Two banks start from the clustered prototypes: the *tracked* bank is fed the late
 # models' stream, and a *control* bank the early models' stream, with the same scenes drawn
-# in the same order. The control separates following the new features from what the EMA
-# does to k-means centres when nothing drifts.
+# in the same order; 300 updates each (three times the time constant
+# $1/(1-\alpha) = 100$), counting how many features each slot of the tracked bank receives.
+# The control separates following the new features from what the EMA does to k-means
+# centres when nothing drifts. `brpg.book.demo_ema.track` runs it all and keeps the record:
+
+# %%
+show_source(track)
 
 # %%
 t0 = time.perf_counter()
-p = early.cfg.proto
-n_lab = len(late.labeled)
-
-
-def threshold_at(step: int) -> float:
-    """The step's confidence threshold for unlabeled pixels (chapter 7's ramp)."""
-    c = early.cfg
-    return pseudo_threshold(step, 1, c.train.steps, p.thr_start, p.thr_end,
-                            p.thr_delay_steps, p.thr_clamp_low)  # fmt: skip
-
-
-def stream_source(state):
-    """The outputs of a state's student and teacher that the EMA stream draws from."""
-    lab = [feature_batch(state, "labeled", n_lab, train_mode=True, seed=r) for r in range(2)]
-    student_u = feature_batch(state, "unlabeled", 256, train_mode=True, seed=2)
-    teacher_u = feature_batch(state, "unlabeled", 256, teacher=True)
-    return {
-        "rep_l": torch.cat([b["rep_bdhw"] for b in lab]),
-        "y_l": torch.cat([b["labels_bhw"] for b in lab]),
-        "rep_u": student_u["rep_bdhw"],
-        "conf_u": teacher_u["conf_bhw"],
-        "pseudo_u": teacher_u["pred_bhw"],
-        "thr": threshold_at(state.step),
-    }
-
-
-def ema_batch(src, il, iu, gen):
-    """One step's EMA input: labeled grid (ground truth) + confident unlabeled pixels."""
-    f_l, y_l = sample_labeled_grid(src["rep_l"][il], src["y_l"][il], p.grid_num)
-    f_u, y_u = sample_unlabeled(
-        src["rep_u"][iu], src["conf_u"][iu], src["pseudo_u"][iu], src["thr"],
-        p.unsup_sample_num, generator=gen,
-    )  # fmt: skip
-    return torch.cat([f_l, f_u]), torch.cat([y_l, y_u])
-
-
-src_late, src_early = stream_source(late), stream_source(early)
-print(f"thresholds: {src_early['thr']:.3f} (step 600), {src_late['thr']:.3f} (step 1000)")
-val_late, val_early = feature_batch(late, "val", 200), feature_batch(early, "val", 200)
-feats_late, y_late = pixel_rows(val_late["rep_bdhw"], val_late["labels_small_bhw"])
-feats_early, y_early = pixel_rows(val_early["rep_bdhw"], val_early["labels_small_bhw"])
-mu_late, _ = class_means(feats_late, y_late, num_classes)
-mu_early, _ = class_means(feats_early, y_early, num_classes)
-print(f"model outputs computed in {time.perf_counter() - t0:.0f} s")
-turn = torch.rad2deg(torch.arccos(F.cosine_similarity(mu_early, mu_late, dim=1).clamp(-1, 1)))
-print("angle between early and late class mean (degrees):", turn.numpy().round(0))
-
-
-def proto_cos(bank: PrototypeBank, means_cd: torch.Tensor) -> torch.Tensor:
-    """cos(r_{c,k}, mean_c) for every slot, NaN for invalid slots, [C, K]."""
-    cos_ck = F.cosine_similarity(bank.prototypes, means_cd[:, None, :], dim=2)
-    return cos_ck.masked_fill(~bank.valid, float("nan"))
-
-
-def class_avg(cos_ck: torch.Tensor) -> np.ndarray:
-    """Average over a class's valid slots, NaN for a class without prototypes, [C]."""
-    return torch.nanmean(cos_ck, dim=1).numpy()
-
-
-cos_before = proto_cos(bank, mu_late)
+tr = track(early, late, n_updates=300, every=5, n_val=200, seed=0)
+print(f"model outputs and 2 x 300 updates in {time.perf_counter() - t0:.0f} s")
+num_classes, n_slots, dim = tr.stale.shape
+print("valid prototypes per class:", tr.stale.num_valid().tolist())
+# the run's bank at step 1000 grew from exactly this clustering: the same valid slots
+assert torch.equal(late.bank.valid, tr.stale.valid)
+print("angle between early and late class mean (degrees):", tr.turn.numpy().round(0))
 print(
     f"mean cos of the clustered prototypes to their class mean: "
-    f"{torch.nanmean(proto_cos(bank, mu_early)):.3f} (early model), "
-    f"{torch.nanmean(cos_before):.3f} (late model)"
+    f"{torch.nanmean(proto_cos(tr.stale, tr.mu_early)):.3f} (early model), "
+    f"{tr.mean_cos('stale'):.3f} (late model)"
 )
-assert bool((turn > 60).all())  # every class mean turned by more than 60 degrees
 
 # %% [markdown]
 # The features did not drift, they turned: in 400 steps every class mean rotated by about a
 # right angle, and the clustered prototypes, which sit close to the class means of the
 # features they were clustered from (cosine 0.94), are about orthogonal to the late ones.
-# This is the moment the EMA exists for. Now 300 EMA updates of both banks (three times the
-# time constant $1/(1-\alpha) = 100$), counting how many features each slot of the tracked
-# bank receives:
+# This is the moment the EMA exists for. How each prototype of the tracked bank moved:
 
 # %%
-t0 = time.perf_counter()
-torch.set_num_threads(1)  # many small operations: threads cost more than they save here
-control = PrototypeBank(num_classes, dim, n_slots)
-control.set_prototypes(initial, bank.valid)
-n_updates, every = 300, 5
-gen = torch.Generator().manual_seed(0)
-hits = torch.zeros(num_classes * n_slots, dtype=torch.long)
-history = [cos_before]
-for step in range(n_updates):
-    il = torch.randint(0, src_late["rep_l"].shape[0], (16,), generator=gen)
-    iu = torch.randint(0, src_late["rep_u"].shape[0], (16,), generator=gen)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    f, y = ema_batch(src_late, il, iu, torch.Generator().manual_seed(seed))
-    slot, used = bank.assign(f, y)
-    hits.index_add_(0, slot[used], torch.ones_like(slot[used]))
-    bank.ema_update(f, y)
-    control.ema_update(*ema_batch(src_early, il, iu, torch.Generator().manual_seed(seed)))
-    if (step + 1) % every == 0:
-        history.append(proto_cos(bank, mu_late))
-torch.set_num_threads(2)
-print(f"2 x {n_updates} updates in {time.perf_counter() - t0:.1f} s")
-hits = hits.view(num_classes, n_slots)
-cos_after, cos_control = history[-1], proto_cos(control, mu_late)
-cos_run = proto_cos(late.bank, mu_late)  # what the run's own EMA made of the clustering
-
-# %%
-hist = torch.stack(history).numpy()  # [T, C, K]
-x = np.arange(hist.shape[0]) * every
+hist = tr.history.numpy()  # [T, C, K]
+x = np.arange(hist.shape[0]) * tr.every
 fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
 for c in range(num_classes):
-    slots = bank.valid[c].nonzero().flatten().tolist()
+    slots = tr.stale.valid[c].nonzero().flatten().tolist()
     for k in slots:
         label = DIGIT_CLASSES[c] if k == slots[0] else None
         ax.plot(x, hist[:, c, k], color=np.asarray(PALETTE[c]) / 255, lw=1, label=label)
@@ -307,13 +229,14 @@ ax.set_ylabel("cos(prototype, late class mean)")
 ax.set_title("each valid prototype of the tracked bank (colour: class)")
 ax.legend(fontsize=7, ncol=11, loc="upper center", bbox_to_anchor=(0.5, -0.2), columnspacing=1)
 bars = {
-    "clustered (stale)": (class_avg(cos_before), "0.6"),
-    "control: early stream": (class_avg(cos_control), "C1"),
-    "tracked: late stream": (class_avg(cos_after), "C0"),
-    "the run's bank, step 1000": (class_avg(cos_run), "C2"),
+    "clustered (stale)": ("stale", "0.6"),
+    "control: early stream": ("control", "C1"),
+    "tracked: late stream": ("tracked", "C0"),
+    "the run's bank, step 1000": ("run", "C2"),
 }
 pos, width = np.arange(num_classes), 0.2
-for i, (label, (vals, colour)) in enumerate(bars.items()):
+for i, (label, (bank_name, colour)) in enumerate(bars.items()):
+    vals = tr.class_cos(bank_name).numpy()
     ax2.bar(pos + (i - 1.5) * width, vals, width, label=label, color=colour)
 ax2.axhline(0, color="k", lw=0.5)
 ax2.set_xticks(pos, DIGIT_CLASSES, rotation=90, fontsize=7)
@@ -327,42 +250,44 @@ plt.show()
 # between 0.5 and 1, a few climb slowly over all 300, and a group stays flat. The control
 # bank, fed the early models' stream, stays about orthogonal to the late features; the bank
 # the run itself fed (green) ends about as close to the late class means as the tracked
-# one, closer in some classes and less close in others. Which prototypes moved? Exactly those that received at least one feature; invalid slots, and any valid slot
-# that no feature chose, keep their clustered values bit for bit:
+# one, closer in some classes and less close in others. Which prototypes moved? Exactly
+# those that received at least one feature; invalid slots, and any valid slot that no
+# feature chose, keep their clustered values bit for bit:
 
 # %%
-moved = (bank.prototypes != initial).any(dim=2)
-chosen = hits > 0
+moved = (tr.tracked.prototypes != tr.stale.prototypes).any(dim=2)
+chosen = tr.hits > 0
 print("features received per slot of the tracked bank (- = invalid slot):")
 for c in range(num_classes):
     cells = [
-        f"{int(h):>7d}" if v else "      -" for h, v in zip(hits[c], bank.valid[c], strict=True)
+        f"{int(h):>7d}" if v else "      -"
+        for h, v in zip(tr.hits[c], tr.stale.valid[c], strict=True)
     ]
     print(f"{DIGIT_CLASSES[c]:>10}", *cells)
-never = bank.valid & ~chosen
-run_moved = (late.bank.prototypes != initial).any(dim=2)
-print(f"valid prototypes that no feature chose: {int(never.sum())} of {int(bank.valid.sum())}")
+never = tr.stale.valid & ~chosen
+run_moved = (tr.run.prototypes != tr.stale.prototypes).any(dim=2)
+print(f"valid prototypes that no feature chose: {int(never.sum())} of {int(tr.stale.valid.sum())}")
 print(f"valid prototypes of the run's bank still at their clustered values: "
-      f"{int((bank.valid & ~run_moved).sum())}")  # fmt: skip
-assert torch.equal(moved, chosen & bank.valid)
-assert bool(never.any())  # some prototypes of the tracked bank were stranded …
-assert bool(run_moved[bank.valid].all())  # … while the run moved every valid one
+      f"{int((tr.stale.valid & ~run_moved).sum())}")  # fmt: skip
+assert torch.equal(moved, chosen & tr.stale.valid)
 
 # %% [markdown]
 # Here the EMA shows its one weakness. A prototype moves only when it is the nearest of its
 # class for some feature; after a jump as large as this one, some clustered prototypes are
 # the nearest for none, and they never move again: about a quarter of the tracked bank (the
 # flat lines of the figure) is stranded at values that describe features which no longer
-# exist. They still count in the class averages above, which is why those stay well below 1. The run
-# itself did not strand any: its features turned over 400 steps, each step a little, and
-# every prototype was chosen, and so moved, along the way. How long its prototypes stay
+# exist. They still count in the class averages above, which is why those stay well below 1.
+# The run itself did not strand any: its features turned over 400 steps, each step a little,
+# and every prototype was chosen, and so moved, along the way. How long its prototypes stay
 # alive over the rest of the run is not measured here.
 #
-# The same rule on purpose: one more update in which the pixels of the digit 3 (class
-# index 4) are marked "ignore". Every prototype of that class stays exactly as it was while
-# the others move.
+# The same rule on purpose: one more update, with the tracked bank's last batch, in which
+# the pixels of the digit 3 (class index 4) are marked "ignore". Every prototype of that
+# class stays exactly as it was while the others move.
 
 # %%
+bank = copy.deepcopy(tr.tracked)  # the record stays as it was
+f, y = tr.last_batch
 before_one = bank.prototypes.clone()
 y_no3 = torch.where(y == 4, torch.full_like(y, 255), y)
 bank.ema_update(f, y_no3)
@@ -385,20 +310,16 @@ assert bool((~still[0] & bank.valid[0]).any())
 # mean class accuracy on the same 200 val scenes:
 
 # %%
-stale = PrototypeBank(num_classes, dim, n_slots)
-stale.set_prototypes(initial, bank.valid)
-runs = {
-    "stale bank, early features": (stale, feats_early, y_early),
-    "stale bank, late features": (stale, feats_late, y_late),
-    "control bank, late features": (control, feats_late, y_late),
-    "tracked bank, late features": (bank, feats_late, y_late),
-    "run's bank, late features": (late.bank, feats_late, y_late),
+names = {
+    "stale early": "stale bank, early features",
+    "stale late": "stale bank, late features",
+    "control late": "control bank, late features",
+    "tracked late": "tracked bank, late features",
+    "run late": "run's bank, late features",
 }
-scores = {}
-for name, (b, f_val, y_val) in runs.items():
-    scores[name] = accuracies(b.logits(f_val, 0.1).argmax(1), y_val, num_classes)
-    print(f"{name:>28}: pixel {100 * scores[name].pixel:.1f} %, "
-          f"mean class {100 * scores[name].mean_class:.1f} %")  # fmt: skip
+for key, name in names.items():
+    a = tr.acc[key]
+    print(f"{name:>28}: pixel {100 * a.pixel:.1f} %, mean class {100 * a.mean_class:.1f} %")
 
 # %% [markdown]
 # ## Fit to the features each bank saw
@@ -412,29 +333,13 @@ for name, (b, f_val, y_val) in runs.items():
 # better than the early ones, and the stale and control banks the other way round.
 
 # %%
+show_source(cell_fit)
 
-
-def cell_fit(bank: PrototypeBank, feats: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean cos(r_{c,k}, mean of the features whose nearest own-class prototype is (c, k))."""
-    slot, used = bank.assign(feats, targets)
-    sums = torch.zeros(num_classes * n_slots, dim).index_add_(0, slot[used], feats[used])
-    counts = torch.bincount(slot[used], minlength=num_classes * n_slots)
-    cos_m = F.cosine_similarity(bank.prototypes.view(-1, dim), sums, dim=1)
-    return cos_m[counts > 0].mean().item()
-
-
-banks = {"stale": stale, "control": control, "tracked": bank, "run's": late.bank}
-fit = {
-    (name, feats_name): cell_fit(b, f_val, y_val)
-    for name, b in banks.items()
-    for feats_name, (f_val, y_val) in (
-        ("early", (feats_early, y_early)),
-        ("late", (feats_late, y_late)),
-    )
-}
-for name in banks:
+# %%
+for name in ("stale", "control", "tracked", "run"):
     print(
-        f"{name:>8} bank: fit to early features {fit[name, 'early']:.4f}, to late {fit[name, 'late']:.4f}"
+        f"{name:>8} bank: fit to early features {tr.fit[name, 'early']:.4f},"
+        f" to late {tr.fit[name, 'late']:.4f}"
     )
 
 # %% [markdown]
@@ -444,38 +349,81 @@ for name in banks:
 #   right angle in every class (asserted: more than 60°), because the prototype loss starts
 #   training the representation head; a bank left as clustered is then about orthogonal to
 #   the features and classifies them worse than it classified the features it was made from;
-# * fed the late models' stream, the bank follows: closer to the late class means in every
-#   class, on average by far more than the control bank moves (asserted), and its prototype
+# * fed the late models' stream, the bank follows: closer to the late class means in most
+#   classes (here in every one), on average by far more than the control bank moves, and its prototype
 #   classifier is back to a pixel accuracy close to the one of the bank the run itself fed
 #   (mean class accuracy stays low for every bank at this point of the run: most pixels
 #   are background, and the digits' features are still poorly separated, chapter 7);
 # * a prototype that receives no feature does not move (asserted bit for bit), and after a
 #   jump this large some never receive one; the run, which took the same turn in 400 small
-#   steps, moved all of its prototypes (asserted);
+#   steps, moved all of its prototypes;
 # * the tracked bank fits the late features better than the early ones, while the stale and
-#   the control bank fit the early ones better (asserted).
+#   the control bank fit the early ones better.
+#
+# `brpg.book.demo_ema.claims` measures each of them on the record:
 
 # %%
-mean_before = torch.nanmean(cos_before).item()
-mean_control = torch.nanmean(cos_control).item()
-mean_after = torch.nanmean(cos_after).item()
-mean_run = torch.nanmean(cos_run).item()
 print(
-    f"mean cos to the late class means: clustered {mean_before:.3f}, "
-    f"control {mean_control:.3f}, tracked {mean_after:.3f}, the run's bank {mean_run:.3f}"
+    f"mean cos to the late class means: clustered {tr.mean_cos('stale'):.3f}, "
+    f"control {tr.mean_cos('control'):.3f}, tracked {tr.mean_cos('tracked'):.3f}, "
+    f"the run's bank {tr.mean_cos('run'):.3f}"
 )
-per_before, per_after = class_avg(cos_before), class_avg(cos_after)
-print("classes closer after the updates:", int((per_after > per_before).sum()), "of", num_classes)
-prefers_late = {name: fit[name, "late"] - fit[name, "early"] for name in banks}
-print("fit to late minus fit to early:", {k: round(v, 4) for k, v in prefers_late.items()})
-acc = {k: 100 * v.pixel for k, v in scores.items()}
-assert bool((per_after > per_before).all())
-assert mean_after - mean_before > 0.2 > abs(mean_control - mean_before)
-assert mean_run > mean_before + 0.2  # the run's own EMA followed the turn too
-assert acc["stale bank, late features"] < acc["stale bank, early features"]
-assert acc["tracked bank, late features"] > acc["stale bank, late features"] + 30
-assert prefers_late["tracked"] > 0 > max(prefers_late["stale"], prefers_late["control"])
+measured = claims(tr)
+for claim, holds in measured.items():
+    print(f"{'holds' if holds else 'FAILS'}: {claim}")
+assert all(measured.values())
+
+# %% [markdown]
+# ## On every committed seed
+#
+# One run's turn, one run's stranded prototypes: another seed could differ. The same
+# experiment and the same claims on every committed BRPG run at 1/16 whose states at steps
+# 600 (with teacher and memories) and 1000 are saved beside it:
+
+# %%
+study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / early.cfg.name
+committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
+checked = []
+for seed_dir in sorted(study_dir.glob("seed*")):
+    if not all((seed_dir / state_file(s)).exists() for s in (early.step, late.step)):
+        continue
+    s_early, s_late = run_state(seed_dir, early.step), run_state(seed_dir, late.step)
+    if s_early.teacher is None or s_early.memory is None:
+        continue  # a state without what the experiment reads
+    for s in (s_early, s_late):
+        assert all(v == 0.0 for v in s.log_gap.values()), (seed_dir.name, s.log_gap)
+    same_run = s_early.cfg.train.seed == early.cfg.train.seed
+    t = tr if same_run else track(s_early, s_late, n_updates=300, every=5, n_val=200, seed=0)
+    m = claims(t)
+    checked.append(seed_dir.name)
+    stranded = int((t.stale.valid & (t.hits == 0)).sum())
+    closer = (t.class_cos("tracked") > t.class_cos("stale")).tolist()
+    behind = [DIGIT_CLASSES[c] for c, ok in enumerate(closer) if not ok]
+    print(
+        f"{seed_dir.name}: turn {t.turn.min():.0f}-{t.turn.max():.0f} degrees; mean cos to the"
+        f" late class means: clustered {t.mean_cos('stale'):.3f}, tracked"
+        f" {t.mean_cos('tracked'):.3f}, run's bank {t.mean_cos('run'):.3f}; tracked closer in"
+        f" {sum(closer)} of {len(closer)} classes (not: {', '.join(behind) or 'none'});"
+        f" stranded {stranded} of {int(t.stale.valid.sum())};"
+        f" claims holding: {sum(m.values())} of {len(m)}"
+    )
+    for claim, holds in m.items():
+        if not holds:
+            print(f"    FAILS: {claim}")
+    assert all(m.values()), (seed_dir.name, m)
+unchecked = sorted(set(committed_seeds) - set(checked))
+print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
+      f" without saved states yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
+assert "seed0" in checked
 print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
+
+# %% [markdown]
+# What a second seed changed: the tracked bank following the late features in *every*
+# class was a property of seed 0 only; on another seed a class or two can end further from
+# its late class mean than the clustering was (the lines above name them), so the claim is
+# "most classes". How many prototypes the jump strands varies as much from seed to seed
+# (the lines above); that some are stranded, and the other claims, held on every seed
+# checked.
 
 # %% [markdown]
 # ## Exercises
@@ -525,8 +473,8 @@ assert moved == [True, False] and torch.allclose(bank2.prototypes[0, 0], torch.t
 # * In the committed BRPG run the representation turns by about a right angle in the 400
 #   steps after the clustering, as the prototype loss starts training the representation
 #   head: the clustered prototypes are then about orthogonal to the features. Fed what a
-#   step feeds it, the bank follows the turn (closer to the late class means in every class,
-#   asserted), and so did the bank the run itself fed.
+#   step feeds it, the bank follows the turn (closer to the late class means in most
+#   classes, on every committed seed: asserted), and so did the bank the run itself fed.
 # * After a jump that large, some prototypes are chosen by no feature and stay where they
 #   were; the run, which turned in small steps, moved every one of its prototypes.
 # * A control bank fed the early model's stream does not follow: the tracking comes from

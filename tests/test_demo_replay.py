@@ -203,3 +203,27 @@ def test_head_alone_training_leaves_its_inputs_and_the_global_rng_alone(committe
     b = demo_proto.train_head(run, inputs, n_steps=4, every=2, batch=2)
     assert torch.equal(a.losses, b.losses)
     assert [acc.pixel for _, acc in a.curve] == [acc.pixel for _, acc in b.curve]
+
+
+def test_chapter6_tracking_on_the_tiny_run(committed, tmp_path):
+    """brpg.book.demo_ema.track on the tiny run's states at its clustering (7) and at 9:
+    both banks start from the run's clustering, exactly the slots that received a feature
+    moved, the history has one entry per ``every`` updates plus the start, and every claim
+    is measured (a bool each)."""
+    from brpg.book import demo_ema
+
+    at7 = demo.clustering_state(committed, run_root=tmp_path, replay=True)
+    at9 = demo.run_state(committed, 9, run_root=tmp_path, replay=True)
+    with pytest.raises(ValueError, match="needs a state at the clustering step"):
+        demo_ema.track(at9, at7)
+    tr = demo_ema.track(at7, at9, n_updates=4, every=2, n_val=2)
+    clustered = demo_proto.build_bank(at7)
+    assert torch.equal(tr.stale.prototypes, clustered.prototypes)
+    moved = (tr.tracked.prototypes != tr.stale.prototypes).any(dim=2)
+    assert torch.equal(moved, (tr.hits > 0) & tr.stale.valid)
+    assert tr.history.shape == (3, *tr.stale.valid.shape) and tr.run is at9.bank
+    assert set(tr.acc) == {
+        f"{b} {f}" for b in ("stale", "control", "tracked", "run") for f in ("early", "late")
+    }
+    measured = demo_ema.claims(tr)
+    assert len(measured) == 9 and all(isinstance(v, bool) for v in measured.values())
