@@ -272,8 +272,8 @@ assert stats.ring_low < stats.ring_high, stats  # "nor is this model unsure alon
 #
 # All of this is one run, and another seed could turn a class around. So the same two
 # functions run on every committed BRPG run at 1/16 whose state at step 600 is saved beside
-# it (seed 0 in full, later seeds without the teacher, `save_run_state(..., keep=("memory",))`:
-# this measurement needs the student alone), each written by an exact re-run.
+# it (written by exact re-runs, `tools/save_run_states.py`; this measurement needs the
+# student alone).
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name

@@ -227,3 +227,26 @@ def test_chapter6_tracking_on_the_tiny_run(committed, tmp_path):
     }
     measured = demo_ema.claims(tr)
     assert len(measured) == 9 and all(isinstance(v, bool) for v in measured.values())
+
+
+def test_the_save_run_states_tool_writes_every_step_asked_for(committed, tmp_path):
+    """tools/save_run_states.py on the tiny run: one file per step, each read back as that
+    step's state (a later step from the earlier replay), the replays under --run-root."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "save_run_states.py"
+    spec = importlib.util.spec_from_file_location("save_run_states", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    written = [committed / demo.state_file(s) for s in (7, 9)]
+    try:
+        assert tool.main([str(committed), "--steps", "9", "7", "--run-root", str(tmp_path)]) == 0
+        assert all(p.exists() for p in written)
+        at7 = demo.run_state(committed, 7, run_root=tmp_path / "unused")
+        at9 = demo.run_state(committed, 9, run_root=tmp_path / "unused")
+        assert at7.memory is not None and at7.bank is None and at9.bank is not None
+        assert not (tmp_path / "unused").exists() and len(list(tmp_path.glob("replay_*"))) == 2
+    finally:
+        for p in written:
+            p.unlink(missing_ok=True)
