@@ -288,8 +288,8 @@ for seed_dir in sorted(study_dir.glob("seed*")):
     checked.append(seed_dir.name)
     print(
         f"{seed_dir.name}: mean distance high {st.pooled_high:.2f} px, low {st.pooled_low:.2f} px;"
-        f" low closer in {st.classes_closer} of {len(st.per_class)} classes;"
-        f" border ring high {100 * st.ring_high:.0f} %, low {100 * st.ring_low:.0f} %"
+        f" low closer in {st.classes_closer} of {len(st.per_class)} classes\n"
+        f"  border ring: high {100 * st.ring_high:.0f} %, low {100 * st.ring_low:.0f} %"
     )
     assert st.pooled_low < st.pooled_high and st.ring_low < st.ring_high, (seed_dir.name, st)
     assert st.classes_closer == len(st.per_class), (seed_dir.name, st.per_class)

@@ -300,8 +300,8 @@ for seed_dir in sorted(study_dir.glob("seed*")):
     digits_low_larger = int((nl[1:] > nh[1:]).sum())
     checked.append(seed_dir.name)
     print(
-        f"{seed_dir.name}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits;"
-        f" low prototypes closer in {n_closer} of {n_ok} classes; mean margin high {mh:.3f},"
+        f"{seed_dir.name}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits\n"
+        f"  low prototypes closer in {n_closer} of {n_ok} classes; mean margin high {mh:.3f},"
         f" low {ml:.3f}"
     )
     if state.cfg.train.seed == run.cfg.train.seed:  # the run studied above: the same numbers

@@ -400,12 +400,12 @@ for seed_dir in sorted(study_dir.glob("seed*")):
     closer = (t.class_cos("tracked") > t.class_cos("stale")).tolist()
     behind = [DIGIT_CLASSES[c] for c, ok in enumerate(closer) if not ok]
     print(
-        f"{seed_dir.name}: turn {t.turn.min():.0f}-{t.turn.max():.0f} degrees; mean cos to the"
-        f" late class means: clustered {t.mean_cos('stale'):.3f}, tracked"
-        f" {t.mean_cos('tracked'):.3f}, run's bank {t.mean_cos('run'):.3f}; tracked closer in"
-        f" {sum(closer)} of {len(closer)} classes (not: {', '.join(behind) or 'none'});"
-        f" stranded {stranded} of {int(t.stale.valid.sum())};"
-        f" claims holding: {sum(m.values())} of {len(m)}"
+        f"{seed_dir.name}: class means turned {t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
+        f"  mean cos to the late class means: clustered {t.mean_cos('stale'):.3f},"
+        f" tracked {t.mean_cos('tracked'):.3f}, run's bank {t.mean_cos('run'):.3f}\n"
+        f"  tracked closer in {sum(closer)} of {len(closer)} classes"
+        f" (not: {', '.join(behind) or 'none'}); stranded {stranded} of"
+        f" {int(t.stale.valid.sum())}\n  claims holding: {sum(m.values())} of {len(m)}"
     )
     for claim, holds in m.items():
         if not holds:
@@ -484,7 +484,7 @@ assert moved == [True, False] and torch.allclose(bank2.prototypes[0, 0], torch.t
 # :class: note
 # Whether the run's prototypes stay alive (chosen, and so moved) over the rest of its 8,000
 # steps, and over the tens of thousands of a paper-scale run: this chapter looks at 400 steps
-# after the clustering of one seed. The unlabeled features here come from the plain scenes,
+# after the clustering of the committed seeds. The unlabeled features here come from the plain scenes,
 # not the strongly augmented, mixed view a real step reads. Averaging the EMA sums and counts over several GPUs (our fix of the
 # official per-GPU drift) changes anything only with several processes, and its effect on
 # accuracy has not been measured.

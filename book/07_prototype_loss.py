@@ -441,8 +441,9 @@ for seed_dir in sorted(study_dir.glob("seed*")):
     print(
         f"{seed_dir.name}: mean class accuracy {100 * c0.mean_class:.1f} -> "
         f"{100 * c10.mean_class:.1f} (10 steps) -> {100 * c40.mean_class:.1f} (40) -> "
-        f"{100 * cN.mean_class:.1f} % ({n_steps}); pixel {100 * c0.pixel:.1f} -> "
-        f"{100 * cN.pixel:.1f} %; softmax head {100 * sm.pixel:.1f} / {100 * sm.mean_class:.1f} %"
+        f"{100 * cN.mean_class:.1f} % ({n_steps})\n  pixel accuracy {100 * c0.pixel:.1f} -> "
+        f"{100 * cN.pixel:.1f} %; softmax head: pixel {100 * sm.pixel:.1f} %,"
+        f" mean class {100 * sm.mean_class:.1f} %"
     )
     assert cN.pixel > c0.pixel + 0.1, seed_dir.name
     assert c10.mean_class < c0.mean_class and c10.mean_class < 1.5 / n_cls, seed_dir.name
