@@ -1,7 +1,7 @@
 """brpg.book.demo_margin: chapter 4's prototype margins against a hand-worked case and a
 scalar reference.
 
-Machine: exact up to float rounding. Three classes in 2-D: class 0 has high rows along
+Machine: fp32-tolerance. Three classes in 2-D: class 0 has high rows along
 (1, 0) and three times as many low rows along (0, 1), class 1 lies along (-1, 0), class 2
 along (0, -1).
 """
