@@ -26,10 +26,12 @@ crop), and the train-mode (dropout) forwards of :func:`feature_batch` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,7 @@ __all__ = [
     "fill_memories",
     "last_eval",
     "log_gap",
+    "one_thread",
     "run_dir_for",
     "run_state",
     "save_run_state",
@@ -478,6 +481,18 @@ def clustering_state(
     """:func:`run_state` at the step at which the run clusters its memories: the state
     chapters 3, 4, 5 and 7 study (student, teacher, CPG memories, no bank yet)."""
     return run_state(committed, None, run_root, replay)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block at one torch thread and restore the count after, also on an error: the
+    chapters' loops of many small tensor operations, where threads cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stack(ds: Dataset, indices: list[int]) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from brpg.book.demo import DemoRun, feature_batch
+from brpg.book.demo import DemoRun, feature_batch, one_thread
 from brpg.book.demo_proto import Accuracy, accuracies, build_bank, class_means, pixel_rows
 from brpg.method.prototype_ema import PrototypeBank
 from brpg.method.prototype_loss import pseudo_threshold, sample_labeled_grid, sample_unlabeled
@@ -156,26 +156,24 @@ def track(
     mu_early, _ = class_means(feats_early, y_early, num_classes)
     turn = torch.rad2deg(torch.arccos(F.cosine_similarity(mu_early, mu_late, dim=1).clamp(-1, 1)))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small operations: threads cost more than they save here
-    gen = torch.Generator().manual_seed(seed)
-    hits = torch.zeros(num_classes * n_slots, dtype=torch.long)
-    history = [proto_cos(tracked, mu_late)]
-    n_l, n_u = src_late["rep_l"].shape[0], src_late["rep_u"].shape[0]  # type: ignore[union-attr]
-    for step in range(n_updates):
-        il = torch.randint(0, n_l, (16,), generator=gen)
-        iu = torch.randint(0, n_u, (16,), generator=gen)
-        draw = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        f, y = ema_batch(src_late, il, iu, p.grid_num, p.unsup_sample_num,
-                         torch.Generator().manual_seed(draw))  # fmt: skip
-        slot, used = tracked.assign(f, y)
-        hits.index_add_(0, slot[used], torch.ones_like(slot[used]))
-        tracked.ema_update(f, y)
-        control.ema_update(*ema_batch(src_early, il, iu, p.grid_num, p.unsup_sample_num,
-                                      torch.Generator().manual_seed(draw)))  # fmt: skip
-        if (step + 1) % every == 0:
-            history.append(proto_cos(tracked, mu_late))
-    torch.set_num_threads(threads)
+    with one_thread():  # many small operations: threads cost more than they save here
+        gen = torch.Generator().manual_seed(seed)
+        hits = torch.zeros(num_classes * n_slots, dtype=torch.long)
+        history = [proto_cos(tracked, mu_late)]
+        n_l, n_u = src_late["rep_l"].shape[0], src_late["rep_u"].shape[0]  # type: ignore[union-attr]
+        for step in range(n_updates):
+            il = torch.randint(0, n_l, (16,), generator=gen)
+            iu = torch.randint(0, n_u, (16,), generator=gen)
+            draw = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            f, y = ema_batch(src_late, il, iu, p.grid_num, p.unsup_sample_num,
+                             torch.Generator().manual_seed(draw))  # fmt: skip
+            slot, used = tracked.assign(f, y)
+            hits.index_add_(0, slot[used], torch.ones_like(slot[used]))
+            tracked.ema_update(f, y)
+            control.ema_update(*ema_batch(src_early, il, iu, p.grid_num, p.unsup_sample_num,
+                                          torch.Generator().manual_seed(draw)))  # fmt: skip
+            if (step + 1) % every == 0:
+                history.append(proto_cos(tracked, mu_late))
 
     banks = {"stale": stale, "control": control, "tracked": tracked, "run": late.bank}
     features = {"early": (feats_early, y_early), "late": (feats_late, y_late)}

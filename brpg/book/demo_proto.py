@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from brpg.book.demo import DemoRun, cluster, feature_batch, fill_memories
+from brpg.book.demo import DemoRun, cluster, feature_batch, fill_memories, one_thread
 from brpg.method.prototype_ema import PrototypeBank
 from brpg.method.prototype_loss import (
     prototype_loss,
@@ -229,9 +229,7 @@ def train_head(
     gen = torch.Generator().manual_seed(seed)
     curve = [(0, proto_accuracy())]
     losses = torch.zeros(n_steps, 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads cost more than they save here
-    with torch.random.fork_rng(devices=[]):
+    with one_thread(), torch.random.fork_rng(devices=[]):  # small tensors: one thread is faster
         torch.manual_seed(seed)  # dropout masks
         for step in range(n_steps):
             il = torch.randint(0, x_l.shape[0], (batch,), generator=gen)
@@ -253,5 +251,4 @@ def train_head(
             losses[step, 0], losses[step, 1] = loss_l.detach(), loss_u.detach()
             if (step + 1) % every == 0:
                 curve.append((step + 1, proto_accuracy()))
-    torch.set_num_threads(threads)
     return HeadTraining(curve, losses, head, bank)
