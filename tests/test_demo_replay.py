@@ -250,3 +250,53 @@ def test_the_save_run_states_tool_writes_every_step_asked_for(committed, tmp_pat
     finally:
         for p in written:
             p.unlink(missing_ok=True)
+
+
+def test_every_seed_walks_the_committed_seeds_with_the_states_a_claim_reads(committed, tmp_path):
+    """EverySeed over a preset folder of copies of the tiny run: numeric seed order (seed2
+    before seed10), unfinished runs and seeds without states left out of the walk and named by
+    the report, a state saved without a part the claim reads skipped, a seed whose body
+    failed not counted as checked, a state whose replay drifted refused."""
+    import shutil
+
+    preset = tmp_path / "preset"
+    seed0 = preset / "seed0"
+    shutil.copytree(committed, seed0)
+    for step in (7, 9):
+        demo.save_run_state(demo.run_state(seed0, step, run_root=tmp_path, replay=True), seed0)
+    shutil.copytree(seed0, preset / "seed10")
+    shutil.copytree(seed0, preset / "seed2")
+    for step in (7, 9):  # seed2: the student alone
+        state = demo.run_state(preset / "seed2", step)
+        demo.save_run_state(state, preset / "seed2", keep=())
+    shutil.copytree(committed, preset / "seed1")  # finished, no states saved
+    shutil.copytree(seed0, preset / "seed3")
+    (preset / "seed3" / "summary.json").unlink()  # unfinished: not a committed seed
+
+    walk = demo.EverySeed(preset, {7: ()})
+    assert walk.committed == ["seed0", "seed1", "seed2", "seed10"]
+    seen = [(name, [s.step for s in states]) for name, states in walk]
+    assert seen == [("seed0", [7]), ("seed2", [7]), ("seed10", [7])]
+    assert walk.checked == ["seed0", "seed2", "seed10"] and walk.unchecked == ["seed1"]
+    assert walk.report() == ("checked on 3 of 4 committed seeds; without saved states yet: seed1")
+
+    walk = demo.EverySeed(preset, {7: ("memory",), 9: ("bank",)})
+    names = []
+    for name, (early, late) in walk:
+        assert early.memory is not None and late.bank is not None and late.step == 9
+        names.append(name)
+    assert names == ["seed0", "seed10"] and walk.unchecked == ["seed1", "seed2"]
+
+    walk = demo.EverySeed(preset, {7: ()})
+    with pytest.raises(AssertionError):
+        for name, _ in walk:
+            assert name != "seed2"  # a claim that fails on seed2
+    assert walk.checked == ["seed0"]
+
+    drifted = torch.load(seed0 / demo.state_file(7), weights_only=True)
+    drifted["log_gap"] = {**drifted["log_gap"], "loss_sup": 1e-6}
+    torch.save(drifted, preset / "seed10" / demo.state_file(7))
+    with pytest.raises(ValueError, match="seed10.*differs from the committed log"):
+        list(demo.EverySeed(preset, {7: ()}))
+    with pytest.raises(ValueError, match="unknown"):
+        demo.EverySeed(preset, {7: ("teachr",)})

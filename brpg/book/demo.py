@@ -10,7 +10,7 @@ without a trainer.
 - :func:`run_state` → :class:`DemoRun` of a committed BRPG study run at a step (read from a
   committed file, or re-run to it): its student, teacher, CPG memories or prototype bank, and
   how closely the replay follows the committed log; :func:`clustering_state` is its state at
-  the step at which it clusters;
+  the step at which it clusters; :class:`EverySeed` walks every committed seed's saved states;
 - :func:`warm_model` → :class:`DemoRun` (config, eval-mode CPU model, datasets, summary);
 - :func:`feature_batch` → images, labels (full and stride 4), logits, rep, confidence;
 - :func:`boundary_distance` → distance of every pixel to the nearest class boundary;
@@ -32,7 +32,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +481,79 @@ def clustering_state(
     """:func:`run_state` at the step at which the run clusters its memories: the state
     chapters 3, 4, 5 and 7 study (student, teacher, CPG memories, no bank yet)."""
     return run_state(committed, None, run_root, replay)
+
+
+def _seed_number(seed_dir: Path) -> int:
+    digits = seed_dir.name[len("seed") :]
+    return int(digits) if digits.isdigit() else -1
+
+
+@dataclass
+class EverySeed:
+    """The committed seeds of one study preset, walked with their saved states: what
+    chapters 3–7 need to check a claim "on every committed seed".
+
+    ``parts`` maps each step to the parts of :data:`STATE_PARTS` the claim reads there
+    (``{600: ("teacher", "memory"), 1000: ()}``). Iterating yields ``(seed name, states)``,
+    the states in the order of ``parts``, for each committed seed (:attr:`committed`) whose
+    state files at all the steps exist and carry those parts; a seed is
+    added to :attr:`checked` once the loop's body for it has finished (a failing assert in the
+    body leaves it out). A state whose replay did not follow the committed log exactly is an
+    error, not a seed to skip: :func:`save_run_state` never writes one.
+    """
+
+    preset_dir: Path
+    parts: dict[int, tuple[str, ...]]
+    checked: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.preset_dir = Path(self.preset_dir)
+        bad = {p for need in self.parts.values() for p in need} - set(STATE_PARTS)
+        if bad:
+            raise ValueError(f"parts {sorted(bad)}: unknown; choose from {STATE_PARTS}")
+        if not self.parts:
+            raise ValueError("parts: name at least one step")
+
+    @property
+    def committed(self) -> list[str]:
+        """The seed folders with a ``summary.json`` (finished runs), in numeric order."""
+        dirs = [d for d in self.preset_dir.glob("seed*") if (d / "summary.json").exists()]
+        return [d.name for d in sorted(dirs, key=_seed_number)]
+
+    @property
+    def unchecked(self) -> list[str]:
+        """Committed seeds not (yet) checked: no saved states, or the walk has not reached them."""
+        return [s for s in self.committed if s not in self.checked]
+
+    def __iter__(self) -> Iterator[tuple[str, tuple[DemoRun, ...]]]:
+        for name in self.committed:
+            seed_dir = self.preset_dir / name
+            if not all((seed_dir / state_file(step)).exists() for step in self.parts):
+                continue
+            states = tuple(run_state(seed_dir, step) for step in self.parts)
+            if any(
+                getattr(st, p) is None
+                for st, need in zip(states, self.parts.values(), strict=True)
+                for p in need
+            ):
+                continue  # saved without a part this claim reads (save_run_state's keep)
+            for st in states:
+                if any(v != 0.0 for v in (st.log_gap or {}).values()):
+                    raise ValueError(
+                        f"{seed_dir / state_file(st.step or 0)}: its replay differs from the"
+                        f" committed log ({st.log_gap}); write it again with"
+                        " tools/save_run_states.py on a CPU where the replay is exact"
+                    )
+            yield name, states
+            if name not in self.checked:  # reached only once the loop's body ran through
+                self.checked.append(name)
+
+    def report(self) -> str:
+        """One line: how many committed seeds were checked, and which were not."""
+        return (
+            f"checked on {len(self.checked)} of {len(self.committed)} committed seeds;"
+            f" without saved states yet: {', '.join(self.unchecked) or 'none'}"
+        )
 
 
 @contextlib.contextmanager
