@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from brpg.book.demo import clustering_state, last_eval, run_state, state_file
+from brpg.book.demo import EverySeed, clustering_state, last_eval, run_state
 from brpg.book.demo_ema import cell_fit, claims, ema_batch, proto_cos, stream_source, track
 from brpg.book.tools import show_source
 from brpg.data.build import PROJECT_ROOT
@@ -307,7 +307,10 @@ assert bool((~still[0] & bank.valid[0]).any())
 #
 # Does the prototype classifier of chapter 7 (nearest prototype by cosine) classify the late
 # model's features better with the tracked bank than with the stale one? Pixel accuracy and
-# mean class accuracy on the same 200 val scenes:
+# mean class accuracy (the accuracy of each class, averaged over the classes) on the same 200
+# val scenes. The claims below use the mean class accuracy: most pixels are background, so a
+# bank that calls nearly everything background scores well on pixels while getting the
+# digits wrong.
 
 # %%
 names = {
@@ -348,12 +351,13 @@ for name in ("stale", "control", "tracked", "run"):
 # * between the clustering (step 600) and step 1000 the representation turns by about a
 #   right angle in every class (asserted: more than 60°), because the prototype loss starts
 #   training the representation head; a bank left as clustered is then about orthogonal to
-#   the features and classifies them worse than it classified the features it was made from;
+#   the features and classifies them worse (mean class accuracy) than it classified the
+#   features it was made from;
 # * fed the late models' stream, the bank follows: closer to the late class means in most
-#   classes (here in every one), on average by far more than the control bank moves, and its prototype
-#   classifier is back to a pixel accuracy close to the one of the bank the run itself fed
-#   (mean class accuracy stays low for every bank at this point of the run: most pixels
-#   are background, and the digits' features are still poorly separated, chapter 7);
+#   classes (here in every one), on average by far more than the control bank moves, and its
+#   prototype classifier gets a higher mean class accuracy on the late features than the
+#   stale bank (every bank's stays low at this point of the run: the digits' features are
+#   still poorly separated, chapter 7);
 # * a prototype that receives no feature does not move (asserted bit for bit), and after a
 #   jump this large some never receive one; the run, which took the same turn in 400 small
 #   steps, moved all of its prototypes;
@@ -382,48 +386,49 @@ assert all(measured.values())
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / early.cfg.name
-committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
-checked = []
-for seed_dir in sorted(study_dir.glob("seed*")):
-    if not all((seed_dir / state_file(s)).exists() for s in (early.step, late.step)):
-        continue
-    s_early, s_late = run_state(seed_dir, early.step), run_state(seed_dir, late.step)
-    if s_early.teacher is None or s_early.memory is None:
-        continue  # a state without what the experiment reads
-    for s in (s_early, s_late):
-        assert all(v == 0.0 for v in s.log_gap.values()), (seed_dir.name, s.log_gap)
+seeds = EverySeed(study_dir, {early.step: ("teacher", "memory"), late.step: ("bank",)})
+for seed, (s_early, s_late) in seeds:
     same_run = s_early.cfg.train.seed == early.cfg.train.seed
     t = tr if same_run else track(s_early, s_late, n_updates=300, every=5, n_val=200, seed=0)
     m = claims(t)
-    checked.append(seed_dir.name)
     stranded = int((t.stale.valid & (t.hits == 0)).sum())
     closer = (t.class_cos("tracked") > t.class_cos("stale")).tolist()
     behind = [DIGIT_CLASSES[c] for c, ok in enumerate(closer) if not ok]
     print(
-        f"{seed_dir.name}: class means turned {t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
+        f"{seed}: class means turned {t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
         f"  mean cos to the late class means: clustered {t.mean_cos('stale'):.3f},"
         f" tracked {t.mean_cos('tracked'):.3f}, run's bank {t.mean_cos('run'):.3f}\n"
         f"  tracked closer in {sum(closer)} of {len(closer)} classes"
         f" (not: {', '.join(behind) or 'none'}); stranded {stranded} of"
-        f" {int(t.stale.valid.sum())}\n  claims holding: {sum(m.values())} of {len(m)}"
+        f" {int(t.stale.valid.sum())}\n  stale bank, early -> late features: mean class"
+        f" accuracy {100 * t.acc['stale early'].mean_class:.1f} ->"
+        f" {100 * t.acc['stale late'].mean_class:.1f} % (pixel"
+        f" {100 * t.acc['stale early'].pixel:.1f} -> {100 * t.acc['stale late'].pixel:.1f} %);"
+        f"\n  tracked bank, late features: {100 * t.acc['tracked late'].mean_class:.1f} %"
+        f" (pixel {100 * t.acc['tracked late'].pixel:.1f} %)"
+        f"\n  claims holding: {sum(m.values())} of {len(m)}"
     )
     for claim, holds in m.items():
         if not holds:
             print(f"    FAILS: {claim}")
-    assert all(m.values()), (seed_dir.name, m)
-unchecked = sorted(set(committed_seeds) - set(checked))
-print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
-      f" without saved states yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
-assert "seed0" in checked
+    assert all(m.values()), (seed, m)
+print(seeds.report())
+assert "seed0" in seeds.checked
 print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 
 # %% [markdown]
-# What a second seed changed: the tracked bank following the late features in *every*
-# class was a property of seed 0 only; on another seed a class or two can end further from
-# its late class mean than the clustering was (the lines above name them), so the claim is
-# "most classes". How many prototypes the jump strands varies as much from seed to seed
-# (the lines above); that some are stranded, and the other claims, held on every seed
-# checked.
+# What more seeds changed: the tracked bank following the late features in *every*
+# class was a property of seed 0 only; on seed 1 two classes end further from their late
+# class means than the clustering was (the lines above name them), so the claim is "most
+# classes". Seed 2 flipped two claims as they were first written, in pixel accuracy: there
+# the stale bank labels the late features nearly all background (95 % of the background
+# pixels right, almost no digit pixel), which gives it a *higher* pixel accuracy on the late
+# features (79 %) than on the early ones (39 %) and left the tracked bank less than 2 points
+# ahead of it. In mean class accuracy, which weighs every class the same, the stale bank
+# gets worse and the tracked bank better than it on every seed, so the claims are now stated
+# in that measure; the per-seed pixel accuracies are printed above for comparison. How many
+# prototypes the jump strands varies as much from seed to seed (the lines above); that some
+# are stranded, and the other claims, held on every seed checked.
 
 # %% [markdown]
 # ## Exercises

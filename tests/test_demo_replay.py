@@ -6,6 +6,7 @@ clustering of the replay's memories gives the committed run's logged prototype c
 reused on a second call. Step arithmetic and the log comparison's errors are exact.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -208,8 +209,9 @@ def test_head_alone_training_leaves_its_inputs_and_the_global_rng_alone(committe
 def test_chapter6_tracking_on_the_tiny_run(committed, tmp_path):
     """brpg.book.demo_ema.track on the tiny run's states at its clustering (7) and at 9:
     both banks start from the run's clustering, exactly the slots that received a feature
-    moved, the history has one entry per ``every`` updates plus the start, and every claim
-    is measured (a bool each)."""
+    moved, the history has one entry per ``every`` updates plus the start, every claim is
+    measured (a bool each), and the accuracy claims follow mean class accuracy on a
+    hand-made case where pixel accuracy says the opposite."""
     from brpg.book import demo_ema
 
     at7 = demo.clustering_state(committed, run_root=tmp_path, replay=True)
@@ -227,6 +229,21 @@ def test_chapter6_tracking_on_the_tiny_run(committed, tmp_path):
     }
     measured = demo_ema.claims(tr)
     assert len(measured) == 9 and all(isinstance(v, bool) for v in measured.values())
+
+    # the accuracy claims read mean class accuracy, not pixel accuracy (seed 2's stale bank
+    # called nearly every late pixel background): 9 background pixels and one digit
+    targets = torch.tensor([0] * 9 + [1])
+    all_background = demo_proto.accuracies(torch.zeros(10), targets, 2)  # pixel .9, class .5
+    half = demo_proto.accuracies(torch.tensor([0] * 5 + [1] * 5), targets, 2)  # .6, (5/9 + 1)/2
+    perfect = demo_proto.accuracies(targets, targets, 2)
+    stale_worse = "the stale bank classifies the late features worse than the early ones"
+    tracked_better = "the tracked bank classifies the late features better than the stale one"
+    acc = {**tr.acc, "stale early": half, "stale late": all_background, "tracked late": half}
+    m = demo_ema.claims(dataclasses.replace(tr, acc=acc))
+    assert m[stale_worse] and m[tracked_better]  # both False in pixel accuracy
+    acc = {**tr.acc, "stale early": half, "stale late": perfect, "tracked late": half}
+    m = demo_ema.claims(dataclasses.replace(tr, acc=acc))
+    assert not m[stale_worse] and not m[tracked_better]
 
 
 def test_the_save_run_states_tool_writes_every_step_asked_for(committed, tmp_path):

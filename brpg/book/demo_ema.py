@@ -213,11 +213,13 @@ def claims(tr: Tracking) -> dict[str, bool]:
         "the run's own bank ends more than 0.2 closer than the clustering": (
             tr.mean_cos("run") > stale + 0.2
         ),
+        # mean class accuracy, not pixel accuracy: a bank that calls nearly every pixel
+        # background scores high on pixels (most are background), as seed 2's stale bank does
         "the stale bank classifies the late features worse than the early ones": (
-            tr.acc["stale late"].pixel < tr.acc["stale early"].pixel
+            tr.acc["stale late"].mean_class < tr.acc["stale early"].mean_class
         ),
-        "the tracked bank classifies them 30 points (pixel accuracy) better than the stale": (
-            tr.acc["tracked late"].pixel > tr.acc["stale late"].pixel + 0.30
+        "the tracked bank classifies the late features better than the stale one": (
+            tr.acc["tracked late"].mean_class > tr.acc["stale late"].mean_class
         ),
         "some valid prototypes of the tracked bank received no feature": bool(
             (valid & (tr.hits == 0)).any()
