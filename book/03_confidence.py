@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 
-from brpg.book.demo import boundary_distance, clustering_state, last_eval, run_state, state_file
+from brpg.book.demo import EverySeed, boundary_distance, clustering_state, last_eval
 from brpg.book.demo_confidence import confidence_vs_boundary, route_scenes
 from brpg.book.tools import show_source
 from brpg.book.viz import denormalize
@@ -273,30 +273,23 @@ assert stats.ring_low < stats.ring_high, stats  # "nor is this model unsure alon
 # All of this is one run, and another seed could turn a class around. So the same two
 # functions run on every committed BRPG run at 1/16 whose state at step 600 is saved beside
 # it (written by exact re-runs, `tools/save_run_states.py`; this measurement needs the
-# student alone).
+# student alone). `EverySeed` walks those seeds, skips none whose replay drifted (it refuses
+# such a state) and says at the end which committed seeds have no saved state yet.
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name
-committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
-checked = []
-for seed_dir in sorted(study_dir.glob("seed*")):
-    if not (seed_dir / state_file(run.step)).exists():
-        continue
-    state = run_state(seed_dir, run.step)
-    assert all(v == 0.0 for v in state.log_gap.values()), (seed_dir.name, state.log_gap)
+seeds = EverySeed(study_dir, {run.step: ()})  # the student alone
+for seed, (state,) in seeds:
     st = confidence_vs_boundary(route_scenes(state))
-    checked.append(seed_dir.name)
     print(
-        f"{seed_dir.name}: mean distance high {st.pooled_high:.2f} px, low {st.pooled_low:.2f} px;"
+        f"{seed}: mean distance high {st.pooled_high:.2f} px, low {st.pooled_low:.2f} px;"
         f" low closer in {st.classes_closer} of {len(st.per_class)} classes\n"
         f"  border ring: high {100 * st.ring_high:.0f} %, low {100 * st.ring_low:.0f} %"
     )
-    assert st.pooled_low < st.pooled_high and st.ring_low < st.ring_high, (seed_dir.name, st)
-    assert st.classes_closer == len(st.per_class), (seed_dir.name, st.per_class)
-unchecked = sorted(set(committed_seeds) - set(checked))
-print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
-      f" without a saved state yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
-assert "seed0" in checked
+    assert st.pooled_low < st.pooled_high and st.ring_low < st.ring_high, (seed, st)
+    assert st.classes_closer == len(st.per_class), (seed, st.per_class)
+print(seeds.report())
+assert "seed0" in seeds.checked
 
 # %% [markdown]
 # ## Exercises

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import display
 
-from brpg.book.demo import cluster, clustering_state, run_state, state_file
+from brpg.book.demo import EverySeed, cluster, clustering_state
 from brpg.book.demo_margin import class_centres, prototype_margins
 from brpg.book.tools import show_source
 from brpg.data.build import PROJECT_ROOT
@@ -281,15 +281,8 @@ assert closer > n_counted / 2, (closer, n_counted)
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name
-committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
-checked = []
-for seed_dir in sorted(study_dir.glob("seed*")):
-    if not (seed_dir / state_file(run.step)).exists():
-        continue
-    state = run_state(seed_dir, run.step)
-    if state.memory is None:
-        continue  # a state with the student alone
-    assert all(v == 0.0 for v in state.log_gap.values()), (seed_dir.name, state.log_gap)
+seeds = EverySeed(study_dir, {run.step: ("memory",)})
+for seed, (state,) in seeds:
     mem = state.memory
     nh, nl = mem.count["high"], mem.count["low"]
     pr, va = cluster(mem, state.cfg, apo=False)  # as above: APO off, k-means seed 0
@@ -298,20 +291,17 @@ for seed_dir in sorted(study_dir.glob("seed*")):
     n_closer, n_ok = int((mg.m_low < mg.m_high)[ok].sum()), int(ok.sum())
     mh, ml = float(mg.m_high[ok].mean()), float(mg.m_low[ok].mean())
     digits_low_larger = int((nl[1:] > nh[1:]).sum())
-    checked.append(seed_dir.name)
     print(
-        f"{seed_dir.name}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits\n"
+        f"{seed}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits\n"
         f"  low prototypes closer in {n_closer} of {n_ok} classes; mean margin high {mh:.3f},"
         f" low {ml:.3f}"
     )
     if state.cfg.train.seed == run.cfg.train.seed:  # the run studied above: the same numbers
         assert (n_closer, n_ok, mh, ml) == (closer, n_counted, mean_high, mean_low)
-    assert digits_low_larger == len(nl) - 1, (seed_dir.name, nh, nl)
-    assert ml < mh and n_closer > n_ok / 2, (seed_dir.name, mh, ml, n_closer, n_ok)
-unchecked = sorted(set(committed_seeds) - set(checked))
-print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
-      f" without saved memories yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
-assert "seed0" in checked
+    assert digits_low_larger == len(nl) - 1, (seed, nh, nl)
+    assert ml < mh and n_closer > n_ok / 2, (seed, mh, ml, n_closer, n_ok)
+print(seeds.report())
+assert "seed0" in seeds.checked
 
 # %% [markdown]
 # How many classes have the closer low prototypes varies from seed to seed (printed above),

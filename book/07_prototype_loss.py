@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import display
 
-from brpg.book.demo import clustering_state, run_state, state_file
+from brpg.book.demo import EverySeed, clustering_state
 from brpg.book.demo_proto import class_means, head_inputs, pixel_rows, train_head
 from brpg.book.tools import show_source
 from brpg.book.viz import denormalize
@@ -421,15 +421,8 @@ assert abs(last.pixel - softmax_acc.pixel) < 0.02 and last.mean_class < softmax_
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name
-committed_seeds = sorted(d.name for d in study_dir.glob("seed*") if (d / "summary.json").exists())
-checked = []
-for seed_dir in sorted(study_dir.glob("seed*")):
-    if not (seed_dir / state_file(run.step)).exists():
-        continue
-    state = run_state(seed_dir, run.step)
-    if state.memory is None:
-        continue  # a state with the student alone
-    assert all(v == 0.0 for v in state.log_gap.values()), (seed_dir.name, state.log_gap)
+seeds = EverySeed(study_dir, {run.step: ("memory",)})
+for seed, (state,) in seeds:
     if state.cfg.train.seed == run.cfg.train.seed:
         inp, tr = inputs, trained  # the run above
     else:
@@ -437,23 +430,20 @@ for seed_dir in sorted(study_dir.glob("seed*")):
         tr = train_head(state, inp, n_steps=n_steps, every=10, batch=16, seed=0)
     c0, c10, c40, cN = tr.curve[0][1], tr.curve[1][1], tr.curve[4][1], tr.curve[-1][1]
     sm, n_cls = inp.softmax_acc, inp.bank.num_classes
-    checked.append(seed_dir.name)
     print(
-        f"{seed_dir.name}: mean class accuracy {100 * c0.mean_class:.1f} -> "
+        f"{seed}: mean class accuracy {100 * c0.mean_class:.1f} -> "
         f"{100 * c10.mean_class:.1f} (10 steps) -> {100 * c40.mean_class:.1f} (40) -> "
         f"{100 * cN.mean_class:.1f} % ({n_steps})\n  pixel accuracy {100 * c0.pixel:.1f} -> "
         f"{100 * cN.pixel:.1f} %; softmax head: pixel {100 * sm.pixel:.1f} %,"
         f" mean class {100 * sm.mean_class:.1f} %"
     )
-    assert cN.pixel > c0.pixel + 0.1, seed_dir.name
-    assert c10.mean_class < c0.mean_class and c10.mean_class < 1.5 / n_cls, seed_dir.name
-    assert c40.mean_class < c0.mean_class < cN.mean_class, seed_dir.name
-    assert tr.losses[-20:, 0].mean() < tr.losses[:20, 0].mean(), seed_dir.name
-    assert abs(cN.pixel - sm.pixel) < 0.02 and cN.mean_class < sm.mean_class, seed_dir.name
-unchecked = sorted(set(committed_seeds) - set(checked))
-print(f"checked on {len(checked)} of {len(committed_seeds)} committed seeds;"
-      f" without saved memories yet: {', '.join(unchecked) or 'none'}")  # fmt: skip
-assert "seed0" in checked
+    assert cN.pixel > c0.pixel + 0.1, seed
+    assert c10.mean_class < c0.mean_class and c10.mean_class < 1.5 / n_cls, seed
+    assert c40.mean_class < c0.mean_class < cN.mean_class, seed
+    assert tr.losses[-20:, 0].mean() < tr.losses[:20, 0].mean(), seed
+    assert abs(cN.pixel - sm.pixel) < 0.02 and cN.mean_class < sm.mean_class, seed
+print(seeds.report())
+assert "seed0" in seeds.checked
 print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 
 # %% [markdown]
