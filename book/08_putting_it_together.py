@@ -634,7 +634,8 @@ assert share8 == {"warmup": 0.25, "sampling": 0.05, "proto": 0.70}
 # * The paired-seed study on DigitScenes version 3 fixed its budget (8,000 steps, by the
 #   plan's rule) and its splits (1/16 and 1/8, where the mean teacher is 15-19 points ahead
 #   of SupOnly) before comparing anything; its comparisons are read above from whatever runs
-#   are committed, and no verdict on BRPG is stated before a comparison has its seeds.
+#   are committed, and a verdict drawn from fewer than the planned five seeds says that it is
+#   partial.
 # * On the committed DigitScenes version 2 runs (three seeds), the mean teacher beats
 #   SupOnly at every split that has both (asserted); BRPG is ahead of the mean teacher of
 #   the same seed in every seed at 1/16 and 1/8, but at 1/16 the seed-to-seed spread is
