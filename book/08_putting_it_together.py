@@ -85,12 +85,12 @@ from brpg.book.study import (
     choose_budget,
     compare_split,
     format_comparisons,
+    idea_verdicts,
     plot_comparisons,
     runs_by_seed,
     study_splits,
     val_curve,
     variant_preset,
-    verdict,
     warmup_identical,
 )
 from brpg.book.tools import show_source
@@ -408,7 +408,7 @@ assert all(
 # %%
 STAGES = STUDY / "study"
 VARIANTS = ("suponly", "meanteacher", "plainproto", "brpg", "brpg_nocpg", "brpg_noapo")
-verdicts: dict[tuple[str, str, str], str] = {}
+rows_by_split: dict[str, list] = {}
 for split in splits:
     runs_v = {v: runs_by_seed(STAGES, variant_preset(v, split)) for v in VARIANTS}
     if not any(runs_v.values()):
@@ -439,20 +439,20 @@ for split in splits:
     seeds_all = sorted(set().union(*(set(rs) for rs in runs_v.values())))
     for seed in seeds_all:
         assert warmup_identical(STAGES, semi_variants, seed), (split, seed)
-    rows = compare_split(STAGES, split)
+    rows = rows_by_split[split] = compare_split(STAGES, split)
     display(Markdown(format_comparisons(rows)))
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.2), sharey=True)
         plot_comparisons(rows, axes, f"{split.replace('_', '/')} of the labels, budget {B:,}")
         fig.tight_layout()
         plt.show()
-    for r in rows:
-        for metric in ("miou", "mbiou"):
-            verdicts[split, f"{r['a']} − {r['b']}", metric] = verdict(r[metric])
-display(Markdown("\n".join(
-    f"* {split.replace('_', '/')}, {comp}, {'mIoU' if metric == 'miou' else 'mBIoU'}: {text}"
-    for (split, comp, metric), text in verdicts.items())) if verdicts else Markdown(
-    "*No comparison of the study has runs yet.*"))  # fmt: skip
+
+# %% [markdown]
+# **The verdict per idea**, in the plan's words, from the comparisons above (each idea's
+# comparison in brackets; "partial" while it has fewer than the planned five seeds):
+
+# %%
+display(Markdown(idea_verdicts(rows_by_split)))
 
 # %% [markdown]
 # ## The version-2 runs (three seeds, 2,000 steps)

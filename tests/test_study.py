@@ -167,6 +167,28 @@ def test_compare_split_lists_the_comparisons_that_have_both_variants(tmp_path: P
     assert ", 2 of 2 |" in table
 
 
+def test_idea_verdicts_name_every_idea_at_every_split(tmp_path: Path):
+    for seed, (mt, br) in enumerate([(50.0, 52.0), (52.0, 55.0), (51.0, 52.0)]):
+        _write(tmp_path, "digits_meanteacher_1_8", seed, mt, mt - 20)
+        _write(tmp_path, "digits_brpg_1_8", seed, br, br - 20)
+    by_split = {s: study.compare_split(tmp_path, s) for s in ("1_16", "1_8")}
+    text = study.idea_verdicts(by_split)
+    lines = text.splitlines()
+    assert len(lines) == len(study.IDEAS)
+    brpg = next(line for line in lines if line.startswith("* **BRPG as a whole**"))
+    # diffs 2, 3, 1 in both metrics: mean 2, t(2) half-width 4.303 / sqrt(3) = 2.48
+    assert brpg == (
+        "* **BRPG as a whole** (brpg − meanteacher): at 1/16, no paired runs yet; at 1/8,"
+        " mIoU no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds);"
+        " mBIoU no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds)."
+    )
+    apo = next(line for line in lines if line.startswith("* **APO**"))
+    assert apo == (
+        "* **APO** (brpg − brpg_noapo): at 1/16, no paired runs yet; at 1/8, no paired runs yet."
+    )
+    assert study.idea_verdicts({}).count("no study split yet") == len(study.IDEAS)
+
+
 def test_val_curve_and_budget_runs_read_what_the_trainer_writes(tmp_path: Path):
     for steps, final in ((4000, 58.0), (8000, 60.0)):
         run = tmp_path / f"steps{steps}" / "digits_meanteacher_1_8" / "seed0"

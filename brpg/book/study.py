@@ -9,7 +9,8 @@ README and the tests read one implementation:
   by at least ``min_gain`` points;
 * :func:`paired`: the paired differences a − b over the seeds both have, with a 95 % t interval
   (n − 1 degrees of freedom) and the sign count, in mIoU or mBIoU, overall or per class;
-* :func:`verdict`: the plan's wording of an interval;
+* :func:`verdict`: the plan's wording of an interval; :func:`idea_verdicts`: the verdict per
+  idea of :data:`IDEAS` (any prototype loss, BRPG, its confidence split, APO) at every split;
 * :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
   before comparing them.
 """
@@ -298,6 +299,37 @@ def format_comparisons(rows: list[dict[str, Any]]) -> str:
             f"| {r['a']} − {r['b']} | {r['question']}{star} | {r['miou'].n} | {cell(r['miou'])} "
             f"| {cell(r['mbiou'])} |"
         )
+    return "\n".join(lines)
+
+
+#: The ideas the verdict is stated for (chapter 8, the intro, the README): (name, a, b), the
+#: comparison a − b of :data:`COMPARISONS` that isolates it.
+IDEAS: tuple[tuple[str, str, str], ...] = (
+    ("the mean teacher (the framework BRPG plugs into)", "meanteacher", "suponly"),
+    ("any prototype loss", "plainproto", "meanteacher"),
+    ("BRPG as a whole", "brpg", "meanteacher"),
+    ("BRPG's own ideas together (confidence split and APO)", "brpg", "plainproto"),
+    ("the confidence split (CPG)", "brpg", "brpg_nocpg"),
+    ("APO", "brpg", "brpg_noapo"),
+)
+
+
+def idea_verdicts(rows_by_split: dict[str, list[dict[str, Any]]]) -> str:
+    """The verdict per idea of :data:`IDEAS`, in plain words: a Markdown list with, for each
+    idea, its comparison and, per split of ``rows_by_split`` (``{"1_16": compare_split(...)}``),
+    :func:`verdict` in mIoU and in mBIoU, or that the split has no runs of it yet."""
+    lines = []
+    for name, a, b in IDEAS:
+        parts = []
+        for split, rows in rows_by_split.items():
+            at = f"at {split.replace('_', '/')}"
+            row = next((r for r in rows if (r["a"], r["b"]) == (a, b)), None)
+            if row is None:
+                parts.append(f"{at}, no paired runs yet")
+            else:
+                parts.append(f"{at}, mIoU {verdict(row['miou'])}; mBIoU {verdict(row['mbiou'])}")
+        where = "; ".join(parts) if parts else "no study split yet"
+        lines.append(f"* **{name}** ({a} − {b}): {where}.")
     return "\n".join(lines)
 
 
