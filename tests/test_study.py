@@ -189,6 +189,40 @@ def test_idea_verdicts_name_every_idea_at_every_split(tmp_path: Path):
     assert study.idea_verdicts({}).count("no study split yet") == len(study.IDEAS)
 
 
+def test_compare_classes_pairs_every_class_of_the_summaries(tmp_path: Path):
+    for seed, (mt, br) in enumerate([(50.0, 52.0), (52.0, 55.0)]):
+        _write(tmp_path, "digits_meanteacher_1_8", seed, mt, mt - 20)
+        _write(tmp_path, "digits_brpg_1_8", seed, br, br - 21)
+    # _write: class 0 is miou + 10, class 1 miou - 10; both boundary classes are mbiou
+    per_class = study.compare_classes(tmp_path, "1_8", "brpg", "meanteacher", "miou")
+    assert [p.diffs for p in per_class] == [(2.0, 3.0), (2.0, 3.0)]
+    biou = study.compare_classes(tmp_path, "1_8", "brpg", "meanteacher", "mbiou")
+    assert [p.diffs for p in biou] == [(1.0, 2.0), (1.0, 2.0)]
+    with pytest.raises(ValueError, match="no committed run of digits_brpg_1_16"):
+        study.compare_classes(tmp_path, "1_16", "brpg", "meanteacher", "miou")
+
+
+def test_plot_class_differences_marks_resolved_classes(tmp_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    def p(diffs: tuple[float, ...]) -> study.Paired:
+        mean, low, high = study.t_interval(list(diffs))
+        return study.Paired("a", "b", "miou", tuple(range(len(diffs))), diffs, mean, low, high, 0)
+
+    fig, ax = plt.subplots()
+    study.plot_class_differences([p((1.0, 1.2, 1.1)), p((-1.0, 2.0, 0.5)), p((3.0,))], ax,
+                                 ["bg", "0", "1"])  # fmt: skip
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bg", "0", "1"]
+    bars = [c for c in ax.containers]  # one errorbar per class with an interval
+    colours = [to_hex(b.lines[0].get_color()) for b in bars]
+    assert colours == [to_hex("C3"), to_hex("C0")]  # resolved (above 0), not resolved
+    plt.close(fig)
+
+
 def test_val_curve_and_budget_runs_read_what_the_trainer_writes(tmp_path: Path):
     for steps, final in ((4000, 58.0), (8000, 60.0)):
         run = tmp_path / f"steps{steps}" / "digits_meanteacher_1_8" / "seed0"

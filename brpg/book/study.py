@@ -9,6 +9,7 @@ README and the tests read one implementation:
   by at least ``min_gain`` points;
 * :func:`paired`: the paired differences a − b over the seeds both have, with a 95 % t interval
   (n − 1 degrees of freedom) and the sign count, in mIoU or mBIoU, overall or per class;
+* :func:`compare_classes` and :func:`plot_class_differences`: the same per class;
 * :func:`verdict`: the plan's wording of an interval; :func:`idea_verdicts`: the verdict per
   idea of :data:`IDEAS` (any prototype loss, BRPG, its confidence split, APO) at every split;
 * :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
@@ -279,6 +280,38 @@ def compare_split(dest: str | Path, split: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def compare_classes(dest: str | Path, split: str, a: str, b: str, metric: str) -> list[Paired]:
+    """:func:`paired` of variants ``a`` − ``b`` at ``split``, one per class (class ``c`` of the
+    summaries' ``per_class_iou`` / ``per_class_biou``), in class order."""
+    pa, pb = variant_preset(a, split), variant_preset(b, split)
+    runs = runs_by_seed(dest, pa)
+    if not runs:
+        raise ValueError(f"no committed run of {pa} under {dest}")
+    num_classes = len(next(iter(runs.values()))[METRICS[metric][1]])
+    return [paired(dest, pa, pb, metric, cls=c) for c in range(num_classes)]
+
+
+def plot_class_differences(
+    per_class: list[Paired], ax: Any, class_names: list[str], title: str = ""
+) -> None:
+    """One comparison's per-class paired differences (:func:`compare_classes`) on ``ax``:
+    every seed's as a dot, the mean and its 95 % t interval as a bar (red where the
+    interval excludes zero), zero as a line."""
+    for x, p in enumerate(per_class):
+        ax.plot([x] * p.n, p.diffs, "o", color="0.6", ms=3, zorder=2)
+        if p.n >= 2 and not math.isnan(p.low):
+            resolved = p.low > 0 or p.high < 0
+            ax.errorbar(x, p.mean, yerr=[[p.mean - p.low], [p.high - p.mean]], fmt="D", ms=4,
+                        color="C3" if resolved else "C0", capsize=3, zorder=3)  # fmt: skip
+        else:
+            ax.plot(x, p.mean, "D", ms=4, color="C0", zorder=3)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(per_class)), class_names, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
 
 
 def format_comparisons(rows: list[dict[str, Any]]) -> str:
