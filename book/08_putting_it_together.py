@@ -480,7 +480,7 @@ for split, rows in rows_by_split.items():
             resolved = [
                 f"{DIGIT_CLASSES[c]} ({p.mean:+.1f})"
                 for c, p in enumerate(per_class)
-                if p.low > 0 or p.high < 0  # NaN (one seed) compares False: never listed
+                if p.excludes_zero
             ]
             resolved_lines.append(f"{a} − {b}, {name}: {', '.join(resolved) or 'none'}")
     fig.tight_layout()

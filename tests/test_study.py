@@ -114,6 +114,10 @@ def test_verdict_words():
     assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between -0.6 and +0.9 points"
     assert study.verdict(p(math.nan, math.nan, 1)).startswith("one seed only")
     assert study.verdict(p(0.1, 5.0, 2)) == "helps: +0.1 to +5.0 points (partial: 2 of 5 seeds)"
+    # the same intervals, as the per-class panels and chapter 8's class list read them
+    assert p(0.2, 1.4).excludes_zero and p(-2.0, -0.1).excludes_zero
+    assert not p(-0.6, 0.9).excludes_zero and not p(0.0, 0.9).excludes_zero
+    assert not p(math.nan, math.nan, 1).excludes_zero  # one seed: no interval, never listed
 
 
 def test_fp32_check_refuses_a_bf16_or_older_run(tmp_path: Path):
@@ -174,7 +178,7 @@ def test_idea_verdicts_name_every_idea_at_every_split(tmp_path: Path):
     by_split = {s: study.compare_split(tmp_path, s) for s in ("1_16", "1_8")}
     text = study.idea_verdicts(by_split)
     lines = text.splitlines()
-    assert len(lines) == len(study.IDEAS)
+    assert len(lines) == len(study.COMPARISONS)
     brpg = next(line for line in lines if line.startswith("* **BRPG as a whole**"))
     # diffs 2, 3, 1 in both metrics: mean 2, t(2) half-width 4.303 / sqrt(3) = 2.48
     assert brpg == (
@@ -186,7 +190,7 @@ def test_idea_verdicts_name_every_idea_at_every_split(tmp_path: Path):
     assert apo == (
         "* **APO** (brpg − brpg_noapo): at 1/16, no paired runs yet; at 1/8, no paired runs yet."
     )
-    assert study.idea_verdicts({}).count("no study split yet") == len(study.IDEAS)
+    assert study.idea_verdicts({}).count("no study split yet") == len(study.COMPARISONS)
 
 
 def test_compare_classes_pairs_every_class_of_the_summaries(tmp_path: Path):

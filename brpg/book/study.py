@@ -11,7 +11,8 @@ README and the tests read one implementation:
   (n − 1 degrees of freedom) and the sign count, in mIoU or mBIoU, overall or per class;
 * :func:`compare_classes` and :func:`plot_class_differences`: the same per class;
 * :func:`verdict`: the plan's wording of an interval; :func:`idea_verdicts`: the verdict per
-  idea of :data:`IDEAS` (any prototype loss, BRPG, its confidence split, APO) at every split;
+  idea of :data:`COMPARISONS` (any prototype loss, BRPG, its confidence split, APO) at every
+  split;
 * :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
   before comparing them.
 """
@@ -28,16 +29,35 @@ from typing import Any
 from scipy import stats
 
 BUDGET_LADDER = (2000, 3000, 4000, 6000, 8000)
-#: The plan's comparisons at a split: (a, b, what it answers, primary). Presets are
-#: ``digits_<variant>_<split>``.
-COMPARISONS: tuple[tuple[str, str, str, bool], ...] = (
-    ("meanteacher", "suponly", "does the mean teacher help at all", False),
-    ("plainproto", "meanteacher", "does any prototype loss help", True),
-    ("brpg", "meanteacher", "does BRPG help", True),
-    ("brpg", "plainproto", "do BRPG's ideas add to plain prototypes", True),
-    ("brpg", "brpg_nocpg", "the confidence split (CPG)", False),
-    ("brpg", "brpg_noapo", "APO", False),
-)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison of the plan: variant ``a`` − variant ``b`` (presets
+    ``digits_<variant>_<split>``), the question it answers, the idea whose verdict it gives
+    (chapter 8, the intro, the README) and whether it is a primary comparison (the ones that
+    get seeds until the interval rule is met)."""
+
+    a: str
+    b: str
+    question: str
+    idea: str
+    primary: bool
+
+
+#: The plan's comparisons at a split, in the order chapter 8 lists them.
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison("meanteacher", "suponly", "does the mean teacher help at all",
+               "the mean teacher (the framework BRPG plugs into)", False),
+    Comparison("plainproto", "meanteacher", "does any prototype loss help",
+               "any prototype loss", True),
+    Comparison("brpg", "meanteacher", "does BRPG help", "BRPG as a whole", True),
+    Comparison("brpg", "plainproto", "do BRPG's ideas add to plain prototypes",
+               "BRPG's own ideas together (confidence split and APO)", True),
+    Comparison("brpg", "brpg_nocpg", "the confidence split (CPG)",
+               "the confidence split (CPG)", False),
+    Comparison("brpg", "brpg_noapo", "APO", "APO", False),
+)  # fmt: skip
 METRICS = {"miou": ("val_miou", "per_class_iou"), "mbiou": ("val_mbiou", "per_class_biou")}
 
 
@@ -114,6 +134,12 @@ class Paired:
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
+
+    @property
+    def excludes_zero(self) -> bool:
+        """The 95 % interval lies wholly above or below zero (never with one seed: its
+        interval is NaN, and NaN compares False)."""
+        return self.low > 0 or self.high < 0
 
 
 def runs_by_seed(dest: str | Path, config: str) -> dict[int, dict[str, Any]]:
@@ -265,16 +291,16 @@ def compare_split(dest: str | Path, split: str) -> list[dict[str, Any]]:
     """Every comparison of :data:`COMPARISONS` at ``split`` that has runs of both variants:
     ``{"a", "b", "question", "primary", "miou": Paired, "mbiou": Paired}``."""
     out = []
-    for a, b, question, primary in COMPARISONS:
-        pa, pb = variant_preset(a, split), variant_preset(b, split)
+    for c in COMPARISONS:
+        pa, pb = variant_preset(c.a, split), variant_preset(c.b, split)
         if not (set(runs_by_seed(dest, pa)) & set(runs_by_seed(dest, pb))):
             continue
         out.append(
             {
-                "a": a,
-                "b": b,
-                "question": question,
-                "primary": primary,
+                "a": c.a,
+                "b": c.b,
+                "question": c.question,
+                "primary": c.primary,
                 "miou": paired(dest, pa, pb, "miou"),
                 "mbiou": paired(dest, pa, pb, "mbiou"),
             }
@@ -302,9 +328,8 @@ def plot_class_differences(
     for x, p in enumerate(per_class):
         ax.plot([x] * p.n, p.diffs, "o", color="0.6", ms=3, zorder=2)
         if p.n >= 2 and not math.isnan(p.low):
-            resolved = p.low > 0 or p.high < 0
             ax.errorbar(x, p.mean, yerr=[[p.mean - p.low], [p.high - p.mean]], fmt="D", ms=4,
-                        color="C3" if resolved else "C0", capsize=3, zorder=3)  # fmt: skip
+                        color="C3" if p.excludes_zero else "C0", capsize=3, zorder=3)  # fmt: skip
         else:
             ax.plot(x, p.mean, "D", ms=4, color="C0", zorder=3)
     ax.axhline(0, color="k", lw=0.8)
@@ -335,34 +360,22 @@ def format_comparisons(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: The ideas the verdict is stated for (chapter 8, the intro, the README): (name, a, b), the
-#: comparison a − b of :data:`COMPARISONS` that isolates it.
-IDEAS: tuple[tuple[str, str, str], ...] = (
-    ("the mean teacher (the framework BRPG plugs into)", "meanteacher", "suponly"),
-    ("any prototype loss", "plainproto", "meanteacher"),
-    ("BRPG as a whole", "brpg", "meanteacher"),
-    ("BRPG's own ideas together (confidence split and APO)", "brpg", "plainproto"),
-    ("the confidence split (CPG)", "brpg", "brpg_nocpg"),
-    ("APO", "brpg", "brpg_noapo"),
-)
-
-
 def idea_verdicts(rows_by_split: dict[str, list[dict[str, Any]]]) -> str:
-    """The verdict per idea of :data:`IDEAS`, in plain words: a Markdown list with, for each
-    idea, its comparison and, per split of ``rows_by_split`` (``{"1_16": compare_split(...)}``),
+    """The verdict per idea of :data:`COMPARISONS`, in plain words: a Markdown list with, for
+    each idea, its comparison and, per split of ``rows_by_split`` (``{"1_16": compare_split(...)}``),
     :func:`verdict` in mIoU and in mBIoU, or that the split has no runs of it yet."""
     lines = []
-    for name, a, b in IDEAS:
+    for c in COMPARISONS:
         parts = []
         for split, rows in rows_by_split.items():
             at = f"at {split.replace('_', '/')}"
-            row = next((r for r in rows if (r["a"], r["b"]) == (a, b)), None)
+            row = next((r for r in rows if (r["a"], r["b"]) == (c.a, c.b)), None)
             if row is None:
                 parts.append(f"{at}, no paired runs yet")
             else:
                 parts.append(f"{at}, mIoU {verdict(row['miou'])}; mBIoU {verdict(row['mbiou'])}")
         where = "; ".join(parts) if parts else "no study split yet"
-        lines.append(f"* **{name}** ({a} − {b}): {where}.")
+        lines.append(f"* **{c.idea}** ({c.a} − {c.b}): {where}.")
     return "\n".join(lines)
 
 
