@@ -101,6 +101,9 @@ def test_paired_differences_use_only_seeds_both_runs_have(tmp_path: Path):
     assert q.diffs == (3.0, 4.0, 2.0)
     c1 = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", cls=1)
     assert c1.diffs == p.diffs  # class 1 is miou - 10 in both
+    # a statement written with fewer seeds: seed 7 has no partner, seed 5 no run at all
+    r = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", only=[0, 2, 5, 7])
+    assert r.seeds == (0, 2) and r.diffs == (2.0, 1.0)
     with pytest.raises(ValueError, match="no seed has both"):
         study.paired(tmp_path, "digits_brpg_1_8", "digits_suponly_1_8")
 

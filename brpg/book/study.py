@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ COMPARISONS: tuple[Comparison, ...] = (
                "any prototype loss", True),
     Comparison("brpg", "meanteacher", "does BRPG help", "BRPG as a whole", True),
     Comparison("brpg", "plainproto", "do BRPG's ideas add to plain prototypes",
-               "BRPG's own ideas together (confidence split and APO)", True),
+               "BRPG's own ideas together (confidence split, several prototypes per class,"
+               " APO)", True),
     Comparison("brpg", "brpg_nocpg", "the confidence split (CPG)",
                "the confidence split (CPG)", False),
     Comparison("brpg", "brpg_noapo", "APO", "APO", False),
@@ -174,13 +176,19 @@ def apo_picks(dest: str | Path, config: str) -> dict[int, dict[int, int]]:
 
 
 def paired(
-    dest: str | Path, a: str, b: str, metric: str = "miou", cls: int | None = None
+    dest: str | Path,
+    a: str,
+    b: str,
+    metric: str = "miou",
+    cls: int | None = None,
+    only: Iterable[int] | None = None,
 ) -> Paired:
     """Paired differences of ``metric`` (``"miou"`` or ``"mbiou"``; of class ``cls`` when
-    given) between configs ``a`` and ``b`` under ``dest``, seeds paired; 95 % t interval."""
+    given) between configs ``a`` and ``b`` under ``dest``, seeds paired; 95 % t interval.
+    ``only`` restricts it to those seeds (a statement written when fewer runs were in)."""
     overall, per_class = METRICS[metric]
     ra, rb = runs_by_seed(dest, a), runs_by_seed(dest, b)
-    seeds = tuple(sorted(set(ra) & set(rb)))
+    seeds = tuple(sorted(set(ra) & set(rb) & (set(ra) if only is None else set(only))))
     if not seeds:
         raise ValueError(f"no seed has both {a} and {b} under {dest}")
 

@@ -1,0 +1,72 @@
+"""The study's numbers written by hand in the README and the intro are the committed runs'.
+
+Machine: exact. Reads the committed summaries (JSON) under results/digits_v3/study and the
+text of README.md and book/intro.md; no training.
+
+Each statement names the seeds it was written with ("seeds 0–3"), so that a run landing later
+does not make it wrong, only older; the test recomputes that paired difference from those
+seeds' summaries. A typo, a number copied from the wrong row or a stale interval fails it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from brpg.book import study
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "results" / "digits_v3" / "study"
+VARIANTS = {
+    "BRPG": "brpg",
+    "plain prototypes": "plainproto",
+    "mean teacher": "meanteacher",
+    "SupOnly": "suponly",
+}
+_NUM = r"([+−-]\d+\.\d)"
+_NAME = "|".join(VARIANTS)
+#: "BRPG − mean teacher **+7.2 [+4.1, +10.4]** (mBIoU +5.5 [+3.3, +7.8]) at 1/16, seeds 0–3"
+STATEMENT = re.compile(
+    rf"({_NAME}) − ({_NAME}) \*\*{_NUM} \[{_NUM}, {_NUM}\]\*\*\s+\(mBIoU {_NUM}\s+"
+    rf"\[{_NUM},\s+{_NUM}\]\)\s+at\s+1/(\d+),\s+seeds\s+(\d+)–(\d+)"
+)
+
+
+def _num(s: str) -> float:
+    return float(s.replace("−", "-"))
+
+
+def statements(text: str) -> list[tuple[str, ...]]:
+    return [m.groups() for m in STATEMENT.finditer(text)]
+
+
+def test_the_pattern_reads_a_hand_written_statement():
+    text = (
+        "paired: BRPG − mean teacher **+7.2 [+4.1, +10.4]** (mBIoU +5.5\n[+3.3, +7.8]) at"
+        " 1/16, seeds 0–2; plain prototypes − SupOnly **−0.3 [−1.0, +0.4]** (mBIoU −0.1"
+        " [−0.9, +0.7]) at 1/8, seeds 0–4"
+    )
+    got = statements(text)
+    assert got[0] == ("BRPG", "mean teacher", "+7.2", "+4.1", "+10.4", "+5.5", "+3.3", "+7.8",
+                      "16", "0", "2")  # fmt: skip
+    assert got[1][:3] == ("plain prototypes", "SupOnly", "−0.3") and got[1][-3:] == ("8", "0", "4")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "book/intro.md"])
+def test_stated_paired_differences_are_the_committed_runs(doc: str):
+    found = statements((ROOT / doc).read_text())
+    # a rewording that the pattern no longer reads must fail here, not check nothing
+    assert len(found) >= 3, f"{doc}: expected the three primary comparisons, found {found}"
+    for a, b, *nums, denom, first, last in found:
+        split = f"1_{denom}"
+        pa, pb = (study.variant_preset(VARIANTS[v], split) for v in (a, b))
+        seeds = range(int(first), int(last) + 1)
+        want = []
+        for metric in ("miou", "mbiou"):
+            p = study.paired(STUDY, pa, pb, metric, only=seeds)
+            assert p.seeds == tuple(seeds), f"{doc}: {a} − {b}: seeds {p.seeds} committed"
+            want += [round(p.mean, 1), round(p.low, 1), round(p.high, 1)]
+        stated = [_num(x) for x in nums]
+        assert stated == pytest.approx(want, abs=0.051), f"{doc}: {a} − {b} at 1/{denom}"
