@@ -70,3 +70,19 @@ def test_stated_paired_differences_are_the_committed_runs(doc: str):
             want += [round(p.mean, 1), round(p.low, 1), round(p.high, 1)]
         stated = [_num(x) for x in nums]
         assert stated == pytest.approx(want, abs=0.051), f"{doc}: {a} − {b} at 1/{denom}"
+
+
+#: "(1/16, % val mIoU by seed 0, 1, 2, 3): BRPG 51.4, 49.2, 39.9, 37.0; plain prototypes …"
+PER_SEED = re.compile(r"\(1/(\d+), % val mIoU by seed ([\d, ]+)\):(.*?)\(each seed", re.S)
+
+
+def test_readme_per_seed_scores_are_the_committed_runs():
+    m = PER_SEED.search((ROOT / "README.md").read_text())
+    assert m, "README.md: the per-seed list of stage 1 is missing or reworded"
+    split, seeds = f"1_{m.group(1)}", [int(s) for s in m.group(2).split(",")]
+    rows = re.findall(r"(?:the )?(" + _NAME + r") ((?:\d+\.\d(?:,\s+)?)+)", m.group(3))
+    assert {name for name, _ in rows} == set(VARIANTS), rows
+    for name, values in rows:
+        runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[name], split))
+        stated = [float(v) for v in re.split(r",\s+", values)]
+        assert stated == [round(runs[s]["val_miou"], 1) for s in seeds], name
