@@ -333,7 +333,8 @@ for key, name in names.items():
 # cell. So a direct measure of how well a bank fits a set of features is the cosine of each
 # prototype to the mean of its own cell in that set (averaged over the prototypes whose cell
 # is not empty). If the tracked bank follows the late model, it should fit the late features
-# better than the early ones, and the stale and control banks the other way round.
+# better than the stale and the control bank do, and those two, which never saw a late
+# feature, should fit the early features better than the late ones.
 
 # %%
 show_source(cell_fit)
@@ -361,14 +362,14 @@ for name in ("stale", "control", "tracked", "run"):
 # * a prototype that receives no feature does not move (asserted bit for bit), and after a
 #   jump this large some never receive one; the run, which took the same turn in 400 small
 #   steps, moved all of its prototypes;
-# * the tracked bank fits the late features better than the early ones, while the stale and
-#   the control bank fit the early ones better.
+# * the tracked bank fits the late features better than the stale and the control bank do,
+#   and those two fit the early features better than the late ones.
 #
 # `brpg.book.demo_ema.claims` measures each of them on the record:
 
 # %%
 print(
-    f"mean cos to the late class means: clustered {tr.mean_cos('stale'):.3f}, "
+    f"mean cos to the late class means:\n  clustered {tr.mean_cos('stale'):.3f}, "
     f"control {tr.mean_cos('control'):.3f}, tracked {tr.mean_cos('tracked'):.3f}, "
     f"the run's bank {tr.mean_cos('run'):.3f}"
 )
@@ -387,6 +388,7 @@ assert all(measured.values())
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / early.cfg.name
 seeds = EverySeed(study_dir, {early.step: ("teacher", "memory"), late.step: ("bank",)})
+fit_banks = ("stale", "control", "tracked")
 for seed, (s_early, s_late) in seeds:
     same_run = s_early.cfg.train.seed == early.cfg.train.seed
     t = tr if same_run else track(s_early, s_late, n_updates=300, every=5, n_val=200, seed=0)
@@ -394,6 +396,7 @@ for seed, (s_early, s_late) in seeds:
     stranded = int((t.stale.valid & (t.hits == 0)).sum())
     closer = (t.class_cos("tracked") > t.class_cos("stale")).tolist()
     behind = [DIGIT_CLASSES[c] for c, ok in enumerate(closer) if not ok]
+    fits = ", ".join(f"{b} {t.fit[b, 'early']:.2f} / {t.fit[b, 'late']:.2f}" for b in fit_banks)
     print(
         f"{seed}: class means turned {t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
         f"  mean cos to the late class means: clustered {t.mean_cos('stale'):.3f},"
@@ -407,6 +410,7 @@ for seed, (s_early, s_late) in seeds:
         f"\n  tracked bank, late features: mean class"
         f" {100 * t.acc['tracked late'].mean_class:.1f} %,"
         f" pixel {100 * t.acc['tracked late'].pixel:.1f} %"
+        f"\n  fit (early / late): {fits}"
         f"\n  claims holding: {sum(m.values())} of {len(m)}"
     )
     for claim, holds in m.items():
@@ -431,6 +435,16 @@ print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 # early and the late features, of the tracked bank on the late ones). How many prototypes
 # the jump strands varies as much from seed to seed (the lines above); that some are
 # stranded, and the other claims, held on every seed checked.
+#
+# Seed 3 flipped one more claim as first written: "the tracked bank fits the late features
+# better than the early ones". On seeds 0 to 2 it does; on seed 3 it fits the early
+# features a little better (0.66 against 0.61, the lines above), because its prototypes
+# that received few or no late features still sit where the clustering put them and make
+# close cells for the early features. What holds on every seed is the comparison across
+# banks, which is what tracking is for: on the late features the tracked bank fits far
+# better than the stale and the control bank (cosine 0.6 or more against 0.05 or less, on
+# every seed), and those two fit the early features better than the late ones. The claim is
+# now stated that way.
 
 # %% [markdown]
 # ## Exercises

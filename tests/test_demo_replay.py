@@ -245,6 +245,22 @@ def test_chapter6_tracking_on_the_tiny_run(committed, tmp_path):
     m = demo_ema.claims(dataclasses.replace(tr, acc=acc))
     assert not m[stale_worse] and not m[tracked_better]
 
+    # the fit claim compares banks on the late features: seed 3's measured fits (early, late),
+    # where the tracked bank itself still fits the early features a little better, hold it
+    fits = "the tracked bank fits the late features best, stale and control the early ones"
+    seed3 = {"stale": (0.964, -0.036), "control": (0.972, -0.059), "tracked": (0.659, 0.607)}
+    fit = {
+        **tr.fit,
+        **{(b, f): v[i] for b, v in seed3.items() for i, f in enumerate(("early", "late"))},
+    }
+    assert demo_ema.claims(dataclasses.replace(tr, fit=fit))[fits]
+    # a control bank that follows the late features as well as the tracked one breaks it, and
+    # so does a stale bank that fits the late features better than the early ones
+    control_follows = {**fit, ("control", "late"): 0.70}
+    assert not demo_ema.claims(dataclasses.replace(tr, fit=control_follows))[fits]
+    stale_late = {**fit, ("stale", "early"): 0.3, ("stale", "late"): 0.5}  # below tracked
+    assert not demo_ema.claims(dataclasses.replace(tr, fit=stale_late))[fits]
+
 
 def test_the_save_run_states_tool_writes_every_step_asked_for(committed, tmp_path):
     """tools/save_run_states.py on the tiny run: one file per step, each read back as that

@@ -199,9 +199,7 @@ def claims(tr: Tracking) -> dict[str, bool]:
     valid = tr.stale.valid
     run_moved = (tr.run.prototypes != tr.stale.prototypes).any(dim=2)
     stale, tracked, control = tr.mean_cos("stale"), tr.mean_cos("tracked"), tr.mean_cos("control")
-    prefers_late = {
-        b: tr.fit[b, "late"] - tr.fit[b, "early"] for b in ("stale", "control", "tracked")
-    }
+    prefers_late = {b: tr.fit[b, "late"] - tr.fit[b, "early"] for b in ("stale", "control")}
     return {
         "every class mean turned by more than 60 degrees": bool((tr.turn > 60).all()),
         "the tracked bank ends closer to the late class means in most classes": bool(
@@ -225,7 +223,11 @@ def claims(tr: Tracking) -> dict[str, bool]:
             (valid & (tr.hits == 0)).any()
         ),
         "the run moved every valid prototype": bool(run_moved[valid].all()),
-        "the tracked bank fits the late features better, stale and control the early ones": (
-            prefers_late["tracked"] > 0 > max(prefers_late["stale"], prefers_late["control"])
+        # not "the tracked bank fits the late features better than the early ones": on seed 3
+        # its prototypes that got few or no late features still make close cells for the
+        # early ones (fit 0.66 early, 0.61 late); what holds is the comparison across banks
+        "the tracked bank fits the late features best, stale and control the early ones": (
+            tr.fit["tracked", "late"] > max(tr.fit["stale", "late"], tr.fit["control", "late"])
+            and 0 > max(prefers_late["stale"], prefers_late["control"])
         ),
     }
