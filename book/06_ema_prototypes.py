@@ -202,9 +202,9 @@ num_classes, n_slots, dim = tr.stale.shape
 print("valid prototypes per class:", tr.stale.num_valid().tolist())
 # the run's bank at step 1000 grew from exactly this clustering: the same valid slots
 assert torch.equal(late.bank.valid, tr.stale.valid)
-print("angle between early and late class mean (degrees):", tr.turn.numpy().round(0))
+print("each class mean turned by (degrees):", tr.turn.round().int().tolist())
 print(
-    f"mean cos of the clustered prototypes to their class mean: "
+    f"mean cos of the clustered prototypes to their class mean:\n  "
     f"{torch.nanmean(proto_cos(tr.stale, tr.mu_early)):.3f} (early model), "
     f"{tr.mean_cos('stale'):.3f} (late model)"
 )
@@ -427,8 +427,9 @@ print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 # than the clustering was (the lines above name them), so the claim is "most classes". Seed
 # 2 flipped two claims as they were first written, in pixel accuracy: there the stale bank
 # labels the late features nearly all background (95 % of the background pixels right,
-# almost no digit pixel), which gives it a *higher* pixel accuracy on the late features (79
-# %) than on the early ones (39 %) and left the tracked bank less than 2 points ahead of it.
+# almost no digit pixel), which gives it a *higher* pixel accuracy on the late features
+# (79 %) than on the early ones (39 %) and left the tracked bank less than 2 points ahead of
+# it.
 # In mean class accuracy, which weighs every class the same, the stale bank gets worse and
 # the tracked bank better than it on every seed, so the claims are now stated in that
 # measure; the lines above print both measures per seed (accuracy of the stale bank on the

@@ -57,6 +57,32 @@ def test_colab_links_follow_config(py, nb):
     assert booktools.chapter_problems(py, nb, ROOT) == []
 
 
+@pytest.mark.parametrize("py,nb", PAIRS, ids=[p.stem for p, _ in PAIRS])
+def test_no_markdown_line_starts_with_a_percent_sign(py, nb):
+    """MyST reads a line that starts with ``%`` as a comment and drops it from the page (a
+    wrapped "(79 %)" lost a sentence of chapter 6 this way): wrap the text elsewhere."""
+    book = jupytext.read(nb)
+    dropped = [
+        line
+        for cell in book.cells
+        if cell.cell_type == "markdown"
+        for line in cell.source.splitlines()
+        if line.lstrip().startswith("%")
+    ]
+    assert dropped == [], f"{py.name}: these lines would not be rendered: {dropped}"
+
+
+def test_no_line_of_the_book_pages_starts_with_a_percent_sign():
+    """The same for the Markdown pages (intro, appendices): MyST would drop the line."""
+    dropped = [
+        f"{md.name}: {line}"
+        for md in sorted((ROOT / "book").glob("*.md"))
+        for line in md.read_text().splitlines()
+        if line.lstrip().startswith("%")
+    ]
+    assert dropped == [], dropped
+
+
 def test_badge_image_is_local_and_relative():
     image = ROOT / booktools.BADGE_IMAGE
     assert ET.parse(image).getroot().tag.endswith("svg")
