@@ -287,3 +287,31 @@ def test_plot_comparisons_names_every_comparison_on_the_left_panel(tmp_path: Pat
     assert not any(t.get_visible() for t in axes[1].get_yticklabels())
     assert axes[0].get_ylim()[0] > axes[0].get_ylim()[1]  # first comparison on top
     plt.close(fig)
+
+
+def test_paired_curve_pairs_the_logged_evaluations_step_by_step(tmp_path: Path):
+    def log(preset: str, seed: int, points: dict[int, tuple[float, float]]) -> None:
+        rows = [{"step": s, "loss_sup": 1.0} for s in (10, 20)]  # training rows: no val
+        rows += [{"step": s, "val_miou": m, "val_mbiou": b} for s, (m, b) in points.items()]
+        (tmp_path / preset / f"seed{seed}" / "log.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in rows)
+        )
+
+    for seed in (0, 1):
+        _write(tmp_path, "digits_brpg_1_8", seed, 0.0, 0.0)
+        _write(tmp_path, "digits_meanteacher_1_8", seed, 0.0, 0.0)
+    _write(tmp_path, "digits_brpg_1_8", 2, 0.0, 0.0)  # no partner: left out
+    log("digits_brpg_1_8", 0, {500: (30.0, 20.0), 1000: (40.0, 25.0), 1500: (45.0, 30.0)})
+    log("digits_meanteacher_1_8", 0, {500: (29.0, 20.0), 1000: (37.0, 24.0), 1500: (41.0, 26.0)})
+    log("digits_brpg_1_8", 1, {500: (31.0, 21.0), 1000: (42.0, 26.0)})  # stopped at 1000
+    log("digits_meanteacher_1_8", 1, {500: (32.0, 21.0), 1000: (39.0, 25.0)})
+    log("digits_brpg_1_8", 2, {500: (99.0, 99.0)})
+    got = study.paired_curve(tmp_path, "1_8", "brpg", "meanteacher")
+    assert [s for s, _ in got] == [500, 1000]  # 1500: not logged by seed 1
+    assert got[0][1].diffs == (1.0, -1.0) and got[0][1].mean == 0.0 and got[0][1].wins == 1
+    assert got[1][1].diffs == (3.0, 3.0) and got[1][1].seeds == (0, 1)
+    assert got[1][1].low == got[1][1].high == 3.0  # no spread: a zero-width interval
+    mb = study.paired_curve(tmp_path, "1_8", "brpg", "meanteacher", "mbiou")
+    assert [p.diffs for _, p in mb] == [(0.0, 0.0), (1.0, 1.0)]
+    with pytest.raises(ValueError, match="no seed has both"):
+        study.paired_curve(tmp_path, "1_8", "brpg", "plainproto")

@@ -195,7 +195,12 @@ def paired(
     def value(s: dict[str, Any]) -> float:
         return float(s[overall] if cls is None else s[per_class][cls])
 
-    diffs = tuple(value(ra[s]) - value(rb[s]) for s in seeds)
+    return _paired(a, b, metric, seeds, tuple(value(ra[s]) - value(rb[s]) for s in seeds))
+
+
+def _paired(
+    a: str, b: str, metric: str, seeds: tuple[int, ...], diffs: tuple[float, ...]
+) -> Paired:
     mean, low, high = t_interval(list(diffs))
     return Paired(a, b, metric, seeds, diffs, mean, low, high, sum(d > 0 for d in diffs))
 
@@ -278,6 +283,46 @@ def val_curve(log: str | Path) -> list[tuple[int, float, float]]:
         if "val_miou" in r:
             out.append((int(r["step"]), float(r["val_miou"]), float(r.get("val_mbiou", math.nan))))
     return out
+
+
+def paired_curve(
+    dest: str | Path, split: str, a: str, b: str, metric: str = "miou"
+) -> list[tuple[int, Paired]]:
+    """The paired difference a − b at every evaluation step along the runs (:func:`val_curve`
+    of each seed's ``log.jsonl``), over the seeds both variants have, at the steps all of them
+    logged: ``[(step, Paired)]`` in step order. Not part of the plan's analysis: it shows
+    whether a difference at the budget is stable or still moving. Each run's learning rate
+    decays to zero at its last step, so a point at step s is not what a budget of s steps
+    would give."""
+    pa, pb = variant_preset(a, split), variant_preset(b, split)
+    seeds = tuple(sorted(set(runs_by_seed(dest, pa)) & set(runs_by_seed(dest, pb))))
+    if not seeds:
+        raise ValueError(f"no seed has both {pa} and {pb} under {dest}")
+    k = {"miou": 1, "mbiou": 2}[metric]
+
+    def curve(preset: str, seed: int) -> dict[int, float]:
+        return {c[0]: c[k] for c in val_curve(Path(dest) / preset / f"seed{seed}" / "log.jsonl")}
+
+    pairs = {s: (curve(pa, s), curve(pb, s)) for s in seeds}
+    steps = sorted(set.intersection(*(set(ca) & set(cb) for ca, cb in pairs.values())))
+    return [
+        (
+            step,
+            _paired(a, b, metric, seeds, tuple(ca[step] - cb[step] for ca, cb in pairs.values())),
+        )
+        for step in steps
+    ]
+
+
+def plot_paired_curve(curve: list[tuple[int, Paired]], ax: Any, label: str, color: str) -> None:
+    """:func:`paired_curve` on ``ax``: the mean paired difference against the step, its 95 %
+    t interval as a band, zero as a line."""
+    steps = [s for s, _ in curve]
+    ax.plot(steps, [p.mean for _, p in curve], "-", color=color, label=label)
+    ax.fill_between(steps, [p.low for _, p in curve], [p.high for _, p in curve], color=color,
+                    alpha=0.15, lw=0)  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    ax.grid(alpha=0.3)
 
 
 def budget_runs(budget_dir: str | Path, config: str, seed: int = 0) -> dict[int, dict[str, Any]]:
