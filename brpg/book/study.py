@@ -10,6 +10,8 @@ README and the tests read one implementation:
 * :func:`paired`: the paired differences a − b over the seeds both have, with a 95 % t interval
   (n − 1 degrees of freedom) and the sign count, in mIoU or mBIoU, overall or per class;
 * :func:`compare_classes` and :func:`plot_class_differences`: the same per class;
+* :func:`paired_curve` and :func:`plot_paired_curve`: the same at every evaluation along the
+  runs (exploratory, outside the plan);
 * :func:`verdict`: the plan's wording of an interval; :func:`idea_verdicts`: the verdict per
   idea of :data:`COMPARISONS` (any prototype loss, BRPG, its confidence split, APO) at every
   split;
@@ -188,7 +190,8 @@ def paired(
     ``only`` restricts it to those seeds (a statement written when fewer runs were in)."""
     overall, per_class = METRICS[metric]
     ra, rb = runs_by_seed(dest, a), runs_by_seed(dest, b)
-    seeds = tuple(sorted(set(ra) & set(rb) & (set(ra) if only is None else set(only))))
+    common = set(ra) & set(rb) if only is None else set(ra) & set(rb) & set(only)
+    seeds = tuple(sorted(common))
     if not seeds:
         raise ValueError(f"no seed has both {a} and {b} under {dest}")
 
