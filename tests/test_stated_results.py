@@ -29,7 +29,7 @@ _NUM = r"([+−-]\d+\.\d)"
 _NAME = "|".join(VARIANTS)
 #: "BRPG − mean teacher **+7.2 [+4.1, +10.4]** (mBIoU +5.5 [+3.3, +7.8]) at 1/16, seeds 0–3"
 STATEMENT = re.compile(
-    rf"({_NAME}) − ({_NAME}) \*\*{_NUM} \[{_NUM}, {_NUM}\]\*\*\s+\(mBIoU {_NUM}\s+"
+    rf"({_NAME})\s+−\s+({_NAME})\s+\*\*{_NUM} \[{_NUM},\s+{_NUM}\]\*\*\s+\(mBIoU\s+{_NUM}\s+"
     rf"\[{_NUM},\s+{_NUM}\]\)\s+at\s+1/(\d+),\s+seeds\s+(\d+)–(\d+)"
 )
 
