@@ -468,8 +468,12 @@ display(Markdown(idea_verdicts(rows_by_split)))
 # chance alone; read the per-class panels as where to look, not as verdicts.
 
 # %%
-for split, rows in rows_by_split.items():
-    primary = [(r["a"], r["b"]) for r in rows if r["primary"] and r["miou"].n >= 2]
+# the primary comparisons with an interval (two seeds or more), per split
+primary_by_split = {
+    split: [(r["a"], r["b"]) for r in rows if r["primary"] and r["miou"].n >= 2]
+    for split, rows in rows_by_split.items()
+}
+for split, primary in primary_by_split.items():
     if not primary:
         print(f"{split.replace('_', '/')}: no primary comparison with two seeds yet")
         continue
@@ -504,8 +508,7 @@ for split, rows in rows_by_split.items():
 
 # %%
 checkpoints = (4000, 6000, 8000)
-for split, rows in rows_by_split.items():
-    primary = [(r["a"], r["b"]) for r in rows if r["primary"] and r["miou"].n >= 2]
+for split, primary in primary_by_split.items():
     if not primary:
         continue
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharex=True)
