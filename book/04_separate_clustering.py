@@ -115,7 +115,8 @@ assert bool((n_low[1:] > n_high[1:]).all()), (n_high, n_low)  # every digit: low
 # %% [markdown]
 # Background fills both of its memories to the cap; each digit has far fewer rows. After
 # 500 supervised steps and 100 with the mean teacher the model is sure about little except
-# the background, so for every digit the *low* memory is the larger one (checked below).
+# the background, so on this seed the *low* memory is the larger one for every digit. On
+# other seeds it is so for most digits, not always for all (checked below).
 #
 # ## Clustering
 #
@@ -274,7 +275,7 @@ assert closer > n_counted / 2, (closer, n_counted)
 # %% [markdown]
 # ## On every committed seed
 #
-# Both claims of this chapter (every digit's low memory is the larger one; the low
+# Both claims of this chapter (the low memory is the larger one for most digits; the low
 # prototypes have the smaller margin, on average and in most classes) are about one run.
 # The same checks on every committed BRPG run at 1/16 whose memories at step 600 are saved
 # beside it (written by exact re-runs, as in chapter 3):
@@ -282,6 +283,7 @@ assert closer > n_counted / 2, (closer, n_counted)
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / run.cfg.name
 seeds = EverySeed(study_dir, {run.step: ("memory",)})
+high_larger = {}  # seed -> the digits whose high memory is the larger one
 for seed, (state,) in seeds:
     mem = state.memory
     nh, nl = mem.count["high"], mem.count["low"]
@@ -291,21 +293,44 @@ for seed, (state,) in seeds:
     n_closer, n_ok = int((mg.m_low < mg.m_high)[ok].sum()), int(ok.sum())
     mh, ml = float(mg.m_high[ok].mean()), float(mg.m_low[ok].mean())
     digits_low_larger = int((nl[1:] > nh[1:]).sum())
+    exceptions = [c for c in range(1, len(nl)) if nl[c] <= nh[c]]
+    if exceptions:  # how much larger, as a share of the high memory
+        high_larger[seed] = {DIGIT_CLASSES[c]: float(1 - nl[c] / nh[c]) for c in exceptions}
+    but = ", ".join(
+        f"digit {DIGIT_CLASSES[c]}: {int(nl[c]):,} low, {int(nh[c]):,} high" for c in exceptions
+    )
     print(
-        f"{seed}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits\n"
+        f"{seed}: low memory larger for {digits_low_larger} of {len(nl) - 1} digits"
+        + (f" (not for {but})" if exceptions else "")
+        + "\n"
         f"  low prototypes closer in {n_closer} of {n_ok} classes; mean margin high {mh:.3f},"
         f" low {ml:.3f}"
     )
     if state.cfg.train.seed == run.cfg.train.seed:  # the run studied above: the same numbers
         assert (n_closer, n_ok, mh, ml) == (closer, n_counted, mean_high, mean_low)
-    assert digits_low_larger == len(nl) - 1, (seed, nh, nl)
+    assert digits_low_larger > (len(nl) - 1) / 2, (seed, nh, nl)  # most digits
     assert ml < mh and n_closer > n_ok / 2, (seed, mh, ml, n_closer, n_ok)
 print(seeds.report())
 assert "seed0" in seeds.checked
+# The paragraph below names the exceptions; a new seed that adds one must restate it.
+assert {s: list(e) for s, e in high_larger.items()} == {
+    s: ["1"] for s in ["seed4"] if s in seeds.checked
+}, high_larger
+assert all(gap < 0.05 for e in high_larger.values() for gap in e.values())  # "slightly"
 
 # %% [markdown]
 # How many classes have the closer low prototypes varies from seed to seed (printed above),
 # which is why the claim is about the average and most classes, not about every class.
+#
+# **What seed 4 changed.** This chapter first said that the low memory is the larger one
+# for *every* digit, which held on seeds 0–3. On seed 4 it fails for one digit: digit 1's
+# high memory has slightly more rows than its low one (the counts are printed above; they
+# differ by less than 5 %). The other nine digits are as on the other seeds, and the second
+# claim, the one this chapter is about, holds on seed 4 as on every seed: the low
+# prototypes sit closer to the boundary. So the claim now reads "for most digits". Seed 4's
+# 1/16 subset is the one on which SupOnly, the mean teacher and plain prototypes score
+# highest (chapter 8), so a model that is already surer of a thin, simple digit after 600
+# steps is not a surprise; but that is a reading, not something this chapter measured.
 #
 # ## Exercises
 #

@@ -87,10 +87,12 @@ from brpg.book.study import (
     compare_split,
     format_comparisons,
     idea_verdicts,
+    late_gain,
     paired_curve,
     plot_class_differences,
     plot_comparisons,
     plot_paired_curve,
+    run_log,
     runs_by_seed,
     study_splits,
     val_curve,
@@ -307,7 +309,7 @@ budget_mt = budget_runs(STUDY / "budget", "digits_meanteacher_1_8")
 rule = choose_budget({s: r["val_miou"] for s, r in budget_mt.items()})
 fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharex=True)
 for i, steps_b in enumerate(sorted(budget_mt)):
-    log = STUDY / "budget" / f"steps{steps_b}" / "digits_meanteacher_1_8" / "seed0" / "log.jsonl"
+    log = run_log(STUDY / "budget" / f"steps{steps_b}", "digits_meanteacher_1_8", 0)
     curve = val_curve(log)
     for ax, k in zip(axes, (1, 2), strict=True):
         ax.plot([c[0] for c in curve], [c[k] for c in curve], "-o", ms=3, color=f"C{i}",
@@ -533,20 +535,13 @@ for split, primary in primary_by_split.items():
     plt.show()
     steps_text = " / ".join(f"{c:,}" for c in checkpoints)
     print(f"{split.replace('_', '/')}, at {steps_text} steps:\n  " + "\n  ".join(lines))
-    late_gain = {}
-    for v in VARIANTS:
-        preset = variant_preset(v, split)
-        gains = []
-        for seed in runs_by_seed(STAGES, preset):
-            miou_at = {c[0]: c[1] for c in val_curve(STAGES / preset / f"seed{seed}" / "log.jsonl")}
-            gains.append(miou_at[8000] - miou_at[6000])
-        if gains:
-            late_gain[v] = sum(gains) / len(gains)
+    gains = {v: late_gain(STAGES, variant_preset(v, split), 6000, 8000) for v in VARIANTS}
+    gains = {v: g for v, g in gains.items() if g is not None}
     print("mIoU gained from step 6,000 to 8,000 (mean over seeds):\n  "
-          + ", ".join(f"{v} {g:+.1f}" for v, g in late_gain.items()))  # fmt: skip
+          + ", ".join(f"{v} {g:+.1f}" for v, g in gains.items()))  # fmt: skip
     # the semi-supervised runs are still improving at the budget: 8,000 steps is a budget,
     # not convergence (what the README and the verdict say)
-    assert all(g > 0 for v, g in late_gain.items() if v != "suponly"), late_gain
+    assert all(g > 0 for v, g in gains.items() if v != "suponly"), gains
 
 # %% [markdown]
 # ## The version-2 runs (three seeds, 2,000 steps)

@@ -315,3 +315,21 @@ def test_paired_curve_pairs_the_logged_evaluations_step_by_step(tmp_path: Path):
     assert [p.diffs for _, p in mb] == [(0.0, 0.0), (1.0, 1.0)]
     with pytest.raises(ValueError, match="no seed has both"):
         study.paired_curve(tmp_path, "1_8", "brpg", "plainproto")
+
+
+def test_late_gain_averages_each_finished_runs_gain_between_two_evaluations(tmp_path: Path):
+    """Hand case: seed 0 gains 2.0 and seed 1 gains 1.0 from step 6,000 to 8,000; the mean is
+    1.5. A run without a summary (unfinished) is not read; a log missing the step raises."""
+    for seed, (m6, m8) in enumerate([(40.0, 42.0), (50.0, 51.0)]):
+        _write(tmp_path, "digits_brpg_1_8", seed, m8, 0.0)
+        rows = [{"step": 10, "loss_sup": 1.0}, {"step": 4000, "val_miou": 10.0}]
+        rows += [{"step": 6000, "val_miou": m6}, {"step": 8000, "val_miou": m8, "final": True}]
+        study.run_log(tmp_path, "digits_brpg_1_8", seed).write_text(
+            "\n".join(json.dumps(r) for r in rows)
+        )
+    assert study.run_log(tmp_path, "x", 3) == tmp_path / "x" / "seed3" / "log.jsonl"
+    assert study.late_gain(tmp_path, "digits_brpg_1_8", 6000, 8000) == 1.5
+    assert study.late_gain(tmp_path, "digits_brpg_1_8", 4000, 8000) == (32.0 + 41.0) / 2
+    assert study.late_gain(tmp_path, "digits_meanteacher_1_8", 6000, 8000) is None
+    with pytest.raises(ValueError, match=r"no evaluation at step\(s\) \[7000\]"):
+        study.late_gain(tmp_path, "digits_brpg_1_8", 7000, 8000)

@@ -155,6 +155,12 @@ def runs_by_seed(dest: str | Path, config: str) -> dict[int, dict[str, Any]]:
     return out
 
 
+def run_log(dest: str | Path, config: str, seed: int) -> Path:
+    """The ``log.jsonl`` of one run: ``<dest>/<config>/seed<k>/log.jsonl`` (the layout
+    ``brpg seeds`` writes)."""
+    return Path(dest) / config / f"seed{seed}" / "log.jsonl"
+
+
 def apo_picks(dest: str | Path, config: str) -> dict[int, dict[int, int]]:
     """``{seed: {class: extra prototypes}}`` of the committed runs of ``config`` under
     ``dest`` that have finished (appendix: clustering and APO), read from the clustering event
@@ -163,7 +169,7 @@ def apo_picks(dest: str | Path, config: str) -> dict[int, dict[int, int]]:
     ends with *fewer* than the base (an empty memory) is left out."""
     out: dict[int, dict[int, int]] = {}
     for seed, summary in runs_by_seed(dest, config).items():
-        log = Path(dest) / config / f"seed{seed}" / "log.jsonl"
+        log = run_log(dest, config, seed)
         events = [
             rec["prototypes_per_class"]
             for line in log.read_text().splitlines()
@@ -268,7 +274,7 @@ def warmup_identical(dest: str | Path, configs: list[str], seed: int, until: int
     """True if every config's run of ``seed`` logged the same ``loss_sup`` at every logged step
     ``≤ until`` (the plan's check that paired runs share weights, data and draws up to the
     point where the variants differ); configs without that seed are skipped."""
-    logs = [Path(dest) / c / f"seed{seed}" / "log.jsonl" for c in configs]
+    logs = [run_log(dest, c, seed) for c in configs]
     losses = [_loss_sup(p, until) for p in logs if p.exists()]
     if len(losses) < 2:
         return True
@@ -304,7 +310,7 @@ def paired_curve(
     k = {"miou": 1, "mbiou": 2}[metric]
 
     def curve(preset: str, seed: int) -> dict[int, float]:
-        return {c[0]: c[k] for c in val_curve(Path(dest) / preset / f"seed{seed}" / "log.jsonl")}
+        return {c[0]: c[k] for c in val_curve(run_log(dest, preset, seed))}
 
     pairs = {s: (curve(pa, s), curve(pb, s)) for s in seeds}
     steps = sorted(set.intersection(*(set(ca) & set(cb) for ca, cb in pairs.values())))
@@ -315,6 +321,22 @@ def paired_curve(
         )
         for step in steps
     ]
+
+
+def late_gain(dest: str | Path, config: str, start: int, end: int) -> float | None:
+    """Mean val mIoU gained from step ``start`` to step ``end`` over the finished runs of
+    ``config`` (read from their logged evaluations): how much the runs still improve near
+    their budget. ``None`` if no run has finished."""
+    gains = []
+    for seed in runs_by_seed(dest, config):
+        miou_at = {c[0]: c[1] for c in val_curve(run_log(dest, config, seed))}
+        missing = {start, end} - set(miou_at)
+        if missing:
+            raise ValueError(
+                f"{run_log(dest, config, seed)}: no evaluation at step(s) {sorted(missing)}"
+            )
+        gains.append(miou_at[end] - miou_at[start])
+    return sum(gains) / len(gains) if gains else None
 
 
 def plot_paired_curve(curve: list[tuple[int, Paired]], ax: Any, label: str, color: str) -> None:
