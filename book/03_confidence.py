@@ -329,7 +329,7 @@ assert int((none.high_cls >= 0).sum()) == int((valid & ~wrong).sum())
 #   unlabeled pixels with teacher confidence of at least 0.8 join the high set only.
 # * At the clustering step of the committed BRPG run the low-confidence pixels lie closer to a class boundary than the
 #   high-confidence ones, pooled and within every class, the background included (asserted
-#   on seed 0; other seeds' runs are not replayed here).
+#   on seed 0 and on every committed seed whose state is saved).
 # * The routing returns fixed-size tensors with a class of −1 for unselected pixels, so no
 #   shape depends on the data.
 #

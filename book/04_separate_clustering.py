@@ -388,6 +388,6 @@ assert res3.center_valid[0].sum() == 3 and sorted(res3.assign[0].tolist()) == [0
 # Memories of the official size (30,000 rows per class and kind, 256-d features of a trained
 # ResNet-101, 19 to 81 classes) and whether prototypes near the boundary improve the
 # segmentation of real images: that needs full PASCAL VOC or Cityscapes runs with and without
-# the split, on GPUs. Here the memories are those of one DigitScenes run (seed 0, 1/16); other
-# seeds' memories are not examined in this chapter.
+# the split, on GPUs. Here the memories are those of DigitScenes runs at 1/16: seed 0 in
+# detail, the other committed seeds in the checks of "On every committed seed".
 # ```

@@ -725,11 +725,19 @@ assert share8 == {"warmup": 0.25, "sampling": 0.05, "proto": 0.70}
 #   of SupOnly) before comparing anything; its comparisons are read above from whatever runs
 #   are committed, and a verdict drawn from fewer than the planned five seeds says that it is
 #   partial.
+# * Stage 1 of that study, in points with 95 % t intervals: BRPG − mean teacher
+#   **+6.8 [+3.3, +10.2]** (mBIoU +5.2 [+2.4, +8.0]) at 1/16, seeds 0–4; plain prototypes −
+#   mean teacher **+3.6 [+1.4, +5.8]** (mBIoU +2.9 [+1.3, +4.5]) at 1/16, seeds 0–4; BRPG −
+#   plain prototypes **+3.2 [+0.9, +5.5]** (mBIoU +2.3 [+0.4, +4.2]) at 1/16, seeds 0–4. At
+#   1/16 a prototype loss helps, and BRPG's ideas together add to it, overall and at the
+#   boundaries; which idea does it (stage 3) and whether it holds at 1/8 (stage 2) are still
+#   to come.
 # * On the committed DigitScenes version 2 runs (three seeds), the mean teacher beats
 #   SupOnly at every split that has both (asserted); BRPG is ahead of the mean teacher of
 #   the same seed in every seed at 1/16 and 1/8, but at 1/16 the seed-to-seed spread is
 #   about as large as the gap.
-# * The 1/16 ablations (CPG off, APO off) do not show that either part helps on DigitScenes.
+# * The version-2 ablations at 1/16 (CPG off, APO off) do not show that either part helps on
+#   DigitScenes.
 #
 # ```{admonition} What we could not check here
 # :class: note
