@@ -18,9 +18,11 @@ Issue 26's runs take many hours on a 2-core CPU and span sessions; this driver m
 Jobs file: one job a line, ``DEST PRESET SEED [KEY=VALUE ...]``; ``#`` starts a comment.
 DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000``.
 
-    python tools/run_study.py --jobs jobs.txt --worktree /tmp/study --commit HEAD
+    python tools/run_study.py --jobs jobs.txt --worktree /tmp/study --follow
 
-(Create the worktree first: ``git worktree add --detach /tmp/study HEAD``.)
+(Create the worktree first: ``git worktree add --detach /tmp/study HEAD``.) With ``--status``
+it trains nothing and prints each job's state instead: done (its mIoU and mBIoU), running or
+interrupted (the last logged step of its work folder), or queued; then the counts.
 """
 
 from __future__ import annotations
@@ -141,6 +143,46 @@ def _start(job: tuple[str, str, int, list[str]], worktree: Path, python: str):
     return proc, fh, log
 
 
+def _work_dir(job: tuple[str, str, int, list[str]], worktree: Path) -> Path:
+    """Where ``brpg seeds`` trains ``job`` (``runs/results/<dest name>/...`` of the worktree,
+    the layout of ``brpg.book.results.run_and_store``): checkpoints and the growing log."""
+    dest, preset, seed, _ = job
+    return worktree / "runs" / "results" / Path(dest).name / preset / f"seed{seed}"
+
+
+def job_state(job: tuple[str, str, int, list[str]], worktree: Path) -> tuple[str, str]:
+    """``(state, detail)`` of one job: ``done`` (its scores), ``running`` or ``interrupted``
+    (the last step its work folder logged, of ``train.steps`` when the job sets it) or
+    ``queued``."""
+    summary = _target(job) / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        return "done", f"{s['val_miou']:.2f} % mIoU, {s['val_mbiou']:.2f} % mBIoU"
+    log = _work_dir(job, worktree) / "log.jsonl"
+    if not log.exists():
+        return "queued", ""
+    last = max((int(json.loads(line)["step"]) for line in log.read_text().splitlines()
+                if line.strip()), default=0)  # fmt: skip
+    total = next((w.split("=", 1)[1] for w in job[3] if w.startswith("train.steps=")), "?")
+    lock = MAIN / "runs" / "study_locks" / f"{_key(job)}.lock"
+    try:
+        live = lock.exists() and _alive(int(lock.read_text().strip() or 0))
+    except ValueError:
+        live = False
+    return ("running" if live else "interrupted"), f"step {last} of {total}"
+
+
+def print_status(jobs: list[tuple[str, str, int, list[str]]], worktree: Path) -> dict[str, int]:
+    """One line per job (see :func:`job_state`), then how many are in each state."""
+    counts: dict[str, int] = {}
+    for job in jobs:
+        state, detail = job_state(job, worktree)
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{state:<11} {job[0]} {job[1]} seed {job[2]}" + (f": {detail}" if detail else ""))
+    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(jobs)} jobs)")
+    return counts
+
+
 def _training_runs() -> int:
     """Training runs of this study now running, of every driver (``brpg seeds`` processes)."""
     out = subprocess.run(["pgrep", "-f", "--", "-m brpg seeds"], capture_output=True, text=True)
@@ -154,9 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lanes", type=int, default=2, help="runs side by side, all drivers together")
     ap.add_argument("--follow", action="store_true", help="wait for more jobs instead of exiting")
     ap.add_argument("--python", default=str(MAIN / ".venv" / "bin" / "python"))
+    ap.add_argument("--status", action="store_true", help="print each job's state; train nothing")
     args = ap.parse_args(argv)
-    parse_jobs(args.jobs.read_text())  # a malformed file is an error before anything starts
+    jobs = parse_jobs(args.jobs.read_text())  # a malformed file is an error before anything
     wt = args.worktree.resolve()
+    if args.status:
+        print_status(jobs, wt)
+        return
     if not (wt / "brpg" / "__init__.py").exists():
         raise SystemExit(f"{wt} is not a checkout of this repository (git worktree add ...)")
     dirty = subprocess.run(

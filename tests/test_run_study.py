@@ -1,0 +1,147 @@
+"""tools/run_study.py, the driver that trains issue 26's runs across sessions and commits each
+one as it finishes: its jobs file, its per-job states (``--status``) and one whole pass over
+a tiny queue, with a stand-in for ``brpg seeds`` and a throwaway git repository.
+
+Machine: exact. No training: the stand-in writes a summary; everything checked is files,
+processes and git.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "run_study.py"
+
+
+@pytest.fixture
+def tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The driver as a module, its main checkout (``MAIN``) moved to a fresh git repository."""
+    spec = importlib.util.spec_from_file_location("run_study", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    main = tmp_path / "main"
+    main.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@t"], ["config", "user.name", "t"]):
+        subprocess.run(["git", "-C", str(main), *args], check=True)
+    (main / "README").write_text("x\n")
+    subprocess.run(["git", "-C", str(main), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(main), "commit", "-q", "-m", "init"], check=True)
+    monkeypatch.setattr(mod, "MAIN", main)
+    return mod
+
+
+def _summary(run: Path, miou: float, mbiou: float) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    s = {"val_miou": miou, "val_mbiou": mbiou, "steps": 8, "amp_dtype": "fp32", "wall_s": 3.0}
+    (run / "summary.json").write_text(json.dumps(s))
+
+
+def test_parse_jobs_reads_comments_and_overrides_and_names_a_bad_line(tool):
+    text = "# stage 1\nresults/s digits_brpg_1_16 0 train.steps=8000  # first\n\nresults/s x 12\n"
+    assert tool.parse_jobs(text) == [
+        ("results/s", "digits_brpg_1_16", 0, ["train.steps=8000"]),
+        ("results/s", "x", 12, []),
+    ]
+    for bad in ("results/s digits_brpg_1_16", "results/s p zero", "results/s p 1 steps"):
+        with pytest.raises(SystemExit, match="jobs line 2"):
+            tool.parse_jobs(f"results/s p 0\n{bad}\n")
+
+
+def test_job_state_tells_done_running_interrupted_and_queued_apart(tool, tmp_path, capsys):
+    wt = tmp_path / "wt"
+    job = ("results/digits_v3/study", "digits_brpg_1_8", 3, ["train.steps=8000"])
+    assert tool.job_state(job, wt) == ("queued", "")
+    work = tool._work_dir(job, wt)
+    assert work == wt / "runs/results/study/digits_brpg_1_8/seed3"  # run_and_store's layout
+    work.mkdir(parents=True)
+    rows = [{"step": 50, "loss_sup": 1.0}, {"step": 100, "loss_sup": 0.9}]
+    rows.append({"step": 100, "val_miou": 20.0})
+    (work / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tool.job_state(job, wt) == ("interrupted", "step 100 of 8000")  # no lock
+    locks = tool.MAIN / "runs" / "study_locks"
+    locks.mkdir(parents=True)
+    (locks / f"{tool._key(job)}.lock").write_text(str(os.getpid()))  # a live process holds it
+    assert tool.job_state(job, wt) == ("running", "step 100 of 8000")
+    _summary(tool.MAIN / job[0] / job[1] / "seed3", 51.234, 37.5)
+    assert tool.job_state(job, wt) == ("done", "51.23 % mIoU, 37.50 % mBIoU")
+    other = ("results/digits_v3/study", "digits_brpg_1_8", 4, [])
+    assert tool.print_status([job, other], wt) == {"done": 1, "queued": 1}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("done") and "seed 3: 51.23 % mIoU" in out[0]
+    assert out[-1] == "1 done, 1 queued (of 2 jobs)"
+
+
+def test_a_pass_trains_each_job_once_and_commits_each_finished_run(tool, tmp_path, monkeypatch):
+    """A stand-in for ``python -m brpg seeds`` writes the summary where the real one would; the
+    driver must start every job not yet done (the finished one is skipped), commit each run
+    folder with its scores in the message, and leave no lock behind."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        "a = sys.argv[1:]\n"
+        "assert a[:3] == ['-m', 'brpg', 'seeds'], a\n"
+        "preset, seed, dest = a[a.index('--configs') + 1], a[a.index('--seeds') + 1],"
+        " a[a.index('--dest') + 1]\n"
+        "assert 'train.threads=1' in a, a\n"
+        "run = pathlib.Path(dest) / preset / f'seed{seed}'\n"
+        "run.mkdir(parents=True)\n"
+        "s = {'val_miou': 40.0 + int(seed), 'val_mbiou': 30.0, 'steps': 8, 'amp_dtype': 'fp32',"
+        " 'wall_s': 1.0}\n"
+        "(run / 'summary.json').write_text(json.dumps(s))\n"
+    )
+    fake.chmod(0o755)
+    wt = tmp_path / "wt"
+    (wt / "brpg").mkdir(parents=True)
+    (wt / "brpg" / "__init__.py").write_text("")  # a checkout, as far as the driver checks
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("res/study p_a 0 train.steps=8\nres/study p_a 1\nres/study p_b 0\n")
+    _summary(tool.MAIN / "res/study/p_b/seed0", 1.0, 1.0)  # done before: not started again
+    subprocess.run(["git", "-C", str(tool.MAIN), "add", "res"], check=True)
+    subprocess.run(["git", "-C", str(tool.MAIN), "commit", "-q", "-m", "earlier run"], check=True)
+    real_sleep = time.sleep
+    monkeypatch.setattr(tool.time, "sleep", lambda s: real_sleep(min(s, 0.05)))
+    # lanes beyond any study runs this machine may be training (the driver counts them all)
+    with pytest.raises(SystemExit) as done:
+        tool.main(
+            ["--jobs", str(jobs), "--worktree", str(wt), "--python", str(fake), "--lanes", "9"]
+        )
+    assert done.value.code == 0  # no job failed
+    log = subprocess.run(
+        ["git", "-C", str(tool.MAIN), "log", "--format=%s"], capture_output=True, text=True
+    ).stdout.splitlines()
+    assert sorted(log[:2]) == [
+        "study run: res/study: p_a seed 0: 40.00 % mIoU, 30.00 % mBIoU, 8 steps, fp32, 1 s",
+        "study run: res/study: p_a seed 1: 41.00 % mIoU, 30.00 % mBIoU, 8 steps, fp32, 1 s",
+    ]
+    assert log[2:] == ["earlier run", "init"]
+    status = subprocess.run(
+        ["git", "-C", str(tool.MAIN), "status", "--porcelain", "res"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert status == ""  # every run folder committed
+    assert not list((tool.MAIN / "runs" / "study_locks").glob("*.lock"))
+    starts = sorted(p.name for p in (wt / "runs" / "study_logs").iterdir())
+    assert starts == ["res_study__p_a__seed0.log", "res_study__p_a__seed1.log"]
+
+
+def test_the_driver_refuses_a_worktree_with_uncommitted_changes(tool, tmp_path):
+    wt = tool.MAIN  # a checkout of itself, for the check
+    (wt / "brpg").mkdir()
+    (wt / "brpg" / "__init__.py").write_text("")
+    subprocess.run(["git", "-C", str(wt), "add", "brpg"], check=True)
+    subprocess.run(["git", "-C", str(wt), "commit", "-q", "-m", "pkg"], check=True)
+    (wt / "README").write_text("edited\n")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("res/study p_a 0\n")
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        tool.main(["--jobs", str(jobs), "--worktree", str(wt)])
