@@ -25,22 +25,26 @@
 # The older tables at the end of the chapter are from DigitScenes version 2, whose 1-px
 # ignore band removed about half of every digit's pixels from training and from the score;
 # no table mixes the two versions. The live runs use version 3 (the warm model of
-# `brpg.book.demo.warm_model` keeps version 2's data, as in chapters 2 and 6).
+# `brpg.book.demo.warm_model`, shared with chapter 2, keeps version 2's data).
 # ```
 #
 # The previous chapters built the pieces one at a time: the mean teacher (chapter 2), the
 # confidence-based routing of pixel features (3), separate clustering of high- and
 # low-confidence features (4), adaptive prototype optimisation (5), EMA prototype updates
 # (6) and the prototype contrastive loss (7). This chapter composes them into one training
-# step, shows its timeline, and compares three methods on DigitScenes over three seeds:
+# step, shows its timeline, and then asks whether they help: a paired-seed study on
+# DigitScenes version 3 compares, at two label fractions,
 #
 # * **SupOnly**: the labeled images only (chapter 1);
 # * **mean teacher**: SupOnly + pseudo-labels of the unlabeled images (chapter 2);
-# * **BRPG**: the mean teacher + prototypes and $\mathcal L_{pro}$,
+# * **plain prototypes**: the mean teacher + $\mathcal L_{pro}$ with one prototype per class,
+#   the mean of its memory (no confidence split, no k-means, no APO);
+# * **BRPG**: the mean teacher + its prototypes and $\mathcal L_{pro}$,
 #   with the total loss $\mathcal L = \mathcal L_s + \lambda_u\mathcal L_u + \lambda_{pro}\mathcal L_{pro}$;
 #
-# plus two ablations at 1/16: BRPG without the confidence split (one memory per class, "CPG
-# off") and BRPG without APO (a fixed 2 + 2 prototypes per class).
+# plus two ablations: BRPG without the confidence split (one memory per class, "CPG off") and
+# BRPG without APO (a fixed 2 + 2 prototypes per class). The chapter ends with the older
+# version-2 runs (three seeds, 2,000 steps).
 #
 # ```{figure} figures/brpg_step.svg
 # :name: fig-brpg-step-ch8
@@ -49,7 +53,8 @@
 # One BRPG training step and its timeline (the same figure as in the introduction). Box
 # colours give the phase from which each part acts; the timeline is drawn to scale for the
 # DigitScenes presets of this chapter (500 warm-up steps, a sampling window of 100 steps,
-# clustering before step 600, prototypes to step 2,000). Dashed arrows carry no gradient.
+# clustering before step 600, prototypes to the presets' default of step 2,000; the study's
+# runs go on to step 8,000). Dashed arrows carry no gradient.
 # ```
 
 # %% tags=["remove-cell"]
@@ -201,7 +206,7 @@ plt.show()
 # ## A short live run
 #
 # A full run takes half an hour on this CPU, so the live run below does not start from
-# scratch: it starts from the 300-step supervised model that the method chapters share
+# scratch: it starts from the 300-step supervised model of chapter 2
 # (`brpg.book.demo.warm_model`, trained once and cached under `runs/book/`), loaded with
 # `Trainer.load_weights`, and squeezes the timeline into 80 steps: warm-up 10 (then the
 # teacher takes the student's weights), semi 5, sampling 20, and 45 steps with prototypes.
