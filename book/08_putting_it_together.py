@@ -25,7 +25,7 @@
 # The older tables at the end of the chapter are from DigitScenes version 2, whose 1-px
 # ignore band removed about half of every digit's pixels from training and from the score;
 # no table mixes the two versions. The live runs use version 3 (the warm model of
-# `brpg.book.demo.warm_model`, shared with chapter 2, keeps version 2's data).
+# `brpg.book.demo.warm_model` they start from keeps version 2's data).
 # ```
 #
 # The previous chapters built the pieces one at a time: the mean teacher (chapter 2), the
@@ -206,7 +206,7 @@ plt.show()
 # ## A short live run
 #
 # A full run takes half an hour on this CPU, so the live run below does not start from
-# scratch: it starts from the 300-step supervised model of chapter 2
+# scratch: it starts from a 300-step supervised model
 # (`brpg.book.demo.warm_model`, trained once and cached under `runs/book/`), loaded with
 # `Trainer.load_weights`, and squeezes the timeline into 80 steps: warm-up 10 (then the
 # teacher takes the student's weights), semi 5, sampling 20, and 45 steps with prototypes.

@@ -24,7 +24,7 @@
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
 # the live runs in this chapter use version 3 (the warm model of `brpg.book.demo.warm_model`
-# keeps version 2's data, as in chapter 2), the tables version 2, and no table mixes the
+# keeps version 2's data), the tables version 2, and no table mixes the
 # two. The version-3 study of chapter 8 runs BRPG on the mean teacher only: the frameworks
 # and networks of this chapter have no version-3 runs.
 # ```
@@ -127,8 +127,8 @@ display(Markdown("```python\n" + source[start:]))
 # * the consistency losses divide by all pixels, because our unlabeled loader has no padding
 #   mask.
 #
-# A short live run: UniMatch + BRPG for 60 steps, from the 300-step supervised model of
-# chapter 2 (chapter 8 does the same for the mean teacher), with the timeline
+# A short live run: UniMatch + BRPG for 60 steps, from a 300-step supervised model
+# (`brpg.book.demo.warm_model`; chapter 8 does the same for the mean teacher), with the timeline
 # squeezed: warm-up 10, semi 5, sampling window 15, then 30 steps with prototypes. A spy
 # counts the plug-in's calls. A second, 32-step mean-teacher BRPG run shows that the mean
 # teacher calls the very same methods. The start is the warm model scored on the same
