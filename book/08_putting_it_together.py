@@ -24,8 +24,7 @@
 # 2-core CPUs; its section below reports what has been run so far and says what has not.
 # The older tables at the end of the chapter are from DigitScenes version 2, whose 1-px
 # ignore band removed about half of every digit's pixels from training and from the score;
-# no table mixes the two versions. The live runs use version 3 (the warm model of
-# `brpg.book.demo.warm_model` they start from keeps version 2's data).
+# no table mixes the two versions. The live runs use version 3.
 # ```
 #
 # The previous chapters built the pieces one at a time: the mean teacher (chapter 2), the

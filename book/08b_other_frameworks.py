@@ -23,8 +23,7 @@
 # (`results/digits/`) were made with the old generator, whose 1-px ignore band removed about
 # half of every digit's pixels from training and from the score, and they report mIoU only.
 # DigitScenes is now version 3 (boundaries labeled and scored with Boundary IoU, chapter 1):
-# the live runs in this chapter use version 3 (the warm model of `brpg.book.demo.warm_model`
-# keeps version 2's data), the tables version 2, and no table mixes the
+# the live runs in this chapter use version 3, the tables version 2, and no table mixes the
 # two. The version-3 study of chapter 8 runs BRPG on the mean teacher only: the frameworks
 # and networks of this chapter have no version-3 runs.
 # ```
@@ -132,7 +131,7 @@ display(Markdown("```python\n" + source[start:]))
 # squeezed: warm-up 10, semi 5, sampling window 15, then 30 steps with prototypes. A spy
 # counts the plug-in's calls. A second, 32-step mean-teacher BRPG run shows that the mean
 # teacher calls the very same methods. The start is the warm model scored on the same
-# version-3 val scenes as the runs (the warm model itself was trained on version-2 data).
+# version-3 val scenes as the runs.
 
 # %%
 calls: Counter[tuple[str, str]] = Counter()

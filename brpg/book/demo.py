@@ -170,13 +170,6 @@ def run_dir_for(
     return resolve_data_root(str(run_root)) / name
 
 
-# Chapters 2, 6, 8 and 8b still use a warm model measured on DigitScenes version 2, whose 1-px
-# ignore band (`ignore_band=1`) version 3 turned off; it keeps that data, in its own cache
-# folder, until they move to the study's runs as chapters 3, 4, 5 and 7 did
-# (`clustering_state`). Version 3 with the band on draws exactly version 2's scenes.
-WARM_DATA = ("data.root=data/digits_v2band", "data.digits_knobs={ignore_band: 1}")
-
-
 def warm_model(
     preset: str = "digits_suponly_1_16",
     steps: int = 300,
@@ -186,8 +179,9 @@ def warm_model(
 ) -> DemoRun:
     """Train ``preset`` for ``steps`` supervised steps with a representation head, or reuse it.
 
-    The data are DigitScenes with version 2's ignore band (:data:`WARM_DATA`) unless
-    ``overrides`` say otherwise.
+    The data are the preset's (DigitScenes version 3 for the ``digits_*`` presets) unless
+    ``overrides`` say otherwise. Chapters 8 and 8b start their short live runs from it; the
+    method chapters study the committed study runs instead (:func:`run_state`).
 
     The model is trained with ``model.rep_head=true`` by :class:`brpg.engine.trainer.Trainer`
     into :func:`run_dir_for`. A run directory whose ``summary.json`` exists (and whose config
@@ -203,7 +197,7 @@ def warm_model(
     trained by ``L_s`` (and, in a full run, ``L_u``). ``DemoRun.model`` is the trained model, on the
     CPU, in eval mode.
     """
-    extra = [f"train.steps={steps}", f"train.seed={seed}", "model.rep_head=true", *WARM_DATA]
+    extra = [f"train.steps={steps}", f"train.seed={seed}", "model.rep_head=true"]
     cfg = load_config(preset, [*extra, *(overrides or [])])
     run_dir = run_dir_for(preset, steps, seed, run_root, overrides)
     summary_path = run_dir / "summary.json"
