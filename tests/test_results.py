@@ -173,6 +173,23 @@ def test_calibration_checks_pair_seeds_and_grade(tmp_path):
     )
 
 
+def test_calibration_checks_read_each_config_from_the_first_folder_that_has_it(tmp_path):
+    """Chapter 1 reads the study's runs, then the calibration's for SupOnly full: a config in
+    both folders comes from the first only (no seed merged in from the second)."""
+    study, budget = tmp_path / "study", tmp_path / "budget"
+    for seed in (0, 1, 2):
+        _run(study, "digits_suponly_1_16", seed, 20.0 + seed)
+        _run(study, "digits_meanteacher_1_16", seed, 30.0)
+    _run(budget, "digits_suponly_1_16", 3, 99.0)  # not read: the study has this config
+    _run(budget, "digits_suponly_full", 0, 71.0)
+    got = {c["check"]: c for c in results.calibration_checks([study, budget])}
+    assert got["SupOnly full >= 70 % mIoU"]["values"] == {0: 71.0}
+    assert got["SupOnly full - SupOnly 1/16 >= 15 points"]["values"] == {0: 51.0}
+    mt = got["mean teacher - SupOnly, 1/16 >= 3 points"]
+    assert mt["values"] == {0: 10.0, 1: 9.0, 2: 8.0} and mt["status"] == "met"
+    assert got["mean teacher - SupOnly, 1/8 >= 3 points"]["status"] == "no runs"
+
+
 def test_run_evidence_counts_classes_by_prototype_kind(tmp_path):
     """The evidence table says how many classes got high, low and both kinds of prototype; a
     log without the split (no BRPG, or an older run) shows a dash."""

@@ -145,23 +145,30 @@ DIGITS_CALIBRATION: tuple[tuple[str, str, str | None, float], ...] = (
 
 
 def calibration_checks(
-    dest: str | Path,
+    dest: str | Path | list[str | Path],
     checks: tuple[tuple[str, str, str | None, float], ...] = DIGITS_CALIBRATION,
     seeds_needed: int = 3,
 ) -> list[dict[str, Any]]:
     """Each check of ``checks`` on the runs under ``dest``: per-seed values and a status.
 
-    ``status``: ``"met"`` (every seed passes and there are ``seeds_needed`` of them),
-    ``"holds so far"`` (every seed passes, fewer seeds), ``"missed"`` (a seed fails) or
-    ``"no runs"``. A difference uses only the seeds both configs have.
+    ``dest`` may be a list of folders: each config's runs are read from the first folder
+    that has any (e.g. the study's runs, then the calibration's for a config the study has
+    not run). ``status``: ``"met"`` (every seed passes and there are ``seeds_needed`` of
+    them), ``"holds so far"`` (every seed passes, fewer seeds), ``"missed"`` (a seed fails)
+    or ``"no runs"``. A difference uses only the seeds both configs have.
     """
+    dests = dest if isinstance(dest, list) else [dest]
+
+    def runs(config: str) -> dict[int, float]:
+        return next((v for d in dests if (v := miou_by_seed(d, config))), {})
+
     out = []
     for name, a, b, bound in checks:
-        va = miou_by_seed(dest, a)
+        va = runs(a)
         if b is None:
             values = va
         else:
-            vb = miou_by_seed(dest, b)
+            vb = runs(b)
             values = {s: va[s] - vb[s] for s in sorted(set(va) & set(vb))}
         if not values:
             status = "no runs"
