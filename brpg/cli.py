@@ -112,11 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("--root", default="runs/reproduce", help="folder searched for summary.json")
     rs.add_argument("--out", help="paper cells: where the tables and plots go (default: --root)")
+    rs.add_argument(
+        "--paired", action="store_true",
+        help="seed studies: also the paired comparisons of the DigitScenes study (book chapter"
+        " 8) at every split that has them, with 95 %% t intervals",
+    )  # fmt: skip
     return p
 
 
-def _results(root: Path, out: str | None) -> int:
-    """``brpg results``: a seed-study table, or the paper-cell report (see the subcommand)."""
+def _results(root: Path, out: str | None, paired: bool = False) -> int:
+    """``brpg results``: a seed-study table, or the paper-cell report (see the subcommand);
+    with ``paired``, the study's paired comparisons per split after the table."""
     from brpg.book.results import format_table, summarise
     from brpg.reproduce.report import build_report, load_summaries
 
@@ -126,10 +132,36 @@ def _results(root: Path, out: str | None) -> int:
     study_rows = summarise(root)
     if study_rows and not load_summaries(root):
         print(format_table(study_rows))
-        return 0
+        return _paired_tables(root) if paired else 0
     for r in build_report(root, out).values():
         print(r["markdown"])
         print("wrote " + ", ".join(str(f) for f in r["files"]) + "\n")
+    return 0
+
+
+def _paired_tables(root: Path) -> int:
+    """The comparisons of :data:`brpg.book.study.COMPARISONS` at each split of ``root`` that
+    has runs of both sides (the analysis of book chapter 8)."""
+    from brpg.book.study import compare_split, format_comparisons
+
+    found = False
+    for split in ("1_16", "1_8", "1_4"):
+        try:
+            rows = compare_split(root, split)
+        except KeyError as err:  # a summary from before Boundary IoU
+            print(
+                f"error: --paired needs val_mbiou in every summary; missing {err}", file=sys.stderr
+            )
+            return 1
+        if rows:
+            found = True
+            print(
+                f"\n{split.replace('_', '/')} of the labels: paired differences a − b in points,"
+                " mean [95 % t interval, n − 1 degrees of freedom], seeds where a is ahead"
+            )
+            print(format_comparisons(rows))  # fmt: skip
+    if not found:
+        print("\nno paired comparison: no split has runs of both variants of one", file=sys.stderr)
     return 0
 
 
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_presets()))
         return 0
     if args.cmd == "results":
-        return _results(Path(args.root), args.out)
+        return _results(Path(args.root), args.out, args.paired)
     # Heavy imports only once a command needs them (keeps `brpg --help` instant).
     from brpg.data.splitlist import DatasetError
     from brpg.engine.trainer import RunDirError, Trainer

@@ -333,3 +333,24 @@ def test_late_gain_averages_each_finished_runs_gain_between_two_evaluations(tmp_
     assert study.late_gain(tmp_path, "digits_meanteacher_1_8", 6000, 8000) is None
     with pytest.raises(ValueError, match=r"no evaluation at step\(s\) \[7000\]"):
         study.late_gain(tmp_path, "digits_brpg_1_8", 7000, 8000)
+
+
+def test_results_command_prints_the_paired_comparisons_per_split(tmp_path: Path, capsys):
+    """`brpg results --paired`: the table, then each split's comparisons. Hand case at 1/8:
+    BRPG − mean teacher is +2 and +4 on seeds 0 and 1: mean +3, t(1) = 12.706, sd = √2, so
+    the half-width is 12.706 · √2 / √2 = 12.7: [−9.7, +15.7]."""
+    from brpg import cli
+
+    for seed, (b, m) in enumerate([(52.0, 50.0), (55.0, 51.0)]):
+        _write(tmp_path, "digits_brpg_1_8", seed, b, b - 20, steps=10, wall_s=1.0)
+        _write(tmp_path, "digits_meanteacher_1_8", seed, m, m - 20, steps=10, wall_s=1.0)
+    assert cli.main(["results", "--root", str(tmp_path), "--paired"]) == 0
+    out = capsys.readouterr().out
+    assert "1/8 of the labels: paired differences" in out and "1/16 of the labels" not in out
+    assert "| brpg − meanteacher | does BRPG help (primary) | 2 | +3.0 [-9.7, +15.7], 2 of 2" in out
+    summary = tmp_path / "digits_brpg_1_8" / "seed1" / "summary.json"
+    s = json.loads(summary.read_text())
+    del s["val_mbiou"]  # a summary from before Boundary IoU
+    summary.write_text(json.dumps(s))
+    assert cli.main(["results", "--root", str(tmp_path), "--paired"]) == 1
+    assert "needs val_mbiou" in capsys.readouterr().err
