@@ -4,7 +4,7 @@ For each committed run folder given, re-run it with its own config to each step 
 clustering step, 600, and 1000 by default; a later step goes on from the earlier replay),
 check that the re-run logged exactly what the committed run logged, and write
 ``state_at_step<N>.pt`` (:func:`brpg.book.demo.save_run_state`). A re-run that differs (another
-kind of CPU, another thread count) is refused, not written. Chapters 3 to 7 check their claims
+kind of CPU, another thread count) is refused, not written. Chapters 2 to 7 check their claims
 on every seed that has these files.
 
     python tools/save_run_states.py results/digits_v3/study/digits_brpg_1_16/seed2 [...]

@@ -473,7 +473,7 @@ def clustering_state(
     replay: bool = False,
 ) -> DemoRun:
     """:func:`run_state` at the step at which the run clusters its memories: the state
-    chapters 3, 4, 5 and 7 study (student, teacher, CPG memories, no bank yet)."""
+    chapters 2, 3, 4, 5 and 7 study (student, teacher, CPG memories, no bank yet)."""
     return run_state(committed, None, run_root, replay)
 
 
@@ -485,7 +485,7 @@ def _seed_number(seed_dir: Path) -> int:
 @dataclass
 class EverySeed:
     """The committed seeds of one study preset, walked with their saved states: what
-    chapters 3–7 need to check a claim "on every committed seed".
+    chapters 2–7 need to check a claim "on every committed seed".
 
     ``parts`` maps each step to the parts of :data:`STATE_PARTS` the claim reads there
     (``{600: ("teacher", "memory"), 1000: ()}``). Iterating yields ``(seed name, states)``,
