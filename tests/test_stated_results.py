@@ -84,14 +84,17 @@ def test_stated_paired_differences_are_the_committed_runs(doc: str):
 
 
 #: "(1/16, % val mIoU by seed 0, 1, 2, 3): BRPG 51.4, 49.2, 39.9, 37.0; plain prototypes …"
-PER_SEED = re.compile(r"\(1/(\d+), % val mIoU by seed ([\d, ]+)\):(.*?)\(each seed", re.S)
+PER_SEED = re.compile(
+    r"\(1/(\d+),\s+%\s+val\s+mIoU\s+by\s+seed\s+([\d,\s]+)\):(.*?)\(each\s+seed", re.S
+)
 
 
 def test_readme_per_seed_scores_are_the_committed_runs():
     """Every per-seed list of the README (one per split): each variant's scores, in the order
     of the seeds the list names."""
     found = list(PER_SEED.finditer((ROOT / "README.md").read_text()))
-    assert found, "README.md: the per-seed list of stage 1 is missing or reworded"
+    # a rewording that the pattern no longer reads must fail here, not check nothing
+    assert {m.group(1) for m in found} >= {"16", "8"}, "README.md: a per-seed list is missing"
     for m in found:
         split, seeds = f"1_{m.group(1)}", [int(s) for s in m.group(2).split(",")]
         rows = re.findall(r"(?:the )?(" + _NAME + r") ((?:\d+\.\d(?:,\s+)?)+)", m.group(3))
