@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from brpg.book.results import work_dir
+
 MAIN = Path(__file__).resolve().parents[1]
 _git_lock = threading.Lock()
 
@@ -85,18 +87,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _lock(job: tuple[str, str, int, list[str]]) -> Path:
+    return MAIN / "runs" / "study_locks" / f"{_key(job)}.lock"  # runs/ is git-ignored
+
+
+def _held(lock: Path) -> bool:
+    """True if ``lock`` names a live process."""
+    try:
+        return lock.exists() and _alive(int(lock.read_text().strip() or 0))
+    except ValueError:
+        return False
+
+
 def _claim(job: tuple[str, str, int, list[str]]) -> Path | None:
     """A lock file for ``job`` (so that two drivers never train the same run), or ``None``
     when a live process holds it."""
-    locks = MAIN / "runs" / "study_locks"  # runs/ is git-ignored
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = locks / f"{_key(job)}.lock"
+    lock = _lock(job)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     if lock.exists():
-        try:
-            if _alive(int(lock.read_text().strip() or 0)):
-                return None
-        except ValueError:
-            pass
+        if _held(lock):
+            return None
         lock.unlink()  # stale: its process is gone
     lock.write_text(str(os.getpid()))
     return lock
@@ -144,10 +154,10 @@ def _start(job: tuple[str, str, int, list[str]], worktree: Path, python: str):
 
 
 def _work_dir(job: tuple[str, str, int, list[str]], worktree: Path) -> Path:
-    """Where ``brpg seeds`` trains ``job`` (``runs/results/<dest name>/...`` of the worktree,
-    the layout of ``brpg.book.results.run_and_store``): checkpoints and the growing log."""
+    """Where ``brpg seeds``, run in ``worktree``, trains ``job``: checkpoints and the growing
+    log (:func:`brpg.book.results.work_dir` under the worktree's ``runs/results``)."""
     dest, preset, seed, _ = job
-    return worktree / "runs" / "results" / Path(dest).name / preset / f"seed{seed}"
+    return work_dir(worktree / "runs" / "results", dest, preset, seed)
 
 
 def job_state(job: tuple[str, str, int, list[str]], worktree: Path) -> tuple[str, str]:
@@ -164,12 +174,7 @@ def job_state(job: tuple[str, str, int, list[str]], worktree: Path) -> tuple[str
     last = max((int(json.loads(line)["step"]) for line in log.read_text().splitlines()
                 if line.strip()), default=0)  # fmt: skip
     total = next((w.split("=", 1)[1] for w in job[3] if w.startswith("train.steps=")), "?")
-    lock = MAIN / "runs" / "study_locks" / f"{_key(job)}.lock"
-    try:
-        live = lock.exists() and _alive(int(lock.read_text().strip() or 0))
-    except ValueError:
-        live = False
-    return ("running" if live else "interrupted"), f"step {last} of {total}"
+    return ("running" if _held(_lock(job)) else "interrupted"), f"step {last} of {total}"
 
 
 def print_status(jobs: list[tuple[str, str, int, list[str]]], worktree: Path) -> dict[str, int]:

@@ -189,6 +189,12 @@ def format_calibration(checks: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def work_dir(work_root: str | Path, dest: str | Path, config: str, seed: int) -> Path:
+    """Where :func:`run_and_store` trains ``config`` with ``seed`` for ``dest``:
+    ``work_root/<dest name>/<config>/seed<k>`` (checkpoints and the growing log)."""
+    return Path(work_root) / Path(dest).name / config / f"seed{seed}"
+
+
 def run_and_store(
     config: str,
     seed: int,
@@ -213,7 +219,7 @@ def run_and_store(
         return json.loads((target / "summary.json").read_text())
     # Train in a persistent work dir so that a crash or a kill loses at most ckpt_every steps:
     # rerunning the same command resumes from its last checkpoint.
-    work = Path(work_root) / dest.name / cfg.name / f"seed{seed}"
+    work = work_dir(work_root, dest, cfg.name, seed)
     resume = (work / "last.pt").exists()
     if resume:
         print(f"resume {work}")

@@ -329,12 +329,10 @@ def late_gain(dest: str | Path, config: str, start: int, end: int) -> float | No
     their budget. ``None`` if no run has finished."""
     gains = []
     for seed in runs_by_seed(dest, config):
-        miou_at = {c[0]: c[1] for c in val_curve(run_log(dest, config, seed))}
-        missing = {start, end} - set(miou_at)
-        if missing:
-            raise ValueError(
-                f"{run_log(dest, config, seed)}: no evaluation at step(s) {sorted(missing)}"
-            )
+        log = run_log(dest, config, seed)
+        miou_at = {c[0]: c[1] for c in val_curve(log)}
+        if missing := {start, end} - set(miou_at):
+            raise ValueError(f"{log}: no evaluation at step(s) {sorted(missing)}")
         gains.append(miou_at[end] - miou_at[start])
     return sum(gains) / len(gains) if gains else None
 
