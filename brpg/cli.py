@@ -142,10 +142,10 @@ def _results(root: Path, out: str | None, paired: bool = False) -> int:
 def _paired_tables(root: Path) -> int:
     """The comparisons of :data:`brpg.book.study.COMPARISONS` at each split of ``root`` that
     has runs of both sides (the analysis of book chapter 8)."""
-    from brpg.book.study import compare_split, format_comparisons
+    from brpg.book.study import CALIBRATION_SPLITS, compare_split, format_comparisons
 
     found = False
-    for split in ("1_16", "1_8", "1_4"):
+    for split in CALIBRATION_SPLITS:
         try:
             rows = compare_split(root, split)
         except KeyError as err:  # a summary from before Boundary IoU

@@ -32,6 +32,9 @@ from typing import Any
 from scipy import stats
 
 BUDGET_LADDER = (2000, 3000, 4000, 6000, 8000)
+#: The label fractions the calibration measures, smallest first (:func:`study_splits` picks
+#: the study's two among them); preset suffixes, ``digits_<variant>_<split>``.
+CALIBRATION_SPLITS = ("1_16", "1_8", "1_4")
 
 
 @dataclass(frozen=True)
