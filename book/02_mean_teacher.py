@@ -256,7 +256,7 @@ plt.show()
 assert acc_kept > acc_dropped + 0.1, (acc_kept, acc_dropped)
 
 # %% [markdown]
-# ## On every committed seed
+# ## On every seed with saved states
 #
 # That is one teacher. The same measurement on the teacher of every committed BRPG run at
 # 1/16 whose state at step 600 is saved beside it (exact re-runs, chapter 3), each checked

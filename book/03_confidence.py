@@ -268,7 +268,7 @@ assert closer == n_classes  # "within every class" above
 assert stats.ring_low < stats.ring_high, stats  # "nor is this model unsure along the border"
 
 # %% [markdown]
-# ## On every committed seed
+# ## On every seed with saved states
 #
 # All of this is one run, and another seed could turn a class around. So the same two
 # functions run on every committed BRPG run at 1/16 whose state at step 600 is saved beside

@@ -273,7 +273,7 @@ assert mean_low < mean_high, (mean_low, mean_high)
 assert closer > n_counted / 2, (closer, n_counted)
 
 # %% [markdown]
-# ## On every committed seed
+# ## On every seed with saved states
 #
 # Both claims of this chapter (the low memory is the larger one for most digits; the low
 # prototypes have the smaller margin, on average and in most classes) are about one run.
@@ -389,5 +389,5 @@ assert res3.center_valid[0].sum() == 3 and sorted(res3.assign[0].tolist()) == [0
 # ResNet-101, 19 to 81 classes) and whether prototypes near the boundary improve the
 # segmentation of real images: that needs full PASCAL VOC or Cityscapes runs with and without
 # the split, on GPUs. Here the memories are those of DigitScenes runs at 1/16: seed 0 in
-# detail, the other committed seeds in the checks of "On every committed seed".
+# detail, the other committed seeds in the checks of "On every seed with saved states".
 # ```

@@ -379,7 +379,7 @@ for claim, holds in measured.items():
 assert all(measured.values())
 
 # %% [markdown]
-# ## On every committed seed
+# ## On every seed with saved states
 #
 # One run's turn, one run's stranded prototypes: another seed could differ. The same
 # experiment and the same claims on every committed BRPG run at 1/16 whose states at steps
@@ -496,7 +496,7 @@ assert moved == [True, False] and torch.allclose(bank2.prototypes[0, 0], torch.t
 #   steps after the clustering, as the prototype loss starts training the representation
 #   head: the clustered prototypes are then about orthogonal to the features. Fed what a
 #   step feeds it, the bank follows the turn (closer to the late class means in most
-#   classes, on every committed seed: asserted), and so did the bank the run itself fed.
+#   classes, on every seed with saved states: asserted), and so did the bank the run itself fed.
 # * After a jump that large, some prototypes are chosen by no feature and stay where they
 #   were; the run, which turned in small steps, moved every one of its prototypes.
 # * A control bank fed the early model's stream does not follow: the tracking comes from

@@ -413,7 +413,7 @@ assert losses_np[-20:, 0].mean() < losses_np[:20, 0].mean()
 assert abs(last.pixel - softmax_acc.pixel) < 0.02 and last.mean_class < softmax_acc.mean_class
 
 # %% [markdown]
-# ## On every committed seed
+# ## On every seed with saved states
 #
 # These are measurements of one run's state; another seed's bank and features could
 # behave otherwise. The same experiment on every committed BRPG run at 1/16 whose memories
