@@ -76,7 +76,8 @@ def test_job_state_tells_done_running_interrupted_and_queued_apart(tool, tmp_pat
     assert tool.print_status([job, other], wt) == {"done": 1, "queued": 1}
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("done") and "seed 3: 51.23 % mIoU" in out[0]
-    assert out[-1] == "1 done, 1 queued (of 2 jobs)"
+    assert out[-2] == "1 done, 1 queued (of 2 jobs)"
+    assert out[-1].startswith("runs left: 1, time not known yet at 2 runs side by side")
 
 
 def test_a_pass_trains_each_job_once_and_commits_each_finished_run(tool, tmp_path, monkeypatch):
@@ -145,3 +146,35 @@ def test_the_driver_refuses_a_worktree_with_uncommitted_changes(tool, tmp_path):
     jobs.write_text("res/study p_a 0\n")
     with pytest.raises(SystemExit, match="uncommitted changes"):
         tool.main(["--jobs", str(jobs), "--worktree", str(wt)])
+
+
+def _log(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_time_left_from_the_pace_of_finished_runs_hand_worked(tool, tmp_path):
+    """Pace = median seconds per step between logged steps (a pause falls out); the time left
+    is each unfinished run's steps to go times its variant's pace, the slowest variant's for a
+    variant with no finished run, over the lanes."""
+    wt = tmp_path / "wt"
+    done_a = ("res/study", "digits_a_1_16", 0, ["train.steps=200"])
+    done_b = ("res/study", "digits_b_1_16", 0, ["train.steps=100"])
+    for job, walls in ((done_a, [10, 20, 30, 100]), (done_b, [0, 25, 50])):
+        run = tool.MAIN / job[0] / job[1] / "seed0"
+        _summary(run, 50.0, 40.0)
+        rows = [{"step": 50 * (i + 1), "wall_s": w} for i, w in enumerate(walls)]
+        rows.insert(1, {"step": 50, "val_miou": 10.0})  # an evaluation: no wall time
+        _log(run / "log.jsonl", rows)
+    a_log = tool.MAIN / "res/study/digits_a_1_16/seed0/log.jsonl"
+    assert tool.pace(a_log) == pytest.approx(0.2)  # 0.2, 0.2 and 1.4 (the pause) s/step
+    queued_a = ("res/study", "digits_a_1_8", 1, ["train.steps=1000"])  # 1000 x 0.2 s
+    interrupted_c = ("res/study", "digits_c_1_8", 0, ["train.steps=1000"])
+    _log(tool._work_dir(interrupted_c, wt) / "log.jsonl", [{"step": 400, "wall_s": 1.0}])
+    jobs = [done_a, done_b, queued_a, interrupted_c]
+    # 1000 * 0.2 + (1000 - 400) * 0.5 (digits_c has no finished run: the slowest pace, b's)
+    assert tool.time_left(jobs, wt, lanes=2) == (2, pytest.approx((200 + 300) / 2))
+    assert tool.time_left([done_a, done_b], wt, lanes=2) == (0, 0.0)
+    no_steps = ("res/study", "digits_a_1_4", 0, [])  # the preset's steps: not known here
+    assert tool.time_left([done_a, no_steps], wt, lanes=2) == (1, None)
+    assert tool.time_left([queued_a], wt, lanes=2) == (1, None)  # no finished run to time

@@ -22,7 +22,8 @@ DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000
 
 (Create the worktree first: ``git worktree add --detach /tmp/study HEAD``.) With ``--status``
 it trains nothing and prints each job's state instead: done (its mIoU and mBIoU), running or
-interrupted (the last logged step of its work folder), or queued; then the counts.
+interrupted (the last logged step of its work folder), or queued; then the counts and an
+estimate of the wall time the rest will take (from the pace of the finished runs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -168,23 +171,88 @@ def job_state(job: tuple[str, str, int, list[str]], worktree: Path) -> tuple[str
     if summary.exists():
         s = json.loads(summary.read_text())
         return "done", f"{s['val_miou']:.2f} % mIoU, {s['val_mbiou']:.2f} % mBIoU"
-    log = _work_dir(job, worktree) / "log.jsonl"
-    if not log.exists():
+    last = _last_step(job, worktree)
+    if last is None:
         return "queued", ""
-    last = max((int(json.loads(line)["step"]) for line in log.read_text().splitlines()
-                if line.strip()), default=0)  # fmt: skip
-    total = next((w.split("=", 1)[1] for w in job[3] if w.startswith("train.steps=")), "?")
+    total = _steps(job) or "?"
     return ("running" if _held(_lock(job)) else "interrupted"), f"step {last} of {total}"
 
 
-def print_status(jobs: list[tuple[str, str, int, list[str]]], worktree: Path) -> dict[str, int]:
-    """One line per job (see :func:`job_state`), then how many are in each state."""
+def _last_step(job: tuple[str, str, int, list[str]], worktree: Path) -> int | None:
+    """The last step the work folder of ``job`` logged (``None``: it has not started)."""
+    log = _work_dir(job, worktree) / "log.jsonl"
+    if not log.exists():
+        return None
+    return max((int(json.loads(line)["step"]) for line in log.read_text().splitlines()
+                if line.strip()), default=0)  # fmt: skip
+
+
+def _steps(job: tuple[str, str, int, list[str]]) -> int | None:
+    """``train.steps`` as the job sets it (``None`` when it leaves the preset's)."""
+    return next((int(w.split("=", 1)[1]) for w in job[3] if w.startswith("train.steps=")), None)
+
+
+def _variant(preset: str) -> str:
+    """``digits_brpg_1_16`` -> ``digits_brpg``: a preset without its label fraction."""
+    return re.sub(r"_(1_\d+|full)$", "", preset)
+
+
+def pace(log: Path) -> float | None:
+    """Seconds of wall time per training step of one run: the median over the intervals between
+    its logged steps, so that a pause (the study stopped while a CI check ran) or an evaluation
+    does not count; ``None`` for a log with fewer than two timed steps."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    timed = [(r["step"], r["wall_s"]) for r in rows if "wall_s" in r]
+    pairs = zip(timed, timed[1:], strict=False)  # consecutive timed steps
+    rates = [(w1 - w0) / (s1 - s0) for (s0, w0), (s1, w1) in pairs if s1 > s0]
+    return statistics.median(rates) if rates else None
+
+
+def time_left(
+    jobs: list[tuple[str, str, int, list[str]]], worktree: Path, lanes: int
+) -> tuple[int, float | None]:
+    """``(runs not done, wall seconds to train them with lanes runs side by side)``: each run's
+    steps still to train times its variant's pace (the median :func:`pace` of that variant's
+    finished runs, which trained side by side too; the slowest variant's for one with none).
+    The time is ``None`` when no run has finished or a job leaves ``train.steps`` unset."""
+    paces: dict[str, list[float]] = {}
+    left: list[tuple[str, int | None]] = []
+    for job in jobs:
+        if (_target(job) / "summary.json").exists():
+            log = _target(job) / "log.jsonl"
+            p = pace(log) if log.exists() else None
+            if p is not None:
+                paces.setdefault(_variant(job[1]), []).append(p)
+            continue
+        total = _steps(job)
+        left.append(
+            (_variant(job[1]), None if total is None else total - (_last_step(job, worktree) or 0))
+        )
+    if not left:
+        return 0, 0.0
+    if not paces or any(steps is None for _, steps in left):
+        return len(left), None
+    per_variant = {v: statistics.median(ps) for v, ps in paces.items()}
+    slowest = max(per_variant.values())
+    return len(left), sum(steps * per_variant.get(v, slowest) for v, steps in left) / lanes
+
+
+def print_status(
+    jobs: list[tuple[str, str, int, list[str]]], worktree: Path, lanes: int = 2
+) -> dict[str, int]:
+    """One line per job (see :func:`job_state`), then how many are in each state and the
+    time the rest will take (:func:`time_left`)."""
     counts: dict[str, int] = {}
     for job in jobs:
         state, detail = job_state(job, worktree)
         counts[state] = counts.get(state, 0) + 1
         print(f"{state:<11} {job[0]} {job[1]} seed {job[2]}" + (f": {detail}" if detail else ""))
     print(", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(jobs)} jobs)")
+    n_left, secs = time_left(jobs, worktree, lanes)
+    if n_left:
+        eta = "time not known yet" if secs is None else f"about {secs / 3600:.1f} h of wall time"
+        print(f"runs left: {n_left}, {eta} at {lanes} runs side by side (each variant's median"
+              " pace over its finished runs; the slowest variant's for one with none)")  # fmt: skip
     return counts
 
 
@@ -206,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = parse_jobs(args.jobs.read_text())  # a malformed file is an error before anything
     wt = args.worktree.resolve()
     if args.status:
-        print_status(jobs, wt)
+        print_status(jobs, wt, args.lanes)
         return
     if not (wt / "brpg" / "__init__.py").exists():
         raise SystemExit(f"{wt} is not a checkout of this repository (git worktree add ...)")
