@@ -87,6 +87,19 @@ def test_every_committed_run_is_its_job(jobs) -> None:
         assert prov["command"] == expected_command(preset, seed, sets), run
         summary = json.loads((run / "summary.json").read_text())
         assert summary["config"]["train"]["seed"] == seed and summary["amp_dtype"] == "fp32"
+        assert prov["commit"] == prov["commit_at_end"], run  # trained from one worktree commit
+
+
+def test_paired_runs_share_their_code() -> None:
+    """The runs a paired comparison reads (one split, one seed, every variant) were trained
+    from one commit, so that a difference between variants is not a change of code."""
+    commits: dict[tuple[str, str], set[str]] = {}
+    for run in _runs("study"):
+        split = run.parent.name.rsplit("_", 2)  # digits_<variant>_1_<d>
+        key = ("_".join(split[-2:]), run.name)
+        prov = json.loads((run / "provenance.json").read_text())
+        commits.setdefault(key, set()).add(prov["commit"])
+    assert commits and all(len(c) == 1 for c in commits.values()), commits
 
 
 def test_queue_holds_the_plan(jobs) -> None:
