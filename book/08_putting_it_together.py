@@ -84,6 +84,7 @@ from brpg.book.reference_step import bank_after, proto_logits, reference_step
 from brpg.book.results import load_runs, mean_std, mean_std_text
 from brpg.book.step_check import check_run, facts_table
 from brpg.book.study import (
+    CALIBRATION_SPLITS,
     budget_runs,
     check_fp32,
     choose_budget,
@@ -351,7 +352,7 @@ else:
 B = rule["budget"]
 calib = {}
 if B is not None:
-    for split in ("1_16", "1_8", "1_4"):
+    for split in CALIBRATION_SPLITS:
         for v in ("suponly", "meanteacher"):
             r = budget_runs(STUDY / "budget", variant_preset(v, split)).get(B)
             if r is not None:
@@ -359,7 +360,7 @@ if B is not None:
     full = budget_runs(STUDY / "budget", "digits_suponly_full").get(B)
 lines = ["| labels | SupOnly mIoU / mBIoU | mean teacher mIoU / mBIoU | mean teacher − SupOnly |",
          "|---|---|---|---|"]  # fmt: skip
-for split in ("1_16", "1_8", "1_4"):
+for split in CALIBRATION_SPLITS:
     sup, mt = calib.get(("suponly", split)), calib.get(("meanteacher", split))
     cells = [
         f"{r['val_miou']:.1f} / {r['val_mbiou']:.1f}" if r else "not run yet" for r in (sup, mt)
@@ -367,16 +368,20 @@ for split in ("1_16", "1_8", "1_4"):
     gain = f"{mt['val_miou'] - sup['val_miou']:+.1f}" if sup and mt else "—"
     lines.append(f"| {split.replace('_', '/')} | {cells[0]} | {cells[1]} | {gain} |")
 display(Markdown("\n".join(lines)))
-ORDER = ("1_16", "1_8", "1_4")
-have = [sp for sp in ORDER if ("suponly", sp) in calib and ("meanteacher", sp) in calib]
+have = [
+    sp for sp in CALIBRATION_SPLITS if ("suponly", sp) in calib and ("meanteacher", sp) in calib
+]
 splits = study_splits(
     {sp: calib["meanteacher", sp]["val_miou"] for sp in have},
     {sp: calib["suponly", sp]["val_miou"] for sp in have},
 )
 # decided once the two smallest qualifying splits are known, with every smaller split measured
 decided = B is not None and (
-    len(have) == len(ORDER)
-    or (len(splits) == 2 and all(sp in have for sp in ORDER[: ORDER.index(splits[-1]) + 1]))
+    len(have) == len(CALIBRATION_SPLITS)
+    or (
+        len(splits) == 2
+        and all(sp in have for sp in CALIBRATION_SPLITS[: CALIBRATION_SPLITS.index(splits[-1]) + 1])
+    )
 )
 if decided:
     print("study splits:", ", ".join(sp.replace("_", "/") for sp in splits))
