@@ -95,8 +95,8 @@ def test_paired_runs_share_their_code() -> None:
     from one commit, so that a difference between variants is not a change of code."""
     commits: dict[tuple[str, str], set[str]] = {}
     for run in _runs("study"):
-        split = run.parent.name.rsplit("_", 2)  # digits_<variant>_1_<d>
-        key = ("_".join(split[-2:]), run.name)
+        parts = run.parent.name.rsplit("_", 2)  # digits_<variant>, 1, <d>
+        key = ("_".join(parts[-2:]), run.name)  # (split, seed folder)
         prov = json.loads((run / "provenance.json").read_text())
         commits.setdefault(key, set()).add(prov["commit"])
     assert commits and all(len(c) == 1 for c in commits.values()), commits
