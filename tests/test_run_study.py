@@ -178,3 +178,95 @@ def test_time_left_from_the_pace_of_finished_runs_hand_worked(tool, tmp_path):
     no_steps = ("res/study", "digits_a_1_4", 0, [])  # the preset's steps: not known here
     assert tool.time_left([done_a, no_steps], wt, lanes=2) == (1, None)
     assert tool.time_left([queued_a], wt, lanes=2) == (1, None)  # no finished run to time
+
+
+def test_run_rate_counts_everything_but_the_steps_a_resumed_run_logs_again(tool, tmp_path):
+    log = tmp_path / "log.jsonl"
+    _log(log, [{"step": 50 * (i + 1), "wall_s": w} for i, w in enumerate([10, 20, 30, 100])])
+    assert tool.run_rate(log) == pytest.approx((10 + 10 + 70) / 150)  # the pause counts
+    resumed = [(100, 20), (150, 30), (100, 25), (150, 35), (200, 45)]  # back to the step-100 state
+    _log(log, [{"step": s, "wall_s": w} for s, w in resumed])
+    assert tool.run_rate(log) == pytest.approx((10 + 10 + 10) / 150)
+    _log(log, [{"step": 50, "wall_s": 1.0}, {"step": 50, "val_miou": 3.0}])
+    assert tool.run_rate(log) is None
+
+
+def test_step_seconds_and_run_seconds_hand_worked(tool, tmp_path):
+    """A variant that trained here: its rate here. One that did not: its committed pace times
+    this machine's ratio (here / committed, median over variants with both). One with neither:
+    the slowest. A run's time: its steps to go times its variant's rate."""
+    wt = tmp_path / "wt"
+    done_a = ("res/study", "digits_a_1_16", 0, ["train.steps=150"])
+    done_b = ("res/study", "digits_b_1_16", 0, ["train.steps=150"])
+    for job, per_step in ((done_a, 0.2), (done_b, 0.5)):
+        run = tool.MAIN / job[0] / job[1] / "seed0"
+        _summary(run, 50.0, 40.0)
+        _log(run / "log.jsonl", [{"step": s, "wall_s": s * per_step} for s in (50, 100, 150)])
+    here_a = ("res/study", "digits_a_1_8", 1, ["train.steps=1000"])  # interrupted here at 400
+    _log(tool._work_dir(here_a, wt) / "log.jsonl",
+         [{"step": 200, "wall_s": 20.0}, {"step": 400, "wall_s": 40.0}])  # fmt: skip
+    queued_c = ("res/study", "digits_c_1_8", 0, ["train.steps=1000"])
+    jobs = [done_a, done_b, here_a, queued_c]
+    rates = tool.step_seconds(jobs, wt)
+    # a: 0.1 here (committed 0.2, so this machine is 2x faster); b: 0.5 x 0.5; c: the slowest
+    assert rates == pytest.approx({"digits_a": 0.1, "digits_b": 0.25, "digits_c": 0.25})
+    assert tool.run_seconds(here_a, wt, rates) == pytest.approx(600 * 0.1)
+    assert tool.run_seconds(queued_c, wt, rates) == pytest.approx(1000 * 0.25)
+    assert tool.run_seconds(("res/study", "digits_a_1_4", 0, []), wt, rates) is None
+    assert tool.step_seconds([queued_c], wt) == {}
+
+
+def test_until_holds_back_a_run_expected_to_end_too_late(tool, tmp_path, monkeypatch, capsys):
+    """With --until the driver starts only runs expected to end before it (a fresh checkout
+    would lose the rest), and exits when nothing else fits, even with --follow."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        "a = sys.argv[1:]\n"
+        "preset, seed, dest = a[a.index('--configs') + 1], a[a.index('--seeds') + 1],"
+        " a[a.index('--dest') + 1]\n"
+        "run = pathlib.Path(dest) / preset / f'seed{seed}'\n"
+        "run.mkdir(parents=True)\n"
+        "s = {'val_miou': 1.0, 'val_mbiou': 1.0, 'steps': 8, 'amp_dtype': 'fp32', 'wall_s': 1.0}\n"
+        "(run / 'summary.json').write_text(json.dumps(s))\n"
+    )
+    fake.chmod(0o755)
+    wt = tmp_path / "wt"
+    (wt / "brpg").mkdir(parents=True)
+    (wt / "brpg" / "__init__.py").write_text("")
+    done = tool.MAIN / "res/study/p_a/seed9"  # a finished run: 1 s a step
+    _summary(done, 1.0, 1.0)
+    _log(done / "log.jsonl", [{"step": s, "wall_s": float(s)} for s in (10, 20, 30)])
+    subprocess.run(["git", "-C", str(tool.MAIN), "add", "res"], check=True)
+    subprocess.run(["git", "-C", str(tool.MAIN), "commit", "-q", "-m", "earlier run"], check=True)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(
+        "res/study p_a 9 train.steps=30\n"
+        "res/study p_a 0 train.steps=3600\n"  # about an hour: ends after the deadline
+        "res/study p_a 1 train.steps=60\n"  # a minute
+        "res/study p_b 0\n"  # steps not known: started
+    )
+    real_sleep = time.sleep
+    monkeypatch.setattr(tool.time, "sleep", lambda s: real_sleep(min(s, 0.05)))
+    until = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 1800))
+    args = ["--jobs", str(jobs), "--worktree", str(wt), "--python", str(fake), "--lanes", "9"]
+    with pytest.raises(SystemExit) as done_code:
+        tool.main([*args, "--follow", "--until", until])
+    assert done_code.value.code == 0
+    starts = sorted(p.name for p in (wt / "runs" / "study_logs").iterdir())
+    assert starts == ["res_study__p_a__seed1.log", "res_study__p_b__seed0.log"]
+    out = capsys.readouterr().out
+    assert "held back (--until): res/study p_a seed 0, about 60 min" in out
+    assert out.count("held back") == 1  # reported once, not on every pass
+
+
+def test_until_reads_a_clock_time_or_an_iso_time_and_names_a_bad_one(tool, capsys):
+    t = tool._deadline("16:40")
+    assert time.strftime("%H:%M:%S", time.localtime(t)) == "16:40:00"
+    assert tool._deadline("2026-12-06T16:40") == pytest.approx(
+        time.mktime((2026, 12, 6, 16, 40, 0, 0, 0, -1))
+    )
+    with pytest.raises(SystemExit):
+        tool.main(["--jobs", "x", "--worktree", "y", "--until", "tea time"])
+    assert "--until 'tea time': expected HH:MM" in capsys.readouterr().err

@@ -24,6 +24,11 @@ DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000
 it trains nothing and prints each job's state instead: done (its mIoU and mBIoU), running or
 interrupted (the last logged step of its work folder), or queued; then the counts and an
 estimate of the wall time the rest will take (from the pace of the finished runs).
+
+Each session gets a fresh checkout, without the work folders (checkpoints) of the last one: a
+run cut off by the end of a session starts again from step 0. ``--until 16:30`` starts only the
+runs expected to finish by then (each variant's seconds per step as trained here, or as
+committed scaled to this machine: :func:`step_seconds`) and exits when the last one ends.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from brpg.book.results import work_dir
@@ -208,6 +214,59 @@ def pace(log: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def run_rate(log: Path) -> float | None:
+    """Seconds of wall time per training step of one run, everything included (evaluations,
+    checkpoints, pauses): the wall time between its first and last timed steps over the steps
+    between them, summed over the intervals where both grow (a resumed run logs some steps
+    again); ``None`` for a log with fewer than two timed steps."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    timed = [(r["step"], r["wall_s"]) for r in rows if "wall_s" in r]
+    pairs = [(s1 - s0, w1 - w0) for (s0, w0), (s1, w1) in zip(timed, timed[1:], strict=False)
+             if s1 > s0 and w1 >= w0]  # fmt: skip
+    steps = sum(ds for ds, _ in pairs)
+    return sum(dw for _, dw in pairs) / steps if steps else None
+
+
+def step_seconds(jobs: list[tuple[str, str, int, list[str]]], worktree: Path) -> dict[str, float]:
+    """Expected wall seconds per step of each variant in ``jobs``, everything included
+    (:func:`run_rate`), on the machine that trains them now: the median rate of the variant's
+    runs in this checkout's work folders (trained here, finished or not); for a variant with
+    none, the median :func:`pace` of its committed runs (other machines, other sessions; pauses
+    and evaluations left out) times the median ratio of rate here to committed pace over the
+    variants that have both (this machine's speed and the evaluations' share); for a variant
+    with neither, the slowest estimate. Empty when no run of any variant has a rate."""
+    here: dict[str, list[float]] = {}
+    committed: dict[str, list[float]] = {}
+    for job in jobs:
+        for rates, log, measure in (
+            (here, _work_dir(job, worktree) / "log.jsonl", run_rate),
+            (committed, _target(job) / "log.jsonl", pace),
+        ):
+            r = measure(log) if log.exists() else None
+            if r is not None:
+                rates.setdefault(_variant(job[1]), []).append(r)
+    med_here = {v: statistics.median(rs) for v, rs in here.items()}
+    med_committed = {v: statistics.median(rs) for v, rs in committed.items()}
+    ratios = [med_here[v] / med_committed[v] for v in med_here if v in med_committed]
+    factor = statistics.median(ratios) if ratios else 1.0
+    est = {v: r * factor for v, r in med_committed.items()} | med_here
+    if est:
+        slowest = max(est.values())
+        est |= {_variant(j[1]): slowest for j in jobs if _variant(j[1]) not in est}
+    return est
+
+
+def run_seconds(
+    job: tuple[str, str, int, list[str]], worktree: Path, rates: dict[str, float]
+) -> float | None:
+    """Expected wall seconds until ``job`` finishes: its steps still to train times its
+    variant's rate (:func:`step_seconds`); ``None`` when either is not known."""
+    total, rate = _steps(job), rates.get(_variant(job[1]))
+    if total is None or rate is None:
+        return None
+    return (total - (_last_step(job, worktree) or 0)) * rate
+
+
 def time_left(
     jobs: list[tuple[str, str, int, list[str]]], worktree: Path, lanes: int
 ) -> tuple[int, float | None]:
@@ -256,6 +315,40 @@ def print_status(
     return counts
 
 
+def _deadline(text: str) -> float:
+    """``--until``: ``HH:MM`` (today, local time) or an ISO date and time, as a Unix time."""
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text):
+            h, m = map(int, text.split(":"))
+            return datetime.now().replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--until {text!r}: expected HH:MM or an ISO time like 2026-12-06T16:40 ({err})"
+        ) from None
+
+
+def _fits(
+    job: tuple[str, str, int, list[str]],
+    worktree: Path,
+    rates: dict[str, float],
+    until: float,
+    held: set[str],
+) -> bool:
+    """Whether ``job`` is expected to finish before ``until`` (:func:`run_seconds` with the
+    ``rates`` of :func:`step_seconds`); a job whose time is not known is started. Reports each
+    job it holds back once."""
+    secs = run_seconds(job, worktree, rates)
+    if secs is None or time.time() + secs <= until:
+        return True
+    if _key(job) not in held:
+        held.add(_key(job))
+        end = time.strftime("%H:%M", time.localtime(time.time() + secs))
+        print(f"[{time.strftime('%H:%M:%S')}] held back (--until): {job[0]} {job[1]} seed"
+              f" {job[2]}, about {secs / 60:.0f} min, would end at {end}", flush=True)  # fmt: skip
+    return False
+
+
 def _training_runs() -> int:
     """Training runs of this study now running, of every driver (``brpg seeds`` processes)."""
     out = subprocess.run(["pgrep", "-f", "--", "-m brpg seeds"], capture_output=True, text=True)
@@ -270,6 +363,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--follow", action="store_true", help="wait for more jobs instead of exiting")
     ap.add_argument("--python", default=str(MAIN / ".venv" / "bin" / "python"))
     ap.add_argument("--status", action="store_true", help="print each job's state; train nothing")
+    ap.add_argument(
+        "--until",
+        type=_deadline,
+        help="HH:MM (today) or an ISO time: start no run expected to end later (a fresh checkout\n"
+        "has none of an unfinished run's checkpoints, so a run cut off by the end of a session\n"
+        "is lost); then exit once the running ones finish",
+    )
     args = ap.parse_args(argv)
     jobs = parse_jobs(args.jobs.read_text())  # a malformed file is an error before anything
     wt = args.worktree.resolve()
@@ -290,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         data.symlink_to(MAIN / "data")  # the generated DigitScenes cache, shared
     running: dict[str, tuple] = {}  # key -> (job, proc, log file, log path, lock)
     failed: set[str] = set()
+    held: set[str] = set()  # jobs --until has held back (each is reported once)
     while True:
         for key, (job, proc, fh, log, lock) in list(running.items()):
             if proc.poll() is None:
@@ -314,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
             and _key(j) not in failed
             and not (_target(j) / "summary.json").exists()
         ]
+        if args.until is not None and pending and len(running) < args.lanes:
+            rates = step_seconds(jobs, wt)  # read only when a lane is free: it reads every log
+            pending = [j for j in pending if _fits(j, wt, rates, args.until, held)]
         while pending and len(running) < args.lanes and _training_runs() < args.lanes:
             job = pending.pop(0)
             lock = _claim(job)
@@ -322,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
             proc, fh, log = _start(job, wt, args.python)
             running[_key(job)] = (job, proc, fh, log, lock)
             time.sleep(2)  # let the new process show up in _training_runs
-        if not running and not pending and not args.follow:
-            break
+        if not running and not pending and (not args.follow or args.until is not None):
+            break  # with --until, a job held back now stays held back: the deadline only nears
         time.sleep(15)
     sys.exit(1 if failed else 0)
 
