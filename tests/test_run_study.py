@@ -154,9 +154,9 @@ def _log(path: Path, rows: list[dict]) -> None:
 
 
 def test_time_left_from_the_pace_of_finished_runs_hand_worked(tool, tmp_path):
-    """Pace = median seconds per step between logged steps (a pause falls out); the time left
-    is each unfinished run's steps to go times its variant's pace, the slowest variant's for a
-    variant with no finished run, over the lanes."""
+    """Pace = median seconds per step between logged steps (a pause falls out); with no run
+    trained here, the time left is each unfinished run's steps to go times its variant's
+    committed pace, the slowest variant's for a variant with no finished run, over the lanes."""
     wt = tmp_path / "wt"
     done_a = ("res/study", "digits_a_1_16", 0, ["train.steps=200"])
     done_b = ("res/study", "digits_b_1_16", 0, ["train.steps=100"])

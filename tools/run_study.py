@@ -23,7 +23,7 @@ DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000
 (Create the worktree first: ``git worktree add --detach /tmp/study HEAD``.) With ``--status``
 it trains nothing and prints each job's state instead: done (its mIoU and mBIoU), running or
 interrupted (the last logged step of its work folder), or queued; then the counts and an
-estimate of the wall time the rest will take (from the pace of the finished runs).
+estimate of the wall time the rest will take (:func:`time_left`).
 
 Each session gets a fresh checkout, without the work folders (checkpoints) of the last one: a
 run cut off by the end of a session starts again from step 0. ``--until 16:30`` starts only the
@@ -270,30 +270,17 @@ def run_seconds(
 def time_left(
     jobs: list[tuple[str, str, int, list[str]]], worktree: Path, lanes: int
 ) -> tuple[int, float | None]:
-    """``(runs not done, wall seconds to train them with lanes runs side by side)``: each run's
-    steps still to train times its variant's pace (the median :func:`pace` of that variant's
-    finished runs, which trained side by side too; the slowest variant's for one with none).
-    The time is ``None`` when no run has finished or a job leaves ``train.steps`` unset."""
-    paces: dict[str, list[float]] = {}
-    left: list[tuple[str, int | None]] = []
-    for job in jobs:
-        if (_target(job) / "summary.json").exists():
-            log = _target(job) / "log.jsonl"
-            p = pace(log) if log.exists() else None
-            if p is not None:
-                paces.setdefault(_variant(job[1]), []).append(p)
-            continue
-        total = _steps(job)
-        left.append(
-            (_variant(job[1]), None if total is None else total - (_last_step(job, worktree) or 0))
-        )
+    """``(runs not done, wall seconds to train them with lanes runs side by side)``: the sum of
+    their :func:`run_seconds` over the lanes. The time is ``None`` when no run has a rate yet
+    or a job leaves ``train.steps`` unset."""
+    left = [job for job in jobs if not (_target(job) / "summary.json").exists()]
     if not left:
         return 0, 0.0
-    if not paces or any(steps is None for _, steps in left):
+    rates = step_seconds(jobs, worktree)
+    secs = [run_seconds(job, worktree, rates) for job in left]
+    if any(x is None for x in secs):
         return len(left), None
-    per_variant = {v: statistics.median(ps) for v, ps in paces.items()}
-    slowest = max(per_variant.values())
-    return len(left), sum(steps * per_variant.get(v, slowest) for v, steps in left) / lanes
+    return len(left), sum(secs) / lanes
 
 
 def print_status(
@@ -310,8 +297,8 @@ def print_status(
     n_left, secs = time_left(jobs, worktree, lanes)
     if n_left:
         eta = "time not known yet" if secs is None else f"about {secs / 3600:.1f} h of wall time"
-        print(f"runs left: {n_left}, {eta} at {lanes} runs side by side (each variant's median"
-              " pace over its finished runs; the slowest variant's for one with none)")  # fmt: skip
+        print(f"runs left: {n_left}, {eta} at {lanes} runs side by side (each variant's seconds"
+              " per step as trained here, or as committed scaled to this machine)")  # fmt: skip
     return counts
 
 
