@@ -117,6 +117,10 @@ def test_verdict_words():
     assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between -0.6 and +0.9 points"
     assert study.verdict(p(math.nan, math.nan, 1)).startswith("one seed only")
     assert study.verdict(p(0.1, 5.0, 2)) == "helps: +0.1 to +5.0 points (partial: 2 of 5 seeds)"
+    # a bound that one decimal would print as 0.0 gets two: "helps: +0.0 to ..." misreads
+    assert study.verdict(p(0.013, 2.17)) == "helps: +0.01 to +2.2 points"
+    assert study.verdict(p(-1.23, -0.04)) == "hurts: -1.2 to -0.04 points"
+    assert study.verdict(p(-0.0, 0.9)) == "no effect resolved: between -0.0 and +0.9 points"
     # the same intervals, as the per-class panels and chapter 8's class list read them
     assert p(0.2, 1.4).excludes_zero and p(-2.0, -0.1).excludes_zero
     assert not p(-0.6, 0.9).excludes_zero and not p(0.0, 0.9).excludes_zero

@@ -220,6 +220,12 @@ def _paired(
 PLANNED_SEEDS = 5  # seeds per comparison and stage (PLAN.md); fewer is a partial result
 
 
+def _bound(x: float) -> str:
+    """An interval bound in points, signed: one decimal, or two where one would read as 0.0
+    (a bound of +0.01 makes "helps", and "+0.0 to +2.2" would look like it should not)."""
+    return f"{x:+.2f}" if 0 < abs(x) < 0.05 else f"{x:+.1f}"
+
+
 def verdict(p: Paired) -> str:
     """The plan's wording: "helps" (interval above 0), "hurts" (below 0), else the interval;
     marked partial while the comparison has fewer than :data:`PLANNED_SEEDS` seeds."""
@@ -227,10 +233,10 @@ def verdict(p: Paired) -> str:
         return f"one seed only ({p.mean:+.1f} points): no interval"
     partial = f" (partial: {p.n} of {PLANNED_SEEDS} seeds)" if p.n < PLANNED_SEEDS else ""
     if p.low > 0:
-        return f"helps: +{p.low:.1f} to +{p.high:.1f} points{partial}"
+        return f"helps: {_bound(p.low)} to {_bound(p.high)} points{partial}"
     if p.high < 0:
-        return f"hurts: {p.low:.1f} to {p.high:.1f} points{partial}"
-    return f"no effect resolved: between {p.low:+.1f} and {p.high:+.1f} points{partial}"
+        return f"hurts: {_bound(p.low)} to {_bound(p.high)} points{partial}"
+    return f"no effect resolved: between {_bound(p.low)} and {_bound(p.high)} points{partial}"
 
 
 def check_fp32(dest: str | Path) -> int:
