@@ -20,7 +20,7 @@ DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000
 
     python tools/run_study.py --jobs jobs.txt --worktree /tmp/study --follow
 
-(Create the worktree first: ``git worktree add --detach /tmp/study HEAD``.) With ``--status``
+(Create the worktree first: ``git worktree add --detach /tmp/study <commit>``.) With ``--status``
 it trains nothing and prints each job's state instead: done (its mIoU and mBIoU), running or
 interrupted (the last logged step of its work folder), or queued; then the counts and an
 estimate of the wall time the rest will take (:func:`time_left`).
