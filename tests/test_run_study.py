@@ -80,10 +80,10 @@ def test_job_state_tells_done_running_interrupted_and_queued_apart(tool, tmp_pat
     assert out[-1].startswith("runs left: 1, time not known yet at 2 runs side by side")
 
 
-def test_a_pass_trains_each_job_once_and_commits_each_finished_run(tool, tmp_path, monkeypatch):
-    """A stand-in for ``python -m brpg seeds`` writes the summary where the real one would; the
-    driver must start every job not yet done (the finished one is skipped), commit each run
-    folder with its scores in the message, and leave no lock behind."""
+def _stand_in(tmp_path: Path) -> tuple[Path, Path]:
+    """``(python, worktree)``: a stand-in for ``python -m brpg seeds`` that checks the driver's
+    arguments and writes the summary where the real one would (mIoU 40 + seed), and a
+    worktree that is a checkout as far as the driver checks."""
     fake = tmp_path / "fake_python"
     fake.write_text(
         f"#!{sys.executable}\n"
@@ -102,7 +102,15 @@ def test_a_pass_trains_each_job_once_and_commits_each_finished_run(tool, tmp_pat
     fake.chmod(0o755)
     wt = tmp_path / "wt"
     (wt / "brpg").mkdir(parents=True)
-    (wt / "brpg" / "__init__.py").write_text("")  # a checkout, as far as the driver checks
+    (wt / "brpg" / "__init__.py").write_text("")
+    return fake, wt
+
+
+def test_a_pass_trains_each_job_once_and_commits_each_finished_run(tool, tmp_path, monkeypatch):
+    """A stand-in for ``python -m brpg seeds`` writes the summary where the real one would; the
+    driver must start every job not yet done (the finished one is skipped), commit each run
+    folder with its scores in the message, and leave no lock behind."""
+    fake, wt = _stand_in(tmp_path)
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("res/study p_a 0 train.steps=8\nres/study p_a 1\nres/study p_b 0\n")
     _summary(tool.MAIN / "res/study/p_b/seed0", 1.0, 1.0)  # done before: not started again
@@ -219,22 +227,7 @@ def test_step_seconds_and_run_seconds_hand_worked(tool, tmp_path):
 def test_until_holds_back_a_run_expected_to_end_too_late(tool, tmp_path, monkeypatch, capsys):
     """With --until the driver starts only runs expected to end before it (a fresh checkout
     would lose the rest), and exits when nothing else fits, even with --follow."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(
-        f"#!{sys.executable}\n"
-        "import json, pathlib, sys\n"
-        "a = sys.argv[1:]\n"
-        "preset, seed, dest = a[a.index('--configs') + 1], a[a.index('--seeds') + 1],"
-        " a[a.index('--dest') + 1]\n"
-        "run = pathlib.Path(dest) / preset / f'seed{seed}'\n"
-        "run.mkdir(parents=True)\n"
-        "s = {'val_miou': 1.0, 'val_mbiou': 1.0, 'steps': 8, 'amp_dtype': 'fp32', 'wall_s': 1.0}\n"
-        "(run / 'summary.json').write_text(json.dumps(s))\n"
-    )
-    fake.chmod(0o755)
-    wt = tmp_path / "wt"
-    (wt / "brpg").mkdir(parents=True)
-    (wt / "brpg" / "__init__.py").write_text("")
+    fake, wt = _stand_in(tmp_path)
     done = tool.MAIN / "res/study/p_a/seed9"  # a finished run: 1 s a step
     _summary(done, 1.0, 1.0)
     _log(done / "log.jsonl", [{"step": s, "wall_s": float(s)} for s in (10, 20, 30)])
