@@ -239,6 +239,7 @@ def test_until_holds_back_a_run_expected_to_end_too_late(tool, tmp_path, monkeyp
         "res/study p_a 0 train.steps=3600\n"  # about an hour: ends after the deadline
         "res/study p_a 1 train.steps=60\n"  # a minute
         "res/study p_b 0\n"  # steps not known: started
+        "res/study p_a 2 train.steps=7200\n"  # two hours: also held back
     )
     real_sleep = time.sleep
     monkeypatch.setattr(tool.time, "sleep", lambda s: real_sleep(min(s, 0.05)))
@@ -251,6 +252,7 @@ def test_until_holds_back_a_run_expected_to_end_too_late(tool, tmp_path, monkeyp
     assert starts == ["res_study__p_a__seed1.log", "res_study__p_b__seed0.log"]
     out = capsys.readouterr().out
     assert "held back (--until): res/study p_a seed 0, about 60 min" in out
+    assert "(and 1 more queued after it)" in out  # one line for both held-back runs
     assert out.count("held back") == 1  # reported once, not on every pass
 
 
