@@ -358,3 +358,35 @@ def test_results_command_prints_the_paired_comparisons_per_split(tmp_path: Path,
     summary.write_text(json.dumps(s))
     assert cli.main(["results", "--root", str(tmp_path), "--paired"]) == 1
     assert "needs val_mbiou" in capsys.readouterr().err
+
+
+def test_more_seeds_follows_the_plans_rule_for_adding_seeds(tmp_path: Path):
+    """Step 4 of the plan, hand-worked: plain − mean teacher differences 1, 2, 3, 4, 5 have
+    sd sqrt(2.5) = 1.581 and a t(4) half-width 2.776 · 1.581 / sqrt(5) = 1.96 > 1: seed 5 next.
+    Differences that barely vary meet the rule. Fewer than five seeds: the stage is not done;
+    ten seeds in: the plan stops whatever the width."""
+
+    def runs(dest: Path, plain_d: list[float], brpg_d: list[float]) -> list[dict]:
+        for seed, (dp, db) in enumerate(zip(plain_d, brpg_d, strict=True)):
+            mt = 50.0 + seed  # the seed's own level cancels in every paired difference
+            _write(dest, "digits_meanteacher_1_8", seed, mt, mt - 20)
+            _write(dest, "digits_plainproto_1_8", seed, mt + dp, mt - 20)
+            _write(dest, "digits_brpg_1_8", seed, mt + db, mt - 20)
+            # SupOnly's comparison is wide (±7) but not primary: it never asks for seeds
+            _write(dest, "digits_suponly_1_8", seed, 30.0 + 8 * (seed % 2), 10.0)
+        return study.compare_split(dest, "1_8")
+
+    seed, why = study.more_seeds(runs(tmp_path / "wide", [1, 2, 3, 4, 5], [2, 2.1, 1.9, 2, 2]))
+    assert seed == 5
+    assert "plainproto − meanteacher ±1.96" in why and why.endswith("seed 5 next")
+    narrow = runs(tmp_path / "narrow", [1, 1.1, 0.9, 1, 1], [2, 2.1, 1.9, 2, 2])
+    assert study.more_seeds(narrow) == (
+        None,
+        "met with 5 seeds (plainproto − meanteacher ±0.09, brpg − meanteacher ±0.09,"
+        " brpg − plainproto ±0.00)",
+    )
+    seed, why = study.more_seeds(runs(tmp_path / "four", [1, 2, 3, 4], [2, 2, 2, 2]))
+    assert seed is None and why == "the planned 5 seeds are not all in yet (4)"
+    seed, why = study.more_seeds(runs(tmp_path / "ten", [1, 5] * 5, [2] * 10))
+    assert seed is None and why.endswith("the plan stops at 10")
+    assert study.more_seeds([]) == (None, "the planned 5 seeds are not all in yet (0)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from brpg.book import study
 from brpg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +113,18 @@ def test_queue_holds_the_plan(jobs) -> None:
                 # seed 0 of SupOnly and the mean teacher is the calibration run
                 from_calib = seed == 0 and v in ("suponly", "meanteacher") and key in calib
                 assert key in queued or from_calib, key
+
+
+def test_queue_holds_the_seed_the_rule_asks_for_next(jobs) -> None:
+    """Step 4 of PLAN.md on the committed runs: where a split's primary comparisons are wider
+    than ±1 point with fewer than 10 seeds, the queue trains the next seed of each of their
+    variants (a stage that ends must not leave the study waiting on a forgotten line)."""
+    queued = {(p, s) for d, p, s, _ in jobs if d == "results/digits_v3/study"}
+    dest = ROOT / "results" / "digits_v3" / "study"
+    for split in SPLITS:
+        seed, why = study.more_seeds(study.compare_split(dest, split))
+        if seed is None:
+            continue
+        variants = {v for c in study.COMPARISONS if c.primary for v in (c.a, c.b)}
+        for v in sorted(variants):
+            assert (f"digits_{v}_{split}", seed) in queued, f"{split}: {why}"

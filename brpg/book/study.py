@@ -15,6 +15,7 @@ README and the tests read one implementation:
 * :func:`verdict`: the plan's wording of an interval; :func:`idea_verdicts`: the verdict per
   idea of :data:`COMPARISONS` (any prototype loss, BRPG, its confidence split, APO) at every
   split;
+* :func:`more_seeds`: the plan's rule for adding seeds to the primary comparisons;
 * :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
   before comparing them.
 """
@@ -218,6 +219,31 @@ def _paired(
 
 
 PLANNED_SEEDS = 5  # seeds per comparison and stage (PLAN.md); fewer is a partial result
+
+
+#: Step 4 of the plan: seeds are added to the primary comparisons of a split until each one's
+#: 95 % interval of the mIoU difference is at most this many points wide on either side ...
+MAX_HALF_WIDTH = 1.0
+MAX_SEEDS = 10  # ... or this many seeds are in
+
+
+def more_seeds(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """Step 4 of the plan at one split (``rows``: :func:`compare_split`): the seed to add next
+    to the variants of the primary comparisons, or ``None`` (the stage's planned seeds are not
+    all in, the rule is met, or :data:`MAX_SEEDS` are in), with the reason in words."""
+    primary = [r for r in rows if r["primary"]]
+    n_primary = sum(c.primary for c in COMPARISONS)
+    common = set.intersection(*(set(r["miou"].seeds) for r in primary)) if primary else set()
+    if len(primary) < n_primary or len(common) < PLANNED_SEEDS:
+        return None, f"the planned {PLANNED_SEEDS} seeds are not all in yet ({len(common)})"
+    widths = ", ".join(f"{r['a']} − {r['b']} ±{r['miou'].half_width:.2f}" for r in primary)
+    n = len(common)
+    if all(r["miou"].half_width <= MAX_HALF_WIDTH for r in primary):
+        return None, f"met with {n} seeds ({widths})"
+    if n >= MAX_SEEDS:
+        return None, f"not met with {n} seeds ({widths}); the plan stops at {MAX_SEEDS}"
+    seed = min(set(range(MAX_SEEDS)) - common)
+    return seed, f"not met with {n} seeds ({widths}): seed {seed} next"
 
 
 def _bound(x: float) -> str:
