@@ -315,25 +315,11 @@ def _deadline(text: str) -> float:
         ) from None
 
 
-def _fits(
-    job: tuple[str, str, int, list[str]],
-    worktree: Path,
-    rates: dict[str, float],
-    until: float,
-) -> bool:
-    """Whether ``job`` is expected to finish before ``until`` (:func:`run_seconds` with the
-    ``rates`` of :func:`step_seconds`); a job whose time is not known is started."""
-    secs = run_seconds(job, worktree, rates)
-    return secs is None or time.time() + secs <= until
-
-
-def _held_back_line(
-    jobs: list[tuple[str, str, int, list[str]]], worktree: Path, rates: dict[str, float]
-) -> str:
-    """One log line for the jobs ``--until`` has just held back: the first, and how many more
-    (one line per job made 25 lines of noise when the deadline first bit)."""
+def _held_back_line(jobs: list[tuple[str, str, int, list[str]]], secs: float) -> str:
+    """One log line for the jobs ``--until`` has just held back: the first (expected to take
+    ``secs``), and how many more (one line per job made 25 lines of noise when the deadline
+    first bit)."""
     first = jobs[0]
-    secs = run_seconds(first, worktree, rates) or 0.0
     end = time.strftime("%H:%M", time.localtime(time.time() + secs))
     more = f" (and {len(jobs) - 1} more queued after it)" if len(jobs) > 1 else ""
     return (f"[{time.strftime('%H:%M:%S')}] held back (--until): {first[0]} {first[1]} seed"
@@ -408,12 +394,14 @@ def main(argv: list[str] | None = None) -> None:
         ]
         if args.until is not None and pending and len(running) < args.lanes:
             rates = step_seconds(jobs, wt)  # read only when a lane is free: it reads every log
-            fits = [j for j in pending if _fits(j, wt, rates, args.until)]
-            newly_held = [j for j in pending if j not in fits and _key(j) not in held]
+            secs = {_key(j): run_seconds(j, wt, rates) for j in pending}
+            # a run expected to end after the deadline waits; one whose time is not known starts
+            late = {k for k, t in secs.items() if t is not None and time.time() + t > args.until}
+            newly_held = [j for j in pending if _key(j) in late and _key(j) not in held]
             if newly_held:  # each job is reported once, not on every pass
-                print(_held_back_line(newly_held, wt, rates), flush=True)
+                print(_held_back_line(newly_held, secs[_key(newly_held[0])]), flush=True)
                 held.update(_key(j) for j in newly_held)
-            pending = fits
+            pending = [j for j in pending if _key(j) not in late]
         while pending and len(running) < args.lanes and _training_runs() < args.lanes:
             job = pending.pop(0)
             lock = _claim(job)
