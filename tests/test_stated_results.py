@@ -1,5 +1,5 @@
-"""The study's numbers written by hand in the README, the intro and chapter 8's summary are the
-committed runs'.
+"""The study's numbers written by hand in the README (prose and tables), the intro and chapter
+8's summary are the committed runs'.
 
 Machine: exact. Reads the committed summaries (JSON) under results/digits_v3/study and the
 text of README.md, book/intro.md and chapter 8's Markdown cells; no training.
@@ -40,8 +40,49 @@ def _num(s: str) -> float:
     return float(s.replace("−", "-"))
 
 
+#: a table cell "**+6.8 [+3.3, +10.2]** (mBIoU +5.2 [+2.4, +8.0]), 5 of 5" under a header cell
+#: "at 1/16, seeds 0–4", in a row headed "BRPG − mean teacher"
+CELL = re.compile(
+    rf"\*\*{_NUM} \[{_NUM},\s+{_NUM}\]\*\*\s+\(mBIoU\s+{_NUM}\s+\[{_NUM},\s+{_NUM}\]\),"
+    rf"\s+(\d+) of (\d+)"
+)
+HEAD = re.compile(r"1/(\d+), seeds (\d+)–(\d+)")
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in ``text`` as rows of stripped cells, the header row first and the
+    ``|---|`` line left out."""
+    tables: list[list[list[str]]] = []
+    rows: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                rows.append(cells)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def table_statements(text: str) -> list[tuple[str, ...]]:
+    """The paired differences stated in tables: ``(a, b, six numbers, denominator, first seed,
+    last seed, wins, n)`` for each cell that :data:`CELL` reads."""
+    out = []
+    for header, *rows in md_tables(text):
+        for row in rows:
+            pair = re.fullmatch(rf"({_NAME}) − ({_NAME})", row[0])
+            for head, cell in zip(header[1:], row[1:], strict=True):
+                m, h = CELL.fullmatch(cell), HEAD.search(head)
+                if pair and m and h:
+                    out.append((*pair.groups(), *m.groups()[:6], *h.groups(), *m.groups()[6:]))
+    return out
+
+
 def statements(text: str) -> list[tuple[str, ...]]:
-    return [m.groups() for m in STATEMENT.finditer(text)]
+    """Every paired difference stated in ``text``, in prose or in a table, as
+    ``(a, b, six numbers, denominator, first seed, last seed)``."""
+    return [m.groups() for m in STATEMENT.finditer(text)] + [t[:11] for t in table_statements(text)]
 
 
 def prose(doc: str) -> str:
@@ -65,6 +106,24 @@ def test_the_pattern_reads_a_hand_written_statement():
     assert got[1][:3] == ("plain prototypes", "SupOnly", "−0.3") and got[1][-3:] == ("8", "0", "4")
 
 
+def test_the_table_reader_reads_a_hand_written_table():
+    text = (
+        "| a − b | at 1/16, seeds 0–4 | at 1/8, seeds 0–2 |\n|---|---|---|\n"
+        "| BRPG − mean teacher | **+6.8 [+3.3, +10.2]** (mBIoU +5.2 [+2.4, +8.0]), 5 of 5 "
+        "| **−0.4 [−1.3, +0.2]** (mBIoU +0.2 [−0.2, +0.7]), 1 of 3 |\n"
+        "| note | not a statement | — |\n\nafter the table"
+    )
+    assert md_tables(text)[0][2] == ["note", "not a statement", "—"]
+    got = table_statements(text)
+    assert got == [
+        ("BRPG", "mean teacher", "+6.8", "+3.3", "+10.2", "+5.2", "+2.4", "+8.0", "16", "0", "4",
+         "5", "5"),
+        ("BRPG", "mean teacher", "−0.4", "−1.3", "+0.2", "+0.2", "−0.2", "+0.7", "8", "0", "2",
+         "1", "3"),
+    ]  # fmt: skip
+    assert statements(text) == [t[:11] for t in got]
+
+
 @pytest.mark.parametrize("doc", ["README.md", "book/intro.md", "book/08_putting_it_together.ipynb"])
 def test_stated_paired_differences_are_the_committed_runs(doc: str):
     found = statements(prose(doc))
@@ -83,26 +142,38 @@ def test_stated_paired_differences_are_the_committed_runs(doc: str):
         assert stated == pytest.approx(want, abs=0.051), f"{doc}: {a} − {b} at 1/{denom}"
 
 
-#: "(1/16, % val mIoU by seed 0, 1, 2, 3): BRPG 51.4, 49.2, 39.9, 37.0; plain prototypes …"
-PER_SEED = re.compile(
-    r"\(1/(\d+),\s+%\s+val\s+mIoU\s+by\s+seed\s+([\d,\s]+)\):(.*?)\(each\s+seed", re.S
-)
+def test_readme_table_sign_counts_are_the_committed_runs():
+    """The "5 of 5" after each paired difference in the README's table: on how many of the
+    seeds it names a was ahead of b in mIoU."""
+    found = table_statements((ROOT / "README.md").read_text())
+    assert len(found) >= 6, f"README.md: expected both splits' primary comparisons, found {found}"
+    for a, b, *_, denom, first, last, wins, n in found:
+        split, seeds = f"1_{denom}", range(int(first), int(last) + 1)
+        pa, pb = (study.variant_preset(VARIANTS[v], split) for v in (a, b))
+        p = study.paired(STUDY, pa, pb, "miou", only=seeds)
+        assert (int(wins), int(n)) == (p.wins, p.n), f"{a} − {b} at 1/{denom}"
+
+
+#: a header cell "1/16, seeds 0, 1, 2, 3, 4" over one variant's scores "51.4, 49.2, 39.9, …"
+SEED_HEAD = re.compile(r"1/(\d+), seeds ((?:\d+, )*\d+)")
 
 
 def test_readme_per_seed_scores_are_the_committed_runs():
-    """Every per-seed list of the README (one per split): each variant's scores, in the order
-    of the seeds the list names."""
-    found = list(PER_SEED.finditer((ROOT / "README.md").read_text()))
+    """The README's table of final scores (one column per split): each variant's scores, in the
+    order of the seeds its column names."""
+    tables = [t for t in md_tables((ROOT / "README.md").read_text()) if t[0][0] == "variant"]
+    assert tables, "README.md: the table of per-seed scores is missing"
+    header, *rows = tables[0]
+    columns = [(i, SEED_HEAD.fullmatch(h)) for i, h in enumerate(header) if SEED_HEAD.fullmatch(h)]
     # a rewording that the pattern no longer reads must fail here, not check nothing
-    assert {m.group(1) for m in found} >= {"16", "8"}, "README.md: a per-seed list is missing"
-    for m in found:
-        split, seeds = f"1_{m.group(1)}", [int(s) for s in m.group(2).split(",")]
-        rows = re.findall(r"(?:the )?(" + _NAME + r") ((?:\d+\.\d(?:,\s+)?)+)", m.group(3))
-        assert {name for name, _ in rows} == set(VARIANTS), (split, rows)
-        for name, values in rows:
-            runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[name], split))
-            stated = [float(v) for v in re.split(r",\s+", values)]
-            assert stated == [round(runs[s]["val_miou"], 1) for s in seeds], (split, name)
+    assert {m.group(1) for _, m in columns} >= {"16", "8"}, header
+    assert {row[0] for row in rows} == set(VARIANTS), rows
+    for i, m in columns:
+        split, seeds = f"1_{m.group(1)}", [int(x) for x in m.group(2).split(", ")]
+        for row in rows:
+            runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[row[0]], split))
+            stated = [float(v) for v in row[i].split(", ")]
+            assert stated == [round(runs[s]["val_miou"], 1) for s in seeds], (split, row[0])
 
 
 def test_intro_per_seed_scores_are_the_committed_runs():
