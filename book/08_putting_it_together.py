@@ -396,17 +396,20 @@ else:
 
 # %% [markdown]
 # **What the calibration found.** No budget up to 6,000 steps ended within 1.5 points of a run
-# twice as long (the gaps were between 5 and 9 points), so the rule gives $B$ = 8,000 steps.
-# Whether 8,000 steps have flattened is not known (there is no 16,000-step run): the study
-# compares the methods at a fixed budget, not at convergence (*Along the runs*, below, shows
-# how the differences move with the step). At that budget the mean teacher
+# twice as long (the gaps were between 5 and 9 points), so the rule gives $B$ = 8,000 steps,
+# the last of its ladder. Nor have 8,000 steps flattened: the 16,000-step run ends 3.3 points
+# of mIoU higher (66.4 against 63.2 %). So the study compares the methods at a fixed budget,
+# not at convergence, as the plan allows (its ladder stops at 8,000 steps; *Along the runs*,
+# below, shows how the differences move with the step). At that budget the mean teacher
 # is far ahead of SupOnly at 1/16 and at 1/8 of the labels, so those are the study splits. At
 # the 2,000 steps of chapter 1 the mean teacher was not ahead at 1/16: the budget decides
 # whether the framework works at all, which is why the plan fixed it first.
 
 # %%
-assert rule["budget"] == 8000 and rule["flattened"] is None
+assert rule["budget"] == 8000 and rule["flattened"] is False
 assert all(not ok for *_, ok in rule["checks"]) and min(g for _, _, g, _ in rule["checks"]) > 1.5
+assert rule["checks"][-1][:2] == (8000, 16000) and round(rule["checks"][-1][2], 1) == 3.3
+assert [round(budget_mt[s]["val_miou"], 1) for s in (16000, 8000)] == [66.4, 63.2]
 assert splits == ["1_16", "1_8"]
 assert all(
     calib["meanteacher", sp]["val_miou"] - calib["suponly", sp]["val_miou"] > 10 for sp in splits

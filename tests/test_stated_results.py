@@ -186,3 +186,23 @@ def test_intro_per_seed_scores_are_the_committed_runs():
         stated = [float(v) for v in re.split(r",\s+|\s+and\s+", values.strip())]
         runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[name], "1_16"))
         assert stated == [round(runs[s]["val_miou"], 1) for s in range(len(stated))], name
+
+
+def test_readme_budget_check_is_the_committed_runs():
+    """The README's "a 16,000-step run of the mean teacher at 1/8, seed 0, ends 3.3 points
+    higher, 66.4 against 63.2 % mIoU": the longer run's and the budget's final mIoU and their
+    difference, from the calibration's committed runs."""
+    text = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    m = re.search(
+        r"a ([\d,]+)-step run of the mean teacher at 1/8, seed 0, ends (\d+\.\d) points higher,"
+        r" (\d+\.\d) against (\d+\.\d) % mIoU",
+        text,
+    )
+    assert m, "README.md: the budget's check against a longer run is missing"
+    runs = study.budget_runs(ROOT / "results" / "digits_v3" / "budget", "digits_meanteacher_1_8")
+    long_steps = int(m.group(1).replace(",", ""))
+    budget = study.choose_budget({s: r["val_miou"] for s, r in runs.items()})["budget"]
+    assert long_steps == 2 * budget
+    long, short = runs[long_steps]["val_miou"], runs[budget]["val_miou"]
+    stated = [float(x) for x in m.groups()[1:]]
+    assert stated == [round(long - short, 1), round(long, 1), round(short, 1)]
