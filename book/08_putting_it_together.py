@@ -323,6 +323,7 @@ for i, steps_b in enumerate(sorted(budget_mt)):
 for ax, name in zip(axes, ("val mIoU (%)", "val mBIoU (%)"), strict=True):
     ax.set_xlabel("step")
     ax.set_ylabel(name)
+    ax.set_xticks(range(0, max(budget_mt) + 1, 4000))  # the default ticks overlap at 16,000
     ax.grid(alpha=0.3)
 axes[0].legend(fontsize=7)
 fig.suptitle("mean teacher, 1/8 of the labels, seed 0: one run per budget", fontsize=9)
