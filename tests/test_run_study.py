@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,11 @@ def test_until_holds_back_a_run_expected_to_end_too_late(tool, tmp_path, monkeyp
 def test_until_reads_a_clock_time_or_an_iso_time_and_names_a_bad_one(tool, capsys):
     t = tool._deadline("16:40")
     assert time.strftime("%H:%M:%S", time.localtime(t)) == "16:40:00"
+    assert time.time() < t < time.time() + 86400  # the next 16:40, never one already past
+    # a session crossing midnight: 01:00 given at 22:45 is the next day's, 23:30 the same day's
+    evening = datetime(2026, 12, 6, 22, 45)
+    assert tool._deadline("01:00", now=evening) == datetime(2026, 12, 7, 1, 0).timestamp()
+    assert tool._deadline("23:30", now=evening) == datetime(2026, 12, 6, 23, 30).timestamp()
     assert tool._deadline("2026-12-06T16:40") == pytest.approx(
         time.mktime((2026, 12, 6, 16, 40, 0, 0, 0, -1))
     )

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from brpg.book.results import work_dir
@@ -302,12 +302,16 @@ def print_status(
     return counts
 
 
-def _deadline(text: str) -> float:
-    """``--until``: ``HH:MM`` (today, local time) or an ISO date and time, as a Unix time."""
+def _deadline(text: str, now: datetime | None = None) -> float:
+    """``--until``: ``HH:MM`` (local time, the next time the clock shows it: ``01:00`` given at
+    22:45 is tomorrow's) or an ISO date and time, as a Unix time."""
+    now = now or datetime.now()
     try:
         if re.fullmatch(r"\d{1,2}:\d{2}", text):
             h, m = map(int, text.split(":"))
-            return datetime.now().replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+            at = now.replace(hour=h, minute=m, second=0, microsecond=0)
+            # a session that crosses midnight: a clock time already past today means tomorrow
+            return (at + timedelta(days=1) if at <= now else at).timestamp()
         return datetime.fromisoformat(text).timestamp()
     except ValueError as err:
         raise argparse.ArgumentTypeError(
