@@ -486,8 +486,8 @@ for split, rows in rows_by_split.items():
 # an effect: BRPG − CPG off **−0.2 [−2.4, +1.9]** (mBIoU −0.2 [−1.9, +1.5]) at 1/16, seeds
 # 0–4, BRPG ahead on 2 of 5 seeds (and on seed 4 behind by about 3 points), and BRPG − APO
 # off **+1.0 [−1.5, +3.6]** (mBIoU +0.8 [−1.1, +2.6]) at 1/16, seeds 0–4, ahead on 4 of 5.
-# That is not "the parts do nothing": each interval still allows a gain of a couple of
-# points, and the two parts might stand in for each other. What both ablations keep, and
+# That is not "the parts do nothing": the intervals still allow gains of up to 1.9 (the
+# confidence split) and 3.6 points (APO), and the two parts might stand in for each other. What both ablations keep, and
 # plain prototypes lack, is several prototypes per class from k-means (CPG off clusters its
 # one memory into as many prototypes as BRPG has); whether the gain over plain prototypes
 # comes from that is a reading of these runs, not a comparison the plan made. The cell checks
