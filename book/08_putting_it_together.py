@@ -100,6 +100,7 @@ from brpg.book.study import (
     plot_paired_curve,
     run_log,
     runs_by_seed,
+    signed,
     study_splits,
     val_curve,
     variant_preset,
@@ -367,7 +368,7 @@ for split in CALIBRATION_SPLITS:
     cells = [
         f"{r['val_miou']:.1f} / {r['val_mbiou']:.1f}" if r else "not run yet" for r in (sup, mt)
     ]
-    gain = f"{mt['val_miou'] - sup['val_miou']:+.1f}" if sup and mt else "—"
+    gain = signed(mt["val_miou"] - sup["val_miou"]) if sup and mt else "—"
     lines.append(f"| {split.replace('_', '/')} | {cells[0]} | {cells[1]} | {gain} |")
 display(Markdown("\n".join(lines)))
 have = [
@@ -500,8 +501,8 @@ stage3 = {
 for b, r in stage3.items():
     for metric in ("miou", "mbiou"):
         p = r[metric]
-        print(f"brpg − {b} at 1/16, {metric}: {p.mean:+.1f} [{p.low:+.1f}, {p.high:+.1f}], "
-              f"per seed {', '.join(f'{d:+.1f}' for d in p.diffs)}")  # fmt: skip
+        print(f"brpg − {b} at 1/16, {metric}: {signed(p.mean)} [{signed(p.low)}, {signed(p.high)}], "
+              f"per seed {', '.join(signed(d) for d in p.diffs)}")  # fmt: skip
         assert p.seeds == (0, 1, 2, 3, 4) and p.low < 0 < p.high, (b, metric)
 assert set(stage3) == {"brpg_nocpg", "brpg_noapo"}
 assert (stage3["brpg_nocpg"]["miou"].wins, stage3["brpg_noapo"]["miou"].wins) == (2, 4)
@@ -532,7 +533,7 @@ for split, primary in primary_by_split.items():
             title = f"{a} − {b}, {name} per class ({split.replace('_', '/')}, points)"
             plot_class_differences(per_class, axes[i, j], list(DIGIT_CLASSES), title)
             resolved = [
-                f"{DIGIT_CLASSES[c]} ({p.mean:+.1f})"
+                f"{DIGIT_CLASSES[c]} ({signed(p.mean)})"
                 for c, p in enumerate(per_class)
                 if p.excludes_zero
             ]
@@ -568,7 +569,8 @@ for split, primary in primary_by_split.items():
             at = dict(curve)
             assert set(at[500].diffs) == {0.0}  # one run per seed until the warm-up ends
             cells = [
-                f"{at[c].mean:+.1f} [{at[c].low:+.1f}, {at[c].high:+.1f}]" for c in checkpoints
+                f"{signed(at[c].mean)} [{signed(at[c].low)}, {signed(at[c].high)}]"
+                for c in checkpoints
             ]
             lines.append(f"  {'mIoU' if metric == 'miou' else 'mBIoU':<6}" + " / ".join(cells))
     for ax, name in zip(axes, ("mIoU", "mBIoU"), strict=True):
@@ -583,7 +585,7 @@ for split, primary in primary_by_split.items():
     gains = {v: late_gain(STAGES, variant_preset(v, split), 6000, 8000) for v in VARIANTS}
     gains = {v: g for v, g in gains.items() if g is not None}
     print("mIoU gained from step 6,000 to 8,000 (mean over seeds):\n  "
-          + ", ".join(f"{v} {g:+.1f}" for v, g in gains.items()))  # fmt: skip
+          + ", ".join(f"{v} {signed(g)}" for v, g in gains.items()))  # fmt: skip
     # the semi-supervised runs are still improving at the budget: 8,000 steps is a budget,
     # not convergence (what the README and the verdict say)
     assert all(g > 0 for v, g in gains.items() if v != "suponly"), gains
@@ -689,11 +691,11 @@ for split in SPLITS:
     mt_s, br_s = by_seed(f"digits_meanteacher_{split}"), by_seed(f"digits_brpg_{split}")
     paired = [br_s[k] - mt_s[k] for k in sorted(mt_s.keys() & br_s.keys())]
     lines.append(
-        f"* {split.replace('_', '/')}: mean teacher {mt[0] - sup[0]:+.1f} points over SupOnly, "
-        f"BRPG {br[0] - mt[0]:+.1f} over the mean teacher "
+        f"* {split.replace('_', '/')}: mean teacher {signed(mt[0] - sup[0])} points over SupOnly, "
+        f"BRPG {signed(br[0] - mt[0])} over the mean teacher "
         f"(seeds: {sup[2]} / {mt[2]} / {br[2]}; std {sup[1]:.1f} / {mt[1]:.1f} / {br[1]:.1f}); "
         f"BRPG above the mean teacher of the same seed in {sum(d > 0 for d in paired)} of "
-        f"{len(paired)} seeds ({', '.join(f'{d:+.1f}' for d in paired)})."
+        f"{len(paired)} seeds ({', '.join(signed(d) for d in paired)})."
     )
 brpg_s = by_seed(ABLATIONS["BRPG"])
 for label, name in list(ABLATIONS.items())[1:]:
@@ -702,7 +704,7 @@ for label, name in list(ABLATIONS.items())[1:]:
     if not common:
         lines.append(f"* {label}: not run yet.")
         continue
-    diffs = ", ".join(f"{brpg_s[k] - var_s[k]:+.1f}" for k in common)
+    diffs = ", ".join(signed(brpg_s[k] - var_s[k]) for k in common)
     lines.append(
         f"* {label}, 1/16: BRPG minus this variant on the {len(common)} seed(s) both have: "
         f"{diffs} points; BRPG's own seed-to-seed std is {table['BRPG', '1_16'][1]:.1f}."

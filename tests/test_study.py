@@ -95,7 +95,7 @@ def test_paired_differences_use_only_seeds_both_runs_have(tmp_path: Path):
     assert p.seeds == (0, 1, 2) and p.diffs == (2.0, 3.0, 1.0) and p.wins == 3
     assert p.mean == 2.0 and p.half_width == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
     assert study.verdict(p) == (
-        "no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds)"
+        "no effect resolved: between −0.5 and +4.5 points (partial: 3 of 5 seeds)"
     )
     q = study.paired(tmp_path, "digits_brpg_1_8", "digits_meanteacher_1_8", "mbiou")
     assert q.diffs == (3.0, 4.0, 2.0)
@@ -108,19 +108,27 @@ def test_paired_differences_use_only_seeds_both_runs_have(tmp_path: Path):
         study.paired(tmp_path, "digits_brpg_1_8", "digits_suponly_1_8")
 
 
+def test_signed_writes_the_sign_and_a_typographic_minus():
+    # the README's and the book's prose write "−2.4" (U+2212) and "+1.9": a hyphen, or a
+    # positive number without its "+", would read differently from the text around it
+    assert study.signed(-2.36) == "\u22122.4" and study.signed(1.88) == "+1.9"
+    assert study.signed(0.013, 2) == "+0.01" and study.signed(-0.04, 2) == "\u22120.04"
+    assert "-" not in study.signed(-15.0)
+
+
 def test_verdict_words():
     def p(low: float, high: float, n: int = 5) -> study.Paired:
         return study.Paired("a", "b", "miou", tuple(range(n)), (0.0,) * n, 0.0, low, high, 0)
 
     assert study.verdict(p(0.2, 1.4)) == "helps: +0.2 to +1.4 points"
-    assert study.verdict(p(-2.0, -0.1)) == "hurts: -2.0 to -0.1 points"
-    assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between -0.6 and +0.9 points"
+    assert study.verdict(p(-2.0, -0.1)) == "hurts: −2.0 to −0.1 points"
+    assert study.verdict(p(-0.6, 0.9)) == "no effect resolved: between −0.6 and +0.9 points"
     assert study.verdict(p(math.nan, math.nan, 1)).startswith("one seed only")
     assert study.verdict(p(0.1, 5.0, 2)) == "helps: +0.1 to +5.0 points (partial: 2 of 5 seeds)"
     # a bound that one decimal would print as 0.0 gets two: "helps: +0.0 to ..." misreads
     assert study.verdict(p(0.013, 2.17)) == "helps: +0.01 to +2.2 points"
-    assert study.verdict(p(-1.23, -0.04)) == "hurts: -1.2 to -0.04 points"
-    assert study.verdict(p(-0.0, 0.9)) == "no effect resolved: between -0.0 and +0.9 points"
+    assert study.verdict(p(-1.23, -0.04)) == "hurts: −1.2 to −0.04 points"
+    assert study.verdict(p(-0.0, 0.9)) == "no effect resolved: between −0.0 and +0.9 points"
     # the same intervals, as the per-class panels and chapter 8's class list read them
     assert p(0.2, 1.4).excludes_zero and p(-2.0, -0.1).excludes_zero
     assert not p(-0.6, 0.9).excludes_zero and not p(0.0, 0.9).excludes_zero
@@ -190,8 +198,8 @@ def test_idea_verdicts_name_every_idea_at_every_split(tmp_path: Path):
     # diffs 2, 3, 1 in both metrics: mean 2, t(2) half-width 4.303 / sqrt(3) = 2.48
     assert brpg == (
         "* **BRPG as a whole** (brpg − meanteacher): at 1/16, no paired runs yet; at 1/8,"
-        " mIoU no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds);"
-        " mBIoU no effect resolved: between -0.5 and +4.5 points (partial: 3 of 5 seeds)."
+        " mIoU no effect resolved: between −0.5 and +4.5 points (partial: 3 of 5 seeds);"
+        " mBIoU no effect resolved: between −0.5 and +4.5 points (partial: 3 of 5 seeds)."
     )
     apo = next(line for line in lines if line.startswith("* **APO**"))
     assert apo == (
@@ -351,7 +359,7 @@ def test_results_command_prints_the_paired_comparisons_per_split(tmp_path: Path,
     assert cli.main(["results", "--root", str(tmp_path), "--paired"]) == 0
     out = capsys.readouterr().out
     assert "1/8 of the labels: paired differences" in out and "1/16 of the labels" not in out
-    assert "| brpg − meanteacher | does BRPG help (primary) | 2 | +3.0 [-9.7, +15.7], 2 of 2" in out
+    assert "| brpg − meanteacher | does BRPG help (primary) | 2 | +3.0 [−9.7, +15.7], 2 of 2" in out
     summary = tmp_path / "digits_brpg_1_8" / "seed1" / "summary.json"
     s = json.loads(summary.read_text())
     del s["val_mbiou"]  # a summary from before Boundary IoU

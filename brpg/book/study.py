@@ -246,17 +246,23 @@ def more_seeds(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     return seed, f"not met with {n} seeds ({widths}): seed {seed} next"
 
 
+def signed(x: float, digits: int = 1) -> str:
+    """``x`` with its sign, ``digits`` decimals and a typographic minus ("−1.5", "+3.6"), as
+    the README and the book's prose write differences."""
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
 def _bound(x: float) -> str:
     """An interval bound in points, signed: one decimal, or two where one would read as 0.0
     (a bound of +0.01 makes "helps", and "+0.0 to +2.2" would look like it should not)."""
-    return f"{x:+.2f}" if 0 < abs(x) < 0.05 else f"{x:+.1f}"
+    return signed(x, 2 if 0 < abs(x) < 0.05 else 1)
 
 
 def verdict(p: Paired) -> str:
     """The plan's wording: "helps" (interval above 0), "hurts" (below 0), else the interval;
     marked partial while the comparison has fewer than :data:`PLANNED_SEEDS` seeds."""
     if p.n < 2:
-        return f"one seed only ({p.mean:+.1f} points): no interval"
+        return f"one seed only ({signed(p.mean)} points): no interval"
     partial = f" (partial: {p.n} of {PLANNED_SEEDS} seeds)" if p.n < PLANNED_SEEDS else ""
     if p.low > 0:
         return f"helps: {_bound(p.low)} to {_bound(p.high)} points{partial}"
@@ -459,8 +465,8 @@ def format_comparisons(rows: list[dict[str, Any]]) -> str:
     ]
 
     def cell(p: Paired) -> str:
-        ci = "no interval" if p.n < 2 else f"[{p.low:+.1f}, {p.high:+.1f}]"
-        return f"{p.mean:+.1f} {ci}, {p.wins} of {p.n}"
+        ci = "no interval" if p.n < 2 else f"[{signed(p.low)}, {signed(p.high)}]"
+        return f"{signed(p.mean)} {ci}, {p.wins} of {p.n}"
 
     for r in rows:
         star = " (primary)" if r["primary"] else ""
