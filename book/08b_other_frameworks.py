@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -63,6 +63,7 @@ from IPython.display import Markdown, display
 
 from brpg.book.demo import warm_model
 from brpg.book.results import load_runs, mean_std, mean_std_text
+from brpg.book.study import signed
 from brpg.book.tools import show_source
 from brpg.config import load_config
 from brpg.data.build import PROJECT_ROOT
@@ -281,7 +282,7 @@ for label, alone, with_brpg in PAIRS:
     a, b = by_seed(alone), by_seed(with_brpg)
     seeds = sorted(set(a) & set(b))
     paired[label] = [b[k] - a[k] for k in seeds]
-    diffs = ", ".join(f"{d:+.1f}" for d in paired[label]) or "—"
+    diffs = ", ".join(signed(d) for d in paired[label]) or "—"
     lines.append(f"| {label} | {fmt(list(a.values()))} | {fmt(list(b.values()))} | {diffs} |")
 display(Markdown("val mIoU (%)\n\n" + "\n".join(lines)))
 
@@ -292,7 +293,7 @@ for label, diffs in measured.items():
     print(
         f"{label}: BRPG ahead in {ahead}, behind in {behind}, within 0.05 points in "
         f"{len(diffs) - ahead - behind} of {len(diffs)} paired seeds, mean "
-        f"{sum(diffs) / len(diffs):+.1f} points"
+        f"{signed(sum(diffs) / len(diffs))} points"
     )
 assert "DeepLabV3+ (small CNN), mean teacher" in measured  # chapter 8's committed runs
 missing = [label for label, diffs in paired.items() if len(diffs) < 3]
@@ -364,7 +365,7 @@ assert all(
     x < y
     for x, y in zip(worst_run["per_class_iou"][1:], alone_run["per_class_iou"][1:], strict=True)
 )
-print(f"UniMatch 1/16: BRPG − alone {d_mean:+.1f} ± {d_std:.1f} points over {len(uni_d)} seeds")
+print(f"UniMatch 1/16: BRPG − alone {signed(d_mean)} ± {d_std:.1f} points over {len(uni_d)} seeds")
 supo8 = by_seed("digits_suponly_1_8")
 mt8 = by_seed("digits_meanteacher_1_8")
 uni8_a, uni8_b = by_seed("digits_unimatch_1_8"), by_seed("digits_unimatch_brpg_1_8")
@@ -377,7 +378,9 @@ uni8_d = paired["DeepLabV3+ (small CNN), UniMatch, 1/8"]
 mt8_d = paired["DeepLabV3+ (small CNN), mean teacher, 1/8"]
 assert all(4.5 <= d <= 6.5 for d in uni8_d)  # ahead in every seed, by about 5 to 6.5
 assert min(uni8_d) > max(mt8_d) and all(2.0 <= d <= 4.0 for d in mt8_d)
-print(f"UniMatch 1/8: BRPG − alone {mean_std(uni8_d)[0]:+.1f} ± {mean_std(uni8_d)[1]:.1f} points")
+print(
+    f"UniMatch 1/8: BRPG − alone {signed(mean_std(uni8_d)[0])} ± {mean_std(uni8_d)[1]:.1f} points"
+)
 seg_a, seg_b = by_seed("digits_segformer_meanteacher_1_16"), by_seed("digits_segformer_brpg_1_16")
 assert len(set(seg_a) & set(seg_b)) >= 3
 assert max(seg_a.values()) < mt_small - 10  # far below the small CNN
