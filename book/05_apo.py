@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from IPython.display import Markdown, display
 
 from brpg.book.demo import appearance_modes, cluster, clustering_state, feature_batch
-from brpg.book.study import apo_picks, paired, signed
+from brpg.book.study import apo_picks, paired
 from brpg.book.tools import show_source
 from brpg.data import MULTIMODAL_DIGITS
 from brpg.data.build import PROJECT_ROOT
@@ -314,10 +314,7 @@ assert n_runs >= 1 and n_multimodal == 0, every  # the claim above, on every com
 # %%
 for metric in ("miou", "mbiou"):
     apo_effect = paired(STUDY, "digits_brpg_1_16", "digits_brpg_noapo_1_16", metric, only=range(5))
-    print(
-        f"BRPG − APO off at 1/16, {metric}: {signed(apo_effect.mean)}"
-        f" [{signed(apo_effect.low)}, {signed(apo_effect.high)}] over seeds {apo_effect.seeds}"
-    )
+    print(f"BRPG − APO off at 1/16, {metric}: {apo_effect.text} over seeds {apo_effect.seeds}")
     assert apo_effect.seeds == (0, 1, 2, 3, 4) and apo_effect.low < 0 < apo_effect.high
 
 # %% [markdown]

@@ -500,7 +500,7 @@ stage3 = {r["b"]: r for r in rows_by_split.get("1_16", []) if r["b"] in STAGE3}
 for b, r in stage3.items():
     for metric in ("miou", "mbiou"):
         p = r[metric]
-        print(f"brpg − {b} at 1/16, {metric}: {signed(p.mean)} [{signed(p.low)}, {signed(p.high)}], "
+        print(f"brpg − {b} at 1/16, {metric}: {p.text}, "
               f"per seed {', '.join(signed(d) for d in p.diffs)}")  # fmt: skip
         assert p.seeds == (0, 1, 2, 3, 4) and p.low < 0 < p.high, (b, metric)
 assert set(stage3) == {"brpg_nocpg", "brpg_noapo"}
@@ -575,10 +575,7 @@ for split, primary in primary_by_split.items():
             plot_paired_curve(curve, ax, f"{a} − {b}", f"C{i}")
             at = dict(curve)
             assert set(at[500].diffs) == {0.0}  # one run per seed until the warm-up ends
-            cells = [
-                f"{signed(at[c].mean)} [{signed(at[c].low)}, {signed(at[c].high)}]"
-                for c in checkpoints
-            ]
+            cells = [at[c].text for c in checkpoints]
             lines.append(f"  {'mIoU' if metric == 'miou' else 'mBIoU':<6}" + " / ".join(cells))
     for ax, name in zip(axes, ("mIoU", "mBIoU"), strict=True):
         ax.set_xlabel("step")

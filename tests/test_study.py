@@ -116,6 +116,15 @@ def test_signed_writes_the_sign_and_a_typographic_minus():
     assert "-" not in study.signed(-15.0)
 
 
+def test_paired_text_is_the_mean_and_interval_as_printed():
+    # what chapters 5 and 8 and the comparison table print: a wrong bound, a hyphen or a
+    # missing "no interval" for one seed would make the printed statement disagree with it
+    two = study.Paired("a", "b", "miou", (0, 1), (1.0, -0.2), 0.4, -7.22, 8.02, 1)
+    assert two.text == "+0.4 [\u22127.2, +8.0]"
+    one = study.Paired("a", "b", "miou", (3,), (0.45,), 0.45, math.nan, math.nan, 1)
+    assert one.text == "+0.5 no interval"
+
+
 def test_verdict_words():
     def p(low: float, high: float, n: int = 5) -> study.Paired:
         return study.Paired("a", "b", "miou", tuple(range(n)), (0.0,) * n, 0.0, low, high, 0)

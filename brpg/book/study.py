@@ -149,6 +149,13 @@ class Paired:
         interval is NaN, and NaN compares False)."""
         return self.low > 0 or self.high < 0
 
+    @property
+    def text(self) -> str:
+        """The mean with its 95 % interval, as the study prints them: "+1.0 [−1.5, +3.6]"
+        ("+0.5 no interval" with one seed)."""
+        ci = "no interval" if self.n < 2 else f"[{signed(self.low)}, {signed(self.high)}]"
+        return f"{signed(self.mean)} {ci}"
+
 
 def runs_by_seed(dest: str | Path, config: str) -> dict[int, dict[str, Any]]:
     """``{seed: summary}`` of the committed runs of ``config`` under ``dest``."""
@@ -465,8 +472,7 @@ def format_comparisons(rows: list[dict[str, Any]]) -> str:
     ]
 
     def cell(p: Paired) -> str:
-        ci = "no interval" if p.n < 2 else f"[{signed(p.low)}, {signed(p.high)}]"
-        return f"{signed(p.mean)} {ci}, {p.wins} of {p.n}"
+        return f"{p.text}, {p.wins} of {p.n}"
 
     for r in rows:
         star = " (primary)" if r["primary"] else ""
