@@ -482,7 +482,7 @@ for split, rows in rows_by_split.items():
     print(f"{split.replace('_', '/')}, the rule for adding seeds: {more_seeds(rows)[1]}")
 
 # %% [markdown]
-# **Which part? (stage 3 at 1/16.)** BRPG's own ideas add to plain prototypes at 1/16 (above),
+# **Which part? (stage 3.)** BRPG's own ideas add to plain prototypes at 1/16 (above),
 # so stage 3 takes them out one at a time, on the same five seeds. Neither ablation resolves
 # an effect: BRPG − CPG off **−0.2 [−2.4, +1.9]** (mBIoU −0.2 [−1.9, +1.5]) at 1/16, seeds
 # 0–4, BRPG ahead on 2 of 5 seeds (and on seed 4 behind by about 3 points), and BRPG − APO
@@ -491,21 +491,41 @@ for split, rows in rows_by_split.items():
 # confidence split) and 3.6 points (APO), and the two parts might stand in for each other. What both ablations keep, and
 # plain prototypes lack, is several prototypes per class from k-means (CPG off clusters its
 # one memory into as many prototypes as BRPG has); whether the gain over plain prototypes
-# comes from that is a reading of these runs, not a comparison the plan made. The cell checks
-# the statement on the committed runs.
+# comes from that is a reading of these runs, not a comparison the plan made.
+#
+# At 1/8, where BRPG's ideas together add nothing resolved over plain prototypes, the
+# confidence split's comparison is complete and narrow: BRPG − CPG off **+0.1 [−0.5,
+# +0.6]** (mBIoU +0.1 [−0.5, +0.6]) at 1/8, seeds 0–4, BRPG ahead on 3 of 5 seeds, every
+# seed's mIoU difference within 0.6 points of zero. A null result with a narrow interval: on
+# these seeds and at this budget, what the confidence split does at 1/8 lies between about
+# −0.5 and +0.6 points, in mIoU and in mBIoU. APO's comparison at 1/8 had four of its five
+# seeds when this was written; the tables above show however many are committed, and the
+# verdict list marks it partial until all five are in. The cell checks these statements on
+# the committed runs.
 
 # %%
 STAGE3 = ("brpg_nocpg", "brpg_noapo")  # BRPG − each ablation: which part
-stage3 = {r["b"]: r for r in rows_by_split.get("1_16", []) if r["b"] in STAGE3}
-for b, r in stage3.items():
+stage3 = {
+    (split, r["b"]): r for split, rows in rows_by_split.items() for r in rows if r["b"] in STAGE3
+}
+for (split, b), r in stage3.items():
     for metric in ("miou", "mbiou"):
         p = r[metric]
-        print(f"brpg − {b} at 1/16, {metric}: {p.text}, "
+        print(f"brpg − {b} at {split.replace('_', '/')}, {metric}: {p.text}, "
               f"per seed {', '.join(signed(d) for d in p.diffs)}")  # fmt: skip
+for b in STAGE3:  # 1/16: five seeds each, neither interval excludes zero
+    for metric in ("miou", "mbiou"):
+        p = stage3["1_16", b][metric]
         assert p.seeds == (0, 1, 2, 3, 4) and p.low < 0 < p.high, (b, metric)
-assert set(stage3) == {"brpg_nocpg", "brpg_noapo"}
-assert (stage3["brpg_nocpg"]["miou"].wins, stage3["brpg_noapo"]["miou"].wins) == (2, 4)
-assert stage3["brpg_nocpg"]["miou"].diffs[4] < -2.5  # seed 4: CPG off ahead by about 3 points
+assert (stage3["1_16", "brpg_nocpg"]["miou"].wins, stage3["1_16", "brpg_noapo"]["miou"].wins) == (
+    2, 4)  # fmt: skip
+assert stage3["1_16", "brpg_nocpg"]["miou"].diffs[4] < -2.5  # seed 4: CPG off ahead by about 3
+cpg8 = stage3["1_8", "brpg_nocpg"]  # 1/8: the confidence split, five seeds, a narrow null
+for metric in ("miou", "mbiou"):
+    p = cpg8[metric]
+    assert p.seeds == (0, 1, 2, 3, 4) and -0.55 < p.low < 0 < p.high < 0.65, metric
+assert max(abs(d) for d in cpg8["miou"].diffs) < 0.6
+assert cpg8["miou"].wins == 3
 
 # %% [markdown]
 # **Per class.** Which classes do the differences come from? The primary comparisons class
@@ -789,8 +809,10 @@ assert share8 == {"warmup": 0.25, "sampling": 0.05, "proto": 0.70}
 #   BRPG's ideas together add to it at 1/16 and add nothing resolved at 1/8.
 # * Stage 3 at 1/16 does not resolve which idea does it: BRPG − CPG off **−0.2 [−2.4,
 #   +1.9]** (mBIoU −0.2 [−1.9, +1.5]) at 1/16, seeds 0–4; BRPG − APO off **+1.0 [−1.5,
-#   +3.6]** (mBIoU +0.8 [−1.1, +2.6]) at 1/16, seeds 0–4. Stage 3 at 1/8 is still to come,
-#   and so are seeds 5–9 at 1/16 (the rule for adding seeds is met at 1/8).
+#   +3.6]** (mBIoU +0.8 [−1.1, +2.6]) at 1/16, seeds 0–4. At 1/8 the confidence split
+#   changes little either way: BRPG − CPG off **+0.1 [−0.5, +0.6]** (mBIoU +0.1 [−0.5,
+#   +0.6]) at 1/8, seeds 0–4. Still to come: APO off at 1/8, and seeds 5–9 at 1/16 (the
+#   rule for adding seeds is met at 1/8).
 # * On the committed DigitScenes version 2 runs (three seeds), the mean teacher beats
 #   SupOnly at every split that has both (asserted); BRPG is ahead of the mean teacher of
 #   the same seed in every seed at 1/16 and 1/8, but at 1/16 the seed-to-seed spread is
