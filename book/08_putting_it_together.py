@@ -517,8 +517,7 @@ for b in STAGE3:  # 1/16: five seeds each, neither interval excludes zero
     for metric in ("miou", "mbiou"):
         p = stage3["1_16", b][metric]
         assert p.seeds == (0, 1, 2, 3, 4) and p.low < 0 < p.high, (b, metric)
-assert (stage3["1_16", "brpg_nocpg"]["miou"].wins, stage3["1_16", "brpg_noapo"]["miou"].wins) == (
-    2, 4)  # fmt: skip
+assert [stage3["1_16", b]["miou"].wins for b in STAGE3] == [2, 4]  # CPG off, APO off
 assert stage3["1_16", "brpg_nocpg"]["miou"].diffs[4] < -2.5  # seed 4: CPG off ahead by about 3
 cpg8 = stage3["1_8", "brpg_nocpg"]  # 1/8: the confidence split, five seeds, a narrow null
 for metric in ("miou", "mbiou"):
@@ -543,11 +542,7 @@ primary_by_split = {
     for split, rows in rows_by_split.items()
 }
 for split, primary in primary_by_split.items():
-    stage3_pairs = [
-        (r["a"], r["b"])
-        for r in rows_by_split[split]
-        if r["a"] == "brpg" and r["b"] in STAGE3 and r["miou"].n >= 2
-    ]
+    stage3_pairs = [("brpg", b) for (s, b), r in stage3.items() if s == split and r["miou"].n >= 2]
     panels = primary + stage3_pairs
     if not panels:
         print(f"{split.replace('_', '/')}: no comparison with two seeds yet")
