@@ -304,3 +304,51 @@ def test_pseudo_threshold_rejects_a_zero_span_and_accepts_one_step():
         pseudo_threshold(0, 10, 5, delay_epochs=5)
     assert pseudo_threshold(0, 1, 6, start=0.8, end=0.9, delay_epochs=5) == pytest.approx(0.3)
     assert pseudo_threshold(6, 1, 6, start=0.8, end=0.9, delay_epochs=5) == pytest.approx(0.9)
+
+
+def _feature_grad(sample, rep_hw: int, threads: int, dtype=torch.float32) -> torch.Tensor:
+    """Gradient of ``Σ feats·w`` w.r.t. a rep map ``[32, 64, rep_hw, rep_hw]`` (DigitScenes'
+    batch and width), the features read by ``sample(rep)`` at ``threads`` torch threads."""
+    g = torch.Generator().manual_seed(5)
+    rep = torch.randn(32, 64, rep_hw, rep_hw, generator=g).to(dtype).requires_grad_(True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        feats = sample(rep)
+        (feats * torch.randn(feats.shape, generator=g).to(dtype)).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    return rep.grad
+
+
+@pytest.mark.parametrize("rep_hw", [16, 64])  # 64-px crops: stride 4 (bilinear), full (exact)
+def test_sampled_features_backward_is_the_same_at_one_and_two_threads(rep_hw):
+    """Bilinear neighbours share feature pixels, so the backward adds several gradients into one;
+    read with advanced indexing, the CPU added them in an order that changed from pass to pass
+    at two threads (chapter 8's live run differed between executions). Every pass at two threads
+    must give the one-thread bits, and the labeled gradient must equal the one through bilinear
+    upsampling in float64."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 11, (32, 64, 64), generator=g)
+    conf, pseudo = torch.rand(32, 64, 64, generator=g), torch.randint(0, 11, (32, 64, 64))
+
+    def labeled(rep):
+        return sample_labeled_grid(rep, labels)[0]
+
+    def unlabeled(rep):
+        gen = torch.Generator().manual_seed(7)
+        return sample_unlabeled(rep, conf, pseudo, 0.3, num_per_image=500, generator=gen)[0]
+
+    for sample in (labeled, unlabeled):
+        one = _feature_grad(sample, rep_hw, threads=1)
+        for _ in range(4):
+            assert torch.equal(_feature_grad(sample, rep_hw, threads=2), one)
+
+    def labeled_by_upsampling(rep):
+        up = F.interpolate(rep, size=(64, 64), mode="bilinear", align_corners=True)
+        rows = torch.tensor(grid_positions(64))
+        return up[:, :, rows][:, :, :, rows].permute(0, 2, 3, 1).reshape(-1, rep.shape[1])
+
+    expected = _feature_grad(labeled_by_upsampling, rep_hw, threads=1, dtype=torch.float64)
+    got = _feature_grad(labeled, rep_hw, threads=2)
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-5)
