@@ -306,16 +306,24 @@ assert n_runs >= 1 and n_multimodal == 0, every  # the claim above, on every com
 
 # %% [markdown]
 # **Does the extra prototype help?** The study's stage 3 also trains BRPG with APO off (a
-# fixed 2 + 2 prototypes per class) on the same paired seeds. At 1/16 of the labels, with the
-# five planned seeds, the difference BRPG − APO off includes zero in mIoU and in mBIoU: no
-# effect of APO is resolved there (chapter 8 gives the intervals; at 1/8 its runs are still
-# coming in). The cell computes it from the committed runs.
+# fixed 2 + 2 prototypes per class) on the same paired seeds. At both study splits, 1/16 and
+# 1/8 of the labels, with the five planned seeds, the difference BRPG − APO off includes zero
+# in mIoU and in mBIoU: no effect of APO is resolved (at 1/8 the interval is narrow, within
+# about ±0.8 points; chapter 8 discusses both). The cell computes it from the committed runs.
 
 # %%
-for metric in ("miou", "mbiou"):
-    apo_effect = paired(STUDY, "digits_brpg_1_16", "digits_brpg_noapo_1_16", metric, only=range(5))
-    print(f"BRPG − APO off at 1/16, {metric}: {apo_effect.text} over seeds {apo_effect.seeds}")
-    assert apo_effect.seeds == (0, 1, 2, 3, 4) and apo_effect.low < 0 < apo_effect.high
+for split in ("1_16", "1_8"):
+    for metric in ("miou", "mbiou"):
+        apo_effect = paired(
+            STUDY, f"digits_brpg_{split}", f"digits_brpg_noapo_{split}", metric, only=range(5)
+        )
+        print(
+            f"BRPG − APO off at {split.replace('_', '/')}, {metric}: {apo_effect.text}"
+            f" over seeds {apo_effect.seeds}"
+        )
+        assert apo_effect.seeds == (0, 1, 2, 3, 4) and apo_effect.low < 0 < apo_effect.high
+        if split == "1_8":  # narrow there: within about ±0.8 points
+            assert -0.8 < apo_effect.low and apo_effect.high < 0.85, metric
 
 # %% [markdown]
 # ## Exercises
@@ -384,6 +392,6 @@ assert higher_is_dispersed("l2") and counts_l2.tolist() == [2, 3, 2]
 # helps there as the paper says: that needs trained ResNet-101 or Xception-65 features of the
 # real data sets and full runs with APO on and off, on GPUs. On DigitScenes at 1/16, the
 # study's APO-off runs (stage 3, chapter 8, five paired seeds) resolve no effect of the extra
-# prototype (above); at 1/8 they are still running. The version-2 ablation (three seeds, 2,000
+# prototype (above), nor at 1/8. The version-2 ablation (three seeds, 2,000
 # steps) did not show an effect either.
 # ```
