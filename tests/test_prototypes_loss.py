@@ -330,7 +330,8 @@ def test_sampled_features_backward_is_the_same_at_one_and_two_threads(rep_hw):
     upsampling in float64."""
     g = torch.Generator().manual_seed(6)
     labels = torch.randint(0, 11, (32, 64, 64), generator=g)
-    conf, pseudo = torch.rand(32, 64, 64, generator=g), torch.randint(0, 11, (32, 64, 64))
+    conf = torch.rand(32, 64, 64, generator=g)
+    pseudo = torch.randint(0, 11, (32, 64, 64), generator=g)
 
     def labeled(rep):
         return sample_labeled_grid(rep, labels)[0]
