@@ -312,18 +312,15 @@ assert n_runs >= 1 and n_multimodal == 0, every  # the claim above, on every com
 # about ±0.8 points; chapter 8 discusses both). The cell computes it from the committed runs.
 
 # %%
+print("seeds 0–4, paired:")
 for split in ("1_16", "1_8"):
+    brpg, noapo = f"digits_brpg_{split}", f"digits_brpg_noapo_{split}"
     for metric in ("miou", "mbiou"):
-        apo_effect = paired(
-            STUDY, f"digits_brpg_{split}", f"digits_brpg_noapo_{split}", metric, only=range(5)
-        )
-        print(
-            f"BRPG − APO off at {split.replace('_', '/')}, {metric}: {apo_effect.text}"
-            f" over seeds {apo_effect.seeds}"
-        )
-        assert apo_effect.seeds == (0, 1, 2, 3, 4) and apo_effect.low < 0 < apo_effect.high
+        effect = paired(STUDY, brpg, noapo, metric, only=range(5))
+        print(f"BRPG − APO off at {split.replace('_', '/')}, {metric}: {effect.text}")
+        assert effect.seeds == (0, 1, 2, 3, 4) and effect.low < 0 < effect.high
         if split == "1_8":  # narrow there: within about ±0.8 points
-            assert -0.8 < apo_effect.low and apo_effect.high < 0.85, metric
+            assert -0.8 < effect.low and effect.high < 0.85, metric
 
 # %% [markdown]
 # ## Exercises
