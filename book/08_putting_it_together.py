@@ -85,6 +85,7 @@ from brpg.book.results import load_runs, mean_std, mean_std_text
 from brpg.book.step_check import check_run, facts_table
 from brpg.book.study import (
     CALIBRATION_SPLITS,
+    WARMUP_SHARED,
     budget_runs,
     check_fp32,
     choose_budget,
@@ -457,8 +458,7 @@ for split in splits:
             )
     display(Markdown("\n".join(lines)))
     # paired seeds share everything up to the end of the warm-up (PLAN.md): checked, not assumed
-    semi_variants = [variant_preset(v, split) for v in ("meanteacher", "plainproto", "brpg",
-                                                         "brpg_nocpg", "brpg_noapo")]  # fmt: skip
+    semi_variants = [variant_preset(v, split) for v in WARMUP_SHARED]
     seeds_all = sorted(set().union(*(set(rs) for rs in runs_v.values())))
     for seed in seeds_all:
         assert warmup_identical(STAGES, semi_variants, seed), (split, seed)

@@ -271,3 +271,103 @@ def test_until_reads_a_clock_time_or_an_iso_time_and_names_a_bad_one(tool, capsy
     with pytest.raises(SystemExit):
         tool.main(["--jobs", "x", "--worktree", "y", "--until", "tea time"])
     assert "--until 'tea time': expected HH:MM" in capsys.readouterr().err
+
+
+def _stand_in_logging(tmp_path: Path) -> tuple[Path, Path]:
+    """Like :func:`_stand_in`, but the run first logs its step-50 ``loss_sup`` (1 + seed / 10)
+    in its work folder, where the real one logs, then trains for a second before it writes its
+    summary: the time the driver has to check the warm-up."""
+    fake, wt = _stand_in(tmp_path)
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys, time\n"
+        "a = sys.argv[1:]\n"
+        "preset, seed, dest = a[a.index('--configs') + 1], int(a[a.index('--seeds') + 1]),"
+        " a[a.index('--dest') + 1]\n"
+        "work = pathlib.Path('runs/results') / pathlib.Path(dest).name / preset / f'seed{seed}'\n"
+        "work.mkdir(parents=True)\n"
+        "row = {'loss_sup': 1.0 + seed / 10, 'step': 50, 'lr': 0.003, 'wall_s': 1.0}\n"
+        "(work / 'log.jsonl').write_text(json.dumps(row) + '\\n')\n"
+        "time.sleep(1.0)\n"
+        "run = pathlib.Path(dest) / preset / f'seed{seed}'\n"
+        "run.mkdir(parents=True)\n"
+        "s = {'val_miou': 40.0 + seed, 'val_mbiou': 30.0, 'steps': 8, 'amp_dtype': 'fp32',"
+        " 'wall_s': 1.0}\n"
+        "(run / 'summary.json').write_text(json.dumps(s))\n"
+    )
+    return fake, wt
+
+
+def test_a_run_whose_warmup_differs_from_its_seeds_committed_runs_is_stopped(
+    tool, tmp_path, monkeypatch, capsys
+):
+    """Paired runs are one run up to the end of the warm-up; a run on another kind of CPU is
+    not (the first logged loss already differs). The driver must stop such a run, remove its
+    work folder (a checkpoint to resume from would carry the difference on), start no other
+    job of that seed at that split, and still train the rest; a run that agrees is committed
+    with ``cpu.json``, the machine that trained it."""
+    fake, wt = _stand_in_logging(tmp_path)
+    dest = tool.MAIN / "res/study"
+    # the committed mean-teacher runs: seed 0 logged what the stand-in logs, seed 1 did not
+    for seed, loss in ((0, 1.0), (1, 1.2345)):
+        run = dest / "digits_meanteacher_1_16" / f"seed{seed}"
+        _summary(run, 40.0, 30.0)
+        _log(run / "log.jsonl", [{"loss_sup": loss, "step": 50, "wall_s": 1.0}])
+    subprocess.run(["git", "-C", str(tool.MAIN), "add", "res"], check=True)
+    subprocess.run(["git", "-C", str(tool.MAIN), "commit", "-q", "-m", "earlier runs"], check=True)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(
+        "res/study digits_brpg_1_16 0\n"  # agrees with its seed's run: trained, committed
+        "res/study digits_brpg_1_16 1\n"  # differs: stopped
+        "res/study digits_plainproto_1_16 1\n"  # the same seed and split: not started
+        "res/study digits_brpg_1_8 1\n"  # another split, nothing committed: trained
+    )
+    real_sleep = time.sleep
+    monkeypatch.setattr(tool.time, "sleep", lambda s: real_sleep(min(s, 0.05)))
+    monkeypatch.setattr(tool, "_training_runs", lambda: 0)  # not this machine's study runs
+    args = ["--jobs", str(jobs), "--worktree", str(wt), "--python", str(fake), "--lanes", "1"]
+    with pytest.raises(SystemExit) as done:
+        tool.main(args)
+    assert done.value.code == 0  # a stopped run is not a failure
+    starts = sorted(p.name for p in (wt / "runs" / "study_logs").iterdir())
+    assert starts == [
+        "res_study__digits_brpg_1_16__seed0.log",
+        "res_study__digits_brpg_1_16__seed1.log",
+        "res_study__digits_brpg_1_8__seed1.log",
+    ]
+    assert (dest / "digits_brpg_1_16/seed0/summary.json").exists()
+    assert (dest / "digits_brpg_1_8/seed1/summary.json").exists()
+    assert not (dest / "digits_brpg_1_16/seed1").exists()  # stopped before its summary
+    assert not tool._work_dir(("res/study", "digits_brpg_1_16", 1, []), wt).exists()
+    assert tool._work_dir(("res/study", "digits_brpg_1_16", 0, []), wt).exists()
+    out = capsys.readouterr().out
+    assert "stopped res/study digits_brpg_1_16 seed 1: loss_sup at step 50 is 1.1 here" in out
+    assert "1.2345 in" in out and "does not reproduce the committed warm-up of seed 1" in out
+    cpu = json.loads((dest / "digits_brpg_1_16/seed0/cpu.json").read_text())
+    assert {"cpu_model", "cpu_id", "cpu_capability"} <= set(cpu) and cpu["torch_threads"] == 1
+    tracked = subprocess.run(
+        ["git", "-C", str(tool.MAIN), "ls-files", "res/study/digits_brpg_1_16/seed0"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "res/study/digits_brpg_1_16/seed0/cpu.json" in tracked
+
+
+def test_live_runs_reads_the_job_of_every_training_process(tool, monkeypatch):
+    """A driver started again while a killed driver's runs still train must see them (their
+    lock files name the dead driver): read from the ``brpg seeds`` command lines."""
+    lines = [
+        f"12 /v/python -m brpg seeds --configs digits_brpg_1_16 --seeds 7 --dest {tool.MAIN}"
+        "/results/digits_v3/study --set train.threads=1",
+        "13 /v/python -m brpg seeds --configs digits_suponly_1_8 --seeds 2 --dest /elsewhere/x",
+        "14 /v/python -m brpg seeds --help",
+    ]
+
+    class Done:
+        stdout = "\n".join(lines) + "\n"
+
+    monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: Done())
+    assert tool._live_runs() == {
+        ("results/digits_v3/study", "digits_brpg_1_16", 7),
+        ("/elsewhere/x", "digits_suponly_1_8", 2),
+    }

@@ -180,6 +180,48 @@ def test_warmup_identity_compares_the_logged_supervised_losses(tmp_path: Path):
     assert study.warmup_identical(tmp_path, ["mt", "absent"], 0)  # nothing to compare yet
 
 
+def test_warmup_siblings_are_the_semi_supervised_variants_at_the_same_split():
+    assert study.warmup_siblings("digits_brpg_nocpg_1_8") == [
+        "digits_meanteacher_1_8",
+        "digits_plainproto_1_8",
+        "digits_brpg_1_8",
+        "digits_brpg_noapo_1_8",
+    ]
+    assert "digits_brpg_1_16" in study.warmup_siblings("digits_meanteacher_1_16")
+    # SupOnly trains another loop; a preset without a label fraction has no split
+    assert study.warmup_siblings("digits_suponly_1_16") == []
+    assert study.warmup_siblings("digits_brpg_full") == []
+
+
+def test_warmup_mismatch_names_the_first_differing_loss_of_a_run_in_progress(tmp_path: Path):
+    """A run still training (its last line torn) against the committed runs of its seed: the
+    first step at which its loss_sup differs within the warm-up, or None."""
+    dest = tmp_path / "study"
+    committed = dest / "digits_meanteacher_1_16" / "seed3" / "log.jsonl"
+    committed.parent.mkdir(parents=True)
+    rows = [{"step": 50, "loss_sup": 1.25}, {"step": 100, "loss_sup": 1.0}]
+    rows.append({"step": 600, "loss_sup": 0.5})  # after the warm-up: the variants differ
+    committed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = tmp_path / "work" / "log.jsonl"
+    log.parent.mkdir()
+    assert study.warmup_mismatch(log, dest, "digits_brpg_1_16", 3) is None  # nothing logged
+    log.write_text(json.dumps({"step": 50, "loss_sup": 1.25}) + '\n{"step": 10')  # torn
+    assert study.warmup_mismatch(log, dest, "digits_brpg_1_16", 3) is None
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss_sup": v}) + "\n" for s, v in
+                [(50, 1.25), (100, 1.0), (600, 0.7)])
+    )  # fmt: skip
+    assert study.warmup_mismatch(log, dest, "digits_brpg_1_16", 3) is None  # 600: not warm-up
+    assert study.warmup_mismatch(log, dest, "digits_brpg_1_16", 4) is None  # no run of seed 4
+    assert study.warmup_mismatch(log, dest, "digits_brpg_1_8", 3) is None  # another split
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss_sup": v}) + "\n" for s, v in
+                [(50, 1.25), (100, 1.0000001)])
+    )  # fmt: skip
+    why = study.warmup_mismatch(log, dest, "digits_brpg_1_16", 3)
+    assert why == f"loss_sup at step 100 is 1.0000001 here and 1.0 in {committed}"
+
+
 def test_compare_split_lists_the_comparisons_that_have_both_variants(tmp_path: Path):
     for seed, (mt, br, sup) in enumerate([(50.0, 51.0, 40.0), (52.0, 52.5, 41.0)]):
         _write(tmp_path, "digits_meanteacher_1_8", seed, mt, mt - 20)

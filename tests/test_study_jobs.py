@@ -103,6 +103,29 @@ def test_paired_runs_share_their_code() -> None:
     assert commits and all(len(c) == 1 for c in commits.values()), commits
 
 
+def test_paired_runs_share_their_warmup_and_their_cpu() -> None:
+    """The runs of one seed at one split are one run up to the end of the warm-up (PLAN.md),
+    which holds only on one kind of CPU (fp32 kernels round differently elsewhere: a run of
+    seed 6 on an AVX-512 EPYC logged another loss at step 50 than the committed ones made on a
+    Xeon). So every committed seed's semi-supervised runs log the same warm-up losses, and
+    those that record their machine (``cpu.json``, written by the driver) name one CPU."""
+    dest = ROOT / "results" / "digits_v3" / "study"
+    checked = 0
+    for split in SPLITS:
+        presets = [study.variant_preset(v, split) for v in study.WARMUP_SHARED]
+        seeds = sorted(set().union(*(study.runs_by_seed(dest, p) for p in presets)))
+        for seed in seeds:
+            assert study.warmup_identical(dest, presets, seed), (split, seed)
+            cpus = {
+                json.loads(cpu.read_text())["cpu_id"]
+                for p in presets
+                if (cpu := dest / p / f"seed{seed}" / "cpu.json").exists()
+            }
+            assert len(cpus) <= 1, (split, seed, cpus)
+            checked += 1
+    assert checked >= 10  # five seeds at each split at least
+
+
 def test_queue_holds_the_plan(jobs) -> None:
     queued = {(p, s) for d, p, s, _ in jobs if d == "results/digits_v3/study"}
     calib = {(p, s) for d, p, s, _ in jobs if d == f"results/digits_v3/budget/steps{BUDGET}"}

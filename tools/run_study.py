@@ -12,8 +12,16 @@ Issue 26's runs take many hours on a 2-core CPU and span sessions; this driver m
 * the moment a run's ``summary.json`` exists, its folder (summary, log, config, provenance)
   is committed in the main checkout, with the run's mIoU and mBIoU in the message;
 * the jobs file is read again whenever a lane frees, so jobs can be appended while runs
-  train (``--follow`` keeps waiting for them); a lock file per job keeps two drivers from
-  training the same run, and ``--lanes`` counts every driver's runs.
+  train (``--follow`` keeps waiting for them); a lock file per job, and the command lines of
+  the runs training now, keep two drivers from training the same run, and ``--lanes`` counts
+  every driver's runs;
+* paired runs must be one run up to the end of the warm-up (PLAN.md), and a run on another
+  kind of CPU is not (its fp32 kernels round differently: already the first logged loss
+  differs). So each run is checked as it logs its warm-up against the committed runs of its
+  seed (:func:`brpg.book.study.warmup_mismatch`); one that differs is stopped, its work folder
+  removed, and the seed's other jobs at that split are left for a session on the kind of CPU
+  that made the committed ones. Each committed run gets ``cpu.json``, the machine that
+  trained it (:func:`brpg.engine.runtime.machine_info`).
 
 Jobs file: one job a line, ``DEST PRESET SEED [KEY=VALUE ...]``; ``#`` starts a comment.
 DEST is relative to the main checkout, e.g. ``results/digits_v3/budget/steps4000``.
@@ -37,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +55,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from brpg.book.results import work_dir
+from brpg.book.study import warmup_mismatch
 
 MAIN = Path(__file__).resolve().parents[1]
 _git_lock = threading.Lock()
@@ -135,6 +145,9 @@ def _commit_finished(job: tuple[str, str, int, list[str]]) -> str | None:
     )
     if tracked.returncode == 0:
         return None
+    cpu = _cpu_record(job)
+    if cpu.exists():  # written when this machine started the run (a fresh checkout has none)
+        shutil.copyfile(cpu, target / "cpu.json")
     s = json.loads(summary.read_text())
     msg = (
         f"{job[0]}: {job[1]} seed {job[2]}: {s['val_miou']:.2f} % mIoU, {s['val_mbiou']:.2f} %"
@@ -144,6 +157,48 @@ def _commit_finished(job: tuple[str, str, int, list[str]]) -> str | None:
     _git("commit", "-q", "-m", f"study run: {msg}", "--", rel)
     print(f"[{time.strftime('%H:%M:%S')}] committed {msg}", flush=True)
     return msg
+
+
+def _machine() -> dict[str, str | int | bool]:
+    """This machine, as a run's provenance names it (imported here: torch is slow to load)."""
+    import torch
+
+    from brpg.engine.runtime import machine_info
+
+    return machine_info(torch.device("cpu")) | {"torch_threads": 1}  # each run's setting
+
+
+def _cpu_record(job: tuple[str, str, int, list[str]]) -> Path:
+    """Where the driver that starts ``job`` notes the machine it trains on (in the git-ignored
+    ``runs/``, so a fresh checkout has none), to be committed beside the run as ``cpu.json``."""
+    path = MAIN / "runs" / "study_cpu" / f"{_key(job)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _live_runs() -> set[tuple[str, str, int]]:
+    """``(dest, preset, seed)`` of every ``brpg seeds`` run training now, of any driver, read
+    from the command lines (a driver killed and started again has lost its lock files' pids but
+    must not start a second process on a run that is still training)."""
+    out = subprocess.run(["pgrep", "-af", "--", "-m brpg seeds"], capture_output=True, text=True)
+    live = set()
+    for line in out.stdout.splitlines():
+        words = line.split()
+        try:
+            preset = words[words.index("--configs") + 1]
+            seed = int(words[words.index("--seeds") + 1])
+            dest = Path(words[words.index("--dest") + 1])
+        except (ValueError, IndexError):
+            continue
+        rel = dest.relative_to(MAIN) if dest.is_relative_to(MAIN) else dest
+        live.add((str(rel), preset, seed))
+    return live
+
+
+def _split_seed(job: tuple[str, str, int, list[str]]) -> tuple[str, str, int]:
+    """``(dest, split, seed)``: the runs of one seed at one split, which share their warm-up."""
+    dest, preset, seed, _ = job
+    return dest, preset.rsplit("_1_", 1)[-1], seed
 
 
 def _start(job: tuple[str, str, int, list[str]], worktree: Path, python: str):
@@ -156,6 +211,7 @@ def _start(job: tuple[str, str, int, list[str]], worktree: Path, python: str):
     for s in ["train.threads=1", *sets]:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(worktree), "OMP_NUM_THREADS": "1"}
+    _cpu_record(job).write_text(json.dumps(_machine(), indent=2) + "\n")
     print(f"[{time.strftime('%H:%M:%S')}] start {dest} {preset} seed {seed}", flush=True)
     fh = open(log, "a")  # noqa: SIM115 (closed when the run ends)
     proc = subprocess.Popen(cmd, cwd=worktree, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -372,16 +428,34 @@ def main(argv: list[str] | None = None) -> None:
     running: dict[str, tuple] = {}  # key -> (job, proc, log file, log path, lock)
     failed: set[str] = set()
     held: set[str] = set()  # jobs --until has held back (each is reported once)
+    foreign: set[tuple[str, str, int]] = set()  # (dest, split, seed) this CPU cannot pair
     while True:
         for key, (job, proc, fh, log, lock) in list(running.items()):
+            why = None
             if proc.poll() is None:
-                continue
+                work_log = _work_dir(job, wt) / "log.jsonl"
+                why = warmup_mismatch(work_log, MAIN / job[0], job[1], job[2])
+                if why is None:
+                    continue
+                proc.terminate()  # its warm-up is not its seed's: no pair to compare it with
+                proc.wait()
+                shutil.rmtree(_work_dir(job, wt), ignore_errors=True)  # nor to resume from
+                foreign.add(_split_seed(job))
+                failed.add(key)  # not started again by this driver, nor counted as a failure
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] stopped {job[0]} {job[1]} seed {job[2]}:"
+                    f" {why}; this CPU does not reproduce the committed warm-up of seed"
+                    f" {job[2]}, so its jobs at this split are left for a session on the kind"
+                    " of CPU that trained them",
+                    flush=True,
+                )
             fh.close()
             del running[key]
-            if _commit_finished(job) is None and not (_target(job) / "summary.json").exists():
-                failed.add(key)
-                print(f"FAILED {key} (rc {proc.returncode}, log {log})", flush=True)
             lock.unlink(missing_ok=True)
+            if why is None and _commit_finished(job) is None:
+                if not (_target(job) / "summary.json").exists():
+                    failed.add(key)
+                    print(f"FAILED {key} (rc {proc.returncode}, log {log})", flush=True)
         try:
             jobs = parse_jobs(args.jobs.read_text())
         except SystemExit as err:  # an edit in progress: keep the running jobs, retry
@@ -394,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
             for j in jobs
             if _key(j) not in running
             and _key(j) not in failed
+            and _split_seed(j) not in foreign
             and not (_target(j) / "summary.json").exists()
         ]
         if args.until is not None and pending and len(running) < args.lanes:
@@ -408,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
             pending = [j for j in pending if _key(j) not in late]
         while pending and len(running) < args.lanes and _training_runs() < args.lanes:
             job = pending.pop(0)
+            if tuple(job[:3]) in _live_runs():
+                continue  # trained by a process this driver did not start (a killed driver's)
             lock = _claim(job)
             if lock is None:
                 continue  # another driver trains it
@@ -417,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         if not running and not pending and (not args.follow or args.until is not None):
             break  # with --until, a job held back now stays held back: the deadline only nears
         time.sleep(15)
-    sys.exit(1 if failed else 0)
+    stopped = {_key(j) for j in jobs if _split_seed(j) in foreign}
+    sys.exit(1 if failed - stopped else 0)
 
 
 if __name__ == "__main__":

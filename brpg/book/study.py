@@ -17,7 +17,7 @@ README and the tests read one implementation:
   split;
 * :func:`more_seeds`: the plan's rule for adding seeds to the primary comparisons;
 * :func:`check_fp32` and :func:`warmup_identical`: what the plan asserts of the committed runs
-  before comparing them.
+  before comparing them; :func:`warmup_mismatch`: the same check on a run still training.
 """
 
 from __future__ import annotations
@@ -316,6 +316,51 @@ def logged_values(log: str | Path, until: int) -> dict[tuple[int, str], float]:
 
 def _loss_sup(log: Path, until: int) -> dict[int, float]:
     return {s: v for (s, k), v in logged_values(log, until).items() if k == "loss_sup"}
+
+
+#: The variants whose runs of one seed at one split are one run up to the end of the warm-up
+#: (PLAN.md: the same labeled subset, data order, warm-up and teacher), checked by
+#: :func:`warmup_identical`; SupOnly trains another loop and is not among them.
+WARMUP_SHARED = ("meanteacher", "plainproto", "brpg", "brpg_nocpg", "brpg_noapo")
+
+
+def warmup_siblings(preset: str) -> list[str]:
+    """The presets whose runs share the warm-up of ``preset``'s (:data:`WARMUP_SHARED` at its
+    split), itself left out; ``[]`` for a preset outside them (SupOnly, a calibration split)."""
+    variant, _, split = preset.removeprefix("digits_").rpartition("_1_")
+    if variant not in WARMUP_SHARED or not split.isdigit():
+        return []
+    return [variant_preset(v, f"1_{split}") for v in WARMUP_SHARED if v != variant]
+
+
+def warmup_mismatch(
+    log: str | Path, dest: str | Path, preset: str, seed: int, until: int = 500
+) -> str | None:
+    """Why a run of ``preset`` with ``seed`` that is logging to ``log`` (in progress: a torn
+    last line is skipped) cannot be paired with the runs of its seed under ``dest``: the first
+    ``loss_sup`` it logged at a step ``≤ until`` that differs from a :func:`warmup_siblings`
+    run's at that step, e.g. because another kind of CPU rounds its fp32 kernels differently.
+    ``None`` while they agree or there is nothing to compare yet."""
+    mine: dict[int, float] = {}
+    for line in Path(log).read_text().splitlines() if Path(log).exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written
+        if "loss_sup" in rec and "event" not in rec and rec["step"] <= until:
+            mine[int(rec["step"])] = float(rec["loss_sup"])
+    for sibling in warmup_siblings(preset):
+        other = run_log(dest, sibling, seed)
+        if not other.exists():
+            continue
+        theirs = _loss_sup(other, until)
+        for step in sorted(set(mine) & set(theirs)):
+            if mine[step] != theirs[step]:
+                return (
+                    f"loss_sup at step {step} is {mine[step]!r} here and {theirs[step]!r} in"
+                    f" {other}"
+                )
+    return None
 
 
 def warmup_identical(dest: str | Path, configs: list[str], seed: int, until: int = 500) -> bool:

@@ -103,18 +103,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """The CPU's vendor, family and model numbers (``/proc/cpuinfo``), e.g. ``AuthenticAMD
+    family 25 model 17``, or ``""`` where they cannot be read. The model name alone can hide
+    the generation (``AMD EPYC`` names both an AVX2 and an AVX-512 part), and fp32 kernels can
+    round differently from one generation to the next."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return ""
+    parts = [fields.get("vendor_id", "")]
+    parts += [
+        f"{k.removeprefix('cpu ')} {fields[k]}" for k in ("cpu family", "model") if k in fields
+    ]
+    return " ".join(p for p in parts if p)
+
+
 def machine_info(device: torch.device) -> dict[str, str | int | bool]:
     """A short description of the hardware a result was measured on.
 
-    Besides the host, cores and threads it names the CPU model, the instruction set PyTorch's
-    kernels use on it (``cpu_capability``: e.g. ``AVX2``, ``AVX512``) and whether it computes
-    bf16 natively: fp32 kernels chosen by instruction set may round differently, so two runs of
-    one seed on two machines can end apart (tests/README.md).
+    Besides the host, cores and threads it names the CPU model and generation (:func:`cpu_id`),
+    the instruction set PyTorch's kernels use on it (``cpu_capability``: e.g. ``AVX2``,
+    ``AVX512``) and whether it computes bf16 natively: fp32 kernels chosen by instruction set
+    and tuned to the CPU may round differently, so two runs of one seed on two machines can end
+    apart (tests/README.md).
     """
     info: dict[str, str | int | bool] = {
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count() or 0,
