@@ -56,7 +56,9 @@ def test_parse_jobs_reads_comments_and_overrides_and_names_a_bad_line(tool):
             tool.parse_jobs(f"results/s p 0\n{bad}\n")
 
 
-def test_job_state_tells_done_running_interrupted_and_queued_apart(tool, tmp_path, capsys):
+def test_job_state_tells_done_running_interrupted_and_queued_apart(
+    tool, tmp_path, capsys, monkeypatch
+):
     wt = tmp_path / "wt"
     job = ("results/digits_v3/study", "digits_brpg_1_8", 3, ["train.steps=8000"])
     assert tool.job_state(job, wt) == ("queued", "")
@@ -67,6 +69,9 @@ def test_job_state_tells_done_running_interrupted_and_queued_apart(tool, tmp_pat
     rows.append({"step": 100, "val_miou": 20.0})
     (work / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert tool.job_state(job, wt) == ("interrupted", "step 100 of 8000")  # no lock
+    with monkeypatch.context() as m:  # no lock, but a process trains it (a killed driver's)
+        m.setattr(tool, "_live_runs", lambda: {("results/digits_v3/study", "digits_brpg_1_8", 3)})
+        assert tool.job_state(job, wt) == ("running", "step 100 of 8000")
     locks = tool.MAIN / "runs" / "study_locks"
     locks.mkdir(parents=True)
     (locks / f"{tool._key(job)}.lock").write_text(str(os.getpid()))  # a live process holds it

@@ -237,7 +237,8 @@ def job_state(job: tuple[str, str, int, list[str]], worktree: Path) -> tuple[str
     if last is None:
         return "queued", ""
     total = _steps(job) or "?"
-    return ("running" if _held(_lock(job)) else "interrupted"), f"step {last} of {total}"
+    live = _held(_lock(job)) or tuple(job[:3]) in _live_runs()  # a killed driver's run too
+    return ("running" if live else "interrupted"), f"step {last} of {total}"
 
 
 def _last_step(job: tuple[str, str, int, list[str]], worktree: Path) -> int | None:
