@@ -297,15 +297,15 @@ for seed, counts in full_counts.items():
 # the **confidence split** (CPG) and **APO**. Each is a paired comparison over seeds: seed
 # $s$ gives every variant the same initial weights, data order and augmentation draws, so
 # the difference of two variants of one seed measures the variants and not the luck of the
-# seed. That holds on one kind of CPU only: another kind rounds its fp32 kernels differently,
-# and two runs of one seed part from the first steps (on an AVX-512 EPYC the mean teacher's
-# seed 6 logged another loss at step 50 than on the Xeon that trained it). So each seed's runs
-# are trained on one kind of CPU, and a cell below asserts that every seed's runs logged the
-# same losses through the warm-up. The plan, with its rules for the budget, the splits and the wording of a verdict,
-# was committed before any of its runs (`results/digits_v3/PLAN.md`); the code that applies
-# it is `brpg.book.study`, and every number below is read from the committed runs each time
-# this chapter runs. The study runs over several sessions on 2-core CPUs; the cells say how
-# far it has come.
+# seed. That holds on one kind of CPU only: another kind rounds its fp32 kernels
+# differently, and two runs of one seed part from the first steps (on an AVX-512 EPYC the
+# mean teacher's seed 6 logged another loss at step 50 than on the Xeon that trained it). So
+# each seed's runs are trained on one kind of CPU, and a cell below asserts that every
+# seed's runs logged the same losses through the warm-up. The plan, with its rules for the
+# budget, the splits and the wording of a verdict, was committed before any of its runs
+# (`results/digits_v3/PLAN.md`); the code that applies it is `brpg.book.study`, and every
+# number below is read from the committed runs each time this chapter runs. The study runs
+# over several sessions on 2-core CPUs; the cells say how far it has come.
 #
 # **The budget.** A semi-supervised run of 2,000 steps is far from converged, and a
 # comparison of unconverged runs measures speed, not accuracy. The plan fixes the budget $B$
