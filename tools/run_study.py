@@ -176,13 +176,18 @@ def _cpu_record(job: tuple[str, str, int, list[str]]) -> Path:
     return path
 
 
+def _seeds_processes() -> list[str]:
+    """``PID COMMAND LINE`` of every ``brpg seeds`` process running now, of any driver."""
+    out = subprocess.run(["pgrep", "-af", "--", "-m brpg seeds"], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
 def _live_runs() -> set[tuple[str, str, int]]:
     """``(dest, preset, seed)`` of every ``brpg seeds`` run training now, of any driver, read
     from the command lines (a driver killed and started again has lost its lock files' pids but
     must not start a second process on a run that is still training)."""
-    out = subprocess.run(["pgrep", "-af", "--", "-m brpg seeds"], capture_output=True, text=True)
     live = set()
-    for line in out.stdout.splitlines():
+    for line in _seeds_processes():
         words = line.split()
         try:
             preset = words[words.index("--configs") + 1]
@@ -389,8 +394,7 @@ def _held_back_line(jobs: list[tuple[str, str, int, list[str]]], secs: float) ->
 
 def _training_runs() -> int:
     """Training runs of this study now running, of every driver (``brpg seeds`` processes)."""
-    out = subprocess.run(["pgrep", "-f", "--", "-m brpg seeds"], capture_output=True, text=True)
-    return len(out.stdout.split())
+    return len(_seeds_processes())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -441,8 +445,7 @@ def main(argv: list[str] | None = None) -> None:
                 proc.terminate()  # its warm-up is not its seed's: no pair to compare it with
                 proc.wait()
                 shutil.rmtree(_work_dir(job, wt), ignore_errors=True)  # nor to resume from
-                foreign.add(_split_seed(job))
-                failed.add(key)  # not started again by this driver, nor counted as a failure
+                foreign.add(_split_seed(job))  # this job's group too: not started again
                 print(
                     f"[{time.strftime('%H:%M:%S')}] stopped {job[0]} {job[1]} seed {job[2]}:"
                     f" {why}; this CPU does not reproduce the committed warm-up of seed"
@@ -495,8 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         if not running and not pending and (not args.follow or args.until is not None):
             break  # with --until, a job held back now stays held back: the deadline only nears
         time.sleep(15)
-    stopped = {_key(j) for j in jobs if _split_seed(j) in foreign}
-    sys.exit(1 if failed - stopped else 0)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
