@@ -35,15 +35,27 @@ PRIMARY = ("BRPG", "plain prototypes", "mean teacher", "SupOnly")
 RUNNING = "running"
 _NUM = r"([+−-]\d+\.\d)"
 _NAME = "|".join(VARIANTS)
+#: the seeds a statement names: "0–4", or ranges and single seeds joined by ", " or " and " when a
+#: variant lacks a seed ("0–5 and 7–9"); a following "5 of 5" is a sign count, not a seed
+_SEEDS = r"(\d+(?:–\d+)?(?:(?:,\s+|\s+and\s+)\d+(?:–\d+)?(?![\d–]|\s+of\b))*)"
 #: "BRPG − mean teacher **+7.2 [+4.1, +10.4]** (mBIoU +5.5 [+3.3, +7.8]) at 1/16, seeds 0–3"
 STATEMENT = re.compile(
     rf"({_NAME})\s+−\s+({_NAME})\s+\*\*{_NUM} \[{_NUM},\s+{_NUM}\]\*\*\s+\(mBIoU\s+{_NUM}\s+"
-    rf"\[{_NUM},\s+{_NUM}\]\)\s+at\s+1/(\d+),\s+seeds\s+(\d+)–(\d+)"
+    rf"\[{_NUM},\s+{_NUM}\]\)\s+at\s+1/(\d+),\s+seeds\s+{_SEEDS}"
 )
 
 
 def _num(s: str) -> float:
     return float(s.replace("−", "-"))
+
+
+def seed_list(spec: str) -> tuple[int, ...]:
+    """The seeds of a :data:`_SEEDS` match: ``"0–5 and 7–9"`` → ``(0, 1, 2, 3, 4, 5, 7, 8, 9)``."""
+    out: list[int] = []
+    for part in re.split(r",\s+|\s+and\s+", spec.strip()):
+        first, _, last = part.partition("–")
+        out += range(int(first), int(last or first) + 1)
+    return tuple(out)
 
 
 #: a table cell "**+6.8 [+3.3, +10.2]** (mBIoU +5.2 [+2.4, +8.0]), 5 of 5" under a header cell
@@ -52,7 +64,7 @@ CELL = re.compile(
     rf"\*\*{_NUM} \[{_NUM},\s+{_NUM}\]\*\*\s+\(mBIoU\s+{_NUM}\s+\[{_NUM},\s+{_NUM}\]\),"
     rf"\s+(\d+) of (\d+)"
 )
-HEAD = re.compile(r"1/(\d+), seeds (\d+)–(\d+)")
+HEAD = re.compile(rf"1/(\d+), seeds {_SEEDS}")
 
 
 def md_tables(text: str) -> list[list[list[str]]]:
@@ -72,8 +84,8 @@ def md_tables(text: str) -> list[list[list[str]]]:
 
 
 def table_statements(text: str) -> list[tuple[str, ...]]:
-    """The paired differences stated in tables: ``(a, b, six numbers, denominator, first seed,
-    last seed, wins, n)`` for each cell that :data:`CELL` reads."""
+    """The paired differences stated in tables: ``(a, b, six numbers, denominator, seeds, wins,
+    n)`` for each cell that :data:`CELL` reads (``seeds`` as written, e.g. ``"0–4"``)."""
     out = []
     for header, *rows in md_tables(text):
         for row in rows:
@@ -87,7 +99,7 @@ def table_statements(text: str) -> list[tuple[str, ...]]:
 
 def statements(text: str) -> list[tuple[str | None, ...]]:
     """Every paired difference stated in ``text``, in prose or in a table, as
-    ``(a, b, six numbers, denominator, first seed, last seed, wins, n)``; prose states no sign
+    ``(a, b, six numbers, denominator, seeds, wins, n)``; prose states no sign
     count, so its ``wins`` and ``n`` are ``None``."""
     prose_ = [(*m.groups(), None, None) for m in STATEMENT.finditer(text)]
     return prose_ + table_statements(text)
@@ -110,9 +122,25 @@ def test_the_pattern_reads_a_hand_written_statement():
     )
     got = statements(text)
     assert got[0] == ("BRPG", "mean teacher", "+7.2", "+4.1", "+10.4", "+5.5", "+3.3", "+7.8",
-                      "16", "0", "2", None, None)  # fmt: skip
+                      "16", "0–2", None, None)  # fmt: skip
     assert got[1][:3] == ("plain prototypes", "SupOnly", "−0.3") and got[1][8:] == (
-        "8", "0", "4", None, None)  # fmt: skip
+        "8", "0–4", None, None)  # fmt: skip
+
+
+def test_a_statement_may_name_seeds_with_a_gap():
+    """A variant that lacks a seed is stated over the seeds it has; the sign count after the
+    seeds is not read as one."""
+    text = (
+        "BRPG − mean teacher **+6.2 [+3.8, +8.6]** (mBIoU +4.8 [+2.9, +6.7]) at 1/16, seeds"
+        " 0–5 and 7–9, 9 of 9; BRPG − SupOnly **+1.0 [+0.1, +2.0]** (mBIoU +1.0 [+0.1, +2.0])"
+        " at 1/8, seeds 0, 2, 5–6, 5 of 5"
+    )
+    assert [st[8:10] for st in statements(text)] == [("16", "0–5 and 7–9"), ("8", "0, 2, 5–6")]
+    assert seed_list("0–5 and 7–9") == (0, 1, 2, 3, 4, 5, 7, 8, 9)
+    assert seed_list("0, 2, 5–6") == (0, 2, 5, 6)
+    assert seed_list("3") == (3,)
+    head = "at 1/16, seeds 0–5, 7"
+    assert HEAD.search(head).groups() == ("16", "0–5, 7")
 
 
 def test_the_table_reader_reads_a_hand_written_table():
@@ -126,11 +154,11 @@ def test_the_table_reader_reads_a_hand_written_table():
     assert md_tables(text)[0][3] == ["note", "not a statement", "—"]
     got = table_statements(text)
     assert got == [
-        ("BRPG", "mean teacher", "+6.8", "+3.3", "+10.2", "+5.2", "+2.4", "+8.0", "16", "0", "4",
+        ("BRPG", "mean teacher", "+6.8", "+3.3", "+10.2", "+5.2", "+2.4", "+8.0", "16", "0–4",
          "5", "5"),
-        ("BRPG", "mean teacher", "−0.4", "−1.3", "+0.2", "+0.2", "−0.2", "+0.7", "8", "0", "2",
+        ("BRPG", "mean teacher", "−0.4", "−1.3", "+0.2", "+0.2", "−0.2", "+0.7", "8", "0–2",
          "1", "3"),
-        ("BRPG", "APO off", "+1.0", "−1.5", "+3.6", "+0.8", "−1.1", "+2.6", "16", "0", "4",
+        ("BRPG", "APO off", "+1.0", "−1.5", "+3.6", "+0.8", "−1.1", "+2.6", "16", "0–4",
          "4", "5"),
     ]  # fmt: skip
     assert statements(text) == got
@@ -148,10 +176,10 @@ def test_stated_paired_differences_are_the_committed_runs(doc: str, in_tables: i
     assert len(found) >= 3, f"{doc}: expected the three primary comparisons, found {found}"
     tabled = sum(wins is not None for *_, wins, _ in found)
     assert tabled >= in_tables, f"{doc}: expected both splits' primary comparisons in a table"
-    for a, b, *nums, denom, first, last, wins, n in found:
+    for a, b, *nums, denom, spec, wins, n in found:
         split = f"1_{denom}"
         pa, pb = (study.variant_preset(VARIANTS[v], split) for v in (a, b))
-        seeds = range(int(first), int(last) + 1)
+        seeds = seed_list(spec)
         want = []
         for metric in ("miou", "mbiou"):
             p = study.paired(STUDY, pa, pb, metric, only=seeds)
@@ -169,7 +197,8 @@ SEED_HEAD = re.compile(r"1/(\d+), seeds ((?:\d+, )*\d+)")
 
 def test_readme_per_seed_scores_are_the_committed_runs():
     """The README's table of final scores (one column per split): each variant's scores, in the
-    order of the seeds its column names; a stage-3 variant's cell may say "running" instead."""
+    order of the seeds its column names, "—" for a seed the variant has no run of; a stage-3
+    variant's cell may say "running" instead."""
     tables = [t for t in md_tables((ROOT / "README.md").read_text()) if t[0][0] == "variant"]
     assert tables, "README.md: the table of per-seed scores is missing"
     header, *rows = tables[0]
@@ -183,8 +212,9 @@ def test_readme_per_seed_scores_are_the_committed_runs():
             if row[i] == RUNNING and row[0] not in PRIMARY:
                 continue
             runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[row[0]], split))
-            stated = [float(v) for v in row[i].split(", ")]
-            assert stated == [round(runs[s]["val_miou"], 1) for s in seeds], (split, row[0])
+            stated = [None if v == "—" else float(v) for v in row[i].split(", ")]
+            want = [round(runs[s]["val_miou"], 1) if s in runs else None for s in seeds]
+            assert stated == want, (split, row[0])
 
 
 def test_intro_per_seed_scores_are_the_committed_runs():
