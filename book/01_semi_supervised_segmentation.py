@@ -38,9 +38,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import inspect
@@ -121,15 +120,17 @@ cfg_full = load_config("digits_suponly_full")
 t0 = time.perf_counter()
 labeled, unlabeled, val = digit_datasets(cfg_low)
 print(
-    f"DigitScenes ready in {time.perf_counter() - t0:.1f} s: {len(labeled)} labeled, "
-    f"{len(unlabeled)} unlabeled (1/16 split), {len(val)} val scenes"
+    f"DigitScenes ready in {time.perf_counter() - t0:.1f} s: {len(labeled)} "
+    f"labeled, {len(unlabeled)} unlabeled (1/16 split), {len(val)} val scenes"
 )
 
 # %%
 picks = [val[i] for i in range(8)]
 mean, std = cfg_low.data.mean, cfg_low.data.std
 fig = scene_grid(
-    [denormalize(p["image"], mean, std) for p in picks], [p["mask"].numpy() for p in picks], cols=4
+    [denormalize(p["image"], mean, std) for p in picks],
+    [p["mask"].numpy() for p in picks],
+    cols=4,
 )
 plt.show()
 fig, ax = plt.subplots(figsize=(10, 0.8))
@@ -146,7 +147,9 @@ plt.show()
 
 # %%
 pool = source_pools(cfg_low.data.digits_seed)["val"]
-fig, axes = plt.subplots(len(MULTIMODAL_DIGITS), 6, figsize=(6, 1.1 * len(MULTIMODAL_DIGITS)))
+fig, axes = plt.subplots(
+    len(MULTIMODAL_DIGITS), 6, figsize=(6, 1.1 * len(MULTIMODAL_DIGITS))
+)
 for row, digit in enumerate(MULTIMODAL_DIGITS):
     for col in range(6):
         glyph = pool.glyphs[pool.by_digit[digit][col // 2]]
@@ -178,12 +181,18 @@ ax.set_ylabel("share of val pixels")
 ax.set_yscale("log")
 plt.show()
 digit_px = share[1:11].sum()
-print(f"DigitScenes version {GENERATOR_VERSION}: ignored (255) {100 * share[255]:.2f} % of pixels")
 print(
-    f"boundary pixels: {100 * edge.mean():.1f} % of all, {100 * edge_share[1:11].sum() / digit_px:.0f} % of digit pixels"
+    f"DigitScenes version {GENERATOR_VERSION}: ignored (255) "
+    f"{100 * share[255]:.2f} % of pixels"
+)
+print(
+    f"boundary pixels: {100 * edge.mean():.1f} % of all, "
+    f"{100 * edge_share[1:11].sum() / digit_px:.0f} % of digit pixels"
 )
 print(f"digit pixels (classes 1-10): {100 * digit_px:.1f} % of all")
-assert share[0] > 0.5 and all(share[1:11] > 0.005), "every digit class must be present"
+assert share[0] > 0.5 and all(share[1:11] > 0.005), (
+    "every digit class must be present"
+)
 # the prose above: the band is 14 % of all pixels, the digits 18 %
 assert round(100 * edge.mean()) == 14 and round(100 * digit_px) == 18
 assert share[255] <= 0.02, "version 3 labels (almost) every pixel"
@@ -212,7 +221,8 @@ ceiling = {}
 for size, glyphs in ((64, (20, 32)), (96, (30, 48))):
     knobs = DigitKnobs(glyph_size=glyphs)
     scenes = [
-        render_scene(np.random.default_rng([5, i]), pool_val, size, knobs)[1] for i in range(200)
+        render_scene(np.random.default_rng([5, i]), pool_val, size, knobs)[1]
+        for i in range(200)
     ]
     target = torch.from_numpy(np.stack(scenes)).long()
     for stride in (4, 8):
@@ -220,11 +230,17 @@ for size, glyphs in ((64, (20, 32)), (96, (30, 48))):
         if stride == 4:  # stride 8 is the second exercise's answer
             print(
                 f"{size} px, stride {stride}: "
-                + ", ".join(f"{k} {v:.1f} %" for k, v in ceiling[size, stride].items())
+                + ", ".join(
+                    f"{k} {v:.1f} %" for k, v in ceiling[size, stride].items()
+                )
             )
 gain = ceiling[96, 4]["mbiou"] - ceiling[64, 4]["mbiou"]
-print(f"96 px instead of 64 px raises the stride-4 reference by {gain:.1f} mBIoU points")
-assert ceiling[64, 4]["mbiou"] < ceiling[64, 4]["miou"] - 10  # boundaries suffer most on the grid
+print(
+    "96 px instead of 64 px raises the stride-4 reference by "
+    f"{gain:.1f} mBIoU points"
+)
+# boundaries suffer most on the grid
+assert ceiling[64, 4]["mbiou"] < ceiling[64, 4]["miou"] - 10
 assert gain > 5
 
 # %% [markdown]
@@ -261,21 +277,24 @@ assert gain > 5
 
 # %%
 recipe = {
-    "encoder": f"{cfg_full.model.backbone} (width {cfg_full.model.width}), output stride "
-    f"{cfg_full.model.output_stride}",
+    "encoder": f"{cfg_full.model.backbone} (width {cfg_full.model.width}), "
+    f"output stride {cfg_full.model.output_stride}",
     "decoder / representation head": f"{cfg_full.model.decoder_channels} / "
     f"{cfg_low.model.rep_dim} channels (SupOnly has no representation head)",
     "ASPP rates": "/".join(map(str, cfg_full.model.aspp_rates)),
     "optimiser": f"{cfg_full.optim.name}, lr {cfg_full.optim.lr:g}, weight decay "
-    f"{cfg_full.optim.weight_decay:g}, {cfg_full.optim.warmup_steps} warm-up steps, poly decay",
-    "batch, crop": f"{cfg_full.train.batch_size} scenes, {cfg_full.data.crop_size} px, scale "
+    f"{cfg_full.optim.weight_decay:g}, "
+    f"{cfg_full.optim.warmup_steps} warm-up steps, poly decay",
+    "batch, crop": f"{cfg_full.train.batch_size} scenes, "
+    f"{cfg_full.data.crop_size} px, scale "
     f"{cfg_full.data.scale_range[0]}-{cfg_full.data.scale_range[1]}, no flip",
-    "supervised loss": f"{cfg_full.loss.ce_weight} CE + {cfg_full.loss.ohem_weight} OHEM "
+    "supervised loss": f"{cfg_full.loss.ce_weight} CE + "
+    f"{cfg_full.loss.ohem_weight} OHEM "
     f"(threshold {cfg_full.loss.ohem_thresh}, k = {cfg_full.loss.ohem_min_kept})",
     "precision": f"train.amp: {cfg_full.train.amp} (fp32 on every CPU)",
 }
-display(Markdown("| | DigitScenes preset |\n|---|---|\n" + "\n".join(
-    f"| {k} | {v} |" for k, v in recipe.items())))  # fmt: skip
+table = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
+display(Markdown("| | DigitScenes preset |\n|---|---|\n" + table))
 assert (cfg_full.model.decoder_channels, cfg_low.model.rep_dim) == (64, 64)
 assert cfg_full.train.amp == cfg_low.train.amp == "off"
 display(Markdown(f"```python\n{inspect.getsource(suponly_step)}```"))
@@ -302,7 +321,9 @@ print(f"{model_cfg.backbone} DeepLabV3+: {n_params / 1e6:.2f} M parameters")
 results_dir = PROJECT_ROOT / "results" / "digits_v3"
 rows = {r["config"]: r for r in summarise(results_dir)}
 shown = [
-    n for n in ("digits_suponly_1_16", "digits_suponly_1_8", "digits_suponly_full") if n in rows
+    n
+    for n in ("digits_suponly_1_16", "digits_suponly_1_8", "digits_suponly_full")
+    if n in rows
 ]
 display(Markdown(format_table([rows[n] for n in shown])))
 versions = {
@@ -310,7 +331,9 @@ versions = {
     for n in shown
     for p in (results_dir / n).glob("seed*/summary.json")
 }
-assert versions == {3}, f"results/digits_v3 must hold version-3 runs only, found {versions}"
+assert versions == {3}, (
+    f"results/digits_v3 must hold version-3 runs only, found {versions}"
+)
 precisions = {
     json.loads(p.read_text())["amp_dtype"]
     for n in shown
@@ -318,7 +341,9 @@ precisions = {
 }
 print("precision of the committed runs:", ", ".join(sorted(precisions)))
 assert precisions == {"fp32"}
-prov = json.loads(next((results_dir / shown[0]).glob("seed*/provenance.json")).read_text())
+prov = json.loads(
+    next((results_dir / shown[0]).glob("seed*/provenance.json")).read_text()
+)
 print(
     "made with:",
     prov["command"],
@@ -335,10 +360,19 @@ for ax, (metric, label) in zip(
 ):
     for x, name in enumerate(shown):
         r = rows[name]
-        ax.bar(x, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], capsize=4, color=f"C{x}")
-    ax.axhline(ceiling[64, 4][metric], color="k", ls=":", lw=1, label="stride-4 reference")
+        ax.bar(
+            x,
+            r[f"{metric}_mean"],
+            yerr=r[f"{metric}_std"],
+            capsize=4,
+            color=f"C{x}",
+        )
+    ax.axhline(
+        ceiling[64, 4][metric], color="k", ls=":", lw=1, label="stride-4 reference"
+    )
     ax.set_xticks(
-        range(len(shown)), [n.removeprefix("digits_suponly_").replace("_", "/") for n in shown]
+        range(len(shown)),
+        [n.removeprefix("digits_suponly_").replace("_", "/") for n in shown],
     )
     ax.set_ylabel(label)
 axes[0].legend(loc="upper left", fontsize=7)
@@ -372,12 +406,18 @@ assert set(status.values()) <= {"met", "holds so far", "missed", "no runs"}
 
 # %%
 full_ok = status["SupOnly full >= 70 % mIoU"]
-assert full_ok == "missed", f"the prose above says SupOnly full misses 70 %; now: {full_ok}"
+assert full_ok == "missed", (
+    f"the prose above says SupOnly full misses 70 %; now: {full_ok}"
+)
 mt16 = status["mean teacher - SupOnly, 1/16 >= 3 points"]
-assert mt16 == "missed", f"the prose above says the mean teacher misses at 1/16; now: {mt16}"
+assert mt16 == "missed", (
+    f"the prose above says the mean teacher misses at 1/16; now: {mt16}"
+)
 assert status["mean teacher - SupOnly, 1/8 >= 3 points"] in ("met", "holds so far")
-full_runs = next(c for c in checks if c["check"] == "SupOnly full >= 70 % mIoU")["values"]
-assert all(v < ceiling[64, 4]["miou"] for v in full_runs.values())  # below the grid reference
+full_check = next(c for c in checks if c["check"] == "SupOnly full >= 70 % mIoU")
+full_runs = full_check["values"]
+# below the grid reference
+assert all(v < ceiling[64, 4]["miou"] for v in full_runs.values())
 
 # %% [markdown]
 # Two thousand steps turned out to be far too short for a semi-supervised run to converge, so
@@ -387,7 +427,9 @@ assert all(v < ceiling[64, 4]["miou"] for v in full_runs.values())  # below the 
 # run):
 
 # %%
-checks_8k = calibration_checks([results_dir / "study", results_dir / "budget" / "steps8000"])
+checks_8k = calibration_checks(
+    [results_dir / "study", results_dir / "budget" / "steps8000"]
+)
 display(Markdown(format_calibration(checks_8k)))
 status_8k = {c["check"]: c["status"] for c in checks_8k}
 assert all(s in ("met", "holds so far") for s in status_8k.values()), status_8k
@@ -418,12 +460,14 @@ for name, cfg in (("1/16", cfg_low), ("full", cfg_full)):
     cfg.train.ckpt_every = 0
     cfg.optim.warmup_steps = 20
     run_dir = PROJECT_ROOT / "runs" / "book" / f"ch01_{cfg.name}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh live run each time the chapter runs
+    # a fresh live run each time the chapter runs
+    shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(cfg, run_dir, progress=False)
     summary = trainer.fit()
     live[name] = (trainer, summary)
     print(
-        f"{name:>5}: {summary['val_miou']:.1f} % mIoU after {live_steps} steps ({summary['wall_s']:.0f} s)"
+        f"{name:>5}: {summary['val_miou']:.1f} % mIoU after {live_steps} steps "
+        f"({summary['wall_s']:.0f} s)"
     )
 
 # %%
@@ -439,20 +483,26 @@ fig = scene_grid(
 plt.show()
 
 # %%
-sec_per_step = np.mean([summary["wall_s"] / live_steps for _, summary in live.values()])
+sec_per_step = np.mean(
+    [summary["wall_s"] / live_steps for _, summary in live.values()]
+)
 budget = load_config("digits_suponly_full").train.steps
 print(
-    f"{1000 * sec_per_step:.0f} ms per training step here (batch 16, {torch.get_num_threads()} "
-    f"threads, {live['full'][1]['amp_dtype']});"
+    f"{1000 * sec_per_step:.0f} ms per training step here (batch 16, "
+    f"{torch.get_num_threads()} threads, {live['full'][1]['amp_dtype']});"
 )
 print(
-    f"the committed {budget}-step budget would take about {budget * sec_per_step / 60:.1f} min per run."
+    f"the committed {budget}-step budget would take about "
+    f"{budget * sec_per_step / 60:.1f} min per run."
 )
 committed = json.loads(
-    next((results_dir / "digits_suponly_full").glob("seed*/summary.json")).read_text()
+    next(
+        (results_dir / "digits_suponly_full").glob("seed*/summary.json")
+    ).read_text()
 )
 print(
-    f"(the 'train s' column above: {committed['machine']['torch_threads']} thread(s) per run, "
+    "(the 'train s' column above: "
+    f"{committed['machine']['torch_threads']} thread(s) per run, "
     "while other jobs shared the CPU, so it is longer)"
 )
 
@@ -466,22 +516,26 @@ print(
 #    above), would it remove a larger or a smaller share of each digit, and roughly how much?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: smaller, by about a third. The band is as wide at every scale (one pixel on each
-# side of an edge), so it takes about perimeter x 1 px from an area that grows with the square
-# of the scale: 1.5x larger digits lose about 1/1.5 = 2/3 of the share they lost at 64 px.
-# Measured on 200 scenes of each size:
+# Solution: smaller, by about a third. The band is as wide at every scale (one
+# pixel on each side of an edge), so it takes about perimeter x 1 px from an area
+# that grows with the square of the scale: 1.5x larger digits lose about
+# 1/1.5 = 2/3 of the share they lost at 64 px. Measured on 200 scenes of each size:
 band_share = {}
 for size, glyphs in ((64, (20, 32)), (96, (30, 48))):
     knobs = DigitKnobs(glyph_size=glyphs)
     scenes = [
-        render_scene(np.random.default_rng([6, i]), pool_val, size, knobs)[1] for i in range(200)
+        render_scene(np.random.default_rng([6, i]), pool_val, size, knobs)[1]
+        for i in range(200)
     ]
     masks_s = np.stack(scenes)
     digit = (masks_s >= 1) & (masks_s <= 10)
     band = np.stack([boundary_band(m) for m in masks_s])
     band_share[size] = (band & digit).sum() / digit.sum()
 ratio = band_share[96] / band_share[64]
-print(f"band share of digit pixels: 64 px {band_share[64]:.0%}, 96 px {band_share[96]:.0%}")
+print(
+    f"band share of digit pixels: 64 px {band_share[64]:.0%}, "
+    f"96 px {band_share[96]:.0%}"
+)
 print(f"ratio {ratio:.2f} (perimeter / area predicts about 0.67)")
 assert 0.55 < ratio < 0.8
 
@@ -490,11 +544,14 @@ assert 0.55 < ratio < 0.8
 #    8 instead of 4, which falls further on the 64-px scenes: the best mIoU or the best mBIoU?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: mBIoU. A coarser grid misplaces edges by up to twice as many pixels; that costs a
-# few region pixels of each digit but a large share of its 2-px boundary band. From the
-# measurements above:
+# Solution: mBIoU. A coarser grid misplaces edges by up to twice as many pixels;
+# that costs a few region pixels of each digit but a large share of its 2-px
+# boundary band. From the measurements above:
 drop = {k: ceiling[64, 4][k] - ceiling[64, 8][k] for k in ("miou", "mbiou")}
-print(f"stride 4 -> 8 on 64-px scenes: mIoU -{drop['miou']:.1f}, mBIoU -{drop['mbiou']:.1f} points")
+print(
+    f"stride 4 -> 8 on 64-px scenes: mIoU -{drop['miou']:.1f}, "
+    f"mBIoU -{drop['mbiou']:.1f} points"
+)
 assert drop["mbiou"] > drop["miou"] > 0
 
 # %% [markdown]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -79,9 +79,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import matplotlib.pyplot as plt
@@ -141,7 +140,9 @@ theta0 = [p.clone() for p in teacher.module.parameters()]
 assert teacher.update(student) == 0.0  # t = 0: d = 0
 assert all(
     torch.equal(pt, ps)
-    for pt, ps in zip(teacher.module.parameters(), student.parameters(), strict=True)
+    for pt, ps in zip(
+        teacher.module.parameters(), student.parameters(), strict=True
+    )
 )
 with torch.no_grad():  # restart from theta0 and apply n updates at t = 1 .. n
     for p, p0 in zip(teacher.module.parameters(), theta0, strict=True):
@@ -150,10 +151,15 @@ n = 50
 prod = float(np.prod([ema_decay(t) for t in range(1, n + 1)]))
 for t in range(1, n + 1):
     teacher.update(student, step=t)
-for pt, p0, ps in zip(teacher.module.parameters(), theta0, student.parameters(), strict=True):
+for pt, p0, ps in zip(
+    teacher.module.parameters(), theta0, student.parameters(), strict=True
+):
     expected = ps + prod * (p0 - ps)
     assert torch.allclose(pt, expected, atol=1e-6)
-print(f"after {n} updates the teacher kept {prod:.4f} of its initial offset (closed form agrees)")
+print(
+    f"after {n} updates the teacher kept {prod:.4f} of its initial offset "
+    "(closed form agrees)"
+)
 
 # %% [markdown]
 # ## Pseudo-labels, the strong view and CutMix on a real model
@@ -172,10 +178,12 @@ print(f"after {n} updates the teacher kept {prod:.4f} of its initial offset (clo
 run = clustering_state()  # the committed BRPG run, 1/16, seed 0, at step 600
 STUDY = PROJECT_ROOT / "results" / "digits_v3" / "study"
 mean_teacher_run = "digits_meanteacher_1_16"
-same = warmup_identical(STUDY, [mean_teacher_run, run.cfg.name], run.cfg.train.seed, until=run.step)
+same = warmup_identical(
+    STUDY, [mean_teacher_run, run.cfg.name], run.cfg.train.seed, until=run.step
+)
 print(
-    f"{run.cfg.name} seed {run.cfg.train.seed} at step {run.step}: the teacher after"
-    f" {run.step - run.cfg.semi.sup_only_steps} mean-teacher steps;"
+    f"{run.cfg.name} seed {run.cfg.train.seed} at step {run.step}: the teacher "
+    f"after {run.step - run.cfg.semi.sup_only_steps} mean-teacher steps;"
     f" {mean_teacher_run} logged the same supervised loss up to this step: {same}"
 )
 assert same
@@ -183,7 +191,13 @@ view = pseudo_view(run)
 
 # %%
 mean, std = run.cfg.data.mean, run.cfg.data.std
-rows = ["weak view", "strong + CutMix", "pseudo-label", "teacher confidence", "true label"]
+rows = [
+    "weak view",
+    "strong + CutMix",
+    "pseudo-label",
+    "teacher confidence",
+    "true label",
+]
 fig, axes = plt.subplots(len(rows), 6, figsize=(9, 7.8))
 for j in range(6):
     panels = [
@@ -194,7 +208,9 @@ for j in range(6):
         colorize(view.labels_mix_bhw[j].numpy()),
     ]
     for i, p in enumerate(panels):
-        axes[i, j].imshow(p, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        axes[i, j].imshow(
+            p, vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
+        )
         axes[i, j].axis("off")
         if j == 0:
             axes[i, j].set_title(rows[i], fontsize=8, loc="left")
@@ -227,8 +243,9 @@ check = entropy_filter(view, percent)
 keep, correct, valid = check.keep_bhw, check.right_bhw, check.valid_bhw
 acc_kept, acc_dropped = check.acc_kept, check.acc_dropped
 print(
-    f"percentile p = {percent:.0f}: kept {check.kept_share:.1%} of the pixels; pseudo-label "
-    f"accuracy {acc_kept:.1%} on kept pixels vs {acc_dropped:.1%} on dropped ones"
+    f"percentile p = {percent:.0f}: kept {check.kept_share:.1%} of the pixels; "
+    f"pseudo-label accuracy {acc_kept:.1%} on kept pixels vs {acc_dropped:.1%} "
+    "on dropped ones"
 )
 entropy = pixel_entropy(view.logits_mix_bchw)
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.6))
@@ -238,7 +255,9 @@ axes[0].hist(
     label=["pseudo-label right", "pseudo-label wrong"],
     density=True,
 )
-axes[0].axvline(float(entropy[keep].max()), color="k", ls="--", label="drop threshold")
+axes[0].axvline(
+    float(entropy[keep].max()), color="k", ls="--", label="drop threshold"
+)
 axes[0].set_xlabel("teacher entropy")
 axes[0].legend(fontsize=7)
 axes[1].bar(["kept", "dropped"], [acc_kept, acc_dropped], color=["C2", "C3"])
@@ -266,14 +285,19 @@ assert acc_kept > acc_dropped + 0.1, (acc_kept, acc_dropped)
 seeds = EverySeed(STUDY / run.cfg.name, {run.step: ("teacher",)})
 for seed, (state,) in seeds:
     same = warmup_identical(
-        STUDY, [mean_teacher_run, state.cfg.name], state.cfg.train.seed, until=state.step
+        STUDY,
+        [mean_teacher_run, state.cfg.name],
+        state.cfg.train.seed,
+        until=state.step,
     )
     c = entropy_filter(pseudo_view(state), percent)
     print(
-        f"{seed}: kept {c.kept_share:.1%}; pseudo-label accuracy {c.acc_kept:.1%} kept,"
-        f" {c.acc_dropped:.1%} dropped (same as the mean-teacher run to step {state.step}: {same})"
+        f"{seed}: kept {c.kept_share:.1%}; "
+        f"pseudo-label accuracy {c.acc_kept:.1%} kept, {c.acc_dropped:.1%} dropped "
+        f"(same as the mean-teacher run to step {state.step}: {same})"
     )
-    if state.cfg.train.seed == run.cfg.train.seed:  # the teacher studied above: same numbers
+    # the teacher studied above: same numbers
+    if state.cfg.train.seed == run.cfg.train.seed:
         assert (c.acc_kept, c.acc_dropped) == (acc_kept, acc_dropped)
     assert same and c.acc_kept > c.acc_dropped + 0.1, (seed, c)
 print(seeds.report())
@@ -320,10 +344,11 @@ assert abs(float(loss_u) - 1.25 * np.log(11)) < 0.01
 #    have in the teacher after 10 steps, and after 100? (Hint: multiply the decays.)
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: prod_{t=1}^{T} (1 - 1/(t+1)) = prod t/(t+1) = 1/(T+1) while the cap is not reached:
-# 1/11 after 10 steps. The cap 0.99 is reached at t = 99, so after 100 steps the weight is
-# 1/99 * 0.99^2 = 0.0099. Checked with the package's EMATeacher on a one-weight model whose
-# student is 1 when it is copied and 0 afterwards: the teacher's weight is the copy's share.
+# Solution: prod_{t=1}^{T} (1 - 1/(t+1)) = prod t/(t+1) = 1/(T+1) while the cap
+# is not reached: 1/11 after 10 steps. The cap 0.99 is reached at t = 99, so after
+# 100 steps the weight is 1/99 * 0.99^2 = 0.0099. Checked with the package's
+# EMATeacher on a one-weight model whose student is 1 when it is copied and 0
+# afterwards: the teacher's weight is the copy's share.
 one = torch.nn.Linear(1, 1, bias=False)
 with torch.no_grad():
     one.weight.fill_(1.0)
@@ -335,7 +360,10 @@ share = {}
 for t in range(1, 101):
     ema.update(one)
     share[t] = ema.module.weight.item()
-print(f"weight of the first copy after 10 steps: {share[10]:.4f}, after 100: {share[100]:.4f}")
+print(
+    f"weight of the first copy after 10 steps: {share[10]:.4f}, "
+    f"after 100: {share[100]:.4f}"
+)
 assert abs(share[10] - 1 / 11) < 1e-6 and abs(share[100] - 0.99**2 / 99) < 1e-6
 
 # %% [markdown]
@@ -344,9 +372,9 @@ assert abs(share[10] - 1 / 11) < 1e-6 and abs(share[100] - 0.99**2 / 99) < 1e-6
 #    pixels passes the entropy filter?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: p = 100 - (100 - 80) * (1 - 1/2) = 90, so the pixels below the 90th entropy
-# percentile: about 90 %. Checked with the package's schedule and filter on random teacher
-# logits (4 x 32 x 32 pixels, 11 classes).
+# Solution: p = 100 - (100 - 80) * (1 - 1/2) = 90, so the pixels below the 90th
+# entropy percentile: about 90 %. Checked with the package's schedule and filter on
+# random teacher logits (4 x 32 x 32 pixels, 11 classes).
 p_half = drop_percent_schedule(0.5, 1.0, start=80.0)
 g = torch.Generator().manual_seed(0)
 t_logits = 3 * torch.randn(4, 11, 32, 32, generator=g)

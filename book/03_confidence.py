@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -51,9 +51,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import json
@@ -120,17 +119,24 @@ print(
     f"(read in {time.perf_counter() - t0:.0f} s); val mIoU at step {ev['step']}: "
     f"{ev['val_miou']:.1f} %, mBIoU {ev['val_mbiou']:.1f} %"
 )
-print("the re-run that wrote it, against the committed log (largest difference):", run.log_gap)
+print(
+    "the re-run that wrote it, against the committed log (largest difference):",
+    run.log_gap,
+)
 print(
     f"the same run at the end of its {run.summary['steps']} steps: "
     f"{run.summary['val_miou']:.1f} % mIoU"
 )
-assert run.cfg.data.digits_knobs == {} and run.summary["amp_dtype"] == "fp32"  # v3, fp32
-assert run.log_gap and all(v == 0.0 for v in run.log_gap.values()), run.log_gap  # exact
-drift = json.loads((PROJECT_ROOT / "results" / "digits_v3" / "replay_drift_avx2.json").read_text())
+# v3, fp32; the replay is exact
+assert run.cfg.data.digits_knobs == {} and run.summary["amp_dtype"] == "fp32"
+assert run.log_gap and all(v == 0.0 for v in run.log_gap.values()), run.log_gap
+drift = json.loads(
+    (PROJECT_ROOT / "results" / "digits_v3" / "replay_drift_avx2.json").read_text()
+)
 print(
-    f"the same re-run with AVX2 kernels: val mIoU at step 500 {drift['log_gap']['val_miou']:.2f}"
-    f" points off, a logged loss_sup up to {drift['log_gap']['loss_sup']:.3f} off"
+    "the same re-run with AVX2 kernels: val mIoU at step 500 "
+    f"{drift['log_gap']['val_miou']:.2f} points off, "
+    f"a logged loss_sup up to {drift['log_gap']['loss_sup']:.3f} off"
 )
 
 # %% [markdown]
@@ -150,7 +156,10 @@ high, low, valid, wrong = routing.high, routing.low, routing.valid, routing.wron
 shape = labels_s.shape
 n_valid = int(valid.sum())
 for name, m in (("high", high), ("low", low), ("misclassified", wrong)):
-    print(f"{name:>13}: {int(m.sum()):6d} pixels ({100 * int(m.sum()) / n_valid:4.1f} %)")
+    print(
+        f"{name:>13}: {int(m.sum()):6d} pixels "
+        f"({100 * int(m.sum()) / n_valid:4.1f} %)"
+    )
 assert torch.equal(high | low | wrong, valid) and not bool((high & low).any())
 
 # %% [markdown]
@@ -167,7 +176,9 @@ route_map[wrong.numpy()] = 2
 route_cmap = ListedColormap(["tab:green", "tab:orange", "tab:red", "0.85"])
 mean, std = run.cfg.data.mean, run.cfg.data.std
 show = [0, 1, 2, 3]
-fig, axes = plt.subplots(len(show), 4, figsize=(7.2, 2.0 * len(show)), layout="constrained")
+fig, axes = plt.subplots(
+    len(show), 4, figsize=(7.2, 2.0 * len(show)), layout="constrained"
+)
 titles = ["image", "label (stride 4)", "confidence $c_i$", "routing"]
 for r, b in enumerate(show):
     panels = [
@@ -213,18 +224,24 @@ show_source(boundary_distance)
 # %%
 dist = boundary_distance(fb["labels_bhw"], size=tuple(shape[-2:]))
 d_high, d_low = dist[high], dist[low]
-print(f"mean distance to the nearest boundary (full-resolution pixels, {n_lab} scenes)")
+print(
+    "mean distance to the nearest boundary "
+    f"(full-resolution pixels, {n_lab} scenes)"
+)
 print(f"  high confidence: {d_high.mean():.2f} px over {d_high.numel()} pixels")
 print(f"  low confidence:  {d_low.mean():.2f} px over {d_low.numel()} pixels")
 
 # %%
 bins = np.arange(0, float(dist[valid].max()) + 1.5) - 0.5
 fig, ax = plt.subplots(figsize=(6, 2.8))
-ax.hist(d_high.numpy(), bins=bins, density=True, alpha=0.6, color="tab:green", label="high")
-ax.hist(d_low.numpy(), bins=bins, density=True, alpha=0.6, color="tab:orange", label="low")
+hist_kw = dict(bins=bins, density=True, alpha=0.6)
+ax.hist(d_high.numpy(), **hist_kw, color="tab:green", label="high")
+ax.hist(d_low.numpy(), **hist_kw, color="tab:orange", label="low")
 for d, col in ((d_high, "tab:green"), (d_low, "tab:orange")):
     ax.axvline(float(d.mean()), color=col, ls="--")
-ax.set_xlabel("distance to the nearest class boundary (pixels, full resolution; 1-px bins)")
+ax.set_xlabel(
+    "distance to the nearest class boundary (pixels, full resolution; 1-px bins)"
+)
 ax.set_ylabel("share of pixels")
 ax.set_xlim(bins[0], min(bins[-1], 20))
 ax.legend()
@@ -241,14 +258,26 @@ show_source(confidence_vs_boundary)
 
 # %%
 stats = confidence_vs_boundary(routing, min_pixels=10)
-assert (stats.pooled_high, stats.pooled_low) == (d_high.mean().item(), d_low.mean().item())
-print(f"{'class':>10} {'high':>6} {'low':>6} {'n high':>7} {'n low':>6}   (mean distance, px)")
+assert (stats.pooled_high, stats.pooled_low) == (
+    d_high.mean().item(),
+    d_low.mean().item(),
+)
+print(
+    f"{'class':>10} {'high':>6} {'low':>6} {'n high':>7} {'n low':>6}   "
+    "(mean distance, px)"
+)
 for c, h_m, l_m, h_n, l_n in stats.per_class:
     print(f"{DIGIT_CLASSES[c]:>10} {h_m:6.2f} {l_m:6.2f} {h_n:7d} {l_n:6d}")
 closer, n_classes = stats.classes_closer, len(stats.per_class)
-print(f"low-confidence pixels are closer in {closer} of {n_classes} classes (>= 10 px each)")
+print(
+    f"low-confidence pixels are closer in {closer} of {n_classes} classes "
+    "(>= 10 px each)"
+)
 for name, share in (("high", stats.ring_high), ("low", stats.ring_low)):
-    print(f"{name:>4}-confidence background pixels on the border ring: {100 * share:.0f} %")
+    print(
+        f"{name:>4}-confidence background pixels on the border ring: "
+        f"{100 * share:.0f} %"
+    )
 
 # %% [markdown]
 # Within every class, the background included, the low-confidence pixels are the closer
@@ -265,7 +294,8 @@ for name, share in (("high", stats.ring_high), ("low", stats.ring_low)):
 assert d_low.mean() < d_high.mean(), (d_low.mean(), d_high.mean())
 assert closer > n_classes / 2, stats.per_class
 assert closer == n_classes  # "within every class" above
-assert stats.ring_low < stats.ring_high, stats  # "nor is this model unsure along the border"
+# "nor is this model unsure along the border"
+assert stats.ring_low < stats.ring_high, stats
 
 # %% [markdown]
 # ## On every seed with saved states
@@ -282,9 +312,11 @@ seeds = EverySeed(study_dir, {run.step: ()})  # the student alone
 for seed, (state,) in seeds:
     st = confidence_vs_boundary(route_scenes(state))
     print(
-        f"{seed}: mean distance high {st.pooled_high:.2f} px, low {st.pooled_low:.2f} px;"
+        f"{seed}: mean distance high {st.pooled_high:.2f} px, "
+        f"low {st.pooled_low:.2f} px;"
         f" low closer in {st.classes_closer} of {len(st.per_class)} classes\n"
-        f"  border ring: high {100 * st.ring_high:.0f} %, low {100 * st.ring_low:.0f} %"
+        f"  border ring: high {100 * st.ring_high:.0f} %, "
+        f"low {100 * st.ring_low:.0f} %"
     )
     assert st.pooled_low < st.pooled_high and st.ring_low < st.ring_high, (seed, st)
     assert st.classes_closer == len(st.per_class), (seed, st.per_class)
@@ -300,24 +332,38 @@ assert "seed0" in seeds.checked
 #    happens to the number of high and of low pixels, and to their sum?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: pixels with 0.8 <= c < 0.95 move from high to low; nothing else changes, because
-# which pixels are correct does not depend on tau_h. So low grows by exactly what high loses.
+# Solution: pixels with 0.8 <= c < 0.95 move from high to low; nothing else
+# changes, because which pixels are correct does not depend on tau_h. So low grows
+# by exactly what high loses.
 strict = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.95)
-n_high = {0.8: int((routes.high_cls >= 0).sum()), 0.95: int((strict.high_cls >= 0).sum())}
-n_low = {0.8: int((routes.low_cls >= 0).sum()), 0.95: int((strict.low_cls >= 0).sum())}
+n_high = {
+    0.8: int((routes.high_cls >= 0).sum()),
+    0.95: int((strict.high_cls >= 0).sum()),
+}
+n_low = {
+    0.8: int((routes.low_cls >= 0).sum()),
+    0.95: int((strict.low_cls >= 0).sum()),
+}
 moved = int((valid & ~wrong & (conf >= 0.8) & (conf < 0.95)).sum())
-print(f"high {n_high[0.8]} -> {n_high[0.95]}, low {n_low[0.8]} -> {n_low[0.95]}, moved {moved}")
+print(
+    f"high {n_high[0.8]} -> {n_high[0.95]}, low {n_low[0.8]} -> {n_low[0.95]}, "
+    f"moved {moved}"
+)
 assert n_high[0.8] - n_high[0.95] == n_low[0.95] - n_low[0.8] == moved > 0
 
 # %% [markdown]
 # 2. **No threshold at all.** What would the low memory receive with $\tau_h = 0$?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: nothing. A low pixel needs low_threshold < c < tau_h, and no confidence is below 0,
-# so every correct pixel is high: CPG then degenerates to one memory of correct pixels, close
-# to the "CPG off" ablation of chapter 8 (which also pools the confident unlabeled pixels).
+# Solution: nothing. A low pixel needs low_threshold < c < tau_h, and no confidence
+# is below 0, so every correct pixel is high: CPG then degenerates to one memory of
+# correct pixels, close to the "CPG off" ablation of chapter 8 (which also pools the
+# confident unlabeled pixels).
 none = route_labeled(fb["rep_bdhw"], fb["logits_bchw"], labels_s, tau_h=0.0)
-print(f"tau_h = 0: {int((none.high_cls >= 0).sum())} high, {int((none.low_cls >= 0).sum())} low")
+print(
+    f"tau_h = 0: {int((none.high_cls >= 0).sum())} high, "
+    f"{int((none.low_cls >= 0).sum())} low"
+)
 assert int((none.low_cls >= 0).sum()) == 0
 assert int((none.high_cls >= 0).sum()) == int((valid & ~wrong).sum())
 

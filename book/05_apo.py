@@ -53,9 +53,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import time
@@ -66,7 +65,12 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from brpg.book.demo import appearance_modes, cluster, clustering_state, feature_batch
+from brpg.book.demo import (
+    appearance_modes,
+    cluster,
+    clustering_state,
+    feature_batch,
+)
 from brpg.book.study import apo_picks, paired
 from brpg.book.tools import show_source
 from brpg.data import MULTIMODAL_DIGITS
@@ -110,7 +114,8 @@ t0 = time.perf_counter()
 run = clustering_state()
 memory = run.memory
 print(
-    f"{run.cfg.name} seed {run.cfg.train.seed} at step {run.step} (ready in {time.perf_counter() - t0:.0f} s)"
+    f"{run.cfg.name} seed {run.cfg.train.seed} at step {run.step} "
+    f"(ready in {time.perf_counter() - t0:.0f} s)"
 )
 num_classes = run.cfg.data.num_classes
 multimodal = [d + 1 for d in MULTIMODAL_DIGITS]  # class index of digit d is d + 1
@@ -123,7 +128,9 @@ print(f"C = {num_classes} classes: n_add = {n_add} per memory kind")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
 for ax, kind in zip(axes, ("high", "low"), strict=True):
     s = scores[kind].numpy()
-    colours = ["tab:purple" if c in multimodal else "0.55" for c in range(num_classes)]
+    colours = [
+        "tab:purple" if c in multimodal else "0.55" for c in range(num_classes)
+    ]
     ax.bar(np.arange(num_classes), s, color=colours)
     chosen = int(np.nanargmin(s))
     ax.bar([chosen], [s[chosen]], color="none", edgecolor="red", linewidth=2)
@@ -165,13 +172,15 @@ rank = {kind: torch.empty(num_classes, dtype=torch.long) for kind in scores}
 for kind, s in scores.items():
     rank[kind][torch.argsort(s)] = torch.arange(1, num_classes + 1)
 print(
-    f"{'class':>10} {'rows high':>9} {'s high':>7} {'rank':>4}   {'rows low':>8} {'s low':>6} {'rank':>4}"
+    f"{'class':>10} {'rows high':>9} {'s high':>7} {'rank':>4}   "
+    f"{'rows low':>8} {'s low':>6} {'rank':>4}"
 )
 for c, name in enumerate(DIGIT_CLASSES):
     mark = "  multi-modal" if c in multimodal else ""
     print(
-        f"{name:>10} {int(counts['high'][c]):9d} {scores['high'][c]:7.3f} {int(rank['high'][c]):4d}"
-        f"   {int(counts['low'][c]):8d} {scores['low'][c]:6.3f} {int(rank['low'][c]):4d}{mark}"
+        f"{name:>10} {int(counts['high'][c]):9d} {scores['high'][c]:7.3f} "
+        f"{int(rank['high'][c]):4d}   {int(counts['low'][c]):8d} "
+        f"{scores['low'][c]:6.3f} {int(rank['low'][c]):4d}{mark}"
     )
 
 # %%
@@ -183,15 +192,23 @@ picked = {
     "low": torch.nonzero(k_low > base_l).flatten().tolist(),
 }
 for kind, cls in picked.items():
-    print(f"APO adds a {kind}-confidence prototype to:", [DIGIT_CLASSES[c] for c in cls])
+    print(
+        f"APO adds a {kind}-confidence prototype to:",
+        [DIGIT_CLASSES[c] for c in cls],
+    )
 protos, valid = cluster(memory, run.cfg, apo=True)
 print("prototypes per class after APO + clustering:", valid.sum(1).tolist())
-committed_picks = apo_picks(PROJECT_ROOT / "results" / "digits_v3" / "study", run.cfg.name)
-logged = {DIGIT_CLASSES[c]: n for c, n in committed_picks[run.cfg.train.seed].items()}
+committed_picks = apo_picks(
+    PROJECT_ROOT / "results" / "digits_v3" / "study", run.cfg.name
+)
+logged = {
+    DIGIT_CLASSES[c]: n for c, n in committed_picks[run.cfg.train.seed].items()
+}
 print("the committed run logged extra prototypes for:", logged)
 # the run's memories give the run's own choice (the log has totals, not the kind)
 assert committed_picks[run.cfg.train.seed] == {
-    c: picked["high"].count(c) + picked["low"].count(c) for c in set(picked["high"] + picked["low"])
+    c: picked["high"].count(c) + picked["low"].count(c)
+    for c in set(picked["high"] + picked["low"])
 }
 mm_ranks = {kind: sorted(int(rank[kind][c]) for c in multimodal) for kind in rank}
 print("ranks of the multi-modal classes:", mm_ranks)
@@ -219,12 +236,18 @@ n_lab = len(run.labeled)
 fb = feature_batch(run, "labeled", n_images=n_lab, train_mode=True, seed=0)
 modes = appearance_modes(run, "labeled", n_images=n_lab)
 labels_s = fb["labels_small_bhw"]
-modes_s = F.interpolate(modes[:, None].float(), size=labels_s.shape[-2:], mode="nearest")
-modes_s = modes_s[:, 0].long()  # nearest-neighbour, as the labels are (appendix: CPG)
+# nearest-neighbour, as the labels are (appendix: CPG)
+modes_s = F.interpolate(
+    modes[:, None].float(), size=labels_s.shape[-2:], mode="nearest"
+)
+modes_s = modes_s[:, 0].long()
 correct = (fb["pred_bhw"] == labels_s) & (labels_s != 255)
 feats = fb["rep_bdhw"].permute(0, 2, 3, 1)  # [B, h, w, D]
 class_means = torch.stack(
-    [F.normalize(feats[(labels_s == c) & correct].mean(0), dim=0) for c in range(num_classes)]
+    [
+        F.normalize(feats[(labels_s == c) & correct].mean(0), dim=0)
+        for c in range(num_classes)
+    ]
 )
 cos_classes = (class_means @ class_means.T).fill_diagonal_(-2.0)
 print(
@@ -243,12 +266,14 @@ for c in multimodal:
     cos_near = float(cos_classes[c].max())
     mode_stats[c] = {"s_solid": s_solid, "s_hollow": s_hollow, "s_both": s_both}
     print(
-        f"{DIGIT_CLASSES[c]:>6} {len(f_solid):8d} {len(f_hollow):9d} {s_solid:8.3f} {s_hollow:9.3f}"
-        f" {s_both:7.3f} {cos_modes:18.3f} {cos_near:18.3f}"
+        f"{DIGIT_CLASSES[c]:>6} {len(f_solid):8d} {len(f_hollow):9d} "
+        f"{s_solid:8.3f} {s_hollow:9.3f} {s_both:7.3f} "
+        f"{cos_modes:18.3f} {cos_near:18.3f}"
     )
 s_background = max(float(scores["high"][0]), float(scores["low"][0]))
 print(
-    f"background memories: s = {float(scores['high'][0]):.3f} (high), {float(scores['low'][0]):.3f} (low)"
+    f"background memories: s = {float(scores['high'][0]):.3f} (high), "
+    f"{float(scores['low'][0]):.3f} (low)"
 )
 
 # %% [markdown]
@@ -268,10 +293,17 @@ print(
 # background's.
 
 # %%
-assert picked["high"] == [0] and picked["low"] == [9], picked  # class 9 is the digit 8
+# class 9 is the digit 8
+assert picked["high"] == [0] and picked["low"] == [9], picked
 assert not set(multimodal) & (set(picked["high"]) | set(picked["low"]))
-assert all(m["s_both"] > s_background for m in mode_stats.values()), (mode_stats, s_background)
-assert all(m["s_both"] > min(m["s_solid"], m["s_hollow"]) - 0.02 for m in mode_stats.values())
+assert all(m["s_both"] > s_background for m in mode_stats.values()), (
+    mode_stats,
+    s_background,
+)
+assert all(
+    m["s_both"] > min(m["s_solid"], m["s_hollow"]) - 0.02
+    for m in mode_stats.values()
+)
 
 # %% [markdown]
 # ## Which classes APO picks in every committed run
@@ -285,12 +317,16 @@ assert all(m["s_both"] > min(m["s_solid"], m["s_hollow"]) - 0.02 for m in mode_s
 
 # %%
 STUDY = PROJECT_ROOT / "results" / "digits_v3" / "study"
-every = {preset: apo_picks(STUDY, preset) for preset in ("digits_brpg_1_16", "digits_brpg_1_8")}
+every = {
+    preset: apo_picks(STUDY, preset)
+    for preset in ("digits_brpg_1_16", "digits_brpg_1_8")
+}
 lines = ["| run | seed | classes with an extra prototype |", "|---|---|---|"]
 for preset, by_seed in every.items():
     for seed, extra in sorted(by_seed.items()):
         names = ", ".join(
-            f"{DIGIT_CLASSES[c]}" + (f" (+{n})" if n > 1 else "") for c, n in extra.items()
+            f"{DIGIT_CLASSES[c]}" + (f" (+{n})" if n > 1 else "")
+            for c, n in extra.items()
         )
         lines.append(f"| {preset} | {seed} | {names} |")
 display(Markdown("\n".join(lines)))
@@ -299,10 +335,11 @@ n_runs = len(all_picks)
 n_background = sum(0 in p for p in all_picks)
 n_multimodal = sum(bool(p & set(multimodal)) for p in all_picks)
 print(
-    f"{n_runs} committed runs: the background gets an extra prototype in {n_background}, a"
-    f" multi-modal digit in {n_multimodal}"
+    f"{n_runs} committed runs: the background gets an extra prototype in "
+    f"{n_background}, a multi-modal digit in {n_multimodal}"
 )
-assert n_runs >= 1 and n_multimodal == 0, every  # the claim above, on every committed seed
+# the claim above, on every committed seed
+assert n_runs >= 1 and n_multimodal == 0, every
 
 # %% [markdown]
 # **Does the extra prototype help?** The study's stage 3 also trains BRPG with APO off (a
@@ -317,7 +354,9 @@ for split in ("1_16", "1_8"):
     brpg, noapo = f"digits_brpg_{split}", f"digits_brpg_noapo_{split}"
     for metric in ("miou", "mbiou"):
         effect = paired(STUDY, brpg, noapo, metric, only=range(5))
-        print(f"BRPG − APO off at {split.replace('_', '/')}, {metric}: {effect.text}")
+        print(
+            f"BRPG − APO off at {split.replace('_', '/')}, {metric}: {effect.text}"
+        )
         assert effect.seeds == (0, 1, 2, 3, 4) and effect.low < 0 < effect.high
         if split == "1_8":  # narrow there: within about ±0.8 points
             assert -0.8 < effect.low and effect.high < 0.85, metric
@@ -333,10 +372,11 @@ for split in ("1_16", "1_8"):
 #    give, which class does APO pick?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: (b). The score is the mean cosine of the rows to their normalised mean: about 0.95
-# for (a), cos 45 deg = 0.71 for (c), and about 0 for (b): with two equal, opposite groups half
-# the rows point along the mean direction and half against it. The lowest score is the most
-# dispersed, so (b) gets the extra prototype. Checked with the package's score and selection:
+# Solution: (b). The score is the mean cosine of the rows to their normalised mean:
+# about 0.95 for (a), cos 45 deg = 0.71 for (c), and about 0 for (b): with two
+# equal, opposite groups half the rows point along the mean direction and half
+# against it. The lowest score is the most dispersed, so (b) gets the extra
+# prototype. Checked with the package's score and selection:
 g = torch.Generator().manual_seed(0)
 e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 mems = torch.stack(
@@ -344,13 +384,15 @@ mems = torch.stack(
         e0 + 0.3 * torch.randn(200, 2, generator=g),  # (a) one direction
         torch.cat([e0.expand(100, 2), -e0.expand(100, 2)])
         + 0.05 * torch.randn(200, 2, generator=g),
-        torch.cat([e0.expand(100, 2), e1.expand(100, 2)]) + 0.05 * torch.randn(200, 2, generator=g),
+        torch.cat([e0.expand(100, 2), e1.expand(100, 2)])
+        + 0.05 * torch.randn(200, 2, generator=g),
     ]
 )
 scores = dispersion_cos(mems)
 pick = dispersed_mask(scores, proportion=0.05)
 print(
-    f"cos_sim scores (a, b, c): {[round(v, 2) for v in scores.tolist()]}; APO picks {pick.tolist()}"
+    f"cos_sim scores (a, b, c): {[round(v, 2) for v in scores.tolist()]}; "
+    f"APO picks {pick.tolist()}"
 )
 assert pick.tolist() == [False, True, False] and scores[2] < scores[0]
 
@@ -360,14 +402,16 @@ assert pick.tolist() == [False, True, False] and scores[2] < scores[0]
 #    a low l2 score dispersed, and does APO pick the same class?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: high is dispersed for l2 (the direction is opposite to cos_sim's), and it picks
-# the same class (b): its rows sit about 1 away from their mean, (c)'s about 0.71, (a)'s about
-# 0.37. apo_counts needs the metric to know the direction; without it an l2 run would give the
-# extra prototype to the *least* dispersed class, a bug the package once had (issue 14).
+# Solution: high is dispersed for l2 (the direction is opposite to cos_sim's), and
+# it picks the same class (b): its rows sit about 1 away from their mean, (c)'s
+# about 0.71, (a)'s about 0.37. apo_counts needs the metric to know the direction;
+# without it an l2 run would give the extra prototype to the *least* dispersed
+# class, a bug the package once had (issue 14).
 scores_l2 = dispersion(mems, metric="l2")
 counts_l2 = apo_counts(scores_l2, base=2, proportion=0.05, add_num=1, metric="l2")
 print(
-    f"l2 scores (a, b, c): {[round(v, 2) for v in scores_l2.tolist()]}; prototypes {counts_l2.tolist()}"
+    f"l2 scores (a, b, c): {[round(v, 2) for v in scores_l2.tolist()]}; "
+    f"prototypes {counts_l2.tolist()}"
 )
 assert higher_is_dispersed("l2") and counts_l2.tolist() == [2, 3, 2]
 

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -55,9 +55,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import copy
@@ -69,7 +68,14 @@ import torch
 from IPython.display import display
 
 from brpg.book.demo import EverySeed, clustering_state, last_eval, run_state
-from brpg.book.demo_ema import cell_fit, claims, ema_batch, proto_cos, stream_source, track
+from brpg.book.demo_ema import (
+    cell_fit,
+    claims,
+    ema_batch,
+    proto_cos,
+    stream_source,
+    track,
+)
 from brpg.book.tools import show_source
 from brpg.data.build import PROJECT_ROOT
 from brpg.data.digits import DIGIT_CLASSES, PALETTE
@@ -136,7 +142,8 @@ print("prototypes after one update:\n", toy.prototypes.numpy().round(4))
 expected = torch.tensor([[[1.02, 0.01], [-0.02, 1.00]], [[-1.0, 0.0], [0.0, 0.0]]])
 assert slot[:2].tolist() == [0, 1] and used.tolist() == [True, True, False]
 assert torch.allclose(toy.prototypes, expected, atol=1e-6)
-assert torch.equal(toy.prototypes[1, 0], torch.tensor([-1.0, 0.0]))  # untouched, bit for bit
+# untouched, bit for bit
+assert torch.equal(toy.prototypes[1, 0], torch.tensor([-1.0, 0.0]))
 
 # %% [markdown]
 # ## Prototypes that follow a training run
@@ -160,10 +167,16 @@ late = run_state(step=1000)  # step 1000: 400 steps of L_pro and EMA later
 print(f"two states of the run read in {time.perf_counter() - t0:.1f} s")
 for name, state in (("early", early), ("late", late)):
     ev = last_eval(state)
-    print(f"{name}: step {state.step}, val mIoU {ev['val_miou']:.1f} % (evaluation at step {ev['step']})")  # fmt: skip
+    print(
+        f"{name}: step {state.step}, val mIoU {ev['val_miou']:.1f} % "
+        f"(evaluation at step {ev['step']})"
+    )
 head_e, head_l = early.model.decoder.rep_head, late.model.decoder.rep_head
-w_change = ((head_l[-1].weight - head_e[-1].weight).norm() / head_e[-1].weight.norm()).item()
-print(f"representation head, last layer: |W_1000 - W_600| / |W_600| = {w_change:.2f}")
+w_e, w_l = head_e[-1].weight, head_l[-1].weight
+w_change = ((w_l - w_e).norm() / w_e.norm()).item()
+print(
+    f"representation head, last layer: |W_1000 - W_600| / |W_600| = {w_change:.2f}"
+)
 
 # %% [markdown]
 # The experiment starts from the run's own clustering of its memories (chapter 4: 4
@@ -200,7 +213,8 @@ tr = track(early, late, n_updates=300, every=5, n_val=200, seed=0)
 print(f"model outputs and 2 x 300 updates in {time.perf_counter() - t0:.0f} s")
 num_classes, n_slots, dim = tr.stale.shape
 print("valid prototypes per class:", tr.stale.num_valid().tolist())
-# the run's bank at step 1000 grew from exactly this clustering: the same valid slots
+# the run's bank at step 1000 grew from exactly this clustering:
+# the same valid slots
 assert torch.equal(late.bank.valid, tr.stale.valid)
 print("each class mean turned by (degrees):", tr.turn.round().int().tolist())
 print(
@@ -218,16 +232,26 @@ print(
 # %%
 hist = tr.history.numpy()  # [T, C, K]
 x = np.arange(hist.shape[0]) * tr.every
-fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+fig, (ax, ax2) = plt.subplots(
+    1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]}
+)
 for c in range(num_classes):
     slots = tr.stale.valid[c].nonzero().flatten().tolist()
     for k in slots:
         label = DIGIT_CLASSES[c] if k == slots[0] else None
-        ax.plot(x, hist[:, c, k], color=np.asarray(PALETTE[c]) / 255, lw=1, label=label)
+        ax.plot(
+            x, hist[:, c, k], color=np.asarray(PALETTE[c]) / 255, lw=1, label=label
+        )
 ax.set_xlabel("EMA update")
 ax.set_ylabel("cos(prototype, late class mean)")
 ax.set_title("each valid prototype of the tracked bank (colour: class)")
-ax.legend(fontsize=7, ncol=11, loc="upper center", bbox_to_anchor=(0.5, -0.2), columnspacing=1)
+ax.legend(
+    fontsize=7,
+    ncol=11,
+    loc="upper center",
+    bbox_to_anchor=(0.5, -0.2),
+    columnspacing=1,
+)
 bars = {
     "clustered (stale)": ("stale", "0.6"),
     "control: early stream": ("control", "C1"),
@@ -266,9 +290,14 @@ for c in range(num_classes):
     print(f"{DIGIT_CLASSES[c]:>10}", *cells)
 never = tr.stale.valid & ~chosen
 run_moved = (tr.run.prototypes != tr.stale.prototypes).any(dim=2)
-print(f"valid prototypes that no feature chose: {int(never.sum())} of {int(tr.stale.valid.sum())}")
-print(f"valid prototypes of the run's bank still at their clustered values: "
-      f"{int((tr.stale.valid & ~run_moved).sum())}")  # fmt: skip
+print(
+    f"valid prototypes that no feature chose: {int(never.sum())} "
+    f"of {int(tr.stale.valid.sum())}"
+)
+print(
+    "valid prototypes of the run's bank still at their clustered values: "
+    f"{int((tr.stale.valid & ~run_moved).sum())}"
+)
 assert torch.equal(moved, chosen & tr.stale.valid)
 
 # %% [markdown]
@@ -298,7 +327,12 @@ print(
     "| class '3' untouched:",
     bool(still[4].all()),
 )
-print("background prototypes moved:", int((~still[0]).sum()), "of", int(bank.valid[0].sum()))
+print(
+    "background prototypes moved:",
+    int((~still[0]).sum()),
+    "of",
+    int(bank.valid[0].sum()),
+)
 assert bool((y == 4).any()) and bool(still[4].all())
 assert bool((~still[0] & bank.valid[0]).any())
 
@@ -322,7 +356,10 @@ names = {
 }
 for key, name in names.items():
     a = tr.acc[key]
-    print(f"{name:>28}: pixel {100 * a.pixel:.1f} %, mean class {100 * a.mean_class:.1f} %")
+    print(
+        f"{name:>28}: pixel {100 * a.pixel:.1f} %, "
+        f"mean class {100 * a.mean_class:.1f} %"
+    )
 
 # %% [markdown]
 # ## Fit to the features each bank saw
@@ -387,26 +424,37 @@ assert all(measured.values())
 
 # %%
 study_dir = PROJECT_ROOT / "results" / "digits_v3" / "study" / early.cfg.name
-seeds = EverySeed(study_dir, {early.step: ("teacher", "memory"), late.step: ("bank",)})
+seeds = EverySeed(
+    study_dir, {early.step: ("teacher", "memory"), late.step: ("bank",)}
+)
 fit_banks = ("stale", "control", "tracked")
 for seed, (s_early, s_late) in seeds:
     same_run = s_early.cfg.train.seed == early.cfg.train.seed
-    t = tr if same_run else track(s_early, s_late, n_updates=300, every=5, n_val=200, seed=0)
+    if same_run:
+        t = tr
+    else:
+        t = track(s_early, s_late, n_updates=300, every=5, n_val=200, seed=0)
     m = claims(t)
     stranded = int((t.stale.valid & (t.hits == 0)).sum())
     closer = (t.class_cos("tracked") > t.class_cos("stale")).tolist()
     behind = [DIGIT_CLASSES[c] for c, ok in enumerate(closer) if not ok]
-    fits = ", ".join(f"{b} {t.fit[b, 'early']:.2f} / {t.fit[b, 'late']:.2f}" for b in fit_banks)
+    fits = ", ".join(
+        f"{b} {t.fit[b, 'early']:.2f} / {t.fit[b, 'late']:.2f}" for b in fit_banks
+    )
     print(
-        f"{seed}: class means turned {t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
+        f"{seed}: class means turned "
+        f"{t.turn.min():.0f}-{t.turn.max():.0f} degrees\n"
         f"  mean cos to the late class means: clustered {t.mean_cos('stale'):.3f},"
-        f" tracked {t.mean_cos('tracked'):.3f}, run's bank {t.mean_cos('run'):.3f}\n"
+        f" tracked {t.mean_cos('tracked'):.3f},"
+        f" run's bank {t.mean_cos('run'):.3f}\n"
         f"  tracked closer in {sum(closer)} of {len(closer)} classes"
         f" (not: {', '.join(behind) or 'none'}); stranded {stranded} of"
-        f" {int(t.stale.valid.sum())}\n  stale bank, early -> late features: mean class"
+        f" {int(t.stale.valid.sum())}\n"
+        "  stale bank, early -> late features: mean class"
         f" {100 * t.acc['stale early'].mean_class:.1f} ->"
         f" {100 * t.acc['stale late'].mean_class:.1f} %, pixel"
-        f" {100 * t.acc['stale early'].pixel:.1f} -> {100 * t.acc['stale late'].pixel:.1f} %"
+        f" {100 * t.acc['stale early'].pixel:.1f} ->"
+        f" {100 * t.acc['stale late'].pixel:.1f} %"
         f"\n  tracked bank, late features: mean class"
         f" {100 * t.acc['tracked late'].mean_class:.1f} %,"
         f" pixel {100 * t.acc['tracked late'].pixel:.1f} %"
@@ -457,18 +505,26 @@ print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 #    covered half of the way from where it started to $m$?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: after n steps the distance left is alpha^n of the start, so 0.99^n = 1/2 gives
-# n = ln 2 / -ln 0.99 = 69 steps; on PASCAL VOC (638 steps an epoch) that is a tenth of an
-# epoch. Checked with the package's PrototypeBank (one class, one prototype, a fixed mean):
+# Solution: after n steps the distance left is alpha^n of the start, so
+# 0.99^n = 1/2 gives n = ln 2 / -ln 0.99 = 69 steps; on PASCAL VOC (638 steps an
+# epoch) that is a tenth of an epoch. Checked with the package's PrototypeBank (one
+# class, one prototype, a fixed mean):
 bank1 = PrototypeBank(1, 2, 1, momentum=0.99)
-bank1.set_prototypes(torch.tensor([[[1.0, 0.0]]]), torch.ones(1, 1, dtype=torch.bool))
-m = torch.tensor([[1.0, 2.0]])  # the features of every step (cosine-nearest: the only slot)
+bank1.set_prototypes(
+    torch.tensor([[[1.0, 0.0]]]), torch.ones(1, 1, dtype=torch.bool)
+)
+# the features of every step (cosine-nearest: the only slot)
+m = torch.tensor([[1.0, 2.0]])
 left = []
 for _ in range(100):
     bank1.ema_update(m, torch.zeros(1, dtype=torch.long))
-    left.append(float((bank1.prototypes[0, 0] - m[0]).norm() / 2.0))  # start was 2 away
+    # the start was 2 away
+    left.append(float((bank1.prototypes[0, 0] - m[0]).norm() / 2.0))
 half = next(i + 1 for i, x in enumerate(left) if x <= 0.5)
-print(f"half of the way after {half} steps (ln 2 / -ln 0.99 = {np.log(2) / -np.log(0.99):.1f})")
+print(
+    f"half of the way after {half} steps "
+    f"(ln 2 / -ln 0.99 = {np.log(2) / -np.log(0.99):.1f})"
+)
 assert half == 69
 
 # %% [markdown]
@@ -476,15 +532,20 @@ assert half == 69
 #    both). Which one moves?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: the first one only. Each feature goes to one prototype, the nearest by cosine, and
-# a tie goes to the lower slot (as in the official argmax); the other slot keeps its value.
+# Solution: the first one only. Each feature goes to one prototype, the nearest by
+# cosine, and a tie goes to the lower slot (as in the official argmax); the other
+# slot keeps its value.
 bank2 = PrototypeBank(1, 2, 2, momentum=0.5)
 start2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
 bank2.set_prototypes(start2.clone(), torch.ones(1, 2, dtype=torch.bool))
 bank2.ema_update(torch.tensor([[1.0, 1.0]]), torch.zeros(1, dtype=torch.long))
 moved = (bank2.prototypes[0] != start2[0]).any(1).tolist()
-print(f"slot 0 -> {bank2.prototypes[0, 0].tolist()}, slot 1 -> {bank2.prototypes[0, 1].tolist()}")
-assert moved == [True, False] and torch.allclose(bank2.prototypes[0, 0], torch.tensor([1.0, 0.5]))
+print(
+    f"slot 0 -> {bank2.prototypes[0, 0].tolist()}, "
+    f"slot 1 -> {bank2.prototypes[0, 1].tolist()}"
+)
+assert moved == [True, False]
+assert torch.allclose(bank2.prototypes[0, 0], torch.tensor([1.0, 0.5]))
 
 # %% [markdown]
 # ## Summary

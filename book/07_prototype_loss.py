@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -54,9 +54,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import time
@@ -117,9 +116,10 @@ display(show_source(prototype_loss))
 # their 4 neighbours:
 
 # %%
-print("513 crop, grid rows:", grid_positions(513)[:4], "...", grid_positions(513)[-2:])
-print("   on the 129 map:", grid_indices(129, 129, 513).tolist()[:4], "...",
-      grid_indices(129, 129, 513).tolist()[-2:])  # fmt: skip
+rows_513 = grid_positions(513)
+print("513 crop, grid rows:", rows_513[:4], "...", rows_513[-2:])
+idx_129 = grid_indices(129, 129, 513).tolist()
+print("   on the 129 map:", idx_129[:4], "...", idx_129[-2:])
 print("769 crop on the 193 map:", grid_indices(193, 193, 769).tolist()[:4], "...")
 display(show_source(sample_labeled_grid))
 
@@ -138,7 +138,8 @@ display(show_source(sample_labeled_grid))
 #   one last row and column. That is why the preset does not use 32.
 
 # %%
-run = clustering_state()  # the committed BRPG run (1/16, seed 0) at its clustering step
+# the committed BRPG run (1/16, seed 0) at its clustering step
+run = clustering_state()
 cfg_brpg = run.cfg
 val = run.val
 images = torch.stack([val[i]["image"] for i in range(8)])
@@ -146,9 +147,14 @@ labels = torch.stack([torch.as_tensor(val[i]["mask"]).long() for i in range(8)])
 
 
 def upsample_then_index(rep_bdhw, size, rows, cols):
-    """The official recipe: bilinear upsampling to the crop, then the grid pixels."""
+    """The official recipe: bilinear upsampling to the crop, then the grid
+    pixels."""
     full = F.interpolate(rep_bdhw, size=size, mode="bilinear", align_corners=True)
-    return full[:, :, rows][:, :, :, cols].permute(0, 2, 3, 1).reshape(-1, rep_bdhw.shape[1])
+    return (
+        full[:, :, rows][:, :, :, cols]
+        .permute(0, 2, 3, 1)
+        .reshape(-1, rep_bdhw.shape[1])
+    )
 
 
 checks = {}
@@ -168,7 +174,8 @@ with torch.no_grad():
         checks[name] = err
         print(
             f"{name:>27}: map {rep.shape[-1]}, {len(rows)}x{len(rows)} grid, "
-            f"max |direct - upsampled| = {err:.1e} (features of size ~{rep.abs().mean():.2f})"
+            f"max |direct - upsampled| = {err:.1e} "
+            f"(features of size ~{rep.abs().mean():.2f})"
         )
         assert torch.equal(targets, y[:, rows][:, :, rows].reshape(-1))
 print("exact grid on the 17 map:", grid_indices(17, 17, 65, grid_num=16).tolist())
@@ -178,16 +185,19 @@ assert all(err < 1e-5 for err in checks.values())
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.5))
 for ax, (name, size, g) in zip(
     axes,
-    (("exact: 65 crop, grid 16", 65, 16), ("preset: 64 crop, grid 21", 64, 21),
-     ("grid 32 on a 64 crop", 64, 32)),
+    (
+        ("exact: 65 crop, grid 16", 65, 16),
+        ("preset: 64 crop, grid 21", 64, 21),
+        ("grid 32 on a 64 crop", 64, 32),
+    ),
     strict=True,
-):  # fmt: skip
-    img = denormalize(
-        images_65[0] if size == 65 else images[0], run.cfg.data.mean, run.cfg.data.std
-    )
+):
+    x0 = images_65[0] if size == 65 else images[0]
+    img = denormalize(x0, run.cfg.data.mean, run.cfg.data.std)
     ax.imshow(img, extent=(-0.5, size - 0.5, size - 0.5, -0.5), alpha=0.45)
     h = (size + 3) // 4
-    centres = np.arange(h) * (size - 1) / (h - 1)  # where feature pixels sit (align_corners)
+    # where feature pixels sit (align_corners)
+    centres = np.arange(h) * (size - 1) / (h - 1)
     fy, fx = np.meshgrid(centres, centres, indexing="ij")
     ax.scatter(fx, fy, s=14, facecolors="none", edgecolors="k", linewidths=0.6)
     pos = np.array(grid_positions(size, g))
@@ -195,7 +205,9 @@ for ax, (name, size, g) in zip(
     ax.scatter(gx, gy, s=3, color="C3")
     ax.set_title(name, fontsize=9)
     ax.axis("off")
-fig.suptitle("black circles: stride-4 feature pixels; red dots: the labeled grid", fontsize=9)
+fig.suptitle(
+    "black circles: stride-4 feature pixels; red dots: the labeled grid", fontsize=9
+)
 plt.tight_layout()
 plt.show()
 
@@ -225,31 +237,30 @@ display(show_source(pseudo_threshold))
 # step 600, so unlike VOC's their threshold is already a little above 0.8 at first:
 
 # %%
-voc_steps_per_epoch, voc_epochs = 638, 80  # VOC 366 labels, 4 GPUs (appendix: timeline)
+# VOC 366 labels, 4 GPUs (appendix: timeline)
+voc_steps_per_epoch, voc_epochs = 638, 80
 p = cfg_brpg.proto
 digits_total = cfg_brpg.train.steps
 frac = np.linspace(0, 1, 401)
 voc_thr = [
-    pseudo_threshold(int(f * voc_epochs * voc_steps_per_epoch), voc_steps_per_epoch, voc_epochs)
-    for f in frac
-]
-digits_thr = [
     pseudo_threshold(
-        int(f * digits_total),
-        1,
-        digits_total,
-        p.thr_start,
-        p.thr_end,
-        p.thr_delay_steps,
-        p.thr_clamp_low,
-    )  # fmt: skip
+        int(f * voc_epochs * voc_steps_per_epoch), voc_steps_per_epoch, voc_epochs
+    )
     for f in frac
 ]
-voc_start = 2 / voc_epochs  # clustering after epoch 1 (S = 1 warm-up + 1 sampling epoch)
+schedule = (p.thr_start, p.thr_end, p.thr_delay_steps, p.thr_clamp_low)
+digits_thr = [
+    pseudo_threshold(int(f * digits_total), 1, digits_total, *schedule)
+    for f in frac
+]
+# clustering after epoch 1 (S = 1 warm-up + 1 sampling epoch)
+voc_start = 2 / voc_epochs
 digits_start = (p.sample_start_step + p.sample_steps) / digits_total
 fig, ax = plt.subplots(figsize=(7, 3))
 ax.plot(frac, voc_thr, label="PASCAL VOC (80 epochs x 638 steps)")
-ax.plot(frac, digits_thr, "--", label=f"DigitScenes study run ({digits_total:,} steps)")
+ax.plot(
+    frac, digits_thr, "--", label=f"DigitScenes study run ({digits_total:,} steps)"
+)
 ax.axvline(voc_start, color="C0", lw=0.8, ls=":")
 ax.axvline(digits_start, color="C1", lw=0.8, ls=":")
 ax.axhline(0.8, color="0.7", lw=0.8)
@@ -257,14 +268,20 @@ ax.set_xlabel("fraction of training (dotted: L_pro starts)")
 ax.set_ylabel("confidence threshold")
 ax.legend(fontsize=8)
 plt.show()
-thr_voc_start = pseudo_threshold(2 * voc_steps_per_epoch, voc_steps_per_epoch, voc_epochs)
+thr_voc_start = pseudo_threshold(
+    2 * voc_steps_per_epoch, voc_steps_per_epoch, voc_epochs
+)
 print(f"VOC threshold when L_pro starts (epoch 2): {thr_voc_start:.4f}")
-# by hand: 0.8 + 0.15 · (epoch 2 − delay 5) / (80 − 5 epochs) = 0.8 − 0.15 · 3/75 = 0.794
+# by hand: 0.8 + 0.15 · (epoch 2 − delay 5) / (80 − 5 epochs)
+#   = 0.8 − 0.15 · 3/75 = 0.794
 assert abs(thr_voc_start - 0.794) < 1e-12 and abs(voc_thr[-1] - 0.95) < 1e-12
-start_step = p.sample_start_step + p.sample_steps  # the step at which the run clusters
-thr_digits_start = pseudo_threshold(start_step, 1, digits_total, p.thr_start, p.thr_end,
-                                    p.thr_delay_steps, p.thr_clamp_low)  # fmt: skip
-print(f"study run's threshold when L_pro starts (step {start_step}): {thr_digits_start:.4f}")
+# the step at which the run clusters
+start_step = p.sample_start_step + p.sample_steps
+thr_digits_start = pseudo_threshold(start_step, 1, digits_total, *schedule)
+print(
+    f"study run's threshold when L_pro starts (step {start_step}): "
+    f"{thr_digits_start:.4f}"
+)
 # by hand: 0.8 + 0.15 · (600 − 500) / (8000 − 500) = 0.802
 assert p.thr_delay_steps < start_step and abs(thr_digits_start - 0.802) < 1e-12
 
@@ -275,17 +292,25 @@ assert p.thr_delay_steps < start_step and abs(thr_digits_start - 0.802) < 1e-12
 
 # %%
 t0 = time.perf_counter()
-inputs = head_inputs(run, n_unlabeled=128, n_val=200)  # computed once, used below as well
-print(f"model outputs on the labeled, 128 unlabeled and 200 val scenes in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+# computed once, used below as well
+inputs = head_inputs(run, n_unlabeled=128, n_val=200)
+print(
+    "model outputs on the labeled, 128 unlabeled and 200 val scenes in "
+    f"{time.perf_counter() - t0:.0f} s"
+)
 unl = inputs.unl
-conf_u, pseudo_u, truth_u = unl["conf_bhw"], unl["pred_bhw"], unl["labels_small_bhw"]
+conf_u, pseudo_u = unl["conf_bhw"], unl["pred_bhw"]
+truth_u = unl["labels_small_bhw"]
 known = truth_u != 255
 print(" threshold | pixels kept | pseudo-labels right | background share")
 for thr in (0.5, 0.7, 0.794, 0.8, 0.9, 0.95):
     keep = (conf_u >= thr) & known
     right = (pseudo_u[keep] == truth_u[keep]).float().mean().item()
     bg = (pseudo_u[keep] == 0).float().mean().item()
-    print(f"{thr:>10} | {keep.float().sum() / known.sum():>10.1%} | {right:>19.1%} | {bg:>16.1%}")
+    print(
+        f"{thr:>10} | {keep.float().sum() / known.sum():>10.1%} | "
+        f"{right:>19.1%} | {bg:>16.1%}"
+    )
 
 # %% [markdown]
 # ## What L_pro does to a freshly clustered bank
@@ -317,8 +342,10 @@ softmax_acc = inputs.softmax_acc
 mu_v, _ = class_means(*pixel_rows(inputs.val["rep_bdhw"], y_v), num_classes)
 cos_mu = F.cosine_similarity(mu_v[:, None], mu_v[None], dim=2)
 off_diag = cos_mu[~torch.eye(num_classes, dtype=torch.bool)]
-print(f"cosine between the val class means of two different classes: "
-      f"{off_diag.min():.2f} to {off_diag.max():.2f}")  # fmt: skip
+print(
+    "cosine between the val class means of two different classes: "
+    f"{off_diag.min():.2f} to {off_diag.max():.2f}"
+)
 
 # %%
 show_source(train_head)
@@ -344,16 +371,17 @@ for j, name in enumerate(("labeled grid", "unlabeled")):
 ax.set_xlabel("step")
 ax.set_ylabel("loss (10-step mean)")
 ax.legend(fontsize=8)
-ax2.plot(steps_c, [100 * a.pixel for _, a in curve], "o-", ms=3, label="prototypes: pixel acc.")
-ax2.plot(steps_c, [100 * a.mean_class for _, a in curve], "o-", ms=3,
-         label="prototypes: mean class acc.")  # fmt: skip
-ax2.axhline(100 * softmax_acc.pixel, color="C0", ls="--", lw=0.8, label="softmax head: pixel")
-ax2.axhline(100 * softmax_acc.mean_class, color="C1", ls="--", lw=0.8,
-            label="softmax head: mean class")  # fmt: skip
-ax2.axhline(100 * bg_share, color="0.3", ls=":", lw=0.8, label="'background everywhere': pixel")
-ax2.axhline(
-    100 / num_classes, color="0.6", ls=":", lw=0.8, label="'background everywhere': mean class"
-)
+acc_px = [100 * a.pixel for _, a in curve]
+acc_mc = [100 * a.mean_class for _, a in curve]
+ax2.plot(steps_c, acc_px, "o-", ms=3, label="prototypes: pixel acc.")
+ax2.plot(steps_c, acc_mc, "o-", ms=3, label="prototypes: mean class acc.")
+for level, col, style, name in (
+    (100 * softmax_acc.pixel, "C0", "--", "softmax head: pixel"),
+    (100 * softmax_acc.mean_class, "C1", "--", "softmax head: mean class"),
+    (100 * bg_share, "0.3", ":", "'background everywhere': pixel"),
+    (100 / num_classes, "0.6", ":", "'background everywhere': mean class"),
+):
+    ax2.axhline(level, color=col, ls=style, lw=0.8, label=name)
 ax2.set_xlabel("step")
 ax2.set_ylabel("val accuracy (%)")
 ax2.legend(fontsize=7, loc="center right")
@@ -400,17 +428,25 @@ rows = [
     ("softmax head of the model", softmax_acc),
 ]
 for name, acc in rows:
-    print(f"{name:>26}: pixel {100 * acc.pixel:5.1f} %, mean class {100 * acc.mean_class:5.1f} %")
+    print(
+        f"{name:>26}: pixel {100 * acc.pixel:5.1f} %, "
+        f"mean class {100 * acc.mean_class:5.1f} %"
+    )
 print(f"share of background among the val pixels: {100 * bg_share:.1f} %")
 print(
     f"L_pro (labeled grid), mean of the first / last 20 steps: "
     f"{losses_np[:20, 0].mean():.3f} / {losses_np[-20:, 0].mean():.3f}"
 )
 assert last.pixel > first.pixel + 0.1
-assert after10.mean_class < first.mean_class and after10.mean_class < 1.5 / num_classes
+assert (
+    after10.mean_class < first.mean_class and after10.mean_class < 1.5 / num_classes
+)
 assert after40.mean_class < first.mean_class < last.mean_class
 assert losses_np[-20:, 0].mean() < losses_np[:20, 0].mean()
-assert abs(last.pixel - softmax_acc.pixel) < 0.02 and last.mean_class < softmax_acc.mean_class
+assert (
+    abs(last.pixel - softmax_acc.pixel) < 0.02
+    and last.mean_class < softmax_acc.mean_class
+)
 
 # %% [markdown]
 # ## On every seed with saved states
@@ -428,12 +464,14 @@ for seed, (state,) in seeds:
     else:
         inp = head_inputs(state, n_unlabeled=128, n_val=200)
         tr = train_head(state, inp, n_steps=n_steps, every=10, batch=16, seed=0)
-    c0, c10, c40, cN = tr.curve[0][1], tr.curve[1][1], tr.curve[4][1], tr.curve[-1][1]
+    c0, c10, c40, cN = [tr.curve[i][1] for i in (0, 1, 4, -1)]
     sm, n_cls = inp.softmax_acc, inp.bank.num_classes
     print(
         f"{seed}: mean class accuracy {100 * c0.mean_class:.1f} -> "
-        f"{100 * c10.mean_class:.1f} (10 steps) -> {100 * c40.mean_class:.1f} (40) -> "
-        f"{100 * cN.mean_class:.1f} % ({n_steps})\n  pixel accuracy {100 * c0.pixel:.1f} -> "
+        f"{100 * c10.mean_class:.1f} (10 steps) -> "
+        f"{100 * c40.mean_class:.1f} (40) -> "
+        f"{100 * cN.mean_class:.1f} % ({n_steps})\n"
+        f"  pixel accuracy {100 * c0.pixel:.1f} -> "
         f"{100 * cN.pixel:.1f} %; softmax head: pixel {100 * sm.pixel:.1f} %,"
         f" mean class {100 * sm.mean_class:.1f} %"
     )
@@ -457,10 +495,11 @@ print(f"chapter ran in {time.perf_counter() - t_chapter:.0f} s")
 #    for a feature? With $\log\sum_k \exp(\cos_k/\tau)$ instead?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: with the max, a tie: copies change nothing (which is why the official code can pad
-# a class's prototype list with copies). With log-sum-exp, class 0 gains ln 3 = 1.10 logits
-# just for having three slots, so the number of prototypes (APO's choice) would bias the
-# classifier. Checked with the package's bank (tau = 0.1):
+# Solution: with the max, a tie: copies change nothing (which is why the official
+# code can pad a class's prototype list with copies). With log-sum-exp, class 0
+# gains ln 3 = 1.10 logits just for having three slots, so the number of prototypes
+# (APO's choice) would bias the classifier. Checked with the package's bank
+# (tau = 0.1):
 bank3 = PrototypeBank(2, 2, 3, momentum=0.99)
 r = torch.tensor([1.0, 1.0])
 protos3 = torch.stack([r.expand(3, 2), r.expand(3, 2)])  # [2 classes, 3 slots, 2]
@@ -470,7 +509,10 @@ f = torch.tensor([[1.0, 0.5]])
 by_max = bank3.logits(f, 0.1)[0]
 cos = F.cosine_similarity(f, r[None]).item() / 0.1
 by_lse = torch.tensor(
-    [torch.logsumexp(torch.full((3,), cos), 0), torch.logsumexp(torch.full((1,), cos), 0)]
+    [
+        torch.logsumexp(torch.full((3,), cos), 0),
+        torch.logsumexp(torch.full((1,), cos), 0),
+    ]
 )
 print(f"max: {by_max.tolist()}, log-sum-exp: {by_lse.tolist()}")
 assert torch.allclose(by_max[0], by_max[1])
@@ -481,10 +523,12 @@ assert abs(float(by_lse[0] - by_lse[1]) - np.log(3)) < 1e-5
 #    when L_pro starts (epoch 2), and when does it first rise above 0.8?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: 0.8 until the delay of 5 epochs ends, then the same ramp as before: the clamp
-# only removes the dip below 0.8 before the delay.
+# Solution: 0.8 until the delay of 5 epochs ends, then the same ramp as before:
+# the clamp only removes the dip below 0.8 before the delay.
 clamped = [
-    pseudo_threshold(e * voc_steps_per_epoch, voc_steps_per_epoch, voc_epochs, clamp_low=True)
+    pseudo_threshold(
+        e * voc_steps_per_epoch, voc_steps_per_epoch, voc_epochs, clamp_low=True
+    )
     for e in range(voc_epochs + 1)
 ]
 first_above = next(e for e, t in enumerate(clamped) if t > 0.8)

@@ -63,9 +63,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import json
@@ -118,7 +117,11 @@ from brpg.timeline import PHASES, phase_of
 torch.set_num_threads(2)
 RESULTS = PROJECT_ROOT / "results" / "digits"
 # the teacher settings of the DigitScenes presets, for the step check below
-DIGITS_TEACHER = ("semi.entropy_teacher=eval", "semi.ema_buffers=true", "semi.copy_buffers=true")
+DIGITS_TEACHER = (
+    "semi.entropy_teacher=eval",
+    "semi.ema_buffers=true",
+    "semi.copy_buffers=true",
+)
 
 # %% [markdown]
 # ## One training step
@@ -163,12 +166,17 @@ show_source(bank_after)
 check_dir = Path(tempfile.mkdtemp(prefix="brpg-step-check-"))
 t0 = time.perf_counter()
 facts = check_run(check_dir / "digits", check_dir / "run", *DIGITS_TEACHER)
-print(f"12 steps checked against the loop-based reference in {time.perf_counter() - t0:.0f} s")
+print(
+    "12 steps checked against the loop-based reference in "
+    f"{time.perf_counter() - t0:.0f} s"
+)
 display(facts_table(facts))
-# the check is not empty: every term is non-zero in its phase and the memories and L_pro had data
+# the check is not empty: every term is non-zero in its phase and the memories and
+# L_pro had data
 assert all(f["terms"]["loss_sup"] > 0 for f in facts)
 assert all(f["terms"]["loss_unsup"] > 0 for f in facts[3:])
-assert all(f["n_mem"] > 0 for f in facts[4:7]) and all(f["n_u"] > 0 for f in facts[7:])
+assert all(f["n_mem"] > 0 for f in facts[4:7])
+assert all(f["n_u"] > 0 for f in facts[7:])
 shutil.rmtree(check_dir)
 
 # %% [markdown]
@@ -201,7 +209,9 @@ for i, name in enumerate(PHASES):
         ax.barh(0, sel[-1] - sel[0] + 1, left=sel[0], color=colours[i], label=name)
 ax.set_yticks([])
 ax.set_xlabel("step")
-ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.6), frameon=False)
+ax.legend(
+    ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.6), frameon=False
+)
 ax.set_title(f"{cfg.name}: phases", fontsize=9, pad=22)
 plt.show()
 
@@ -238,11 +248,16 @@ trainer = Trainer(live, live_dir, progress=False)
 trainer.load_weights(warm.run_dir)
 summary = trainer.fit()
 print(
-    f"live run: {time.perf_counter() - t0:.0f} s; teacher val mIoU {summary['val_miou']:.1f} %"
+    f"live run: {time.perf_counter() - t0:.0f} s; "
+    f"teacher val mIoU {summary['val_miou']:.1f} %"
     f" (the supervised start: {warm.summary['val_miou']:.1f} %)"
 )
-records = [json.loads(line) for line in (live_dir / "log.jsonl").read_text().splitlines()]
-per_class = next(r["prototypes_per_class"] for r in records if "prototypes_per_class" in r)
+records = [
+    json.loads(line) for line in (live_dir / "log.jsonl").read_text().splitlines()
+]
+per_class = next(
+    r["prototypes_per_class"] for r in records if "prototypes_per_class" in r
+)
 print("prototypes per class after APO:", per_class)
 
 # %%
@@ -250,7 +265,10 @@ fig, ax = plt.subplots(figsize=(7, 2.8))
 for key in ("loss_sup", "loss_unsup", "loss_proto"):
     pts = [(r["step"], r[key]) for r in records if key in r]
     ax.plot(*zip(*pts, strict=True), label=key)
-for s in (live.semi.sup_only_steps, live.proto.sample_start_step + live.proto.sample_steps):
+for s in (
+    live.semi.sup_only_steps,
+    live.proto.sample_start_step + live.proto.sample_steps,
+):
     ax.axvline(s, color="k", lw=0.7, ls="--")
 ax.set_xlabel("step")
 ax.legend(fontsize=8)
@@ -276,7 +294,10 @@ assert first_proto > live.proto.sample_start_step + live.proto.sample_steps
 base = live.proto.num_high + live.proto.num_low
 assert max(per_class) <= base + 2 * live.proto.add_num, per_class
 assert all(np.isfinite(r.get("loss_proto", 0.0)) for r in records)
-print(f"live run: {sum(k == 0 for k in per_class)} of {len(per_class)} classes without prototypes")
+print(
+    f"live run: {sum(k == 0 for k in per_class)} of {len(per_class)} classes "
+    "without prototypes"
+)
 full_counts = {}
 for log in sorted((RESULTS / "digits_brpg_1_16").glob("seed*/log.jsonl")):
     recs = [json.loads(line) for line in log.read_text().splitlines()]
@@ -316,7 +337,10 @@ for seed, counts in full_counts.items():
 
 # %%
 STUDY = PROJECT_ROOT / "results" / "digits_v3"
-print(f"fp32 DigitScenes v3 runs read: {check_fp32(STUDY / 'budget')} (budget calibration)")
+print(
+    f"fp32 DigitScenes v3 runs read: {check_fp32(STUDY / 'budget')} "
+    "(budget calibration)"
+)
 budget_mt = budget_runs(STUDY / "budget", "digits_meanteacher_1_8")
 rule = choose_budget({s: r["val_miou"] for s, r in budget_mt.items()})
 fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharex=True)
@@ -324,15 +348,18 @@ for i, steps_b in enumerate(sorted(budget_mt)):
     log = run_log(STUDY / "budget" / f"steps{steps_b}", "digits_meanteacher_1_8", 0)
     curve = val_curve(log)
     for ax, k in zip(axes, (1, 2), strict=True):
-        ax.plot([c[0] for c in curve], [c[k] for c in curve], "-o", ms=3, color=f"C{i}",
-                label=f"budget {steps_b:,}")  # fmt: skip
+        xs, ys = [c[0] for c in curve], [c[k] for c in curve]
+        ax.plot(xs, ys, "-o", ms=3, color=f"C{i}", label=f"budget {steps_b:,}")
 for ax, name in zip(axes, ("val mIoU (%)", "val mBIoU (%)"), strict=True):
     ax.set_xlabel("step")
     ax.set_ylabel(name)
-    ax.set_xticks(range(0, max(budget_mt) + 1, 4000))  # the default ticks overlap at 16,000
+    # the default ticks overlap at 16,000
+    ax.set_xticks(range(0, max(budget_mt) + 1, 4000))
     ax.grid(alpha=0.3)
 axes[0].legend(fontsize=7)
-fig.suptitle("mean teacher, 1/8 of the labels, seed 0: one run per budget", fontsize=9)
+fig.suptitle(
+    "mean teacher, 1/8 of the labels, seed 0: one run per budget", fontsize=9
+)
 plt.show()
 lines = [
     "| budget B | final mIoU at B | at 2B | difference | within 1.5 |",
@@ -340,15 +367,27 @@ lines = [
 ]
 for b, b2, gap, ok in rule["checks"]:
     lines.append(
-        f"| {b:,} | {budget_mt[b]['val_miou']:.1f} | {budget_mt[b2]['val_miou']:.1f} | {gap:.1f} "
+        f"| {b:,} | {budget_mt[b]['val_miou']:.1f} | "
+        f"{budget_mt[b2]['val_miou']:.1f} | {gap:.1f} "
         f"| {'yes' if ok else 'no'} |"
     )
 display(Markdown("\n".join(lines)))
 if rule["budget"] is None:
-    print("budget not decided yet: the rule still needs runs of", rule["missing"], "steps")
+    print(
+        "budget not decided yet: the rule still needs runs of",
+        rule["missing"],
+        "steps",
+    )
 else:
-    flat = {None: f"not known (no {2 * rule['budget']:,}-step run)", True: "yes", False: "no"}
-    print(f"budget B = {rule['budget']:,} steps; flattened at B: {flat[rule['flattened']]}")
+    flat = {
+        None: f"not known (no {2 * rule['budget']:,}-step run)",
+        True: "yes",
+        False: "no",
+    }
+    print(
+        f"budget B = {rule['budget']:,} steps; "
+        f"flattened at B: {flat[rule['flattened']]}"
+    )
 
 # %% [markdown]
 # **The splits.** At budget $B$ (seed 0) the plan compares the mean teacher with SupOnly at
@@ -366,36 +405,49 @@ if B is not None:
             if r is not None:
                 calib[v, split] = r
     full = budget_runs(STUDY / "budget", "digits_suponly_full").get(B)
-lines = ["| labels | SupOnly mIoU / mBIoU | mean teacher mIoU / mBIoU | mean teacher − SupOnly |",
-         "|---|---|---|---|"]  # fmt: skip
+lines = [
+    "| labels | SupOnly mIoU / mBIoU | mean teacher mIoU / mBIoU "
+    "| mean teacher − SupOnly |",
+    "|---|---|---|---|",
+]
 for split in CALIBRATION_SPLITS:
     sup, mt = calib.get(("suponly", split)), calib.get(("meanteacher", split))
     cells = [
-        f"{r['val_miou']:.1f} / {r['val_mbiou']:.1f}" if r else "not run yet" for r in (sup, mt)
+        f"{r['val_miou']:.1f} / {r['val_mbiou']:.1f}" if r else "not run yet"
+        for r in (sup, mt)
     ]
     gain = signed(mt["val_miou"] - sup["val_miou"]) if sup and mt else "—"
-    lines.append(f"| {split.replace('_', '/')} | {cells[0]} | {cells[1]} | {gain} |")
+    lines.append(
+        f"| {split.replace('_', '/')} | {cells[0]} | {cells[1]} | {gain} |"
+    )
 display(Markdown("\n".join(lines)))
 have = [
-    sp for sp in CALIBRATION_SPLITS if ("suponly", sp) in calib and ("meanteacher", sp) in calib
+    sp
+    for sp in CALIBRATION_SPLITS
+    if ("suponly", sp) in calib and ("meanteacher", sp) in calib
 ]
 splits = study_splits(
     {sp: calib["meanteacher", sp]["val_miou"] for sp in have},
     {sp: calib["suponly", sp]["val_miou"] for sp in have},
 )
-# decided once the two smallest qualifying splits are known, with every smaller split measured
+# decided once the two smallest qualifying splits are known, with every smaller
+# split measured
 decided = B is not None and (
     len(have) == len(CALIBRATION_SPLITS)
     or (
         len(splits) == 2
-        and all(sp in have for sp in CALIBRATION_SPLITS[: CALIBRATION_SPLITS.index(splits[-1]) + 1])
+        and all(
+            sp in have
+            for sp in CALIBRATION_SPLITS[: CALIBRATION_SPLITS.index(splits[-1]) + 1]
+        )
     )
 )
 if decided:
     print("study splits:", ", ".join(sp.replace("_", "/") for sp in splits))
     if full is not None:
         print(
-            f"SupOnly with all labels at B: {full['val_miou']:.1f} % mIoU, {full['val_mbiou']:.1f} % mBIoU"
+            f"SupOnly with all labels at B: {full['val_miou']:.1f} % mIoU, "
+            f"{full['val_mbiou']:.1f} % mBIoU"
         )
 else:
     splits = []
@@ -414,12 +466,19 @@ else:
 
 # %%
 assert rule["budget"] == 8000 and rule["flattened"] is False
-assert all(not ok for *_, ok in rule["checks"]) and min(g for _, _, g, _ in rule["checks"]) > 1.5
-assert rule["checks"][-1][:2] == (8000, 16000) and round(rule["checks"][-1][2], 1) == 3.3
+assert (
+    all(not ok for *_, ok in rule["checks"])
+    and min(g for _, _, g, _ in rule["checks"]) > 1.5
+)
+assert (
+    rule["checks"][-1][:2] == (8000, 16000)
+    and round(rule["checks"][-1][2], 1) == 3.3
+)
 assert [round(budget_mt[s]["val_miou"], 1) for s in (16000, 8000)] == [66.4, 63.2]
 assert splits == ["1_16", "1_8"]
 assert all(
-    calib["meanteacher", sp]["val_miou"] - calib["suponly", sp]["val_miou"] > 10 for sp in splits
+    calib["meanteacher", sp]["val_miou"] - calib["suponly", sp]["val_miou"] > 10
+    for sp in splits
 )
 
 # %% [markdown]
@@ -435,7 +494,14 @@ assert all(
 
 # %%
 STAGES = STUDY / "study"
-VARIANTS = ("suponly", "meanteacher", "plainproto", "brpg", "brpg_nocpg", "brpg_noapo")
+VARIANTS = (
+    "suponly",
+    "meanteacher",
+    "plainproto",
+    "brpg",
+    "brpg_nocpg",
+    "brpg_noapo",
+)
 rows_by_split: dict[str, list] = {}
 for split in splits:
     runs_v = {v: runs_by_seed(STAGES, variant_preset(v, split)) for v in VARIANTS}
@@ -444,7 +510,8 @@ for split in splits:
         continue
     n_split = sum(len(rs) for rs in runs_v.values())
     print(
-        f"{split.replace('_', '/')}: {n_split} runs (all {check_fp32(STAGES)} study runs: fp32, v3)"
+        f"{split.replace('_', '/')}: {n_split} runs "
+        f"(all {check_fp32(STAGES)} study runs: fp32, v3)"
     )
     lines = [
         "| variant | seeds | mIoU mean ± std | mBIoU mean ± std | mIoU per seed |",
@@ -455,13 +522,16 @@ for split in splits:
             m, s = mean_std([r["val_miou"] for r in rs.values()])
             bm, bs = mean_std([r["val_mbiou"] for r in rs.values()])
             n = len(rs)
-            per_seed = ", ".join(f"{k}: {r['val_miou']:.1f}" for k, r in sorted(rs.items()))
+            per_seed = ", ".join(
+                f"{k}: {r['val_miou']:.1f}" for k, r in sorted(rs.items())
+            )
             lines.append(
-                f"| {v} | {n} | {mean_std_text(m, s, n)} | {mean_std_text(bm, bs, n)}"
-                f" | {per_seed} |"
+                f"| {v} | {n} | {mean_std_text(m, s, n)} "
+                f"| {mean_std_text(bm, bs, n)} | {per_seed} |"
             )
     display(Markdown("\n".join(lines)))
-    # paired seeds share everything up to the end of the warm-up (PLAN.md): checked, not assumed
+    # paired seeds share everything up to the end of the warm-up (PLAN.md): checked,
+    # not assumed
     semi_variants = [variant_preset(v, split) for v in WARMUP_SHARED]
     seeds_all = sorted(set().union(*(set(rs) for rs in runs_v.values())))
     for seed in seeds_all:
@@ -469,8 +539,12 @@ for split in splits:
     rows = rows_by_split[split] = compare_split(STAGES, split)
     display(Markdown(format_comparisons(rows)))
     if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.2), sharey=True)
-        plot_comparisons(rows, axes, f"{split.replace('_', '/')} of the labels, budget {B:,}")
+        fig, axes = plt.subplots(
+            1, 2, figsize=(10, 0.5 * len(rows) + 1.2), sharey=True
+        )
+        plot_comparisons(
+            rows, axes, f"{split.replace('_', '/')} of the labels, budget {B:,}"
+        )
         fig.tight_layout()
         plt.show()
 
@@ -483,7 +557,10 @@ for split in splits:
 # %%
 display(Markdown(idea_verdicts(rows_by_split)))
 for split, rows in rows_by_split.items():
-    print(f"{split.replace('_', '/')}, the rule for adding seeds: {more_seeds(rows)[1]}")
+    print(
+        f"{split.replace('_', '/')}, the rule for adding seeds: "
+        f"{more_seeds(rows)[1]}"
+    )
 
 # %% [markdown]
 # **Which part? (stage 3.)** BRPG's own ideas add to plain prototypes at 1/16 (above),
@@ -515,20 +592,28 @@ for split, rows in rows_by_split.items():
 # %%
 STAGE3 = ("brpg_nocpg", "brpg_noapo")  # BRPG − each ablation: which part
 stage3 = {
-    (split, r["b"]): r for split, rows in rows_by_split.items() for r in rows if r["b"] in STAGE3
+    (split, r["b"]): r
+    for split, rows in rows_by_split.items()
+    for r in rows
+    if r["b"] in STAGE3
 }
 for (split, b), r in stage3.items():
     for metric in ("miou", "mbiou"):
         p = r[metric]
-        print(f"brpg − {b} at {split.replace('_', '/')}, {metric}: {p.text}, "
-              f"per seed {', '.join(signed(d) for d in p.diffs)}")  # fmt: skip
+        print(
+            f"brpg − {b} at {split.replace('_', '/')}, {metric}: {p.text}, "
+            f"per seed {', '.join(signed(d) for d in p.diffs)}"
+        )
 for b in STAGE3:  # 1/16: five seeds each, neither interval excludes zero
     for metric in ("miou", "mbiou"):
         p = stage3["1_16", b][metric]
         assert p.seeds == (0, 1, 2, 3, 4) and p.low < 0 < p.high, (b, metric)
-assert [stage3["1_16", b]["miou"].wins for b in STAGE3] == [2, 4]  # CPG off, APO off
-assert stage3["1_16", "brpg_nocpg"]["miou"].diffs[4] < -2.5  # seed 4: CPG off ahead by about 3
-cpg8 = stage3["1_8", "brpg_nocpg"]  # 1/8: the confidence split, five seeds, a narrow null
+# BRPG's wins: over CPG off, over APO off
+assert [stage3["1_16", b]["miou"].wins for b in STAGE3] == [2, 4]
+# seed 4: CPG off ahead by about 3
+assert stage3["1_16", "brpg_nocpg"]["miou"].diffs[4] < -2.5
+# 1/8: the confidence split, five seeds, a narrow null
+cpg8 = stage3["1_8", "brpg_nocpg"]
 for metric in ("miou", "mbiou"):
     p = cpg8[metric]
     assert p.seeds == (0, 1, 2, 3, 4) and -0.55 < p.low < 0 < p.high < 0.65, metric
@@ -558,27 +643,44 @@ primary_by_split = {
     for split, rows in rows_by_split.items()
 }
 for split, primary in primary_by_split.items():
-    stage3_pairs = [("brpg", b) for (s, b), r in stage3.items() if s == split and r["miou"].n >= 2]
+    stage3_pairs = [
+        ("brpg", b)
+        for (s, b), r in stage3.items()
+        if s == split and r["miou"].n >= 2
+    ]
     panels = primary + stage3_pairs
     if not panels:
         print(f"{split.replace('_', '/')}: no comparison with two seeds yet")
         continue
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.3 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 2, figsize=(11, 2.3 * len(panels)), squeeze=False
+    )
     resolved_lines = []
     for i, (a, b) in enumerate(panels):
-        for j, (metric, name) in enumerate((("miou", "IoU"), ("mbiou", "Boundary IoU"))):
+        for j, (metric, name) in enumerate(
+            (("miou", "IoU"), ("mbiou", "Boundary IoU"))
+        ):
             per_class = compare_classes(STAGES, split, a, b, metric)
-            title = f"{a} − {b}, {name} per class ({split.replace('_', '/')}, points)"
-            plot_class_differences(per_class, axes[i, j], list(DIGIT_CLASSES), title)
+            title = (
+                f"{a} − {b}, {name} per class ({split.replace('_', '/')}, points)"
+            )
+            plot_class_differences(
+                per_class, axes[i, j], list(DIGIT_CLASSES), title
+            )
             resolved = [
                 f"{DIGIT_CLASSES[c]} ({signed(p.mean)})"
                 for c, p in enumerate(per_class)
                 if p.excludes_zero
             ]
-            resolved_lines.append(f"{a} − {b}, {name}: {', '.join(resolved) or 'none'}")
+            resolved_lines.append(
+                f"{a} − {b}, {name}: {', '.join(resolved) or 'none'}"
+            )
     fig.tight_layout()
     plt.show()
-    print("classes whose 95 % interval excludes zero:\n  " + "\n  ".join(resolved_lines))
+    print(
+        "classes whose 95 % interval excludes zero:\n  "
+        + "\n  ".join(resolved_lines)
+    )
 
 # %% [markdown]
 # **Along the runs.** The plan compares the variants at the budget. If a difference appeared
@@ -605,24 +707,38 @@ for split, primary in primary_by_split.items():
             curve = paired_curve(STAGES, split, a, b, metric)
             plot_paired_curve(curve, ax, f"{a} − {b}", f"C{i}")
             at = dict(curve)
-            assert set(at[500].diffs) == {0.0}  # one run per seed until the warm-up ends
+            # one run per seed until the warm-up ends
+            assert set(at[500].diffs) == {0.0}
             cells = [at[c].text for c in checkpoints]
-            lines.append(f"  {'mIoU' if metric == 'miou' else 'mBIoU':<6}" + " / ".join(cells))
+            lines.append(
+                f"  {'mIoU' if metric == 'miou' else 'mBIoU':<6}"
+                + " / ".join(cells)
+            )
     for ax, name in zip(axes, ("mIoU", "mBIoU"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel(f"paired difference, {name}")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{split.replace('_', '/')}: the primary comparisons along the runs"
-                 " (mean paired difference, 95 % interval)", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"{split.replace('_', '/')}: the primary comparisons along the runs"
+        " (mean paired difference, 95 % interval)",
+        fontsize=9,
+    )
     plt.show()
     steps_text = " / ".join(f"{c:,}" for c in checkpoints)
-    print(f"{split.replace('_', '/')}, at {steps_text} steps:\n  " + "\n  ".join(lines))
-    gains = {v: late_gain(STAGES, variant_preset(v, split), 6000, 8000) for v in VARIANTS}
+    print(
+        f"{split.replace('_', '/')}, at {steps_text} steps:\n  "
+        + "\n  ".join(lines)
+    )
+    gains = {
+        v: late_gain(STAGES, variant_preset(v, split), 6000, 8000) for v in VARIANTS
+    }
     gains = {v: g for v, g in gains.items() if g is not None}
-    print("mIoU gained from step 6,000 to 8,000 (mean over seeds):\n  "
-          + ", ".join(f"{v} {signed(g)}" for v, g in gains.items()))  # fmt: skip
-    # the semi-supervised runs are still improving at the budget: 8,000 steps is a budget,
-    # not convergence (what the README and the verdict say)
+    print(
+        "mIoU gained from step 6,000 to 8,000 (mean over seeds):\n  "
+        + ", ".join(f"{v} {signed(g)}" for v, g in gains.items())
+    )
+    # the semi-supervised runs are still improving at the budget: 8,000 steps is a
+    # budget, not convergence (what the README and the verdict say)
     assert all(g > 0 for v, g in gains.items() if v != "suponly"), gains
 
 # %% [markdown]
@@ -721,15 +837,21 @@ lines = []
 for split in SPLITS:
     sup, mt, br = (table[m, split] for m in METHODS)
     if None in (sup, mt, br):
-        lines.append(f"* {split.replace('_', '/')}: not all three methods have been run yet.")
+        lines.append(
+            f"* {split.replace('_', '/')}: not all three methods have been run yet."
+        )
         continue
-    mt_s, br_s = by_seed(f"digits_meanteacher_{split}"), by_seed(f"digits_brpg_{split}")
+    mt_s = by_seed(f"digits_meanteacher_{split}")
+    br_s = by_seed(f"digits_brpg_{split}")
     paired = [br_s[k] - mt_s[k] for k in sorted(mt_s.keys() & br_s.keys())]
     lines.append(
-        f"* {split.replace('_', '/')}: mean teacher {signed(mt[0] - sup[0])} points over SupOnly, "
+        f"* {split.replace('_', '/')}: "
+        f"mean teacher {signed(mt[0] - sup[0])} points over SupOnly, "
         f"BRPG {signed(br[0] - mt[0])} over the mean teacher "
-        f"(seeds: {sup[2]} / {mt[2]} / {br[2]}; std {sup[1]:.1f} / {mt[1]:.1f} / {br[1]:.1f}); "
-        f"BRPG above the mean teacher of the same seed in {sum(d > 0 for d in paired)} of "
+        f"(seeds: {sup[2]} / {mt[2]} / {br[2]}; "
+        f"std {sup[1]:.1f} / {mt[1]:.1f} / {br[1]:.1f}); "
+        "BRPG above the mean teacher of the same seed in "
+        f"{sum(d > 0 for d in paired)} of "
         f"{len(paired)} seeds ({', '.join(signed(d) for d in paired)})."
     )
 brpg_s = by_seed(ABLATIONS["BRPG"])
@@ -741,8 +863,9 @@ for label, name in list(ABLATIONS.items())[1:]:
         continue
     diffs = ", ".join(signed(brpg_s[k] - var_s[k]) for k in common)
     lines.append(
-        f"* {label}, 1/16: BRPG minus this variant on the {len(common)} seed(s) both have: "
-        f"{diffs} points; BRPG's own seed-to-seed std is {table['BRPG', '1_16'][1]:.1f}."
+        f"* {label}, 1/16: BRPG minus this variant on the {len(common)} seed(s) "
+        f"both have: {diffs} points; "
+        f"BRPG's own seed-to-seed std is {table['BRPG', '1_16'][1]:.1f}."
     )
 display(Markdown("\n".join(lines)))
 
@@ -769,12 +892,14 @@ for split in SPLITS:
 #    run to continue exactly, and from which step on does L_pro train?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: the phase depends on the step number alone: 500 warm-up steps, then the sampling
-# window 500-599, so step 550 samples, and the checkpoint must hold the half-filled CPG
-# memories (it does; the prototypes do not exist yet). The clustering runs before step 600,
-# and L_pro trains from step 600 on.
+# Solution: the phase depends on the step number alone: 500 warm-up steps, then the
+# sampling window 500-599, so step 550 samples, and the checkpoint must hold the
+# half-filled CPG memories (it does; the prototypes do not exist yet). The
+# clustering runs before step 600, and L_pro trains from step 600 on.
 cfg8 = load_config("digits_brpg_1_16")
-first_proto = next(s for s in range(cfg8.train.steps) if phase_of(s, cfg8) == "proto")
+first_proto = next(
+    s for s in range(cfg8.train.steps) if phase_of(s, cfg8) == "proto"
+)
 print(f"step 550: {phase_of(550, cfg8)}; L_pro from step {first_proto}")
 assert phase_of(550, cfg8) == "sampling" and first_proto == 600
 
@@ -784,9 +909,10 @@ assert phase_of(550, cfg8) == "sampling" and first_proto == 600
 #    of warm-up, one of sampling)?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: 25 %, 5 % and 70 % here against 1.25 %, 1.25 % and 97.5 % on VOC. The preset
-# gives the warm-up and the sampling window far more of the run, because 2,000 steps from a
-# random start would otherwise leave the teacher too weak to label anything.
+# Solution: 25 %, 5 % and 70 % here against 1.25 %, 1.25 % and 97.5 % on VOC. The
+# preset gives the warm-up and the sampling window far more of the run, because
+# 2,000 steps from a random start would otherwise leave the teacher too weak to
+# label anything.
 steps8 = [phase_of(s, cfg8) for s in range(cfg8.train.steps)]
 share8 = {p: steps8.count(p) / len(steps8) for p in ("warmup", "sampling", "proto")}
 print(

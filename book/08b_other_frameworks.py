@@ -47,9 +47,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import json
@@ -175,13 +174,18 @@ try:
         t0 = time.perf_counter()
         trainer = Trainer(cfg, run_dir, progress=False)
         trainer.load_weights(warm.run_dir)
-        start = trainer.evaluate()["miou"]  # the warm model on this run's (version-3) val set
+        # the warm model on this run's (version-3) val set
+        start = trainer.evaluate()["miou"]
         summary = trainer.fit()
-        records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(ln)
+            for ln in (run_dir / "log.jsonl").read_text().splitlines()
+        ]
         live_runs[name] = (cfg, summary, records)
         print(
             f"{preset} ({steps} steps): {time.perf_counter() - t0:.0f} s,"
-            f" val mIoU {summary['val_miou']:.1f} % (start, same val set: {start:.1f} %)"
+            f" val mIoU {summary['val_miou']:.1f} %"
+            f" (start, same val set: {start:.1f} %)"
         )
 finally:
     for n, fn in originals.items():
@@ -189,7 +193,9 @@ finally:
 display(
     Markdown(
         "| framework | call | steps |\n|---|---|---|\n"
-        + "\n".join(f"| {fw} | `{what}` | {k} |" for (fw, what), k in sorted(calls.items()))
+        + "\n".join(
+            f"| {fw} | `{what}` | {k} |" for (fw, what), k in sorted(calls.items())
+        )
     )
 )
 
@@ -200,11 +206,16 @@ for key in ("loss_sup", "loss_s1", "loss_s2", "loss_fp", "loss_proto"):
     pts = [(r["step"], r[key]) for r in rec_u if key in r]
     if pts:
         ax.plot(*zip(*pts, strict=True), label=key)
-for s in (cfg_u.semi.sup_only_steps, cfg_u.proto.sample_start_step + cfg_u.proto.sample_steps):
+for s in (
+    cfg_u.semi.sup_only_steps,
+    cfg_u.proto.sample_start_step + cfg_u.proto.sample_steps,
+):
     ax.axvline(s, color="k", lw=0.7, ls="--")
 ax.set_xlabel("step")
 ax.legend(fontsize=8, ncol=3)
-ax.set_title("live UniMatch + BRPG run (dashed: end of warm-up, clustering)", fontsize=9)
+ax.set_title(
+    "live UniMatch + BRPG run (dashed: end of warm-up, clustering)", fontsize=9
+)
 plt.show()
 
 # %% [markdown]
@@ -225,10 +236,12 @@ for name, (cfg, _, records) in live_runs.items():
     }
     for method_name in ("observe", "loss"):
         for ph, k in expected.items():
-            assert calls[name, f"{method_name} in {ph}"] == k, (name, method_name, ph, calls)
+            call = f"{method_name} in {ph}"
+            assert calls[name, call] == k, (name, method_name, ph, calls)
         assert calls[name, f"{method_name} in warmup"] == 0
     proto_steps = [r["step"] for r in records if "loss_proto" in r]
-    assert proto_steps and min(proto_steps) > end  # log records carry the step count after it
+    # log records carry the step count after it
+    assert proto_steps and min(proto_steps) > end
 print("both frameworks drive the same BRPGPlugin methods, in the same phases")
 
 # %% [markdown]
@@ -246,15 +259,31 @@ print("both frameworks drive the same BRPGPlugin methods, in the same phases")
 # %%
 runs = load_runs(RESULTS)
 PAIRS = [
-    ("DeepLabV3+ (small CNN), mean teacher", "digits_meanteacher_1_16", "digits_brpg_1_16"),
-    ("DeepLabV3+ (small CNN), UniMatch", "digits_unimatch_1_16", "digits_unimatch_brpg_1_16"),
+    (
+        "DeepLabV3+ (small CNN), mean teacher",
+        "digits_meanteacher_1_16",
+        "digits_brpg_1_16",
+    ),
+    (
+        "DeepLabV3+ (small CNN), UniMatch",
+        "digits_unimatch_1_16",
+        "digits_unimatch_brpg_1_16",
+    ),
     (
         "SegFormer (MiT-B0), mean teacher",
         "digits_segformer_meanteacher_1_16",
         "digits_segformer_brpg_1_16",
     ),
-    ("DeepLabV3+ (small CNN), mean teacher, 1/8", "digits_meanteacher_1_8", "digits_brpg_1_8"),
-    ("DeepLabV3+ (small CNN), UniMatch, 1/8", "digits_unimatch_1_8", "digits_unimatch_brpg_1_8"),
+    (
+        "DeepLabV3+ (small CNN), mean teacher, 1/8",
+        "digits_meanteacher_1_8",
+        "digits_brpg_1_8",
+    ),
+    (
+        "DeepLabV3+ (small CNN), UniMatch, 1/8",
+        "digits_unimatch_1_8",
+        "digits_unimatch_brpg_1_8",
+    ),
 ]
 
 
@@ -283,7 +312,9 @@ for label, alone, with_brpg in PAIRS:
     seeds = sorted(set(a) & set(b))
     paired[label] = [b[k] - a[k] for k in seeds]
     diffs = ", ".join(signed(d) for d in paired[label]) or "—"
-    lines.append(f"| {label} | {fmt(list(a.values()))} | {fmt(list(b.values()))} | {diffs} |")
+    lines.append(
+        f"| {label} | {fmt(list(a.values()))} | {fmt(list(b.values()))} | {diffs} |"
+    )
 display(Markdown("val mIoU (%)\n\n" + "\n".join(lines)))
 
 # %%
@@ -291,11 +322,13 @@ measured = {k: v for k, v in paired.items() if v}
 for label, diffs in measured.items():
     ahead, behind = sum(d > 0.05 for d in diffs), sum(d < -0.05 for d in diffs)
     print(
-        f"{label}: BRPG ahead in {ahead}, behind in {behind}, within 0.05 points in "
-        f"{len(diffs) - ahead - behind} of {len(diffs)} paired seeds, mean "
+        f"{label}: BRPG ahead in {ahead}, behind in {behind}, "
+        f"within 0.05 points in {len(diffs) - ahead - behind} of {len(diffs)} "
+        "paired seeds, mean "
         f"{signed(sum(diffs) / len(diffs))} points"
     )
-assert "DeepLabV3+ (small CNN), mean teacher" in measured  # chapter 8's committed runs
+# chapter 8's committed runs
+assert "DeepLabV3+ (small CNN), mean teacher" in measured
 missing = [label for label, diffs in paired.items() if len(diffs) < 3]
 print("fewer than 3 paired seeds so far:", "; ".join(missing) or "none")
 
@@ -343,17 +376,20 @@ mt_a = by_seed("digits_meanteacher_1_16")
 uni_seeds = sorted(set(uni_a) & set(uni_b))
 assert len(uni_seeds) >= 3
 for k in uni_seeds:
-    assert uni_a[k] < mt_a[k] and abs(uni_a[k] - supo[k]) < 1.5  # at SupOnly's level
+    # at SupOnly's level
+    assert uni_a[k] < mt_a[k] and abs(uni_a[k] - supo[k]) < 1.5
 uni_d = paired["DeepLabV3+ (small CNN), UniMatch"]
 d_mean, d_std = mean_std(uni_d)
 assert min(uni_d) < 0 < max(uni_d)  # ahead in some seeds, behind in others
-assert sorted(round(d, 1) for d in uni_d if d > 0) == [1.0, 2.3]  # the two seeds ahead
+# the two seeds ahead
+assert sorted(round(d, 1) for d in uni_d if d > 0) == [1.0, 2.3]
 assert abs(d_mean) < d_std  # the mean difference is within its spread
 # a larger spread in these three seeds (the prose says no more than that)
 assert mean_std(list(uni_b.values()))[1] > mean_std(list(uni_a.values()))[1]
 worst = min(uni_seeds, key=lambda k: uni_b[k] - uni_a[k])
 assert worst == 0 and uni_b[0] < uni_a[0] - 5
-worst_run, alone_run = run_of("digits_unimatch_brpg_1_16")[0], run_of("digits_unimatch_1_16")[0]
+worst_run = run_of("digits_unimatch_brpg_1_16")[0]
+alone_run = run_of("digits_unimatch_1_16")[0]
 other_bg = [
     r["per_class_iou"][0]
     for n in ("digits_unimatch_1_16", "digits_unimatch_brpg_1_16")
@@ -363,25 +399,34 @@ other_bg = [
 assert worst_run["per_class_iou"][0] < min(other_bg) - 4  # the background IoU drops
 assert all(
     x < y
-    for x, y in zip(worst_run["per_class_iou"][1:], alone_run["per_class_iou"][1:], strict=True)
+    for x, y in zip(
+        worst_run["per_class_iou"][1:], alone_run["per_class_iou"][1:], strict=True
+    )
 )
-print(f"UniMatch 1/16: BRPG − alone {signed(d_mean)} ± {d_std:.1f} points over {len(uni_d)} seeds")
+print(
+    f"UniMatch 1/16: BRPG − alone {signed(d_mean)} ± {d_std:.1f} points "
+    f"over {len(uni_d)} seeds"
+)
 supo8 = by_seed("digits_suponly_1_8")
 mt8 = by_seed("digits_meanteacher_1_8")
 uni8_a, uni8_b = by_seed("digits_unimatch_1_8"), by_seed("digits_unimatch_brpg_1_8")
 uni8_seeds = sorted(set(uni8_a) & set(uni8_b))
 assert len(uni8_seeds) >= 3
 for k in uni8_seeds:
-    assert 1.0 <= uni8_a[k] - supo8[k] <= 4.0 and uni8_a[k] < mt8[k]  # above SupOnly, below MT
+    # above SupOnly, below MT
+    assert 1.0 <= uni8_a[k] - supo8[k] <= 4.0 and uni8_a[k] < mt8[k]
     assert uni8_b[k] < mt8[k]  # UniMatch + BRPG below the mean teacher alone
 uni8_d = paired["DeepLabV3+ (small CNN), UniMatch, 1/8"]
 mt8_d = paired["DeepLabV3+ (small CNN), mean teacher, 1/8"]
-assert all(4.5 <= d <= 6.5 for d in uni8_d)  # ahead in every seed, by about 5 to 6.5
+# ahead in every seed, by about 5 to 6.5
+assert all(4.5 <= d <= 6.5 for d in uni8_d)
 assert min(uni8_d) > max(mt8_d) and all(2.0 <= d <= 4.0 for d in mt8_d)
 print(
-    f"UniMatch 1/8: BRPG − alone {signed(mean_std(uni8_d)[0])} ± {mean_std(uni8_d)[1]:.1f} points"
+    f"UniMatch 1/8: BRPG − alone {signed(mean_std(uni8_d)[0])} "
+    f"± {mean_std(uni8_d)[1]:.1f} points"
 )
-seg_a, seg_b = by_seed("digits_segformer_meanteacher_1_16"), by_seed("digits_segformer_brpg_1_16")
+seg_a = by_seed("digits_segformer_meanteacher_1_16")
+seg_b = by_seed("digits_segformer_brpg_1_16")
 assert len(set(seg_a) & set(seg_b)) >= 3
 assert max(seg_a.values()) < mt_small - 10  # far below the small CNN
 assert all(abs(d) < 1.0 for d in paired["SegFormer (MiT-B0), mean teacher"])
@@ -391,7 +436,10 @@ background_only = [
     for r in runs[name]
     if max(r["per_class_iou"][1:]) == 0.0
 ]
-print("SegFormer runs that predict no digit at all:", "; ".join(sorted(background_only)))
+print(
+    "SegFormer runs that predict no digit at all:",
+    "; ".join(sorted(background_only)),
+)
 assert background_only
 
 # %% [markdown]
@@ -405,9 +453,10 @@ assert background_only
 #    the plain mean over the confident pixels?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: it is a quarter of it. Summing over the confident pixels and dividing by all of
-# them scales the mean by the confident share, so UniMatch's unlabeled terms start weak and
-# grow as the teacher becomes sure of more pixels. Checked with the package's confident_ce:
+# Solution: it is a quarter of it. Summing over the confident pixels and dividing
+# by all of them scales the mean by the confident share, so UniMatch's unlabeled
+# terms start weak and grow as the teacher becomes sure of more pixels. Checked with
+# the package's confident_ce:
 g = torch.Generator().manual_seed(0)
 logits_x = torch.randn(2, 11, 16, 16, generator=g)
 pseudo_x = torch.randint(0, 11, (2, 16, 16), generator=g)
@@ -417,7 +466,8 @@ ce_x = torch.nn.functional.cross_entropy(logits_x, pseudo_x, reduction="none")
 uni = float(confident_ce(logits_x, pseudo_x, conf_x, 0.95))
 mean_conf = float(ce_x[conf_x >= 0.95].mean())
 print(
-    f"UniMatch {uni:.4f} = {uni / mean_conf:.3f} x the mean over confident pixels {mean_conf:.4f}"
+    f"UniMatch {uni:.4f} = {uni / mean_conf:.3f} x the mean over confident pixels "
+    f"{mean_conf:.4f}"
 )
 assert abs(uni / mean_conf - 0.25) < 1e-6
 
@@ -426,12 +476,16 @@ assert abs(uni / mean_conf - 0.25) < 1e-6
 #    What does UniMatch's unlabeled term return then, and can the step still backpropagate?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: exactly 0, still connected to the logits, so backward() runs and gives zero
-# gradients (no NaN from an empty mean, unlike the official L_pro on an empty selection, Q19).
+# Solution: exactly 0, still connected to the logits, so backward() runs and gives
+# zero gradients (no NaN from an empty mean, unlike the official L_pro on an empty
+# selection, Q19).
 logits_0 = torch.randn(2, 11, 16, 16, generator=g, requires_grad=True)
 loss_0 = confident_ce(logits_0, pseudo_x, torch.zeros(2, 16, 16), 0.95)
 loss_0.backward()
-print(f"loss {float(loss_0.detach())}, gradient max {float(logits_0.grad.abs().max())}")
+print(
+    f"loss {float(loss_0.detach())}, "
+    f"gradient max {float(logits_0.grad.abs().max())}"
+)
 assert (
     float(loss_0.detach()) == 0.0
     and logits_0.grad is not None

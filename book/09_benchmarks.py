@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -42,9 +42,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import importlib.util
@@ -136,11 +135,15 @@ display(
 )
 for b in BENCHMARKS.values():
     assert len(b.class_names) == len(b.palette) == b.num_classes
-# A consistency check, not an independent one: the pool sizes and the labeled counts are both
-# typed into one module (brpg.prepare.splits). Every published 1/k split labels ⌈pool / k⌉
-# images, so a typo in either constant breaks this rule. The counts are checked against the
-# published lists themselves further down, where the lists are available.
-fractions = {"pascal": ("blended", (16, 8, 4, 2)), "cityscapes": ("fine", (16, 8, 4, 2))}
+# A consistency check, not an independent one: the pool sizes and the labeled
+# counts are both typed into one module (brpg.prepare.splits). Every published 1/k
+# split labels ⌈pool / k⌉ images, so a typo in either constant breaks this rule.
+# The counts are checked against the published lists themselves further down, where
+# the lists are available.
+fractions = {
+    "pascal": ("blended", (16, 8, 4, 2)),
+    "cityscapes": ("fine", (16, 8, 4, 2)),
+}
 fractions["coco"] = ("fraction", (128, 64, 32, 16))
 for b in BENCHMARKS.values():
     setting, ks = fractions[b.name]
@@ -157,7 +160,9 @@ fig, axes = plt.subplots(2, 1, figsize=(10, 2.2))
 for ax, b in zip(axes, (VOC, CITYSCAPES), strict=True):
     ax.imshow(np.array(b.palette, np.uint8)[None], aspect="auto")
     ax.set_yticks([])
-    ax.set_xticks(range(b.num_classes), b.class_names, rotation=60, fontsize=7, ha="right")
+    ax.set_xticks(
+        range(b.num_classes), b.class_names, rotation=60, fontsize=7, ha="right"
+    )
     ax.set_title(b.title, fontsize=9)
 plt.tight_layout()
 plt.show()
@@ -191,11 +196,25 @@ for b in BENCHMARKS.values():
             denominator = round(pools[setting] / n)
             assert n == math.ceil(pools[setting] / denominator), (b.name, split)
             rows.append(
-                [b.name, setting, split, f"{n:,}", f"1/{denominator}", f"{b.train_size - n:,}"]
+                [
+                    b.name,
+                    setting,
+                    split,
+                    f"{n:,}",
+                    f"1/{denominator}",
+                    f"{b.train_size - n:,}",
+                ]
             )
 display(
     table(
-        ["data set", "setting", "split folder", "labeled", "fraction of the pool", "unlabeled"],
+        [
+            "data set",
+            "setting",
+            "split folder",
+            "labeled",
+            "fraction of the pool",
+            "unlabeled",
+        ],
         rows,
     )
 )
@@ -238,16 +257,25 @@ if SHARED.is_dir():
     assert not labeled["pascal", "92"] <= labeled["pascal", "183"]  # not nested
     n_cs = len(read_lines(SHARED / "cityscapes" / "1488" / "unlabeled.txt"))
     print(f"Cityscapes 1488: {n_cs} unlabeled images")
-    assert n_cs == 1487  # one fewer unlabeled than labeled: the official loader drops one
-    # A line is leftImg8bit/<split>/<city>/<frame>: labeled + unlabeled of one split = the pool.
+    # one fewer unlabeled than labeled: the official loader drops one
+    assert n_cs == 1487
+    # A line is leftImg8bit/<split>/<city>/<frame>: labeled + unlabeled of one
+    # split = the pool.
     cs_train = [
         *labeled["cityscapes", "1488"],
         *read_lines(SHARED / "cityscapes/1488/unlabeled.txt"),
     ]
     cities = Counter(line.split("/")[2] for line in cs_train)
-    print(f"Cityscapes training frames: {len(cs_train):,} from {len(cities)} cities;", end=" ")
+    print(
+        f"Cityscapes training frames: {len(cs_train):,} from {len(cities)} cities;",
+        end=" ",
+    )
     print(f"Strasbourg {cities['strasbourg']}, Zürich {cities['zurich']}")
-    assert len(cs_train) == CITYSCAPES.train_size and cities["strasbourg"] and cities["zurich"]
+    assert (
+        len(cs_train) == CITYSCAPES.train_size
+        and cities["strasbourg"]
+        and cities["zurich"]
+    )
 else:
     print(f"{SHARED} is absent: the published lists are not checked here.")
 
@@ -315,10 +343,11 @@ print(f"VOC 500x375 in a 513 crop: {pad_share:.1%} of the crop is padding")
 print(f"Cityscapes 769 centre crop: {crop_share:.1%} of the 2048x1024 frame")
 assert 640 < COCO.in_training_eval.crop_size  # the COCO crop holds any COCO image
 
-# Measured with the presets' own val crop and scoring: a VOC-sized prediction with a 10-px
-# band of background taken for the object. The val transform pads the label with
-# data.pad_label, 255 (our default, ignored) or 0 (the official value, scored as background).
-# The prediction is padded with 0: the model sees the mean colour there and says background.
+# Measured with the presets' own val crop and scoring: a VOC-sized prediction with
+# a 10-px band of background taken for the object. The val transform pads the label
+# with data.pad_label, 255 (our default, ignored) or 0 (the official value, scored
+# as background). The prediction is padded with 0: the model sees the mean colour
+# there and says background.
 target_hw = torch.zeros(voc_h, voc_w, dtype=torch.long)
 target_hw[100:300, 100:400] = 1  # an object
 pred_hw = target_hw.clone()
@@ -326,7 +355,9 @@ pred_hw[90:100, 100:400] = 1  # a 10-px band of background predicted as the obje
 image = tv_tensors.Image(torch.zeros(3, voc_h, voc_w, dtype=torch.uint8))
 voc_sup = "voc_suponly_classic_1464"
 crop = {
-    pl: build_eval_transform(load_config(voc_sup, [f"data.pad_label={pl}"]).data, 513)
+    pl: build_eval_transform(
+        load_config(voc_sup, [f"data.pad_label={pl}"]).data, 513
+    )
     for pl in (255, 0)
 }
 pad_p = crop[0](image, tv_tensors.Mask(pred_hw))[1]
@@ -335,31 +366,46 @@ for pad_label in (255, 0):
     cm = ConfusionMatrix(2)
     cm.update(pad_p, crop[pad_label](image, tv_tensors.Mask(target_hw))[1])
     bg_iou[pad_label] = cm.iou()[0].item()
-print(f"background IoU, label padded with 255: {bg_iou[255]:.4f}; with 0: {bg_iou[0]:.4f}")
-# That 0 raises the IoU is arithmetic: the border adds the same correct pixels to the
-# intersection and to the union. The check is on the exact values, which a crop that loses or
-# shifts pixels, a pad_label that does not reach the val crop, or a metric that counts 255
-# would each change: with 255 the score is the unpadded image's, with 0 the border joins both.
+print(
+    f"background IoU, label padded with 255: {bg_iou[255]:.4f}; "
+    f"with 0: {bg_iou[0]:.4f}"
+)
+# That 0 raises the IoU is arithmetic: the border adds the same correct pixels to
+# the intersection and to the union. The check is on the exact values, which a crop
+# that loses or shifts pixels, a pad_label that does not reach the val crop, or a
+# metric that counts 255 would each change: with 255 the score is the unpadded
+# image's, with 0 the border joins both.
 n_bg = int((target_hw == 0).sum())
 n_wrong = int(((pred_hw == 1) & (target_hw == 0)).sum())
 n_border = 513**2 - voc_h * voc_w
-expected = {255: (n_bg - n_wrong) / n_bg, 0: (n_bg - n_wrong + n_border) / (n_bg + n_border)}
-assert all(math.isclose(bg_iou[k], expected[k], rel_tol=1e-6) for k in expected), expected
+expected = {
+    255: (n_bg - n_wrong) / n_bg,
+    0: (n_bg - n_wrong + n_border) / (n_bg + n_border),
+}
+assert all(math.isclose(bg_iou[k], expected[k], rel_tol=1e-6) for k in expected), (
+    expected
+)
 
 cs = CITYSCAPES.offline_eval
 assert (cs.protocol, cs.crop_size, cs.stride) == ("sliding", 769, 513)
 assert cs.stride == sliding_stride(769) == math.ceil(769 * 2 / 3)
-ys, xs = window_starts(1024, cs.crop_size, cs.stride), window_starts(2048, cs.crop_size, cs.stride)
+ys = window_starts(1024, cs.crop_size, cs.stride)
+xs = window_starts(2048, cs.crop_size, cs.stride)
 coverage = np.zeros((1024, 2048), np.int64)
 for y in ys:
     for x in xs:
         coverage[y : y + cs.crop_size, x : x + cs.crop_size] += 1
-print(f"sliding window: rows start at {ys}, columns at {xs}: {len(ys) * len(xs)} windows")
+print(
+    f"sliding window: rows start at {ys}, columns at {xs}: "
+    f"{len(ys) * len(xs)} windows"
+)
 print(f"every pixel seen {coverage.min()} to {coverage.max()} times")
 assert len(ys) * len(xs) == 8 and coverage.min() == 1 and coverage.max() == 6
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(12, 3), gridspec_kw={"width_ratios": [1, 2, 2]})
+fig, axes = plt.subplots(
+    1, 3, figsize=(12, 3), gridspec_kw={"width_ratios": [1, 2, 2]}
+)
 voc_crop = np.zeros((513, 513))
 top, left = (513 - voc_h) // 2, (513 - voc_w) // 2
 voc_crop[top : top + voc_h, left : left + voc_w] = 1
@@ -389,15 +435,19 @@ plt.show()
 
 # %%
 def p_scale_below(t: float) -> float:
-    """P(s < t) for the official scale draw (U(0.5, 1) or U(1, 2), each with probability 1/2)."""
+    """P(s < t) for the official scale draw (U(0.5, 1) or U(1, 2), each with
+    probability 1/2)."""
     return 0.5 * min(max(t - 0.5, 0) / 0.5, 1) + 0.5 * min(max(t - 1, 0), 1)
 
 
 p_voc, p_cs = p_scale_below(513 / 375), p_scale_below(769 / 1024)
-print(f"padded labeled crops (formula): VOC 500x375 {p_voc:.1%}, Cityscapes {p_cs:.1%}")
+print(
+    f"padded labeled crops (formula): VOC 500x375 {p_voc:.1%}, "
+    f"Cityscapes {p_cs:.1%}"
+)
 
-# The formula against the package's own scale draw (RandomScale of the presets), 20,000 draws:
-# a crop is padded when the rescaled height is below the crop size.
+# The formula against the package's own scale draw (RandomScale of the presets),
+# 20,000 draws: a crop is padded when the rescaled height is below the crop size.
 torch.manual_seed(0)
 n_draws = 20_000
 for name, preset, (h, w), crop, p_formula in (
@@ -409,8 +459,12 @@ for name, preset, (h, w), crop, p_formula in (
     heights = [scale.make_params([image])["size"][0] for _ in range(n_draws)]
     p_measured = float(np.mean(np.array(heights) < crop))
     sigma = math.sqrt(p_formula * (1 - p_formula) / n_draws)
-    print(f"{name}: {p_measured:.1%} of {n_draws:,} drawn crops padded (formula {p_formula:.1%})")
-    assert abs(p_measured - p_formula) < 4 * sigma + 1 / h  # 1/h: the draw rounds the height
+    print(
+        f"{name}: {p_measured:.1%} of {n_draws:,} drawn crops padded "
+        f"(formula {p_formula:.1%})"
+    )
+    # 1/h: the draw rounds the height
+    assert abs(p_measured - p_formula) < 4 * sigma + 1 / h
 
 # %% [markdown]
 # ## Preparing the data
@@ -458,9 +512,13 @@ if not have_coco:
     print("pycocotools is not installed: the COCO fixture is skipped")
 for name in prepared:
     bench = BENCHMARKS[name]
-    assert all((DATA_ROOT / bench.folder / sub).is_dir() for sub in bench.subfolders)
-    assert (DATA_ROOT / "reports" / f"{name}.json").is_file()  # each prepare script reports
-if SHARED.is_dir():  # fetch_splits copies and checks the lists, and writes nothing else
+    assert all(
+        (DATA_ROOT / bench.folder / sub).is_dir() for sub in bench.subfolders
+    )
+    # each prepare script reports
+    assert (DATA_ROOT / "reports" / f"{name}.json").is_file()
+# fetch_splits copies and checks the lists, and writes nothing else
+if SHARED.is_dir():
     split_root = WORK / "splits_only"
     fetch_splits(split_root, from_dir=SHARED, datasets=("pascal",))
     assert (split_root / "splits" / "pascal" / "val.txt").is_file()
@@ -491,22 +549,29 @@ if have_coco:
     from brpg.prepare.coco import decode_segmentation
 
     file_order = np.zeros((16, 16), np.uint8)
-    for value, _, _, _, seg in anns:  # the alternative: later annotations overwrite earlier ones
+    # the alternative: later annotations overwrite earlier ones
+    for value, _, _, _, seg in anns:
         file_order[decode_segmentation(seg, 16, 16) > 0] = value
     masks = {
         "ours (crowd ignore)": render_mask(16, 16, anns, "ignore"),
         "ours, --crowd category": render_mask(16, 16, anns, "category"),
         "file order, crowd = class": file_order,
     }
-    overlap, crowd_px = (8, 8), (1, 14)  # (row, column) inside both boxes / inside the crowd
+    # (row, column) inside both boxes / inside the crowd
+    overlap, crowd_px = (8, 8), (1, 14)
     rows = [
         [rule, COCO.class_names[m[overlap]], m[crowd_px], f"{(m == DOG).sum()}"]
         for rule, m in masks.items()
     ]
     display(table(["rule", "overlap pixel", "crowd pixel", "dog pixels"], rows))
-    assert masks["ours (crowd ignore)"][overlap] == DOG and file_order[overlap] == PERSON
+    assert (
+        masks["ours (crowd ignore)"][overlap] == DOG
+        and file_order[overlap] == PERSON
+    )
     assert masks["ours (crowd ignore)"][crowd_px] == 255
-    assert masks["ours, --crowd category"][crowd_px] == file_order[crowd_px] == PERSON
+    assert (
+        masks["ours, --crowd category"][crowd_px] == file_order[crowd_px] == PERSON
+    )
 else:
     print("pycocotools is not installed: the COCO painting example is skipped")
 
@@ -543,7 +608,9 @@ for preset, epochs in presets.items():
         b.default_eval.crop_size,
     )
     loss = " + ".join(
-        f"{w:g}·{k}" for k, w in (("CE", cfg.loss.ce_weight), ("OHEM", cfg.loss.ohem_weight)) if w
+        f"{w:g}·{k}"
+        for k, w in (("CE", cfg.loss.ce_weight), ("OHEM", cfg.loss.ohem_weight))
+        if w
     )
     rows.append(
         [
@@ -560,15 +627,27 @@ for preset, epochs in presets.items():
     )
 display(
     table(
-        ["preset", "backbone", "crop", "batch/GPU", "lr", "wd", "loss", "steps", "eval"],
+        [
+            "preset",
+            "backbone",
+            "crop",
+            "batch/GPU",
+            "lr",
+            "wd",
+            "loss",
+            "steps",
+            "eval",
+        ],
         rows,
     )
 )
-# The SupOnly rule above does not hold for BRPG: its epoch counts the unlabeled images.
+# The SupOnly rule above does not hold for BRPG: its epoch counts the unlabeled
+# images.
 voc_brpg = load_config("voc_brpg_classic_366")
 n_unlabeled = VOC.train_size - VOC.split_sizes["366"]
-assert voc_brpg.train.steps == 80 * (math.ceil(n_unlabeled / 4) // voc_brpg.train.batch_size)
-assert voc_brpg.train.steps != 80 * (math.ceil(366 / 4) // voc_brpg.train.batch_size)
+per_gpu = voc_brpg.train.batch_size
+assert voc_brpg.train.steps == 80 * (math.ceil(n_unlabeled / 4) // per_gpu)
+assert voc_brpg.train.steps != 80 * (math.ceil(366 / 4) // per_gpu)
 
 # %% [markdown]
 # The official COCO "suponly" configuration is a copy of the VOC one ({ref}`Q17 <authors-quirks>`), so the
@@ -600,20 +679,27 @@ def fixture_config(preset: str, split: str, *extra: str):
 
 fixture_splits = {"pascal": "3", "cityscapes": "1", "coco": "1_2"}
 examples = {}
-for preset in ("voc_suponly_classic_1464", "cityscapes_suponly_744", "coco_suponly_1_32"):
+for preset in (
+    "voc_suponly_classic_1464",
+    "cityscapes_suponly_744",
+    "coco_suponly_1_32",
+):
     name = load_config(preset).data.name
     if name not in prepared:
         continue
     bench = BENCHMARKS[name]
-    cfg = fixture_config(preset, fixture_splits[name], "data.crop_size=33", "eval.crop_size=33")
+    cfg = fixture_config(
+        preset, fixture_splits[name], "data.crop_size=33", "eval.crop_size=33"
+    )
     labeled, unlabeled, val = build_benchmark_datasets(cfg)
     item, v = labeled[0], val[0]
     values = set(item["mask"].unique().tolist())
     assert values <= set(range(bench.num_classes)) | {255}
     assert item["image"].shape == (3, 33, 33) and "mask" not in unlabeled[0]
     print(
-        f"{preset}: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(val)} val;"
-        f" val image {tuple(v['image'].shape)} under '{cfg.eval.protocol}'"
+        f"{preset}: {len(labeled)} labeled, {len(unlabeled)} unlabeled, "
+        f"{len(val)} val; val image {tuple(v['image'].shape)} "
+        f"under '{cfg.eval.protocol}'"
     )
     examples[name] = (cfg, labeled, val)
 
@@ -628,7 +714,9 @@ for preset in ("voc_suponly_classic_1464", "cityscapes_suponly_744", "coco_supon
 voc_cfg = fixture_config("voc_suponly_classic_1464", "3", "eval.crop_size=17")
 _, voc_val = build_datasets(voc_cfg)
 _, voc_val0 = build_datasets(
-    fixture_config("voc_suponly_classic_1464", "3", "eval.crop_size=17", "data.pad_label=0")
+    fixture_config(
+        "voc_suponly_classic_1464", "3", "eval.crop_size=17", "data.pad_label=0"
+    )
 )
 mask255, mask0 = voc_val[0]["mask"], voc_val0[0]["mask"]
 border = torch.ones_like(mask255, dtype=torch.bool)
@@ -651,7 +739,8 @@ if "cityscapes" in examples:
 fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.4))
 for ax, (title, data, bench) in zip(axes, panels, strict=True):
     if bench is None:
-        ax.imshow(((data - data.min()) / (data.max() - data.min())).permute(1, 2, 0).numpy())
+        norm = (data - data.min()) / (data.max() - data.min())
+        ax.imshow(norm.permute(1, 2, 0).numpy())
     else:
         ax.imshow(bench.colorize(data))
     ax.set_title(title, fontsize=9)
@@ -665,7 +754,9 @@ plt.show()
 # %%
 message = ""
 try:
-    build_datasets(load_config("cityscapes_suponly_744", [f"data.root={WORK / 'nothing'}"]))
+    build_datasets(
+        load_config("cityscapes_suponly_744", [f"data.root={WORK / 'nothing'}"])
+    )
 except DataNotPreparedError as err:
     message = str(err)
 print(message)
@@ -696,7 +787,8 @@ run_cfg = fixture_config(
 )
 summary = Trainer(run_cfg, WORK / "run", progress=False).fit()
 print(
-    f"{summary['steps']} steps, val mIoU {summary['val_miou']:.1f} % ({summary['eval_protocol']})"
+    f"{summary['steps']} steps, val mIoU {summary['val_miou']:.1f} % "
+    f"({summary['eval_protocol']})"
 )
 assert summary["steps"] == 2 and len(summary["per_class_iou"]) == VOC.num_classes
 shutil.rmtree(WORK)
@@ -710,16 +802,17 @@ shutil.rmtree(WORK)
 #    size, 769. How many windows cover a 2048×1024 frame now, and is every pixel still seen?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: the windows start every 769 px, but the last one in each direction is moved back
-# to end at the border (window_starts), so 2 rows x 3 columns = 6 windows still cover every
-# pixel, and the moved ones overlap their neighbours.
+# Solution: the windows start every 769 px, but the last one in each direction is
+# moved back to end at the border (window_starts), so 2 rows x 3 columns = 6 windows
+# still cover every pixel, and the moved ones overlap their neighbours.
 ys_no, xs_no = window_starts(1024, 769, 769), window_starts(2048, 769, 769)
 seen = np.zeros((1024, 2048), np.int64)
 for y in ys_no:
     for x in xs_no:
         seen[y : y + 769, x : x + 769] += 1
 print(
-    f"rows {ys_no}, columns {xs_no}: {len(ys_no) * len(xs_no)} windows, seen {seen.min()}-{seen.max()}x"
+    f"rows {ys_no}, columns {xs_no}: {len(ys_no) * len(xs_no)} windows, "
+    f"seen {seen.min()}-{seen.max()}x"
 )
 assert len(ys_no) * len(xs_no) == 6 and seen.min() == 1
 
@@ -728,15 +821,18 @@ assert len(ys_no) * len(xs_no) == 6 and seen.min() == 1
 #    instead of $U(1, 2)$ for the second half. Are more or fewer Cityscapes crops padded?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: neither. A 1024-px frame is padded only when s < 769/1024 = 0.75, and only the
-# shrinking half U(0.5, 1) ever draws that; its probability, 1/2 * 0.25/0.5 = 25 %, does not
-# depend on the upper end. Checked with the package's RandomScale, 20,000 draws each:
+# Solution: neither. A 1024-px frame is padded only when s < 769/1024 = 0.75, and
+# only the shrinking half U(0.5, 1) ever draws that; its probability,
+# 1/2 * 0.25/0.5 = 25 %, does not depend on the upper end. Checked with the
+# package's RandomScale, 20,000 draws each:
 torch.manual_seed(1)
 frame = tv_tensors.Image(torch.zeros(1, 1024, 2048, dtype=torch.uint8))
 share = {}
 for hi in (2.0, 1.5):
     draw = RandomScale((0.5, hi))
-    share[hi] = np.mean([draw.make_params([frame])["size"][0] < 769 for _ in range(20_000)])
+    share[hi] = np.mean(
+        [draw.make_params([frame])["size"][0] < 769 for _ in range(20_000)]
+    )
 print(f"padded crops: scale up to 2.0 {share[2.0]:.1%}, up to 1.5 {share[1.5]:.1%}")
 assert abs(share[2.0] - share[1.5]) < 0.015 and abs(share[1.5] - 0.25) < 0.015
 

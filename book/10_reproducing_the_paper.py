@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -42,9 +42,8 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %%
 import json
@@ -117,21 +116,26 @@ RESULTS = PROJECT_ROOT / "results" / "reproduce"
 # %%
 cells = all_cells()
 n_splits = sum(len(t.cells) for t in TABLES.values())
-print(f"{n_splits} published splits x 2 methods = {len(cells)} cells, one preset each")
+print(
+    f"{n_splits} published splits x 2 methods = {len(cells)} cells, one preset each"
+)
 assert len(cells) == 2 * n_splits and len({c.preset for c in cells}) == len(cells)
 assert stale_presets() == []
 lines = [
-    "| table | cell | labeled | method | preset | steps | per GPU | eval | paper mIoU |",
+    "| table | cell | labeled | method | preset | steps | per GPU | eval "
+    "| paper mIoU |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
 for c in cells:
     cfg = load_config(c.preset)
     assert cfg.train.steps == c.steps == c.recipe.epochs * c.per_epoch
     e = cfg.eval
-    proto = f"{e.protocol} {e.crop_size}" + (f"/{e.stride}" if e.protocol == "sliding" else "")
+    proto = f"{e.protocol} {e.crop_size}" + (
+        f"/{e.stride}" if e.protocol == "sliding" else ""
+    )
     lines.append(
-        f"| {c.table} | {c.cell} | {c.n_sup} | {c.method} | `{c.preset}` | {c.steps:,} |"
-        f" {cfg.train.batch_size} | {proto} | {c.paper:.2f} |"
+        f"| {c.table} | {c.cell} | {c.n_sup} | {c.method} | `{c.preset}` "
+        f"| {c.steps:,} | {cfg.train.batch_size} | {proto} | {c.paper:.2f} |"
     )
 display(Markdown("\n".join(lines)))
 print(f"paper numbers: {PAPER_SOURCE}")
@@ -206,11 +210,14 @@ for gpus in (1, 2, 4, 8):
         sets = gpu_overrides(voc, gpus, policy)
         row.append("<br>".join(f"`{s}`" for s in sets) or "(unchanged)")
         scaled = load_config("voc_brpg_classic_366", sets)
-        images = scaled.train.batch_size * scaled.train.grad_accum * gpus * scaled.train.steps
+        tr = scaled.train
+        images = tr.batch_size * tr.grad_accum * gpus * tr.steps
         if policy != "linear":
-            assert images == 16 * voc.train.steps  # the paper's images per step, every step
+            # the paper's images per step, every step
+            assert images == 16 * voc.train.steps
         else:
-            assert abs(images - 16 * voc.train.steps) <= 16 * gpus  # same images overall
+            # same images overall
+            assert abs(images - 16 * voc.train.steps) <= 16 * gpus
     lines.append(f"| {gpus} | " + " | ".join(row) + " |")
 display(Markdown("\n".join(lines)))
 
@@ -230,13 +237,17 @@ else:
     gpu_profile = None
     display(
         Markdown(
-            "**Not measured yet.** No GPU has been available to this project so far, so"
-            " there is no time or memory figure for a paper-scale step (`results/gpu_profile"
-            ".json` does not exist). The paper's runs used " + PAPER_HARDWARE + "; the"
-            " official code does not report its training time."
+            "**Not measured yet.** No GPU has been available to this project so"
+            " far, so there is no time or memory figure for a paper-scale step"
+            " (`results/gpu_profile.json` does not exist). The paper's runs used "
+            + PAPER_HARDWARE
+            + "; the official code does not report its training time."
         )
     )
-lines = ["| table | method | steps (per cell) | images per step (all GPUs) |", "|---|---|---|---|"]
+lines = [
+    "| table | method | steps (per cell) | images per step (all GPUs) |",
+    "|---|---|---|---|",
+]
 for name in TABLES:
     for method in ("suponly", "brpg"):
         cs = [c for c in cells if c.table == name and c.method == method]
@@ -269,20 +280,22 @@ display(Markdown("\n".join(lines)))
 
 # %%
 work = Path(tempfile.mkdtemp(prefix="brpg-ch10-"))
-command = ["brpg", "reproduce", "--table", "cityscapes", "--cells", "744", "--methods", "brpg",
-           "--profile", "smoke", "--out", str(work)]  # fmt: skip
+command = ["brpg", "reproduce", "--table", "cityscapes", "--cells", "744"]
+command += ["--methods", "brpg", "--profile", "smoke", "--out", str(work)]
 print("$ " + " ".join(command))
 done = subprocess.run(
-    [sys.executable, "-m", *command], capture_output=True, text=True, cwd=PROJECT_ROOT
+    [sys.executable, "-m", *command],
+    capture_output=True,
+    text=True,
+    cwd=PROJECT_ROOT,
 )
 assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 print("".join(done.stdout.splitlines(keepends=True)[-3:]))
 folder = cell_dir(work, "smoke", Cell("cityscapes", "brpg", "744"))
 smoke = json.loads((folder / "summary.json").read_text())
 evidence = report.run_evidence(folder)
-evidence.insert(
-    -1, ["the notebook's own checks (incl. `brpg eval` of last.pt = its mIoU)", "passed"]
-)
+own_checks = "the notebook's own checks (incl. `brpg eval` of last.pt = its mIoU)"
+evidence.insert(-1, [own_checks, "passed"])
 display(markdown_table(["what this smoke run shows", "measured"], evidence))
 shown = dict(evidence)
 n_high, n_low, n_both = map(
@@ -298,7 +311,10 @@ assert smoke_proto["thr_end"] == 0.5 and smoke_proto["high_threshold"] == 0.8
 rep = report.build_report(work, work / "tables")
 display(Markdown(rep["smoke"]["markdown"]))
 assert smoke["profile"] == "smoke" and smoke["steps"] == 8
-assert report.SMOKE_BANNER in rep["smoke"]["markdown"] and rep["smoke"]["rows"][0]["delta"] is None
+assert (
+    report.SMOKE_BANNER in rep["smoke"]["markdown"]
+    and rep["smoke"]["rows"][0]["delta"] is None
+)
 assert rep["full"]["rows"] == []  # smoke cells never land in the full table
 shutil.rmtree(work)
 
@@ -318,10 +334,10 @@ if full_rows:
 else:
     display(
         Markdown(
-            "**No cell has been reproduced yet.** No full-scale run has been made in this"
-            " project: there are no results to show, and none of the paper's numbers has"
-            " been checked. The presets, the notebook and the launchers above are tested on"
-            " the CPU smoke path only."
+            "**No cell has been reproduced yet.** No full-scale run has been made"
+            " in this project: there are no results to show, and none of the"
+            " paper's numbers has been checked. The presets, the notebook and the"
+            " launchers above are tested on the CPU smoke path only."
         )
     )
 
@@ -375,10 +391,10 @@ else:
 #   of the two memories (its size is computed below).
 
 # %%
-# Validations per run: ours every train.eval_every steps and after the last step (the
-# trainer's rule); the official ones every OFFICIAL_EVERY iterations plus every epoch end for
-# BRPG, every epoch end for SupOnly (appendix: one step). Iterations are global, so the
-# official count is about ceil(steps / interval) + epochs.
+# Validations per run: ours every train.eval_every steps and after the last step
+# (the trainer's rule); the official ones every OFFICIAL_EVERY iterations plus every
+# epoch end for BRPG, every epoch end for SupOnly (appendix: one step). Iterations
+# are global, so the official count is about ceil(steps / interval) + epochs.
 OFFICIAL_EVERY = {"pascal": 150, "cityscapes": 150, "coco": 1500}
 
 
@@ -386,7 +402,10 @@ def span(values: set[int]) -> str:
     return f"{min(values):,}" + (f" – {max(values):,}" if len(values) > 1 else "")
 
 
-lines = ["| table | method | our validations | official (about) |", "|---|---|---|---|"]
+lines = [
+    "| table | method | our validations | official (about) |",
+    "|---|---|---|---|",
+]
 ours_counts = {}
 for name, t in TABLES.items():
     for method in ("suponly", "brpg"):
@@ -396,31 +415,45 @@ for name, t in TABLES.items():
             ours.add(len(range(tr.eval_every, tr.steps, tr.eval_every)) + 1)
             epochs = c.recipe.epochs
             every = OFFICIAL_EVERY[t.dataset]
-            official.add(math.ceil(c.steps / every) + epochs if method == "brpg" else epochs)
+            official.add(
+                math.ceil(c.steps / every) + epochs if method == "brpg" else epochs
+            )
         ours_counts[name, method] = ours
         lines.append(f"| {name} | {method} | {span(ours)} | {span(official)} |")
 display(Markdown("\n".join(lines)))
-assert ours_counts["voc_classic", "brpg"] == {8}  # 80 epochs, one validation every 10
+# 80 epochs, one validation every 10
+assert ours_counts["voc_classic", "brpg"] == {8}
 
 
 # %%
-# Padded unlabeled crops of a typical 500x375 VOC image and a 2048x1024 Cityscapes frame: a
-# crop is padded when the rescaled short side is below the crop. Ours draws s ~ U(lo, 1) or
-# U(1, hi) with probability 1/2 each (the labeled draw); the official one s ~ U(0.5, 2).
+# Padded unlabeled crops of a typical 500x375 VOC image and a 2048x1024 Cityscapes
+# frame: a crop is padded when the rescaled short side is below the crop. Ours draws
+# s ~ U(lo, 1) or U(1, hi) with probability 1/2 each (the labeled draw); the
+# official one s ~ U(0.5, 2).
 def p_below(t: float, lo: float, hi: float) -> float:
     """P(s < t) for our draw: U(lo, 1) or U(1, hi), each with probability 1/2."""
-    return 0.5 * min(max(t - lo, 0) / (1 - lo), 1) + 0.5 * min(max(t - 1, 0) / (hi - 1), 1)
+    shrink = min(max(t - lo, 0) / (1 - lo), 1)
+    grow = min(max(t - 1, 0) / (hi - 1), 1)
+    return 0.5 * shrink + 0.5 * grow
 
 
-for preset, short_side in (("voc_brpg_classic_366", 375), ("cityscapes_brpg_744", 1024)):
+for preset, short_side in (
+    ("voc_brpg_classic_366", 375),
+    ("cityscapes_brpg_744", 1024),
+):
     d = load_config(preset).data
     bench = BENCHMARKS[d.name]
-    t = bench.unlabeled_crop / short_side  # the scale below which the crop is padded
+    # the scale below which the crop is padded
+    t = bench.unlabeled_crop / short_side
     ours, official = p_below(t, *d.scale_range), min(max(t - 0.5, 0) / 1.5, 1)
-    print(f"{bench.title}: padded unlabeled crops, ours {ours:.0%}, official {official:.0%}")
+    print(
+        f"{bench.title}: padded unlabeled crops, ours {ours:.0%}, "
+        f"official {official:.0%}"
+    )
     assert d.crop_size == bench.unlabeled_crop and ours > official
 
-# Benchmark P3: per-memory k-means inertia, ours / sklearn MiniBatchKMeans (lower is tighter).
+# Benchmark P3: per-memory k-means inertia, ours / sklearn MiniBatchKMeans (lower
+# is tighter).
 p3 = json.loads((PROJECT_ROOT / "results" / "benchmarks" / "cpu.json").read_text())
 p3 = p3["benchmarks"]["p3"]
 per_memory = p3["inertia"]["per_memory"]
@@ -428,18 +461,26 @@ for ref in ("sklearn", "sklearn_batch100"):
     ratio = np.array(per_memory["ours"]) / np.array(per_memory[ref])
     print(
         f"ours / {ref}: median {np.median(ratio):.5f}, best {ratio.min():.5f},"
-        f" worst {ratio.max():.5f}; {int((ratio > 1).sum())} of {ratio.size} memories worse"
+        f" worst {ratio.max():.5f}; "
+        f"{int((ratio > 1).sum())} of {ratio.size} memories worse"
     )
-print(f"({p3['config']['memories']} memories of {p3['config']['rows']:,} x {p3['config']['dim']};"
-      f" sklearn_batch100 = the batch size 100 of the official sklearn 0.20.1)")  # fmt: skip
+print(
+    f"({p3['config']['memories']} memories of {p3['config']['rows']:,} x "
+    f"{p3['config']['dim']}; sklearn_batch100 = the batch size 100 of the official "
+    "sklearn 0.20.1)"
+)
 assert len(per_memory["ours"]) == p3["config"]["memories"]
 
 # COCO: when the official code stops, and the size of the back queue.
 coco = load_config("coco_brpg_1_32")
-rows_back = coco.data.num_classes * (coco.proto.back_len or 2 * coco.proto.queue_len)
+rows_back = coco.data.num_classes * (
+    coco.proto.back_len or 2 * coco.proto.queue_len
+)
 size = rows_back * (coco.model.rep_dim + 1) * 4  # float32 features + confidence
-print(f"COCO: ValueError officially when high >= {coco.proto.min_rows} rows and low fewer;"
-      f" back queue {rows_back:,} rows, {size / 1e9:.1f} GB per process")  # fmt: skip
+print(
+    f"COCO: ValueError officially when high >= {coco.proto.min_rows} rows and "
+    f"low fewer; back queue {rows_back:,} rows, {size / 1e9:.1f} GB per process"
+)
 assert coco.proto.back_queue and coco.proto.min_rows == 10
 
 # %% [markdown]
@@ -465,9 +506,9 @@ assert coco.proto.back_queue and coco.proto.min_rows == 10
 #    `brpg reproduce --gpus 3` do for a VOC BRPG cell with the default `accumulate` policy?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: it refuses before any training. 4 / 3 micro-batches is not an integer, so the
-# policy falls back to spreading the paper's 16 images per step over the GPUs, and 16 does not
-# split over 3 either; the error names the way out.
+# Solution: it refuses before any training. 4 / 3 micro-batches is not an integer,
+# so the policy falls back to spreading the paper's 16 images per step over the
+# GPUs, and 16 does not split over 3 either; the error names the way out.
 try:
     gpu_overrides(voc, 3, "accumulate")
     three_gpus = "accepted"
@@ -483,18 +524,26 @@ assert "does not split over 3" in three_gpus and "linear" in three_gpus
 #    of labeled images?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
-# Solution: each GPU keeps its 4 + 4 images, so a step sees 3/4 of the paper's batch. The
-# linear rule multiplies the learning rate by 3/4 and every step count by 4/3, rounded to
-# whole steps. The rounding is why the images seen are close to the paper's, not equal.
+# Solution: each GPU keeps its 4 + 4 images, so a step sees 3/4 of the paper's
+# batch. The linear rule multiplies the learning rate by 3/4 and every step count by
+# 4/3, rounded to whole steps. The rounding is why the images seen are close to the
+# paper's, not equal.
 three = load_config("voc_brpg_classic_366", gpu_overrides(voc, 3, "linear"))
 seen = 3 * three.train.batch_size * three.train.steps
 paper_seen = 4 * voc.train.batch_size * voc.train.steps
 print(
-    f"lr {voc.optim.lr} -> {three.optim.lr:g}, steps {voc.train.steps:,} -> {three.train.steps:,}"
+    f"lr {voc.optim.lr} -> {three.optim.lr:g}, "
+    f"steps {voc.train.steps:,} -> {three.train.steps:,}"
 )
-print(f"labeled images seen: {seen:,} vs the paper's {paper_seen:,} ({seen - paper_seen:+,})")
+print(
+    f"labeled images seen: {seen:,} vs the paper's {paper_seen:,} "
+    f"({seen - paper_seen:+,})"
+)
 assert math.isclose(three.optim.lr, 0.75 * voc.optim.lr, rel_tol=1e-5)
-assert three.train.steps == round(voc.train.steps * 4 / 3) and 0 < abs(seen - paper_seen) < 12
+assert (
+    three.train.steps == round(voc.train.steps * 4 / 3)
+    and 0 < abs(seen - paper_seen) < 12
+)
 
 # %% [markdown]
 # ## Summary

@@ -72,6 +72,26 @@ def test_no_markdown_line_starts_with_a_percent_sign(py, nb):
     assert dropped == [], f"{py.name}: these lines would not be rendered: {dropped}"
 
 
+#: the characters a code cell's box shows in the rendered book before the line scrolls sideways
+#: (measured in headless Chromium at a 1400-pixel window: ~86); book/ruff.toml formats to 84
+CODE_WIDTH = 84
+
+
+@pytest.mark.parametrize("py,nb", PAIRS, ids=[p.stem for p, _ in PAIRS])
+def test_code_lines_fit_the_rendered_box(py, nb):
+    """Every line of a code cell (comments and strings too, which the formatter does not wrap)
+    fits the rendered code box, so that no reader scrolls sideways to read the end of a line."""
+    book = jupytext.read(nb)
+    long = [
+        f"{len(line)}: {line.strip()[:60]}"
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > CODE_WIDTH
+    ]
+    assert long == [], f"{py.name}: code lines over {CODE_WIDTH} characters: {long}"
+
+
 def test_no_line_of_the_book_pages_starts_with_a_percent_sign():
     """The same for the Markdown pages (intro, appendices): MyST would drop the line."""
     dropped = [

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -40,13 +40,12 @@ import sys
 
 INSTALL_URL = "git+https://github.com/brpg-book/brpg-book@main"
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"brpg[book] @ {INSTALL_URL}"], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"brpg[book] @ {INSTALL_URL}"], check=True)
 
 # %% tags=["parameters"]
 config = "voc_brpg_classic_366"  # a preset (`brpg presets`) or a YAML path
-data_root = "fixture"  # the prepared DATA_ROOT; "fixture": miniature data (smoke only)
+data_root = "fixture"  # prepared DATA_ROOT; "fixture": miniature data (smoke only)
 gpus = 0  # 0: no GPU; 1: one GPU in this kernel; N > 1: torchrun with N processes
 profile = "smoke"  # full: the preset as written | smoke: an 8-step pipeline check
 overrides = []  # extra settings applied last, written as for `brpg train --set`
@@ -109,7 +108,9 @@ summary = exp.train(progress=profile == "full")
 # %%
 result = exp.finish(summary)
 paper = result["paper_miou"]
-mbiou = result.get("val_mbiou")  # None only for a run finished before Boundary IoU existed
+# None only for a run finished before Boundary IoU existed
+mbiou = result.get("val_mbiou")
+hardware = f"{result['gpu']['count']} GPU(s) {result['gpu']['type'] or ''}".strip()
 rows = [
     ("cell", f"{result['table']} / {result['method']} / {result['cell']}"),
     ("profile", result["profile"]),
@@ -117,7 +118,7 @@ rows = [
     ("val mBIoU (%), Boundary IoU", f"{mbiou:.2f}" if mbiou is not None else "—"),
     ("paper (%)", "—" if paper is None else f"{paper:.2f}"),
     ("protocol", json.dumps(result["protocol"])),
-    ("hardware", f"{result['gpu']['count']} GPU(s) {result['gpu']['type'] or ''}".strip()),
+    ("hardware", hardware),
     ("steps / hours", f"{result['steps']} / {result['hours']:.3f}"),
     ("config hash", result["config_hash"]),
 ]
@@ -152,15 +153,22 @@ saved = json.loads((exp.output_dir / "summary.json").read_text())
 assert saved["steps"] == exp.cfg.train.steps, (saved["steps"], exp.cfg.train.steps)
 assert len(saved["per_class_iou"]) == exp.cfg.data.num_classes
 assert saved["profile"] == profile and saved["config_hash"] == exp.cfg.hash()
-again = evaluate_run(exp.run_dir, [], progress=False)  # reload last.pt, evaluate from scratch
-print(f"val mIoU: summary {saved['val_miou']:.4f} %, checkpoint re-evaluated {again['miou']:.4f} %")
+# reload last.pt, evaluate from scratch
+again = evaluate_run(exp.run_dir, [], progress=False)
+print(
+    f"val mIoU: summary {saved['val_miou']:.4f} %, "
+    f"checkpoint re-evaluated {again['miou']:.4f} %"
+)
 assert again["step"] == saved["steps"]
 assert math.isclose(again["miou"], saved["val_miou"], abs_tol=1e-6)
-log = [json.loads(ln) for ln in (exp.run_dir / "log.jsonl").read_text().splitlines()]
+log = [
+    json.loads(ln) for ln in (exp.run_dir / "log.jsonl").read_text().splitlines()
+]
 if exp.cfg.train.brpg:
     events = [r for r in log if r.get("event") == "prototypes_high_low"]
     assert events, "the run logged no clustering"
-    high_low = events[-1]["prototypes_high_low"]  # [high, low] prototypes of each class
+    # [high, low] prototypes of each class
+    high_low = events[-1]["prototypes_high_low"]
     high = [c for c, (h, _) in enumerate(high_low) if h]
     low = [c for c, (_, lo) in enumerate(high_low) if lo]
     both = sorted(set(high) & set(low))
