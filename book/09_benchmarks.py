@@ -475,10 +475,14 @@ for name, preset, (h, w), crop, p_formula in (
 # the lists already in place, and writes no report:
 #
 # ```bash
-# python data_scripts/fetch_splits.py                  # split lists (or --from-dir ../shared/splits)
-# python data_scripts/prepare_pascal.py --download     # VOC 2012 + SBD, ~3.3 GB   -> data/VOC2012
-# python data_scripts/prepare_cityscapes.py            # two zips, free account   -> data/cityscapes
-# python data_scripts/prepare_coco.py --download       # ~19 GB, needs pycocotools -> data/coco
+# # the split lists (or: --from-dir ../shared/splits)
+# python data_scripts/fetch_splits.py
+# # VOC 2012 + SBD, ~3.3 GB -> data/VOC2012
+# python data_scripts/prepare_pascal.py --download
+# # two zips behind a free account -> data/cityscapes
+# python data_scripts/prepare_cityscapes.py
+# # ~19 GB, needs pycocotools -> data/coco
+# python data_scripts/prepare_coco.py --download
 # ```
 #
 # They leave this layout, which the loaders read:

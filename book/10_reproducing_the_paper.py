@@ -158,7 +158,8 @@ print((PRESET_DIR / "voc_brpg_classic_366.yaml").read_text())
 #
 # ```bash
 # # prepare the data once (data_scripts/README.md)
-# python data_scripts/fetch_splits.py && python data_scripts/prepare_pascal.py --download
+# python data_scripts/fetch_splits.py
+# python data_scripts/prepare_pascal.py --download
 #
 # # one GPU, one cell (gradient accumulation keeps the paper's batch)
 # brpg reproduce --table voc_classic --cells 366 --gpus 1 --data-root data

@@ -72,24 +72,60 @@ def test_no_markdown_line_starts_with_a_percent_sign(py, nb):
     assert dropped == [], f"{py.name}: these lines would not be rendered: {dropped}"
 
 
-#: the characters a code cell's box shows in the rendered book before the line scrolls sideways
+#: the characters a code box shows in the rendered book before its lines scroll sideways
 #: (measured in headless Chromium at a 1400-pixel window: ~86); book/ruff.toml formats to 84
 CODE_WIDTH = 84
+#: a Markdown fence: its marker and info string (```` ```bash ````, ```` ```{warning} ````)
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*(\S*)")
+
+
+def fenced_code(text: str) -> list[str]:
+    """The lines of ``text``'s fenced code blocks; a MyST directive (```` ```{warning} ````) is
+    prose, not code, so its own lines are left out (a code block inside it is read)."""
+    lines, open_fences = [], []  # open_fences: (marker, is code) of each fence not yet closed
+    for line in text.splitlines():
+        if m := _FENCE.match(line):
+            marker, info = m.groups()
+            if open_fences and marker == open_fences[-1][0] and not info:
+                open_fences.pop()
+            else:
+                open_fences.append((marker, not info.startswith("{") or info == "{code}"))
+        elif open_fences and open_fences[-1][1]:
+            lines.append(line)
+    return lines
+
+
+def _too_long(lines: list[str]) -> list[str]:
+    return [f"{len(line)}: {line.strip()[:60]}" for line in lines if len(line) > CODE_WIDTH]
+
+
+def test_fenced_code_reads_code_blocks_not_directives():
+    text = (
+        "prose\n```{warning}\nprose in a box\n```bash\nmake test\n```\nmore prose\n```\n"
+        "~~~\nplain block\n~~~\n````{note}\n```python\nx = 1\n```\n````\nend"
+    )
+    assert fenced_code(text) == ["make test", "plain block", "x = 1"]
 
 
 @pytest.mark.parametrize("py,nb", PAIRS, ids=[p.stem for p, _ in PAIRS])
 def test_code_lines_fit_the_rendered_box(py, nb):
     """Every line of a code cell (comments and strings too, which the formatter does not wrap)
-    fits the rendered code box, so that no reader scrolls sideways to read the end of a line."""
+    and of a code block in a Markdown cell fits the rendered code box, so that no reader
+    scrolls sideways to read the end of a line."""
     book = jupytext.read(nb)
-    long = [
-        f"{len(line)}: {line.strip()[:60]}"
-        for cell in book.cells
-        if cell.cell_type == "code"
-        for line in cell.source.splitlines()
-        if len(line) > CODE_WIDTH
-    ]
-    assert long == [], f"{py.name}: code lines over {CODE_WIDTH} characters: {long}"
+    code = [line for c in book.cells if c.cell_type == "code" for line in c.source.splitlines()]
+    md = [line for c in book.cells if c.cell_type == "markdown" for line in fenced_code(c.source)]
+    assert _too_long(code) == [], f"{py.name}: code cells' lines over {CODE_WIDTH} characters"
+    assert _too_long(md) == [], f"{py.name}: Markdown code blocks' lines over {CODE_WIDTH}"
+
+
+def test_code_blocks_of_the_book_pages_fit_the_rendered_box():
+    """The same for the Markdown pages (intro, appendices)."""
+    long = {
+        md.name: _too_long(fenced_code(md.read_text()))
+        for md in sorted((ROOT / "book").glob("*.md"))
+    }
+    assert not any(long.values()), long
 
 
 def test_no_line_of_the_book_pages_starts_with_a_percent_sign():
