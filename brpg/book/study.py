@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,18 @@ MAX_HALF_WIDTH = 1.0
 MAX_SEEDS = 10  # ... or this many seeds are in
 
 
-def more_seeds(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
+def more_seeds(
+    rows: list[dict[str, Any]], given_up: Mapping[int, str] | None = None
+) -> tuple[int | None, str]:
     """Step 4 of the plan at one split (``rows``: :func:`compare_split`): the seed to add next
     to the variants of the primary comparisons, or ``None`` (the stage's planned seeds are not
-    all in, the rule is met, or :data:`MAX_SEEDS` are in), with the reason in words."""
+    all in, the rule is met, or :data:`MAX_SEEDS` are in), with the reason in words.
+
+    ``given_up`` maps a seed that will not be completed to why (the study's rule, decided
+    before the runs: a seed whose runs cannot all be trained on one kind of CPU is reported
+    without, not re-trained): it is never asked for, and it counts toward :data:`MAX_SEEDS`
+    as a seed the plan has spent."""
+    given_up = dict(given_up or {})
     primary = [r for r in rows if r["primary"]]
     n_primary = sum(c.primary for c in COMPARISONS)
     common = set.intersection(*(set(r["miou"].seeds) for r in primary)) if primary else set()
@@ -247,9 +255,13 @@ def more_seeds(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     n = len(common)
     if all(r["miou"].half_width <= MAX_HALF_WIDTH for r in primary):
         return None, f"met with {n} seeds ({widths})"
-    if n >= MAX_SEEDS:
-        return None, f"not met with {n} seeds ({widths}); the plan stops at {MAX_SEEDS}"
-    seed = min(set(range(MAX_SEEDS)) - common)
+    spent = common | {s for s in given_up if s < MAX_SEEDS}
+    if len(spent) >= MAX_SEEDS:
+        left_out = "".join(
+            f"; seed {s} left out: {why}" for s, why in sorted(given_up.items()) if s not in common
+        )
+        return None, f"not met with {n} seeds ({widths}); the plan stops at {MAX_SEEDS}{left_out}"
+    seed = min(set(range(MAX_SEEDS)) - spent)
     return seed, f"not met with {n} seeds ({widths}): seed {seed} next"
 
 
