@@ -80,8 +80,9 @@ _FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*(\S*)")
 
 
 def fenced_code(text: str) -> list[str]:
-    """The lines of ``text``'s fenced code blocks; a MyST directive (```` ```{warning} ````) is
-    prose, not code, so its own lines are left out (a code block inside it is read)."""
+    """The lines of ``text``'s fenced code blocks (```` ```bash ````, ```` ```{code-block} ````);
+    another MyST directive (```` ```{warning} ````) is prose, so its own lines are left out (a
+    code block inside it is read)."""
     lines, open_fences = [], []  # open_fences: (marker, is code) of each fence not yet closed
     for line in text.splitlines():
         if m := _FENCE.match(line):
@@ -89,7 +90,7 @@ def fenced_code(text: str) -> list[str]:
             if open_fences and marker == open_fences[-1][0] and not info:
                 open_fences.pop()
             else:
-                open_fences.append((marker, not info.startswith("{") or info == "{code}"))
+                open_fences.append((marker, not info.startswith("{") or info.startswith("{code")))
         elif open_fences and open_fences[-1][1]:
             lines.append(line)
     return lines
@@ -102,9 +103,10 @@ def _too_long(lines: list[str]) -> list[str]:
 def test_fenced_code_reads_code_blocks_not_directives():
     text = (
         "prose\n```{warning}\nprose in a box\n```bash\nmake test\n```\nmore prose\n```\n"
-        "~~~\nplain block\n~~~\n````{note}\n```python\nx = 1\n```\n````\nend"
+        "~~~\nplain block\n~~~\n````{note}\n```python\nx = 1\n```\n````\nend\n"
+        "```{code-block} python\ny = 2\n```"
     )
-    assert fenced_code(text) == ["make test", "plain block", "x = 1"]
+    assert fenced_code(text) == ["make test", "plain block", "x = 1", "y = 2"]
 
 
 @pytest.mark.parametrize("py,nb", PAIRS, ids=[p.stem for p, _ in PAIRS])
