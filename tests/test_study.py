@@ -453,7 +453,8 @@ def test_more_seeds_follows_the_plans_rule_for_adding_seeds(tmp_path: Path):
 
 def test_more_seeds_skips_a_seed_given_up_and_counts_it_as_spent(tmp_path: Path):
     """Issue 26's pre-declared rule: BRPG's seed 6 at 1/16 cannot be trained on the kind of
-    CPU the session has; the comparisons go on without it. Differences that never meet ±1
+    CPU the session has; the comparisons go on without it (stand-in runs, at 1/8 here).
+    Differences that never meet ±1
     (plain − mean teacher alternates 1, 5): without the rule the plan asks for seed 6 again;
     with it, seed 8 after seeds 0–7, and it stops once seeds 0–9 are in or given up."""
     why = "its seed's other runs were trained on another kind of CPU"
