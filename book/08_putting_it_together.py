@@ -18,10 +18,10 @@
 #
 # [![Open In Colab](../_static/colab-badge.svg)](https://colab.research.google.com/github/brpg-book/brpg-book/blob/main/book/08_putting_it_together.ipynb)
 #
-# ```{warning}
-# **The evidence is being collected.** The paired-seed study on DigitScenes version 3
-# (boundaries labeled and scored with Boundary IoU, chapter 1) runs over several sessions on
-# 2-core CPUs; its section below reports what has been run so far and says what has not.
+# ```{note}
+# **The evidence.** The paired-seed study on DigitScenes version 3 (boundaries labeled and
+# scored with Boundary IoU, chapter 1) ran over several sessions on 2-core CPUs and is
+# complete; its section below reports it, read from the committed runs.
 # The older tables at the end of the chapter are from DigitScenes version 2, whose 1-px
 # ignore band removed about half of every digit's pixels from training and from the score;
 # no table mixes the two versions. The live runs use version 3.
@@ -84,6 +84,7 @@ from brpg.book.results import load_runs, mean_std, mean_std_text
 from brpg.book.step_check import check_run, facts_table
 from brpg.book.study import (
     CALIBRATION_SPLITS,
+    GIVEN_UP,
     WARMUP_SHARED,
     budget_runs,
     check_fp32,
@@ -325,8 +326,8 @@ for seed, counts in full_counts.items():
 # seed's runs logged the same losses through the warm-up. The plan, with its rules for the
 # budget, the splits and the wording of a verdict, was committed before any of its runs
 # (`results/digits_v3/PLAN.md`); the code that applies it is `brpg.book.study`, and every
-# number below is read from the committed runs each time this chapter runs. The study runs
-# over several sessions on 2-core CPUs; the cells say how far it has come.
+# number below is read from the committed runs each time this chapter runs. The study ran
+# over several sessions on 2-core CPUs (83 runs, the calibration included); it is complete.
 #
 # **The budget.** A semi-supervised run of 2,000 steps is far from converged, and a
 # comparison of unconverged runs measures speed, not accuracy. The plan fixes the budget $B$
@@ -484,6 +485,10 @@ assert all(
 # %% [markdown]
 # **The comparisons.** At each study split, every variant runs seeds 0–4 (more for the
 # primary comparisons, until their 95 % interval is at most ±1 point or 10 seeds are in).
+# At 1/16 that rule added seeds 5–9 of the mean teacher, plain prototypes and BRPG. BRPG
+# has no seed 6: that seed's other runs were trained on a kind of CPU no later session had,
+# and, by a rule the plan wrote down before seeds 8 and 9 finished, the run was given up
+# (`GIVEN_UP`), so BRPG's comparisons at 1/16 are over its nine other seeds.
 # The table gives, for each comparison a − b, the mean paired difference with its 95 % t
 # interval ($n - 1$ degrees of freedom) and in how many seeds a was ahead; the figure shows
 # every seed. A verdict says "helps" or "hurts" only when the interval excludes zero, and
@@ -559,8 +564,33 @@ display(Markdown(idea_verdicts(rows_by_split)))
 for split, rows in rows_by_split.items():
     print(
         f"{split.replace('_', '/')}, the rule for adding seeds: "
-        f"{more_seeds(rows)[1]}"
+        f"{more_seeds(rows, given_up=GIVEN_UP.get(split))[1]}"
     )
+
+# %% [markdown]
+# **The answer at 1/16, with every seed the plan ran** (ten; nine for BRPG). All three
+# primary comparisons help, in both metrics and on every seed: BRPG − mean teacher **+6.2
+# [+4.4, +8.0]** (mBIoU +4.8 [+3.4, +6.1]) at 1/16, seeds 0–5 and 7–9; plain prototypes −
+# mean teacher **+3.8 [+2.7, +4.9]** (mBIoU +3.0 [+2.2, +3.8]) at 1/16, seeds 0–9; BRPG −
+# plain prototypes **+2.6 [+1.4, +3.8]** (mBIoU +1.9 [+1.0, +2.8]) at 1/16, seeds 0–5 and
+# 7–9. The mIoU intervals are still wider than ±1 point (±1.08, ±1.78 and ±1.19), so the plan
+# stopped at its ten seeds, not because the rule was met. The extra seeds moved the estimates
+# little from the planned five (+6.8, +3.6 and +3.2 points with seeds 0–4) and halved the
+# intervals' widths. The cell checks these statements on the committed runs.
+
+# %%
+final16 = {(r["a"], r["b"]): r for r in rows_by_split["1_16"] if r["primary"]}
+brpg_seeds = tuple(s for s in range(10) if s not in GIVEN_UP["1_16"])
+for (a, b), r in final16.items():
+    for metric in ("miou", "mbiou"):
+        p = r[metric]
+        # every seed the plan ran; helps, in both metrics, and ahead on every seed
+        assert p.seeds == (brpg_seeds if a == "brpg" else tuple(range(10))), (a, b)
+        assert p.low > 0 and p.wins == p.n, (a, b, metric)
+        print(f"{a} − {b}, {metric}: {p.text}, {p.wins} of {p.n}")
+    assert r["miou"].half_width > 1.0, (a, b)  # the rule's ±1 point: not met
+seed, why = more_seeds(rows_by_split["1_16"], given_up=GIVEN_UP["1_16"])
+assert seed is None and "the plan stops at 10" in why, why
 
 # %% [markdown]
 # **Which part? (stage 3.)** BRPG's own ideas add to plain prototypes at 1/16 (above),
@@ -934,23 +964,26 @@ assert share8 == {"warmup": 0.25, "sampling": 0.05, "proto": 0.70}
 #   of SupOnly) before comparing anything; its comparisons are read above from whatever runs
 #   are committed, and a verdict drawn from fewer than the planned five seeds says that it is
 #   partial.
-# * Stages 1 and 2 of that study, in points with 95 % t intervals. At 1/16: BRPG − mean
-#   teacher **+6.8 [+3.3, +10.2]** (mBIoU +5.2 [+2.4, +8.0]) at 1/16, seeds 0–4; plain
-#   prototypes − mean teacher **+3.6 [+1.4, +5.8]** (mBIoU +2.9 [+1.3, +4.5]) at 1/16, seeds
-#   0–4; BRPG − plain prototypes **+3.2 [+0.9, +5.5]** (mBIoU +2.3 [+0.4, +4.2]) at 1/16, seeds
-#   0–4. At 1/8: BRPG − mean teacher **+1.3 [+0.8, +1.7]** (mBIoU +0.9 [+0.4, +1.4]) at 1/8,
-#   seeds 0–4; plain prototypes − mean teacher **+0.8 [+0.1, +1.6]** (mBIoU +0.7 [+0.1,
-#   +1.3]) at 1/8, seeds 0–4; BRPG − plain prototypes **+0.4 [−0.3, +1.2]** (mBIoU +0.2
-#   [−0.2, +0.7]) at 1/8, seeds 0–4. A prototype loss helps at both splits, overall and at
-#   the boundaries (at 1/8 by about a point, and less at the budget than at step 4,000);
-#   BRPG's ideas together add to it at 1/16 and add nothing resolved at 1/8.
+# * The study's primary comparisons, in points with 95 % t intervals. At 1/16, over every
+#   seed the plan ran (ten, BRPG nine: seed 6 was given up): BRPG − mean teacher **+6.2
+#   [+4.4, +8.0]** (mBIoU +4.8 [+3.4, +6.1]) at 1/16, seeds 0–5 and 7–9; plain prototypes −
+#   mean teacher **+3.8 [+2.7, +4.9]** (mBIoU +3.0 [+2.2, +3.8]) at 1/16, seeds 0–9; BRPG −
+#   plain prototypes **+2.6 [+1.4, +3.8]** (mBIoU +1.9 [+1.0, +2.8]) at 1/16, seeds 0–5 and
+#   7–9, each ahead on every seed. At 1/8: BRPG − mean teacher **+1.3 [+0.8, +1.7]** (mBIoU
+#   +0.9 [+0.4, +1.4]) at 1/8, seeds 0–4; plain prototypes − mean teacher **+0.8 [+0.1,
+#   +1.6]** (mBIoU +0.7 [+0.1, +1.3]) at 1/8, seeds 0–4; BRPG − plain prototypes **+0.4
+#   [−0.3, +1.2]** (mBIoU +0.2 [−0.2, +0.7]) at 1/8, seeds 0–4. A prototype loss helps at
+#   both splits, overall and at the boundaries (at 1/8 by about a point, and less at the
+#   budget than at step 4,000); BRPG's ideas together add to it at 1/16 and add nothing
+#   resolved at 1/8.
 # * Stage 3 at 1/16 does not resolve which idea does it: BRPG − CPG off **−0.2 [−2.4,
 #   +1.9]** (mBIoU −0.2 [−1.9, +1.5]) at 1/16, seeds 0–4; BRPG − APO off **+1.0 [−1.5,
 #   +3.6]** (mBIoU +0.8 [−1.1, +2.6]) at 1/16, seeds 0–4. At 1/8 the confidence split
 #   changes little either way: BRPG − CPG off **+0.1 [−0.5, +0.6]** (mBIoU +0.1 [−0.5,
 #   +0.6]) at 1/8, seeds 0–4, and so does APO: BRPG − APO off **+0.2 [−0.5, +0.8]** (mBIoU
-#   +0.1 [−0.4, +0.6]) at 1/8, seeds 0–4. Still to come: seeds 5–9 at 1/16 (the rule for
-#   adding seeds is met at 1/8).
+#   +0.1 [−0.4, +0.6]) at 1/8, seeds 0–4. The study is complete: the rule for adding seeds
+#   is met at 1/8 with five seeds; at 1/16 the plan stopped at ten, with intervals still
+#   wider than ±1 point.
 # * On the committed DigitScenes version 2 runs (three seeds), the mean teacher beats
 #   SupOnly at every split that has both (asserted); BRPG is ahead of the mean teacher of
 #   the same seed in every seed at 1/16 and 1/8, but at 1/16 the seed-to-seed spread is
@@ -961,7 +994,7 @@ assert share8 == {"warmup": 0.25, "sampling": 0.05, "proto": 0.70}
 # ```{admonition} What we could not check here
 # :class: note
 # The paper's gains on PASCAL VOC, Cityscapes and COCO: no run on the real data sets and no GPU
-# run has been made (chapter 10). The version-3 study runs over several sessions on 2-core CPUs
-# (about 3 hours of the machine per seed and split for the four stage variants); the section
-# above says how many of its runs exist.
+# run has been made (chapter 10). The version-3 study ran on 2-core CPUs at a budget of 8,000
+# steps, which is not convergence (a 16,000-step mean teacher ends 3.3 points higher at 1/8);
+# whether the differences hold at longer budgets is not measured.
 # ```

@@ -228,18 +228,6 @@ def test_readme_per_seed_scores_are_the_committed_runs():
             assert stated == want, (split, row[0])
 
 
-def test_intro_per_seed_scores_are_the_committed_runs():
-    """The intro's "(51.4, 49.2, 39.9 and 37.0 % mIoU against 43.3, …)": BRPG's and the mean
-    teacher's final mIoU at 1/16 for the seeds its statements name (seeds 0, 1, … in order)."""
-    text = (ROOT / "book" / "intro.md").read_text()
-    m = re.search(r"\(([\d.,\sand]+) % mIoU\s+against\s+([\d.,\sand]+) %\)", text)
-    assert m, "book/intro.md: the per-seed scores of BRPG and the mean teacher are missing"
-    for name, values in zip(("BRPG", "mean teacher"), m.groups(), strict=True):
-        stated = [float(v) for v in re.split(r",\s+|\s+and\s+", values.strip())]
-        runs = study.runs_by_seed(STUDY, study.variant_preset(VARIANTS[name], "1_16"))
-        assert stated == [round(runs[s]["val_miou"], 1) for s in range(len(stated))], name
-
-
 def test_readme_budget_check_is_the_committed_runs():
     """The README's "a 16,000-step run of the mean teacher at 1/8, seed 0, ends 3.3 points
     higher, 66.4 against 63.2 % mIoU": the longer run's and the budget's final mIoU and their
